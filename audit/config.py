@@ -1,0 +1,259 @@
+"""The audit configuration: one pydantic model, read from YAML or TOML, overridden by CLI flags.
+
+Every section forbids unknown keys, so a typo is an error that names the field instead of a
+setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+Modality = Literal["mri", "ct", "xray", "dermoscopy", "pathology", "generic"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(_Section):
+    """How raw pixel values become the ``[0, 1]`` range perturbations work in.
+
+    ``minmax``: per image, min → 0 and max → 1. ``percentile``: per image, the ``low``/``high``
+    percentiles → 0/1, clipped. ``window``: CT window (``level``, ``width`` in HU) → 0/1,
+    clipped. ``fixed``: divide by ``max_value`` (e.g. 255). ``none``: data already in [0, 1].
+    """
+
+    scaling: Literal["minmax", "percentile", "window", "fixed", "none"] = "minmax"
+    low: float = Field(0.5, ge=0, le=100, description="lower percentile for 'percentile'")
+    high: float = Field(99.5, ge=0, le=100, description="upper percentile for 'percentile'")
+    level: float = Field(40.0, description="window level (HU) for 'window'")
+    width: float = Field(400.0, gt=0, description="window width (HU) for 'window'")
+    max_value: float = Field(255.0, gt=0, description="divisor for 'fixed'")
+
+    @model_validator(mode="after")
+    def _order(self) -> "IntensityConfig":
+        if self.scaling == "percentile" and self.low >= self.high:
+            raise ValueError(f"intensity.low ({self.low}) must be below intensity.high ({self.high})")
+        return self
+
+
+class InputConfig(_Section):
+    """The model's input spec."""
+
+    modality: Modality = "generic"
+    dims: Literal[2, 3] = 2
+    channels: int = Field(1, ge=1, le=16)
+    spatial_size: list[int] | None = Field(
+        None, description="H, W (2D) or D, H, W (3D); images are resized to it. None keeps the data's size."
+    )
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    mean: list[float] = Field(default_factory=lambda: [0.0], description="normalisation mean per channel (or one value)")
+    std: list[float] = Field(default_factory=lambda: [1.0], description="normalisation std per channel (or one value)")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "InputConfig":
+        if self.spatial_size is not None:
+            if len(self.spatial_size) != self.dims:
+                raise ValueError(f"input.spatial_size has {len(self.spatial_size)} values but input.dims is {self.dims}")
+            if any(s < 1 for s in self.spatial_size):
+                raise ValueError(f"input.spatial_size must be positive, got {self.spatial_size}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"input.{name} needs 1 or {self.channels} values (input.channels), got {len(values)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"input.std must be positive, got {self.std}")
+        return self
+
+
+class ModelConfig(_Section):
+    format: Literal["auto", "torchscript", "export", "state_dict", "onnx", "pickle"] = "auto"
+    output: Literal["auto", "logits", "probabilities"] = "auto"
+    arch: str | None = Field(None, description="'module:factory' building the network for a state dict")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    feature_layer: str | None = Field(None, description="named submodule whose output feature-based detectors use")
+    name: str | None = None
+    description: str | None = None
+    intended_use: str | None = None
+
+
+class TaskConfig(_Section):
+    type: Literal["binary", "multiclass", "multilabel"] = "multiclass"
+    classes: list[str] = Field(default_factory=list, description="class names in model-output order")
+    threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for binary and multilabel tasks")
+    target_specificity: float = Field(0.9, gt=0, lt=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"task.classes must be unique, duplicated: {dupes}")
+        return v
+
+    @model_validator(mode="after")
+    def _binary(self) -> "TaskConfig":
+        if self.type == "binary" and self.classes and len(self.classes) != 2:
+            raise ValueError(f"a binary task has 2 classes (negative, positive), got {len(self.classes)}")
+        return self
+
+
+class AuditConfig(_Section):
+    suites: list[str] | None = Field(None, description="suites to run; None picks the modality's defaults")
+    perturbations: list[str] = Field(default_factory=list, description="extra perturbations by name")
+    exclude: list[str] = Field(default_factory=list, description="perturbations to leave out")
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for confidence intervals (0: none)")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_bins: int = Field(15, ge=2, description="bins of the calibration metrics")
+    detectors: list[str] | None = Field(None, description="OOD detectors to run; None runs all that apply")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @field_validator("severities")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if s not in (1, 2, 3, 4, 5)]
+        if bad or not v:
+            raise ValueError(f"audit.severities must be a non-empty list of 1..5, got {v}")
+        return sorted(set(v))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"audit.device must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+
+class SubgroupConfig(_Section):
+    attributes: list[str] = Field(default_factory=list, description="metadata columns to stratify by")
+    intersections: list[list[str]] = Field(default_factory=list)
+    bins: dict[str, list[float]] = Field(default_factory=dict, description="bin edges of continuous attributes")
+    min_group_size: int = Field(30, ge=1)
+    permutations: int = Field(1000, ge=0)
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("medaudit-out")
+    save_predictions: bool = False
+    report: bool = True
+
+
+class Config(_Section):
+    """The complete description of an audit."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    subgroups: SubgroupConfig = Field(default_factory=SubgroupConfig)
+    checks: list[str] = Field(default_factory=list, description="--fail-on expressions")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `medaudit config-schema` lists every field)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML or TOML file into a dict (no validation)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a :class:`Config` from an optional file and dotted-key overrides (CLI flags win)."""
+    data = read_config_file(path) if path is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _deep_set(data, key, value)
+    source = str(path) if path is not None else "command-line options"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+STARTER_CONFIG = """\
+# medaudit configuration. Every field is optional; CLI flags override what is set here.
+# `medaudit config-schema` prints the JSON Schema with every field and its allowed values.
+
+model:
+  format: auto            # auto | torchscript | export | state_dict | onnx | pickle
+  output: auto            # auto | logits | probabilities
+  # feature_layer: features # named submodule for feature-based OOD detectors
+  # intended_use: "Triage of ... in adults; not for ..."
+
+input:
+  modality: mri           # mri | ct | xray | dermoscopy | pathology | generic (picks default suites)
+  dims: 2                 # 2 or 3
+  channels: 1
+  # spatial_size: [64, 64] # resize to the model's input size (H, W) or (D, H, W)
+  intensity:
+    scaling: minmax       # minmax | percentile | window | fixed | none  -> [0, 1]
+  mean: [0.5]             # normalisation applied after perturbation, just before the model
+  std: [0.25]
+
+task:
+  type: multiclass        # binary | multiclass | multilabel
+  classes: [negative, positive]
+  threshold: 0.5
+
+audit:
+  # suites: [intensity, mri] # default: the modality's suites
+  severities: [1, 2, 3, 4, 5]
+  seed: 0
+  device: auto            # auto | cpu | cuda | cuda:N
+  batch_size: 32
+  bootstrap: 1000         # resamples for 95% confidence intervals
+  n_bins: 15
+
+subgroups:
+  attributes: []          # metadata columns, e.g. [sex, site]
+  min_group_size: 30
+
+checks: []                # e.g. ["clean.accuracy<0.8", "mri.motion@3.ece>0.1"]
+
+output:
+  dir: medaudit-out
+  save_predictions: false
+"""

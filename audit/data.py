@@ -1,0 +1,226 @@
+"""Datasets as the runner sees them, and the preprocessing every loader shares.
+
+A loader plugin (see ``medaudit_open_dataset``) returns an :class:`AuditDataset`: labels and
+metadata are known up front (small), images are read lazily by ``read(i)`` so a
+``torch.utils.data.DataLoader`` with workers streams them. ``__getitem__`` applies the
+preprocessing of the input spec, in this documented order:
+
+1. channel handling: a 1-channel image is repeated to ``input.channels``; a 3/4-channel (RGB[A])
+   image given to a 1-channel model becomes its luminance (ITU-R BT.601 weights);
+2. intensity scaling to ``[0, 1]`` (``input.intensity``), per image;
+3. resizing to ``input.spatial_size`` (bilinear with antialiasing in 2D, trilinear in 3D).
+
+The model's normalisation ``(x - mean) / std`` is *not* applied here: perturbations act on the
+``[0, 1]`` image, and the runner normalises on the device just before the forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .config import InputConfig, IntensityConfig, TaskConfig
+from .errors import DataError
+
+MISSING = "(missing)"
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    path: str
+    sha256: str
+    n_samples: int
+    class_counts: dict[str, int]
+    metadata_columns: list[str]
+    format: str
+    metadata_summary: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class AuditDataset(Dataset):
+    """Base class of datasets returned by loader plugins.
+
+    Subclasses call ``super().__init__`` with everything but the pixels and implement
+    :meth:`read`. ``labels`` are class indices ``[N]`` (binary/multiclass) or a multi-hot
+    ``[N, K]`` array (multilabel). ``metadata`` maps a column name to one value per sample
+    (``None`` for missing).
+    """
+
+    format: str = "unknown"
+
+    def __init__(
+        self,
+        path: Path,
+        sample_ids: Sequence[str],
+        labels: np.ndarray,
+        metadata: dict[str, list[Any]],
+        input_cfg: InputConfig,
+        task: TaskConfig,
+    ) -> None:
+        self.path = Path(path)
+        self.sample_ids = list(sample_ids)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.metadata = metadata
+        self.input_cfg = input_cfg
+        self.task = task
+        if len(self.sample_ids) == 0:
+            raise DataError(f"{self.path}: the dataset is empty (no samples)")
+        for col, values in metadata.items():
+            if len(values) != len(self.sample_ids):
+                raise DataError(f"{self.path}: metadata column '{col}' has {len(values)} values for {len(self.sample_ids)} samples")
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @abstractmethod
+    def read(self, index: int) -> np.ndarray:
+        """The raw image of sample ``index``, channel-first: ``[C, H, W]`` or ``[C, D, H, W]``."""
+
+    def describe_sample(self, index: int) -> str:
+        """How an error names a sample (file and row where there is one)."""
+        return f"{self.path} (sample {index}, id {self.sample_ids[index]!r})"
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        raw = self.read(index)
+        return preprocess(raw, self.input_cfg, self.describe_sample(index)), index
+
+    @abstractmethod
+    def content_hash(self) -> str:
+        """SHA-256 over what defines the data (manifest and every file's bytes, streamed)."""
+
+    def identity(self) -> DatasetIdentity:
+        return DatasetIdentity(
+            path=str(self.path),
+            sha256=self.content_hash(),
+            n_samples=len(self),
+            class_counts=self.class_counts(),
+            metadata_columns=sorted(self.metadata),
+            format=self.format,
+            metadata_summary={col: summarize_column(vals) for col, vals in sorted(self.metadata.items())},
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        classes = self.task.classes
+        if self.labels.ndim == 2:
+            return {classes[k]: int(self.labels[:, k].sum()) for k in range(self.labels.shape[1])}
+        counts = np.bincount(self.labels, minlength=len(classes))
+        return {classes[k]: int(counts[k]) for k in range(len(classes))}
+
+
+def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
+    """Counts of the most frequent values of a metadata column (missing values counted)."""
+    counts = Counter(MISSING if v is None else str(v) for v in values)
+    return dict(counts.most_common(limit))
+
+
+def sha256_files(paths: Iterable[Path], extra: bytes = b"", chunk: int = 1 << 20) -> str:
+    """SHA-256 over ``extra`` and then each file's name and bytes, streamed in chunks."""
+    h = hashlib.sha256(extra)
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_labels(raw: Sequence[Any], task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
+    """Map raw labels (class names or indices) to indices; returns ``(labels, classes)``.
+
+    When ``task.classes`` is empty the classes are inferred (sorted unique values) and
+    returned so the caller can record them.
+    """
+    if task.type == "multilabel":
+        arr = np.asarray(raw)
+        if arr.ndim != 2:
+            raise DataError(f"{where}: a multilabel task needs labels of shape [N, K], got {arr.shape}")
+        if not np.isin(arr, (0, 1)).all():
+            raise DataError(f"{where}: multilabel labels must be 0/1")
+        classes = task.classes or [f"label_{k}" for k in range(arr.shape[1])]
+        if len(classes) != arr.shape[1]:
+            raise DataError(f"{where}: labels have {arr.shape[1]} columns but task.classes names {len(classes)}")
+        return arr.astype(np.int64), list(classes)
+    values = [str(v).strip() for v in raw]
+    classes = list(task.classes)
+    if not classes:
+        uniq = sorted(set(values), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        if all(v.lstrip("-").isdigit() for v in uniq):
+            n = max(int(v) for v in uniq) + 1
+            classes = [str(k) for k in range(max(n, 2))]
+        else:
+            classes = uniq
+    index = {c: k for k, c in enumerate(classes)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        if v in index:
+            out[i] = index[v]
+        elif v.lstrip("-").isdigit() and 0 <= int(v) < len(classes):
+            out[i] = int(v)
+        else:
+            raise DataError(f"{where}, row {i + 1}: label {v!r} is not one of the classes {classes} (task.classes)")
+    return out, classes
+
+
+def to_channel_first(arr: np.ndarray, dims: int, channels_last: bool) -> np.ndarray:
+    """Add or move the channel axis: spatial-only arrays get ``C = 1``."""
+    if arr.ndim == dims:
+        return arr[None]
+    if arr.ndim == dims + 1:
+        return np.moveaxis(arr, -1, 0) if channels_last else arr
+    raise ValueError(f"has {arr.ndim} dimensions, expected {dims} spatial dimensions (+ optional channels)")
+
+
+def scale_intensity(x: Tensor, cfg: IntensityConfig) -> Tensor:
+    """Map one image's intensities to ``[0, 1]`` as ``cfg.scaling`` says."""
+    if cfg.scaling == "none":
+        return x
+    if cfg.scaling == "fixed":
+        return (x / cfg.max_value).clamp(0.0, 1.0)
+    if cfg.scaling == "window":
+        lo = cfg.level - cfg.width / 2
+        return ((x - lo) / cfg.width).clamp(0.0, 1.0)
+    if cfg.scaling == "percentile":
+        q = torch.quantile(x.flatten().float(), torch.tensor([cfg.low / 100, cfg.high / 100]))
+        lo, hi = q[0], q[1]
+    else:
+        lo, hi = x.min(), x.max()
+    span = hi - lo
+    if span <= 0:
+        return torch.zeros_like(x)
+    return ((x - lo) / span).clamp(0.0, 1.0)
+
+
+def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
+    """Channel handling, intensity scaling and resizing (see the module docstring)."""
+    x = torch.from_numpy(np.ascontiguousarray(raw)).to(torch.float32)
+    spatial = x.ndim - 1
+    if spatial != cfg.dims:
+        raise DataError(
+            f"{where}: image has {spatial} spatial dimensions (shape {tuple(raw.shape)}), but input.dims is {cfg.dims}"
+        )
+    if not torch.isfinite(x).all():
+        raise DataError(f"{where}: image contains NaN or Inf values; fix or remove the file")
+    c = x.shape[0]
+    if c != cfg.channels:
+        if c == 1:
+            x = x.expand(cfg.channels, *x.shape[1:])
+        elif c in (3, 4) and cfg.channels == 1:
+            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        else:
+            raise DataError(f"{where}: image has {c} channels, the model expects {cfg.channels} (input.channels)")
+    x = scale_intensity(x, cfg.intensity)
+    if cfg.spatial_size is not None and list(x.shape[1:]) != list(cfg.spatial_size):
+        mode = "bilinear" if cfg.dims == 2 else "trilinear"
+        x = F.interpolate(x[None], size=tuple(cfg.spatial_size), mode=mode, align_corners=False,
+                          antialias=cfg.dims == 2)[0].clamp(0.0, 1.0)
+    return x.contiguous()

@@ -1,0 +1,177 @@
+"""Hook specifications: the plugin author's reference.
+
+A plugin is a module (or object) with functions named like the specs below and decorated with
+``medaudit.hookimpl``, registered through the ``medaudit`` entry-point group::
+
+    [project.entry-points.medaudit]
+    my_plugin = "my_package.my_plugin"
+
+medaudit's own built-ins (``medaudit.plugins.*``) are registered the same way.
+
+A plugin module may declare ``MEDAUDIT_API_VERSION = 1``; medaudit refuses to load a plugin that
+targets another major hook API version (a change to any spec below is a breaking change and
+bumps :data:`HOOK_API_VERSION`).
+
+Hooks are grouped by the phase of an audit in which they are called:
+
+1. catalogue: what the plugin contributes (perturbations, metrics, detectors);
+2. loading: turning a path into a model or a dataset;
+3. analysis: extra results computed from the per-sample predictions;
+4. report: extra sections of the HTML report;
+5. command line: extra ``medaudit`` sub-commands.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import click
+
+    from .config import Config
+    from .data import AuditDataset
+    from .detector import Detector
+    from .metric import Metric
+    from .model import LoadedModel
+    from .outputs import AuditOutputs
+    from .perturbation import Perturbation
+    from .sections import ReportSection
+
+PROJECT = "medaudit"
+HOOK_API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Catalogue
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def medaudit_perturbations() -> list[type[Perturbation]]:
+    """Return the perturbation classes this plugin provides.
+
+    Called once when the catalogue is built (``medaudit run``, ``perturbations``, ``plugins``).
+    Each class subclasses :class:`medaudit.perturbation.Perturbation`; its ``name`` must be
+    unique across all plugins (a duplicate is an error naming both plugins).
+
+    :return: a list of classes (not instances); they are instantiated without arguments.
+    """
+
+
+@hookspec
+def medaudit_metrics(config: Config) -> list[Metric]:
+    """Return metric instances to compute on every scenario.
+
+    Called once per audit after the config is validated. Instances may read the config
+    (e.g. ``config.audit.n_bins``). A metric whose ``tasks`` exclude the audit's task is skipped.
+
+    :param config: the validated audit configuration.
+    :return: a list of :class:`medaudit.metric.Metric` instances.
+    """
+
+
+@hookspec
+def medaudit_detectors(config: Config) -> list[Detector]:
+    """Return OOD / shift detector instances.
+
+    Called once per audit. Each detector is fitted on in-distribution data and scores every
+    scenario (see :class:`medaudit.detector.Detector`). Detectors that need features are skipped
+    (and the report says so) when ``model.feature_layer`` is not set or cannot be reached.
+
+    :param config: the validated audit configuration.
+    :return: a list of :class:`medaudit.detector.Detector` instances.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def medaudit_load_model(path: Path, config: Config, trust_pickle: bool) -> LoadedModel | None:
+    """Load the model at ``path``.
+
+    Called once per audit; stops at the first non-None result. Return ``None`` when the file is
+    not in a format this plugin handles, so the next loader is tried. Raise
+    :class:`medaudit.errors.ModelError` when the format is yours but the file is bad; the
+    message must name the file and say what to do.
+
+    :param path: the model file given on the command line.
+    :param config: the audit configuration (``config.model`` says format, arch, output kind).
+    :param trust_pickle: True only when the user passed ``--trust-pickle``. Never unpickle
+        arbitrary objects otherwise.
+    :return: a :class:`medaudit.model.LoadedModel` or None.
+    """
+
+
+@hookspec(firstresult=True)
+def medaudit_open_dataset(path: Path, config: Config) -> AuditDataset | None:
+    """Open the dataset at ``path`` (a file or a folder).
+
+    Called for the audit data (and any reference or OOD data); stops at the first non-None
+    result. Return ``None`` when the path is not in a format this plugin reads. Raise
+    :class:`medaudit.errors.DataError` naming the file (and row) for bad input. Read labels and
+    metadata eagerly, pixels lazily (``AuditDataset.read``), so large sets stream.
+
+    :param path: the dataset path given on the command line.
+    :param config: the audit configuration (input spec and task).
+    :return: a :class:`medaudit.data.AuditDataset` or None.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Analysis
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def medaudit_analyze(outputs: AuditOutputs, config: Config) -> dict[str, Any] | None:
+    """Compute extra results from the per-sample outputs of every scenario.
+
+    Called once after all forward passes; must not run the model again. The returned mapping is
+    merged into results.json: list values are appended to the list under the same top-level key
+    (e.g. ``subgroups``), and the special key ``warnings`` adds to the report's limitations.
+
+    :param outputs: probabilities, labels, metadata and OOD scores of every scenario.
+    :param config: the audit configuration.
+    :return: a mapping of top-level result keys to values, or None.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Report
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
+    """Return extra sections for the HTML report.
+
+    Called when a report is rendered (after ``run`` and by ``medaudit report``), so it may only
+    use what is in ``results`` (the parsed results.json). Templates are rendered with
+    autoescaping on; never mark user-supplied text as safe.
+
+    :param results: the results.json content as a dict.
+    :return: a list of :class:`medaudit.sections.ReportSection`.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Command line
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def medaudit_register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``medaudit`` command group.
+
+    Called once when the CLI starts. Use ``@cli.command()`` to add commands.
+    """

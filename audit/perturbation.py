@@ -1,0 +1,154 @@
+"""The perturbation contract every suite (built-in or third-party) implements.
+
+A perturbation is split as in TorchIO: :meth:`Perturbation.sample` draws concrete parameters for
+every sample of a batch from a per-sample random stream, and :meth:`Perturbation.apply` is a
+deterministic, batched function of the image and those parameters. The sampled parameters are
+small tensors (``[B]`` or ``[B, k]``), so the exact corruption of any sample can be replayed
+and summarised in the results.
+
+Contract (checked by :mod:`medaudit.testing`):
+
+* input ``x`` is ``[B, C, H, W]`` (2D) or ``[B, C, D, H, W]`` (3D), float32/float16/bfloat16,
+  intensities scaled to ``[0, 1]`` by the audit's intensity scaling;
+* output has the same shape, dtype and device, lies in ``[0, 1]`` and has no NaN/Inf;
+* all randomness comes from the :class:`~medaudit.rng.SampleRNG` passed to ``sample``;
+* no per-sample Python loops and no host round trips (``.item()``, ``.cpu()``) in either method;
+* severity 1..5 are increasingly strong; the parameters of each level are documented in
+  ``severities`` (a value, or a ``(low, high)`` range sampled uniformly).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .rng import SampleRNG
+
+SEVERITY_LEVELS = (1, 2, 3, 4, 5)
+MODALITIES = ("mri", "ct", "xray", "dermoscopy", "pathology", "generic")
+
+ParamSpec = float | int | tuple[float, float]
+
+
+class Perturbation(ABC):
+    """Base class of a perturbation. Subclasses set the class attributes and two methods.
+
+    Class attributes
+    ----------------
+    name : str
+        Public name ``"<suite>.<what>"``, e.g. ``"mri.motion"``; used in configs, results.json
+        scenario ids (``"mri.motion@3"``) and ``--fail-on`` expressions.
+    suite : str
+        The suite it belongs to (the part of ``name`` before the dot).
+    modalities : tuple[str, ...]
+        Modalities whose default audit includes it, from :data:`MODALITIES`, or ``("any",)``.
+    dims : tuple[int, ...]
+        Spatial dimensionalities it supports: ``(2,)``, ``(3,)`` or ``(2, 3)``.
+    summary : str
+        One sentence saying what it simulates, for catalogues and the report.
+    citation : str
+        Reference for the physics or the corruption model.
+    severities : Mapping[int, Mapping[str, ParamSpec]]
+        Documented parameters of levels 1..5.
+    """
+
+    name: ClassVar[str]
+    suite: ClassVar[str]
+    modalities: ClassVar[tuple[str, ...]] = ("any",)
+    dims: ClassVar[tuple[int, ...]] = (2, 3)
+    summary: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    severities: ClassVar[Mapping[int, Mapping[str, ParamSpec]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "__abstractmethods__", None):
+            return
+        for attr in ("name", "suite", "severities"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"perturbation class {cls.__qualname__} must define '{attr}'")
+        if not cls.name.startswith(cls.suite + "."):
+            raise TypeError(f"perturbation name '{cls.name}' must start with its suite '{cls.suite}.'")
+        if tuple(sorted(cls.severities)) != SEVERITY_LEVELS:
+            raise TypeError(f"perturbation '{cls.name}' must document severities 1..5, has {sorted(cls.severities)}")
+        bad = set(cls.dims) - {2, 3}
+        if bad or not cls.dims:
+            raise TypeError(f"perturbation '{cls.name}' dims must be a non-empty subset of (2, 3), got {cls.dims}")
+
+    @abstractmethod
+    def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
+        """Draw concrete parameters for every sample of a batch of ``shape``.
+
+        Returns a dict of tensors whose first dimension is the batch size, on ``rng.device``.
+        Dense random fields (noise) are not returned; return a key (``rng.bits()``) and let
+        :meth:`apply` regenerate the field with ``SampleRNG(params["noise_key"])``.
+        """
+
+    @abstractmethod
+    def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        """Apply the perturbation with concrete parameters: deterministic and batched."""
+
+    def __call__(self, x: Tensor, severity: int, rng: SampleRNG) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sample and apply; returns ``(perturbed, params)``. Severity 0 is the identity."""
+        check_severity(self.name, severity)
+        if severity == 0:
+            return x, {}
+        params = self.sample(severity, rng, x.shape)
+        return self.apply(x, params), params
+
+    # --- helpers for subclasses -------------------------------------------------------------
+    @classmethod
+    def spec(cls, severity: int, param: str) -> ParamSpec:
+        """The documented value or range of ``param`` at ``severity``."""
+        check_severity(cls.name, severity)
+        return cls.severities[severity][param]
+
+    @classmethod
+    def draw(cls, rng: SampleRNG, severity: int, param: str) -> Tensor:
+        """Draw ``param`` for each sample: uniform in its range, or its constant value (``[B]``)."""
+        spec = cls.spec(severity, param)
+        if isinstance(spec, tuple):
+            return rng.uniform(1, low=spec[0], high=spec[1])[:, 0]
+        return torch.full((rng.batch_size,), float(spec), device=rng.device)
+
+    @staticmethod
+    def spatial_dims(x: Tensor) -> int:
+        """2 for ``[B, C, H, W]``, 3 for ``[B, C, D, H, W]``."""
+        if x.ndim not in (4, 5):
+            raise ValueError(f"expected a [B, C, H, W] or [B, C, D, H, W] batch, got shape {tuple(x.shape)}")
+        return x.ndim - 2
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """A JSON-ready description for catalogues, ``medaudit perturbations`` and the report."""
+        return {
+            "name": cls.name,
+            "suite": cls.suite,
+            "modalities": list(cls.modalities),
+            "dims": list(cls.dims),
+            "summary": cls.summary,
+            "citation": cls.citation,
+            "severities": {
+                str(level): {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+                for level, params in sorted(cls.severities.items())
+            },
+        }
+
+
+def check_severity(name: str, severity: int) -> None:
+    if severity not in (0, *SEVERITY_LEVELS):
+        raise ValueError(f"severity of '{name}' must be an integer 0..5, got {severity!r}")
+
+
+def per_sample(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample ``[B]`` parameter to broadcast against ``x`` ``[B, ...]``."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def finish(x: Tensor, like: Tensor) -> Tensor:
+    """Clamp to ``[0, 1]``, replace non-finite values, and restore the input dtype."""
+    return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0).to(like.dtype)

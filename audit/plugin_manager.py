@@ -1,0 +1,171 @@
+"""Plugin discovery and the catalogue of what plugins contribute.
+
+Built-ins and third-party plugins take the same path: every entry point of the ``medaudit``
+group is imported under a guard, so a broken package becomes a named load failure (reported by
+``medaudit plugins`` and in the report's limitations) instead of a traceback, and the audit goes
+on without it. Set ``MEDAUDIT_TRACE=1`` to print every hook call to stderr, and
+``MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD=1`` to load only plugins passed explicitly (tests).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .perturbation import Perturbation
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    api_version: int
+    module: str
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    name: str
+    distribution: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f'Error importing plugin "{self.name}" (from {self.distribution}): {self.error}'
+
+
+@dataclass
+class PluginManager:
+    """A pluggy manager plus what medaudit knows about each registered plugin."""
+
+    pm: pluggy.PluginManager
+    infos: dict[str, PluginInfo] = field(default_factory=dict)
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def register(self, plugin: object, name: str, distribution: str = "(local)", version: str = "") -> None:
+        api = int(getattr(plugin, "MEDAUDIT_API_VERSION", hookspecs.HOOK_API_VERSION))
+        if api != hookspecs.HOOK_API_VERSION:
+            self.failures.append(LoadFailure(name, distribution, (
+                f"targets medaudit hook API {api}, this medaudit provides {hookspecs.HOOK_API_VERSION}; "
+                "upgrade the plugin or medaudit")))
+            return
+        try:
+            self.pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            self.failures.append(LoadFailure(name, distribution, str(exc)))
+            return
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        self.infos[name] = PluginInfo(name, distribution, version, api, module)
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook separately, returning ``(plugin name, result)``.
+
+        Unlike ``pm.hook.X()``, this attributes each contribution to its plugin, and an exception
+        in one plugin becomes a :class:`PluginError` naming it.
+        """
+        out = []
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # registration order
+            args = {k: kwargs[k] for k in impl.argnames}
+            try:
+                result = impl.function(**args)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f'plugin "{impl.plugin_name}" failed in {hook_name}: {type(exc).__name__}: {exc}') from exc
+            if result is not None:
+                out.append((impl.plugin_name, result))
+        return out
+
+    def perturbations(self) -> dict[str, tuple[str, type[Perturbation]]]:
+        """Every perturbation by name, with the plugin that provides it."""
+        found: dict[str, tuple[str, type[Perturbation]]] = {}
+        for plugin, classes in self.call_each("medaudit_perturbations"):
+            for cls in classes:
+                if not (isinstance(cls, type) and issubclass(cls, Perturbation)):
+                    raise PluginError(f'plugin "{plugin}" returned {cls!r} from medaudit_perturbations; expected Perturbation subclasses')
+                if cls.name in found:
+                    raise PluginError(
+                        f'perturbation "{cls.name}" is provided by two plugins: "{found[cls.name][0]}" and "{plugin}"; '
+                        "uninstall one or rename its perturbation")
+                found[cls.name] = (plugin, cls)
+        return found
+
+    def contributions(self, config: Any) -> dict[str, dict[str, list[str]]]:
+        """For ``medaudit plugins``: what each plugin contributes, by kind."""
+        out: dict[str, dict[str, list[str]]] = {name: {} for name in self.infos}
+        for plugin, classes in self.call_each("medaudit_perturbations"):
+            out[plugin].setdefault("perturbations", []).extend(c.name for c in classes)
+        for plugin, metrics in self.call_each("medaudit_metrics", config=config):
+            out[plugin].setdefault("metrics", []).extend(m.name for m in metrics)
+        for plugin, detectors in self.call_each("medaudit_detectors", config=config):
+            out[plugin].setdefault("detectors", []).extend(d.name for d in detectors)
+        hooks = {
+            "medaudit_load_model": "model loader", "medaudit_open_dataset": "dataset loader",
+            "medaudit_analyze": "analysis", "medaudit_report_sections": "report sections",
+            "medaudit_register_commands": "commands",
+        }
+        for hook_name, label in hooks.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                out[impl.plugin_name].setdefault("hooks", []).append(label)
+        return out
+
+
+def _dist_of(ep: Any) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "(unknown distribution)", ""
+    return dist.metadata["Name"], dist.version
+
+
+def get_plugin_manager(extra: Iterable[tuple[str, object]] = (), autoload: bool | None = None,
+                       warn: Callable[[str], None] | None = None) -> PluginManager:
+    """Build a fresh plugin manager (no module-level singleton).
+
+    :param extra: ``(name, plugin)`` pairs registered after the entry points (tests, scripts).
+    :param autoload: load the ``medaudit`` entry-point group; default unless
+        ``MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD`` is set.
+    :param warn: where load failures are reported (default: ``warnings.warn``).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    manager = PluginManager(pm)
+    if autoload is None:
+        autoload = not os.environ.get("MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD")
+    if autoload:
+        for ep in sorted(entry_points(group=hookspecs.PROJECT), key=lambda e: e.name):
+            dist, version = _dist_of(ep)
+            if pm.get_plugin(ep.name) is not None or ep.name in {f.name for f in manager.failures}:
+                manager.failures.append(LoadFailure(ep.name, dist, "another installed distribution registers a plugin of the same name"))
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # any import-time error of third-party code
+                manager.failures.append(LoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+                continue
+            manager.register(plugin, ep.name, dist, version)
+    for name, plugin in extra:
+        manager.register(plugin, name)
+    report = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
+    for failure in manager.failures:
+        report(failure.message)
+    if os.environ.get("MEDAUDIT_TRACE"):
+        pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
+        pm.enable_tracing()
+    return manager

@@ -1,0 +1,1 @@
+"""JSON Schemas shipped with medaudit (``results.schema.json``)."""
