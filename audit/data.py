@@ -202,7 +202,11 @@ def scale_intensity(x: Tensor, cfg: IntensityConfig) -> Tensor:
 
 def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
     """Channel handling, intensity scaling and resizing (see the module docstring)."""
-    x = torch.from_numpy(np.ascontiguousarray(raw)).to(torch.float32)
+    arr = np.ascontiguousarray(raw)
+    if not arr.dtype.isnative:
+        # torch.from_numpy refuses non-native byte order, which big-endian NIfTI/NPY/DICOM files produce.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    x = torch.from_numpy(arr).to(torch.float32)
     spatial = x.ndim - 1
     if spatial != cfg.dims:
         raise DataError(

@@ -81,7 +81,7 @@ class PluginManager:
         """
         out = []
         caller = getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):  # registration order
+        for impl in caller.get_hookimpls():  # registration order
             args = {k: kwargs[k] for k in impl.argnames}
             try:
                 result = impl.function(**args)

@@ -1,0 +1,366 @@
+"""Percentile-bootstrap confidence intervals on weight matrices, paired drops and input checks.
+
+Every metric is computed on a weight matrix ``[1 + R, N]`` (see :mod:`medaudit.metric`): row 0 is
+ones (the point estimate), rows ``1..R`` are multinomial bootstrap counts. Because the *same*
+matrix is used for every scenario, the difference of a metric between the clean scenario and a
+perturbed one, row by row, is a paired bootstrap of the drop.
+
+This module also holds :func:`check_predictions`, the one input validation every built-in metric
+runs, so that a malformed probability matrix fails with the same clear message whichever metric
+sees it first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .metric import Metric, MetricContext
+
+__all__ = [
+    "PROB_SUM_ATOL",
+    "bootstrap_weights",
+    "check_predictions",
+    "evaluate",
+    "interval",
+    "paired_drop",
+    "small_n_warnings",
+]
+
+#: Largest tolerated ``|sum_k p_k - 1|`` of a binary/multiclass probability row. Float32
+#: softmax rows are exact to ~1e-6; 1e-3 also admits outputs rounded through bf16/fp16 logits
+#: and then soft-maxed in float32, while still catching sigmoid outputs or unnormalised scores.
+PROB_SUM_ATOL = 1e-3
+
+# Rows of the bootstrap weight matrix evaluated at once: keeps rows x samples below ~4M
+# elements per chunk, so each metric's float64 temporaries stay in the tens of MiB.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def check_predictions(probs: Tensor, labels: Tensor, task: str, weights: Tensor | None = None) -> None:
+    """Validate predictions, labels and weights before any metric is computed.
+
+    medaudit never renormalises probabilities: a row that does not sum to 1 almost always means
+    the model's outputs are logits or independent sigmoids and the configuration is wrong, and
+    silently renormalising would hide that and distort every calibration metric.
+
+    Parameters
+    ----------
+    probs : Tensor ``[N, K]`` float
+        Class probabilities. Binary/multiclass rows must sum to 1 within :data:`PROB_SUM_ATOL`;
+        multilabel entries are independent probabilities in ``[0, 1]``.
+    labels : Tensor ``[N]`` integer in ``[0, K)``, or ``[N, K]`` in {0, 1} for multilabel.
+    task : {"binary", "multiclass", "multilabel"}
+    weights : Tensor ``[R, N]``, optional
+        Non-negative finite sample weights.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem, how large it is and the first offending row.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
+    if not torch.is_floating_point(probs):
+        raise ValueError(f"probs must be floating point, got {probs.dtype}")
+    n, k = probs.shape
+    finite = torch.isfinite(probs).all(dim=1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten()
+        raise ValueError(
+            f"probs contain NaN or Inf in {rows.numel()} of {n} rows (first: row {int(rows[0])}); "
+            "the model produced non-finite outputs"
+        )
+    lo, hi = (float(probs.min()), float(probs.max())) if n else (0.0, 0.0)
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(
+            f"probs must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}]; "
+            "were logits passed instead of probabilities? (set model.output: logits)"
+        )
+    if task in ("binary", "multiclass"):
+        if task == "binary" and k != 2:
+            raise ValueError(f"a binary task needs probs [N, 2] (negative, positive), got K={k}")
+        if n:
+            deviation = (probs.double().sum(dim=1) - 1.0).abs()
+            worst = int(deviation.argmax())
+            if float(deviation[worst]) > PROB_SUM_ATOL:
+                n_bad = int((deviation > PROB_SUM_ATOL).sum())
+                raise ValueError(
+                    f"probability rows must sum to 1 for a {task} task: {n_bad} of {n} rows deviate by more "
+                    f"than {PROB_SUM_ATOL:g} (largest |sum - 1| = {float(deviation[worst]):.4g} at row {worst}). "
+                    "medaudit does not renormalise; pass softmax outputs, or set model.output: logits, "
+                    "or use task.type: multilabel for independent sigmoid outputs"
+                )
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be [N] = [{n}] for a {task} task, got shape {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"labels must be class indices in [0, {k}), found [{int(labels.min())}, {int(labels.max())}]")
+    elif task == "multilabel":
+        if labels.shape != (n, k):
+            raise ValueError(f"labels must be [N, K] = [{n}, {k}] for a multilabel task, got {tuple(labels.shape)}")
+        if n and not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("multilabel labels must be 0 or 1")
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    if weights is not None:
+        if weights.ndim != 2 or weights.shape[1] != n:
+            raise ValueError(f"weights must be [R, N] with N = {n}, got {tuple(weights.shape)}")
+        if weights.numel() and (not bool(torch.isfinite(weights).all()) or float(weights.min()) < 0):
+            raise ValueError("weights must be finite and non-negative")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_weights(n: int, n_resamples: int, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """Weight matrix of the point estimate and ``n_resamples`` bootstrap resamples.
+
+    Parameters
+    ----------
+    n : int
+        Number of samples ``N``.
+    n_resamples : int
+        Number of bootstrap resamples ``R`` (0: the point estimate only).
+    seed : int
+        Seed of the CPU ``torch.Generator`` that draws the resamples.
+    device : torch.device or str, optional
+        Where the returned matrix lives.
+
+    Returns
+    -------
+    Tensor ``[1 + R, N]`` float32
+        Row 0 is ones; row ``r`` holds how often each sample occurs in resample ``r``
+        (multinomial counts, each row sums to ``N``).
+
+    Notes
+    -----
+    Draws are made on the CPU generator, so the matrix is the same for a seed whatever the
+    target device. Indices are drawn in blocks of a size fixed by ``n`` alone (bounded memory,
+    still deterministic) and turned into counts with one ``scatter_add_`` per block.
+    Float32 counts are exact (counts are at most ``N`` < 2**24 in practice).
+    """
+    if n < 0 or n_resamples < 0:
+        raise ValueError(f"n and n_resamples must be non-negative, got {n}, {n_resamples}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    weights = torch.ones(1 + n_resamples, n, dtype=torch.float32)
+    if n_resamples and n:
+        block = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, n_resamples, block):
+            rows = min(block, n_resamples - start)
+            idx = torch.randint(0, n, (rows, n), generator=gen)
+            counts = torch.zeros(rows, n, dtype=torch.float32)
+            counts.scatter_add_(1, idx, torch.ones(rows, n, dtype=torch.float32))
+            weights[1 + start : 1 + start + rows] = counts
+    return weights.to(device) if device is not None else weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def interval(values: Tensor, confidence: float = 0.95) -> dict[str, float | None]:
+    """Point estimate and percentile-bootstrap interval from per-row metric values.
+
+    Parameters
+    ----------
+    values : Tensor ``[1 + R]``
+        Row 0: the metric on the full data; rows ``1..R``: on each resample.
+    confidence : float
+        Coverage of the two-sided interval, e.g. 0.95.
+
+    Returns
+    -------
+    dict with ``value``, ``ci_low``, ``ci_high`` (Python floats; ``None`` for NaN/undefined).
+    ``ci_low``/``ci_high`` are ``None`` when ``R = 0`` or every resample is undefined.
+
+    Notes
+    -----
+    Percentile interval (Efron & Tibshirani 1993, ch. 13): the ``(1-c)/2`` and ``(1+c)/2``
+    quantiles (linear interpolation, as ``numpy.percentile``) of the resample values.
+    Resamples where the metric is undefined (NaN, e.g. AUROC of a resample holding one class)
+    are dropped, which conditions the interval on the metric being defined.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = values.detach().double().flatten().cpu()
+    if values.numel() == 0:
+        raise ValueError("values must hold at least the point estimate (row 0)")
+    out: dict[str, float | None] = {"value": _finite_or_none(float(values[0])), "ci_low": None, "ci_high": None}
+    resampled = values[1:]
+    resampled = resampled[~torch.isnan(resampled)]
+    if resampled.numel():
+        alpha = (1.0 - confidence) / 2.0
+        q = torch.quantile(resampled, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
+        out["ci_low"], out["ci_high"] = _finite_or_none(float(q[0])), _finite_or_none(float(q[1]))
+    return out
+
+
+def evaluate(
+    metrics: Iterable[Metric],
+    probs: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    ctx: MetricContext,
+    confidence: float = 0.95,
+) -> tuple[dict[str, dict[str, float | None]], dict[str, Tensor]]:
+    """Compute every applicable metric on every weight row, in bounded-memory chunks of rows.
+
+    Parameters
+    ----------
+    metrics : iterable of Metric
+        Metrics whose ``tasks`` exclude ``ctx.task`` are skipped.
+    probs : Tensor ``[N, K]``
+    labels : Tensor ``[N]`` or ``[N, K]`` (multilabel)
+    weights : Tensor ``[1 + R, N]``
+        Row 0 ones (point estimate), other rows bootstrap counts (see :func:`bootstrap_weights`).
+    ctx : MetricContext
+    confidence : float
+        Interval coverage.
+
+    Returns
+    -------
+    results : dict
+        ``{key: {"value", "ci_low", "ci_high"}}``, the results.json form.
+    raw : dict
+        ``{key: Tensor [1 + R] float64}``, the per-row values (for paired drops).
+
+    Raises
+    ------
+    ValueError
+        On invalid inputs (see :func:`check_predictions`) or when two metrics emit the same key.
+    """
+    check_predictions(probs, labels, ctx.task, weights)
+    n = probs.shape[0]
+    rows = weights.shape[0]
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    raw: dict[str, Tensor] = {}
+    for metric in metrics:
+        if ctx.task not in metric.tasks:
+            continue
+        parts: dict[str, list[Tensor]] = {}
+        for start in range(0, rows, chunk):
+            out = metric.compute(probs, labels, weights[start : start + chunk], ctx)
+            for key, val in out.items():
+                parts.setdefault(key, []).append(val.detach().double().reshape(-1).cpu())
+        for key, vals in parts.items():
+            if key in raw:
+                raise ValueError(f"metric key {key!r} is emitted by more than one metric (last: {metric.name!r})")
+            joined = torch.cat(vals)
+            if joined.numel() != rows:
+                raise ValueError(f"metric {metric.name!r} returned {joined.numel()} values for {key!r}, expected {rows}")
+            raw[key] = joined
+    results = {key: interval(val, confidence) for key, val in raw.items()}
+    return results, raw
+
+
+def paired_drop(
+    clean_raw: Tensor, pert_raw: Tensor, higher_is_better: bool, confidence: float = 0.95
+) -> dict[str, float | bool | None]:
+    """Degradation from the clean scenario to a perturbed one, with a paired bootstrap interval.
+
+    Parameters
+    ----------
+    clean_raw, pert_raw : Tensor ``[1 + R]``
+        Per-row values of one metric on the clean and the perturbed scenario, computed with the
+        same weight matrix (so row ``r`` of both is the same resample: a paired bootstrap).
+    higher_is_better : bool
+        The metric's direction.
+    confidence : float
+
+    Returns
+    -------
+    dict with
+        ``value``: the drop, oriented so that **positive means worse**
+        (``clean - perturbed`` when higher is better, ``perturbed - clean`` otherwise);
+        ``ci_low``, ``ci_high``: percentile interval of the per-row drops;
+        ``relative``: ``value / clean`` (``None`` when the clean value is 0 or undefined);
+        ``significant``: True only when the interval excludes 0 (either side).
+    """
+    if clean_raw.shape != pert_raw.shape:
+        raise ValueError(f"clean and perturbed rows differ in shape: {tuple(clean_raw.shape)} vs {tuple(pert_raw.shape)}")
+    clean = clean_raw.detach().double().flatten().cpu()
+    pert = pert_raw.detach().double().flatten().cpu()
+    drop = clean - pert if higher_is_better else pert - clean
+    out: dict[str, Any] = interval(drop, confidence)
+    clean_value = float(clean[0])
+    out["relative"] = (
+        _finite_or_none(out["value"] / clean_value)
+        if out["value"] is not None and math.isfinite(clean_value) and clean_value != 0
+        else None
+    )
+    lo, hi = out["ci_low"], out["ci_high"]
+    out["significant"] = bool(lo is not None and hi is not None and (lo > 0 or hi < 0))
+    return out
+
+
+def small_n_warnings(
+    labels: Tensor,
+    classes: Sequence[str],
+    scenario_id: str,
+    min_n: int = 30,
+    min_per_class: int = 10,
+) -> list[str]:
+    """Warnings for sample sizes too small for stable metrics and bootstrap intervals.
+
+    Parameters
+    ----------
+    labels : Tensor ``[N]`` class indices, or ``[N, K]`` {0, 1} (multilabel: counts positives
+        and negatives per label).
+    classes : sequence of str
+        Class (label) names; missing names fall back to the index.
+    scenario_id : str
+        Named in each message.
+    min_n, min_per_class : int
+        Thresholds below which a warning is issued.
+
+    Returns
+    -------
+    list of str, empty when all counts are large enough.
+    """
+    warnings: list[str] = []
+    n = int(labels.shape[0])
+    if n < min_n:
+        warnings.append(
+            f"{scenario_id}: only {n} samples (< {min_n}); metric values and bootstrap intervals are unreliable"
+        )
+
+    def name(i: int) -> str:
+        return classes[i] if i < len(classes) else str(i)
+
+    if labels.ndim == 2:
+        pos = labels.to(torch.int64).sum(dim=0)
+        for i, p in enumerate(pos.tolist()):
+            for kind, count in (("positive", p), ("negative", n - p)):
+                if count < min_per_class:
+                    warnings.append(
+                        f"{scenario_id}: label {name(i)!r} has {count} {kind} samples (< {min_per_class}); "
+                        "its AUROC, sensitivity and specificity intervals are unreliable"
+                    )
+    else:
+        k = max(len(classes), int(labels.max()) + 1 if n else 0)
+        counts = torch.bincount(labels.to(torch.int64).flatten(), minlength=k)
+        for i, c in enumerate(counts.tolist()):
+            if c < min_per_class:
+                warnings.append(
+                    f"{scenario_id}: class {name(i)!r} has {c} samples (< {min_per_class}); "
+                    "its per-class metrics and AUROC intervals are unreliable"
+                )
+    return warnings

@@ -1,0 +1,151 @@
+"""``--fail-on`` gates: expressions over results.json that fail an audit (exit code 1).
+
+Grammar (whitespace around the operator is allowed)::
+
+    check      := path op number
+    op         := "<" | "<=" | ">" | ">=" | "==" | "!="
+    path       := scenario "." metric                 clean.accuracy, mri.motion@3.ece,
+                                                       clean.sensitivity/pneumonia
+                | scenario ".drop." metric            mri.motion@3.drop.accuracy (clean − perturbed
+                                                       for higher-is-better metrics)
+                | scenario ".ood." detector "." stat  mri.motion@3.ood.energy.auroc
+                | "subgroup." attribute "." metric "_gap"
+                                                       subgroup.sex.accuracy_gap (max − min over the
+                                                       attribute's groups on clean data)
+    scenario   := "clean" | perturbation "@" severity | perturbation "@*" | "*"
+
+A wildcard scenario takes the *worst* value over the matching scenarios (the lowest for a
+higher-is-better metric, the highest otherwise; for ``drop`` the largest drop). The expression
+states the failure condition: ``clean.accuracy<0.8`` fails the audit when clean accuracy is
+below 0.8. A check whose value is undefined (e.g. AUROC with one class) fails, with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
+}
+_EXPR = re.compile(r"^\s*(?P<path>[^<>=!]+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<num>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class ParsedCheck:
+    expr: str
+    path: str
+    op: str
+    threshold: float
+
+
+def parse_check(expr: str) -> ParsedCheck:
+    m = _EXPR.match(expr)
+    if not m:
+        raise ConfigError(
+            f"--fail-on {expr!r}: not a check; write PATH OP NUMBER, e.g. 'clean.accuracy<0.8' or "
+            "'mri.motion@3.ece>0.1' (operators < <= > >= == !=)")
+    return ParsedCheck(expr.strip(), m["path"].strip(), m["op"], float(m["num"]))
+
+
+def _worst(values: list[float], higher_is_better: bool) -> float:
+    return min(values) if higher_is_better else max(values)
+
+
+def _lookup(results: dict[str, Any], path: str) -> float | None:
+    scenarios = results["scenarios"]
+    directions: dict[str, bool] = results.get("metric_directions", {})
+    if path.startswith("subgroup."):
+        return _subgroup_gap(results, path)
+    ids = sorted((s["id"] for s in scenarios), key=len, reverse=True)
+    prefixes = ids + sorted({f"{s['perturbation']}@*" for s in scenarios if s["perturbation"]}) + ["*"]
+    for prefix in prefixes:
+        if path.startswith(prefix + "."):
+            rest = path[len(prefix) + 1:]
+            break
+    else:
+        raise ConfigError(f"check path {path!r} names no scenario; scenarios are: {', '.join(s['id'] for s in scenarios)}")
+    if prefix == "*":
+        chosen = [s for s in scenarios if s["perturbation"]]
+    elif prefix.endswith("@*"):
+        chosen = [s for s in scenarios if s["perturbation"] == prefix[:-2]]
+    else:
+        chosen = [s for s in scenarios if s["id"] == prefix]
+    parts = rest.split(".")
+    values: list[float | None] = []
+    if parts[0] == "drop" and len(parts) >= 2:
+        key = ".".join(parts[1:])
+        values = [s.get("drop", {}).get(key, {}).get("value") for s in chosen]
+        higher = False  # a larger drop is worse
+        known = any(key in s.get("drop", {}) for s in chosen)
+    elif parts[0] == "ood" and len(parts) == 3:
+        det, stat = parts[1], parts[2]
+        values = [s.get("ood", {}).get(det, {}).get(stat, {}).get("value") for s in chosen]
+        higher = stat != "fpr95"
+        known = any(det in s.get("ood", {}) for s in chosen)
+    else:
+        key = rest
+        values = [s["metrics"].get(key, {}).get("value") for s in chosen]
+        higher = directions.get(key, True)
+        known = any(key in s["metrics"] for s in chosen)
+    if not known:
+        available = sorted(chosen[0]["metrics"]) if chosen else []
+        raise ConfigError(f"check path {path!r}: no value {rest!r} in scenario {prefix!r}; metrics are: {', '.join(available)}")
+    defined = [v for v in values if v is not None]
+    if len(defined) < len(values) or not defined:
+        return None
+    return _worst(defined, higher)
+
+
+def _subgroup_gap(results: dict[str, Any], path: str) -> float | None:
+    parts = path.split(".")
+    if len(parts) != 3 or not parts[2].endswith("_gap"):
+        raise ConfigError(f"check path {path!r}: subgroup checks are 'subgroup.ATTRIBUTE.METRIC_gap'")
+    attribute, metric = parts[1], parts[2][: -len("_gap")]
+    values = [g["metrics"].get(metric, {}).get("value") for g in results.get("subgroups", [])
+              if g["attribute"] == attribute and g["scenario"] == "clean" and not g.get("too_small", False)]
+    if not values:
+        attrs = sorted({g["attribute"] for g in results.get("subgroups", [])})
+        raise ConfigError(f"check path {path!r}: no subgroup results for attribute {attribute!r} "
+                          f"(audited attributes: {attrs or 'none; set subgroups.attributes or --subgroup'})")
+    defined = [v for v in values if v is not None]
+    if len(defined) < 2:
+        return None
+    return max(defined) - min(defined)
+
+
+def evaluate_checks(exprs: list[str], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Evaluate every check against a results dict; returns results.json ``checks`` entries."""
+    out = []
+    for expr in exprs:
+        parsed = parse_check(expr)
+        value = _lookup(results, parsed.path)
+        if value is None:
+            out.append({"expr": parsed.expr, "value": None, "passed": False, "threshold": parsed.threshold,
+                        "error": "the value is undefined for this audit (e.g. a single class present)"})
+            continue
+        failed = _OPS[parsed.op](value, parsed.threshold)
+        out.append({"expr": parsed.expr, "value": value, "passed": not failed, "threshold": parsed.threshold, "error": None})
+    return out
+
+
+def junit_xml(checks: list[dict[str, Any]]) -> str:
+    """A JUnit XML document with one test case per check, for CI systems."""
+    from xml.sax.saxutils import escape, quoteattr
+
+    failures = sum(not c["passed"] for c in checks)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name="medaudit" tests="{len(checks)}" failures="{failures}" errors="0">']
+    for c in checks:
+        lines.append(f'  <testcase classname="medaudit.checks" name={quoteattr(c["expr"])}>')
+        if not c["passed"]:
+            msg = c.get("error") or f"value {c['value']!r} meets the failure condition"
+            lines.append(f'    <failure message={quoteattr(msg)}>{escape(c["expr"])}: {escape(str(c["value"]))}</failure>')
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,287 @@
+"""The ``medaudit`` command line: a thin click layer over :mod:`medaudit.audit`.
+
+Exit codes: 0 success; 1 a ``--fail-on`` check failed; 2 usage, config or input error. Errors
+are one line naming the file, field or plugin; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .config import STARTER_CONFIG, Config, load_config
+from .errors import MedauditError
+from .plugin_manager import PluginManager, get_plugin_manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _warn(msg: str) -> None:
+    click.echo(f"medaudit: warning: {msg}", err=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn medaudit errors into a one-line message and exit code 2 (traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return func(*args, **kwargs)
+        except MedauditError as exc:
+            if ctx.find_root().params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"medaudit: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("medaudit: interrupted; run again with --resume to continue from completed shards", err=True)
+            ctx.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def plugin_manager() -> PluginManager:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if "pm" not in root.meta:
+        root.meta["pm"] = get_plugin_manager(warn=_warn)
+    return root.meta["pm"]
+
+
+class MedauditGroup(click.Group):
+    """Adds sub-commands from plugins (``medaudit_register_commands``) once, lazily."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if not self._plugins_added:
+            self._plugins_added = True
+            pm = get_plugin_manager(warn=lambda m: None)
+            pm.hook.medaudit_register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            self._add_plugin_commands()
+            cmd = super().get_command(ctx, name)
+        return cmd
+
+
+@click.group(cls=MedauditGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medaudit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Robustness audits of PyTorch medical-imaging classifiers."""
+
+
+def _severities(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give severities as a comma-separated list of 1..5, e.g. 1,3,5") from None
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), help="Dataset: .npz, manifest folder or CSV.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="YAML or TOML config file.")
+@click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), help="Output folder [medaudit-out].")
+@click.option("--device", help="auto | cpu | cuda | cuda:N")
+@click.option("--batch-size", type=int)
+@click.option("--seed", type=int)
+@click.option("--suite", "suites", multiple=True, help="Suite to run (repeatable); replaces the modality's defaults.")
+@click.option("--perturbation", "perturbations", multiple=True, help="Perturbation to run (repeatable).")
+@click.option("--severities", help="Comma-separated severities, e.g. 1,3,5.")
+@click.option("--bootstrap", type=int, help="Bootstrap resamples for confidence intervals.")
+@click.option("--workers", type=int, help="DataLoader worker processes.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
+@click.option("--save-predictions", is_flag=True, default=None, help="Also write predictions.npz.")
+@click.option("--fail-on", "fail_on", multiple=True, help="Check that fails the audit, e.g. 'clean.accuracy<0.8'.")
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Write checks as JUnit XML.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
+@click.option("--resume", is_flag=True, help="Reuse completed shards of an interrupted run of the same audit.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@handle_errors
+def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
+        batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
+        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None,
+        save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, trust_pickle: bool,
+        resume: bool, quiet: bool) -> None:
+    """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report."""
+    from .audit import run_audit
+    from .config import read_config_file
+
+    file_checks = read_config_file(config_path).get("checks", []) if config_path else []
+    overrides: dict[str, Any] = {
+        "output.dir": str(out) if out else None, "audit.device": device, "audit.batch_size": batch_size,
+        "audit.seed": seed, "audit.severities": _severities(severities), "audit.bootstrap": bootstrap,
+        "audit.num_workers": workers, "audit.precision": precision, "output.save_predictions": save_predictions,
+        "checks": list(file_checks) + list(fail_on) if fail_on else None,
+    }
+    if suites:
+        overrides["audit.suites"] = list(suites)
+    if perturbations:
+        overrides["audit.perturbations"] = list(perturbations)
+        if not suites:
+            overrides["audit.suites"] = []  # only what was named
+    config = load_config(config_path, overrides)
+    command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
+                        resume=resume, junit=junit, progress=not quiet, log=log)
+    out_dir = config.output.dir
+    click.echo(f"report:  {out_dir / 'report.html'}")
+    click.echo(f"results: {out_dir / 'results.json'}")
+    failed = [c for c in results.checks if not c.passed]
+    for c in results.checks:
+        status = "pass" if c.passed else "FAIL"
+        click.echo(f"check {status}: {c.expr} (value {c.value if c.value is not None else 'undefined'})")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def plugins(as_json: bool) -> None:
+    """List plugins: distribution, version, hook API and what each contributes."""
+    pm = plugin_manager()
+    contrib = pm.contributions(Config())
+    rows = [{"name": i.name, "distribution": i.distribution, "version": i.version, "api_version": i.api_version,
+             "module": i.module, "contributes": contrib.get(i.name, {})} for i in pm.infos.values()]
+    failures = [{"name": f.name, "distribution": f.distribution, "error": f.error} for f in pm.failures]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failed": failures}, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}  ({r['distribution']} {r['version']}, hook API {r['api_version']})")
+        for kind, names in r["contributes"].items():
+            click.echo(f"    {kind}: {', '.join(names)}")
+    for f in failures:
+        click.echo(f"FAILED {f['name']} ({f['distribution']}): {f['error']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def perturbations(as_json: bool) -> None:
+    """List every perturbation: name, suite, modalities, dims and severity parameters."""
+    catalogue = plugin_manager().perturbations()
+    items = [dict(cls.describe(), plugin=plugin) for name, (plugin, cls) in sorted(catalogue.items())]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    for it in items:
+        dims = "/".join(f"{d}D" for d in it["dims"])
+        click.echo(f"{it['name']:<28} {it['suite']:<10} {','.join(it['modalities']):<22} {dims:<6} {it['summary']}")
+        for level, params in it["severities"].items():
+            click.echo(f"    {level}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False), default="medaudit.yaml")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init(path: Path, force: bool) -> None:
+    """Write a commented starter config (default medaudit.yaml)."""
+    if path.exists() and not force:
+        raise MedauditError(f"{path} already exists; use --force to overwrite")
+    path.write_text(STARTER_CONFIG, encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+@cli.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the config file."""
+    click.echo(json.dumps(Config.model_json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("results_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Report file [beside results].")
+@handle_errors
+def report(results_path: Path, output: Path | None) -> None:
+    """Re-render the HTML report from a results.json alone."""
+    from .audit import write_atomic
+    from .report import render_report
+    from .results import load_results
+
+    results = load_results(results_path)
+    target = output or results_path.with_name("report.html")
+    write_atomic(target, render_report(results, plugin_manager()).encode())
+    click.echo(f"report: {target}")
+
+
+@cli.command()
+@click.argument("input_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("-p", "--perturbation", required=True, help="Perturbation name, e.g. mri.motion.")
+@click.option("-s", "--severity", type=click.IntRange(0, 5), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@handle_errors
+def perturb(input_path: Path, perturbation: str, severity: int, seed: int, output: Path) -> None:
+    """Apply one perturbation to one image or volume (.npy, .png, .nii/.nii.gz)."""
+    from .imagefile import perturb_file
+
+    catalogue = plugin_manager().perturbations()
+    if perturbation not in catalogue:
+        raise MedauditError(f"unknown perturbation {perturbation!r}; `medaudit perturbations` lists them")
+    perturb_file(input_path, output, catalogue[perturbation][1], severity, seed)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default="preview.png", show_default=True)
+@click.option("--sample", type=int, default=0, show_default=True, help="Index of the sample to show.")
+@click.option("--suite", "suites", multiple=True)
+@click.option("--perturbation", "perturbations", multiple=True)
+@click.option("--seed", type=int)
+@handle_errors
+def preview(data: Path, config_path: Path | None, output: Path, sample: int, suites: tuple[str, ...],
+            perturbations: tuple[str, ...], seed: int | None) -> None:
+    """Render a grid: rows = perturbations, columns = severities 0..5, for one sample."""
+    from .audit import open_dataset, write_atomic
+    from .preview import grid_png_bytes
+    from .runner import plan_scenarios
+
+    overrides: dict[str, Any] = {"audit.seed": seed}
+    if suites:
+        overrides["audit.suites"] = list(suites)
+    if perturbations:
+        overrides["audit.perturbations"] = list(perturbations)
+        if not suites:
+            overrides["audit.suites"] = []
+    config = load_config(config_path, overrides)
+    pm = plugin_manager()
+    dataset = open_dataset(pm, data, config)
+    if not 0 <= sample < len(dataset):
+        raise MedauditError(f"--sample {sample} is out of range; {data} has {len(dataset)} samples")
+    _, chosen = plan_scenarios(config, pm.perturbations())
+    image, _ = dataset[sample]
+    write_atomic(output, grid_png_bytes(image, [type(p) for _, p in sorted(chosen.items())], config.audit.seed))
+    click.echo(f"wrote {output}")
+
+
+def main() -> None:
+    cli(prog_name="medaudit")
+
+
+if __name__ == "__main__":
+    main()

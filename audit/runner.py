@@ -1,0 +1,354 @@
+"""The forward passes: every scenario (clean, perturbation × severity) over the dataset.
+
+The unit of work is pure: :func:`run_shard` maps (scenarios, a contiguous shard of sample
+indices) to per-sample outputs, and shards merge by concatenation in index order. Each batch of
+a shard is read and decoded once and reused for every scenario (perturbed on the device).
+Randomness is keyed by (seed, perturbation, severity, sample index) through
+:mod:`medaudit.rng`, so outputs do not depend on batch size, shard size or device order, and a
+completed shard can be cached and reused by ``--resume`` without changing the results.
+No report or results I/O happens here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from .config import Config
+from .data import AuditDataset
+from .detector import Detector
+from .errors import ConfigError, ModelError, ModelOutputError
+from .model import LoadedModel, check_model_output, detect_output_kind, outputs_to_probs
+from .outputs import Scenario
+from .perturbation import Perturbation
+from .rng import SampleRNG, sample_keys, stream_key
+
+# How a model is called: normalised batch -> (raw outputs, features of the configured layer or None).
+Extractor = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"audit.device is {spec!r} but CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def plan_scenarios(config: Config, catalogue: dict[str, tuple[str, type[Perturbation]]]) -> tuple[list[Scenario], dict[str, Perturbation]]:
+    """Choose perturbations from the config and expand them to scenarios (clean first).
+
+    ``audit.suites`` selects whole suites; when it is unset, a perturbation is included when its
+    ``modalities`` hold ``input.modality`` or ``"any"``. ``audit.perturbations`` adds single
+    perturbations, ``audit.exclude`` removes some. Perturbations that do not support
+    ``input.dims`` are left out of suites and are an error when named explicitly.
+    """
+    dims = config.input.dims
+    suites = {cls.suite for _, cls in catalogue.values()}
+    chosen: dict[str, type[Perturbation]] = {}
+    if config.audit.suites is None:
+        for name, (_, cls) in catalogue.items():
+            if (config.input.modality in cls.modalities or "any" in cls.modalities) and dims in cls.dims:
+                chosen[name] = cls
+    else:
+        unknown = sorted(set(config.audit.suites) - suites)
+        if unknown:
+            raise ConfigError(f"audit.suites: unknown suite(s) {unknown}; available: {sorted(suites)}")
+        for name, (_, cls) in catalogue.items():
+            if cls.suite in config.audit.suites and dims in cls.dims:
+                chosen[name] = cls
+    for name in config.audit.perturbations + config.audit.exclude:
+        if name not in catalogue:
+            raise ConfigError(f"unknown perturbation {name!r}; `medaudit perturbations` lists them: {sorted(catalogue)}")
+    for name in config.audit.perturbations:
+        cls = catalogue[name][1]
+        if dims not in cls.dims:
+            raise ConfigError(f"perturbation {name!r} supports {list(cls.dims)}D images, input.dims is {dims}")
+        chosen[name] = cls
+    for name in config.audit.exclude:
+        chosen.pop(name, None)
+    scenarios = [Scenario.clean()]
+    for name in sorted(chosen):
+        for severity in config.audit.severities:
+            scenarios.append(Scenario.perturbed(name, chosen[name].suite, severity))
+    return scenarios, {name: cls() for name, cls in sorted(chosen.items())}
+
+
+@dataclass
+class ShardOutputs:
+    """Per-sample outputs of one shard: ``probs[scenario]`` is ``[n, K]``; ``embeddings[scenario][detector]`` ``[n, D]``."""
+
+    start: int
+    stop: int
+    probs: dict[str, Tensor]
+    embeddings: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    params: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardSpec:
+    """Everything :func:`run_shard` needs besides the data: fixed for the whole audit."""
+
+    extract: Extractor
+    task: str
+    n_classes: int
+    output_kind: str
+    mean: Tensor
+    std: Tensor
+    seed: int
+    device: torch.device
+    precision: str = "fp32"
+    detectors: Sequence[Detector] = ()
+
+
+def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
+    if spec.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=spec.device.type, dtype=dtype)
+
+
+def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: Perturbation | None,
+                  seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Apply a scenario's perturbation to a ``[0, 1]`` batch with per-sample keyed randomness."""
+    if perturbation is None:
+        return x, {}
+    keys = sample_keys(stream_key(seed, scenario.perturbation, scenario.severity), indices)
+    return perturbation(x, scenario.severity, SampleRNG(keys))
+
+
+def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, scenarios: Sequence[Scenario],
+              perturbations: dict[str, Perturbation], spec: ForwardSpec,
+              on_batch: Callable[[int], None] | None = None) -> ShardOutputs:
+    """Evaluate every scenario on one shard of the data (the audit's unit of work).
+
+    ``batches`` yields ``(images [B, C, ...] in [0, 1], dataset indices [B])`` for the samples
+    ``start..stop-1`` in order.
+    """
+    probs: dict[str, list[Tensor]] = {s.id: [] for s in scenarios}
+    embeds: dict[str, dict[str, list[Tensor]]] = {s.id: {d.name: [] for d in spec.detectors} for s in scenarios}
+    params: dict[str, dict[str, list[Tensor]]] = {s.id: {} for s in scenarios}
+    seconds = dict.fromkeys(probs, 0.0)
+    sync = torch.cuda.synchronize if spec.device.type == "cuda" else (lambda: None)
+    for x, idx in batches:
+        x = x.to(spec.device, non_blocking=True)
+        idx = idx.to(spec.device, non_blocking=True)
+        for scenario in scenarios:
+            t0 = time.perf_counter()
+            pert = perturbations.get(scenario.perturbation) if scenario.perturbation else None
+            xp, p = perturb_batch(x, idx, scenario, pert, spec.seed)
+            xn = (xp.float() - spec.mean) / spec.std
+            with _autocast(spec):
+                out, feats = spec.extract(xn)
+            out = out.float()
+            check_model_output(out, scenario.id)
+            probs[scenario.id].append(outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
+            for d in spec.detectors:
+                if d.needs == "features" and feats is None:
+                    continue
+                embeds[scenario.id][d.name].append(d.embed(out, feats.float() if feats is not None else None).float())
+            for k, v in p.items():
+                # Scalar per-sample parameters are kept for the results; keys and vectors are not.
+                if v.ndim == 1 and not k.endswith("key"):
+                    params[scenario.id].setdefault(k, []).append(v.float())
+            sync()
+            seconds[scenario.id] += time.perf_counter() - t0
+        if on_batch is not None:
+            on_batch(x.shape[0])
+    cat = lambda ts: torch.cat(ts).cpu() if ts else torch.empty(0)  # noqa: E731
+    return ShardOutputs(
+        start, stop,
+        probs={k: cat(v) for k, v in probs.items()},
+        embeddings={s: {d: cat(v) for d, v in dd.items() if v} for s, dd in embeds.items()},
+        params={s: {k: cat(v) for k, v in pp.items()} for s, pp in params.items()},
+        seconds=seconds,
+    )
+
+
+def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: int, num_workers: int,
+                    pin_memory: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of ``dataset[start:stop]`` in order, decoded by DataLoader workers."""
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=False)
+    for x, idx in loader:
+        yield x, idx.to(torch.int64)
+
+
+def expected_in_channels(module: object) -> int | None:
+    """The input channels of the first convolution, for a helpful mismatch message."""
+    if not isinstance(module, nn.Module):
+        return None
+    for p in module.parameters():
+        if p.ndim in (4, 5):
+            return int(p.shape[1])
+        return None
+    return None
+
+
+def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, mean: Tensor, std: Tensor) -> str:
+    """Run one clean batch to validate the model against the input spec; returns the output kind."""
+    xn = (x - mean) / std
+    try:
+        out, _ = extract(xn)
+    except Exception as exc:
+        expected = expected_in_channels(model.module)
+        if expected is not None and expected != x.shape[1]:
+            raise ModelError(f"model {model.path} expects {expected} channels, data has {x.shape[1]} "
+                             f"(input.channels = {config.input.channels})") from None
+        raise ModelError(f"model {model.path} raised on a batch of shape {tuple(x.shape)} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check input.dims, "
+                         "input.channels and input.spatial_size against what the model expects") from None
+    if not isinstance(out, Tensor):
+        raise ModelError(f"model {model.path} returned {type(out).__name__}, expected a tensor of shape [B, K]")
+    check_model_output(out, "clean (dry run)")
+    kind = config.model.output if config.model.output != "auto" else detect_output_kind(out, config.task.type)
+    try:
+        outputs_to_probs(out, config.task.type, len(config.task.classes), kind)
+    except ModelOutputError as exc:
+        raise ModelError(f"model {model.path}: {exc}") from None
+    return kind
+
+
+class ShardCache:
+    """Completed shards on disk, so an interrupted audit can ``--resume``.
+
+    Keyed by a fingerprint of everything that determines the outputs (model and data hashes,
+    the input spec, seed, scenarios, shard layout): a cache from another configuration is never
+    reused. Files are ``.npz`` (no pickle) written atomically.
+    """
+
+    def __init__(self, root: Path, fingerprint: str) -> None:
+        self.dir = root / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def fingerprint(parts: dict[str, object]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _path(self, start: int) -> Path:
+        return self.dir / f"shard-{start:09d}.npz"
+
+    def load(self, start: int, stop: int) -> ShardOutputs | None:
+        path = self._path(start)
+        if not path.exists():
+            return None
+        arrays: dict[str, np.ndarray] = dict(np.load(path, allow_pickle=False))
+        out = ShardOutputs(start, stop, probs={}, embeddings={}, params={}, seconds={})
+        for key, arr in arrays.items():
+            kind, _, rest = key.partition("|")
+            if kind == "probs":
+                out.probs[rest] = torch.from_numpy(arr)
+            elif kind == "emb":
+                sid, _, det = rest.partition("|")
+                out.embeddings.setdefault(sid, {})[det] = torch.from_numpy(arr)
+            elif kind == "param":
+                sid, _, name = rest.partition("|")
+                out.params.setdefault(sid, {})[name] = torch.from_numpy(arr)
+            elif kind == "sec":
+                out.seconds[rest] = float(arr)
+        return out
+
+    def save(self, shard: ShardOutputs) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for sid, t in shard.probs.items():
+            arrays[f"probs|{sid}"] = t.numpy()
+            arrays[f"sec|{sid}"] = np.asarray(shard.seconds.get(sid, 0.0))
+        for sid, dd in shard.embeddings.items():
+            for det, t in dd.items():
+                arrays[f"emb|{sid}|{det}"] = t.numpy()
+        for sid, pp in shard.params.items():
+            for name, t in pp.items():
+                arrays[f"param|{sid}|{name}"] = t.numpy()
+        tmp = self._path(shard.start).with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(self._path(shard.start))
+
+
+@dataclass
+class ForwardResult:
+    scenarios: list[Scenario]
+    probs: Tensor  # [S, N, K]
+    embeddings: dict[str, Tensor]  # detector -> [S, N, D]
+    params: dict[str, dict[str, Tensor]]  # scenario -> param -> [N]
+    seconds: dict[str, float]
+    output_kind: str
+    resumed_shards: int = 0
+
+
+class Progress:
+    """A one-line progress display on stderr (only on a TTY and unless quiet)."""
+
+    def __init__(self, total: int, n_scenarios: int, enabled: bool) -> None:
+        self.total, self.n_scenarios, self.done = total, n_scenarios, 0
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            rate = self.done * self.n_scenarios / max(time.perf_counter() - self.t0, 1e-9)
+            sys.stderr.write(f"\r  {self.done}/{self.total} samples × {self.n_scenarios} scenarios  ({rate:,.0f} forward/s)")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, config: Config,
+                scenarios: list[Scenario], perturbations: dict[str, Perturbation], device: torch.device,
+                detectors: Sequence[Detector] = (), cache: ShardCache | None = None, shard_size: int = 2048,
+                progress: bool = False) -> ForwardResult:
+    """Run every scenario over the whole dataset, shard by shard, and merge in index order."""
+    n = len(dataset)
+    channels = config.input.channels
+    shape = (1, channels) + (1,) * config.input.dims
+    mean = torch.tensor(config.input.mean, dtype=torch.float32).expand(channels).reshape(shape).to(device)
+    std = torch.tensor(config.input.std, dtype=torch.float32).expand(channels).reshape(shape).to(device)
+    pin = device.type == "cuda"
+    first_x, _ = next(iterate_batches(dataset, 0, min(n, config.audit.batch_size), config.audit.batch_size, 0, False))
+    with torch.inference_mode():
+        output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
+    spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
+                       config.audit.seed, device, config.audit.precision, detectors)
+    shards: list[ShardOutputs] = []
+    resumed = 0
+    bar = Progress(n, len(scenarios), progress)
+    for start in range(0, n, shard_size):
+        stop = min(start + shard_size, n)
+        cached = cache.load(start, stop) if cache is not None else None
+        if cached is not None:
+            shards.append(cached)
+            resumed += 1
+            bar.advance(stop - start)
+            continue
+        batches = iterate_batches(dataset, start, stop, config.audit.batch_size, config.audit.num_workers, pin)
+        with torch.inference_mode():
+            shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
+        if cache is not None:
+            cache.save(shard)
+        shards.append(shard)
+    bar.close()
+    ids = [s.id for s in scenarios]
+    probs = torch.stack([torch.cat([sh.probs[sid] for sh in shards]) for sid in ids])
+    embeddings: dict[str, Tensor] = {}
+    for d in detectors:
+        if all(d.name in sh.embeddings.get(sid, {}) for sh in shards for sid in ids):
+            embeddings[d.name] = torch.stack([torch.cat([sh.embeddings[sid][d.name] for sh in shards]) for sid in ids])
+    params = {sid: {k: torch.cat([sh.params[sid][k] for sh in shards]) for k in shards[0].params.get(sid, {})} for sid in ids}
+    seconds = {sid: sum(sh.seconds.get(sid, 0.0) for sh in shards) for sid in ids}
+    return ForwardResult(scenarios, probs, embeddings, params, seconds, output_kind, resumed)

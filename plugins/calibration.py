@@ -1,0 +1,294 @@
+"""Calibration metrics, weighted and batched over resamples, binned exactly as netcal bins.
+
+Binned metrics follow ``netcal.metrics`` 1.x (``_Miscalibration``) so that values can be checked
+against it:
+
+* confidences are clipped to ``[eps, 1 - eps]`` with ``eps`` the machine epsilon of the input
+  dtype, so a confidence of exactly 1.0 falls in the last bin (and 0.0 in the first);
+* equal-width edges are ``numpy.linspace(0, 1, n_bins + 1)``; a value on an inner edge goes to
+  the bin above (``searchsorted(side="right")``, as ``numpy.histogramdd``);
+* empty bins are left out (netcal ``sample_threshold = 1``).
+
+Where we differ from netcal, on purpose: netcal's ``measure(probs, labels)`` switches to its
+*binary* mode whenever at most two distinct labels occur in the data it is given. For a binary
+task this makes it measure positive-class calibration (``p_1`` against ``y``), and for a
+multiclass subset holding two classes it raises. medaudit's ``ece``/``ace``/``mce`` are
+always **top-label** (confidence = max probability, hit = arg-max is right), whatever labels a
+subset or resample holds, so values are comparable across scenarios, subgroups and resamples.
+Top-label ECE equals netcal's ECE of ``(max probability, correct)`` in binary mode, and the
+positive-class ECE of a binary task is our ``classwise_ece`` term of class 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medaudit.bootstrap import check_predictions
+from medaudit.hookspecs import hookimpl
+from medaudit.metric import Metric, MetricContext
+
+from .classification import class_names, safe_div
+
+MEDAUDIT_API_VERSION = 1
+
+_NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Binning helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_confidence(x: Tensor) -> Tensor:
+    """Clip to ``[eps, 1 - eps]`` (eps of ``x``'s dtype, as netcal) and promote to float64."""
+    eps = torch.finfo(x.dtype).eps
+    return x.clamp(eps, 1.0 - eps).double()
+
+
+def equal_width_edges(n_bins: int, device: torch.device | None = None) -> Tensor:
+    """``numpy.linspace(0, 1, n_bins + 1)`` as float64, bit-identical to netcal's edges."""
+    return torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1)).to(device)
+
+
+def bin_index(values: Tensor, edges: Tensor) -> Tensor:
+    """Bin of each value: ``[lo, hi)`` bins, the last one closed (``numpy.histogramdd``).
+
+    ``edges`` is ``[B + 1]`` (shared) or ``[R, B + 1]`` (one set per row, with ``values`` ``[R, N]``).
+    """
+    n_bins = edges.shape[-1] - 1
+    return (torch.searchsorted(edges.contiguous(), values.contiguous(), right=True) - 1).clamp_(0, n_bins - 1)
+
+
+def binned_sums(
+    weights: Tensor, index: Tensor, n_bins: int, confidence: Tensor, hit: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted count, confidence sum and hit sum per bin, each ``[R, n_bins]``.
+
+    ``index`` is ``[N]`` (bins shared by every row) or ``[R, N]`` (per-row bins, ACE).
+    """
+    r = weights.shape[0]
+    zeros = torch.zeros(r, n_bins, dtype=torch.float64, device=weights.device)
+    wc, wh = weights * confidence, weights * hit
+    if index.ndim == 1:
+        return zeros.index_add(1, index, weights), zeros.index_add(1, index, wc), zeros.index_add(1, index, wh)
+    return zeros.scatter_add(1, index, weights), zeros.scatter_add(1, index, wc), zeros.scatter_add(1, index, wh)
+
+
+def ece_mce_ace_from_bins(count: Tensor, conf_sum: Tensor, hit_sum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""ECE, MCE and the mean bin gap from per-bin sums ``[R, B]``.
+
+    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{n}\,|\bar a_b - \bar c_b|, \quad
+              \mathrm{MCE} = \max_{b: n_b > 0} |\bar a_b - \bar c_b|, \quad
+              \text{gap} = \frac{1}{|\{b: n_b>0\}|}\sum_{b: n_b>0} |\bar a_b - \bar c_b|
+
+    (the last is ACE when the bins are equal-mass). All NaN on a row of total weight 0.
+    """
+    nonempty = count > 0
+    gap = torch.where(nonempty, (hit_sum - conf_sum).abs() / torch.where(nonempty, count, torch.ones_like(count)), torch.zeros_like(count))
+    total = count.sum(dim=1)
+    ece = safe_div((gap * count).sum(dim=1), total)
+    mce = torch.where(total > 0, gap.amax(dim=1), torch.full_like(total, _NAN))
+    mean_gap = safe_div(gap.sum(dim=1), nonempty.sum(dim=1).to(gap.dtype))
+    return ece, mce, mean_gap
+
+
+def weighted_quantile_edges(values: Tensor, weights: Tensor, n_bins: int) -> Tensor:
+    r"""Equal-mass bin edges per weight row, ``[R, n_bins + 1]``, first edge 0 and last 1.
+
+    For integer weights, row ``r`` equals ``numpy.quantile(np.repeat(values, w_r), q)`` at
+    ``q = linspace(0, 1, n_bins + 1)`` (linear interpolation between order statistics
+    :math:`x_{(\lfloor h\rfloor)}` and :math:`x_{(\lfloor h\rfloor + 1)}`, :math:`h = q (M-1)`),
+    with the outer edges set to 0 and 1 as netcal's ACE does. The values are sorted once;
+    order statistics of every row come from one batched ``searchsorted`` on cumulative counts.
+    """
+    r = weights.shape[0]
+    order = torch.argsort(values)
+    sorted_vals = values[order]
+    cum = torch.cumsum(weights[:, order], dim=1)  # [R, N]
+    m = cum[:, -1:]  # [R, 1]
+    q = torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1)).to(values.device)
+    h = q[None, :] * (m - 1).clamp_min(0)
+    lo = torch.floor(h)
+    frac = h - lo
+    hi = torch.minimum(lo + 1, (m - 1).clamp_min(0))
+
+    def order_stat(j: Tensor) -> Tensor:
+        # j-th (0-based) value of the expanded sample: first sorted position whose cumulative count exceeds j
+        pos = torch.searchsorted(cum.contiguous(), j.contiguous(), right=True).clamp_(max=values.numel() - 1)
+        return sorted_vals[pos]
+
+    a, b = order_stat(lo), order_stat(hi)
+    diff = b - a
+    # numpy's _lerp: interpolate from the nearer end, so edges hit sample values exactly as numpy's do
+    edges = torch.where(frac >= 0.5, b - diff * (1 - frac), a + diff * frac)
+    edges[:, 0] = 0.0
+    edges[:, -1] = 1.0
+    return edges.reshape(r, n_bins + 1)
+
+
+def top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-label confidence (clipped, float64) and hit (1.0 when the arg-max is right)."""
+    clipped = clip_confidence(probs)
+    conf, pred = clipped.max(dim=1)
+    return conf, (pred == labels.to(probs.device, torch.int64)).double()
+
+
+def calibration_errors(conf: Tensor, hit: Tensor, weights: Tensor, n_bins: int) -> dict[str, Tensor]:
+    """``ece``, ``mce`` (equal-width bins) and ``ace`` (equal-mass bins) of one confidence/hit pair.
+
+    Parameters
+    ----------
+    conf : Tensor ``[N]`` float64, already clipped (see :func:`clip_confidence`).
+    hit : Tensor ``[N]`` float64 in {0, 1}.
+    weights : Tensor ``[R, N]`` float64.
+    n_bins : int
+
+    Returns
+    -------
+    dict of ``[R]`` tensors.
+    """
+    idx = bin_index(conf, equal_width_edges(n_bins, conf.device))
+    ece, mce, _ = ece_mce_ace_from_bins(*binned_sums(weights, idx, n_bins, conf, hit))
+    edges = weighted_quantile_edges(conf, weights, n_bins)
+    idx_q = bin_index(conf.expand(weights.shape[0], -1), edges)
+    _, _, ace = ece_mce_ace_from_bins(*binned_sums(weights, idx_q, n_bins, conf, hit))
+    return {"ece": ece, "mce": mce, "ace": ace}
+
+
+def classwise_ece(probs: Tensor, labels_onehot: Tensor, weights: Tensor, n_bins: int) -> Tensor:
+    r"""Per-class equal-width ECE of :math:`p_k` against :math:`1[y = k]`, ``[R, K]``.
+
+    All classes are binned in one ``index_add_`` over ``K * n_bins`` columns.
+    """
+    n, k = probs.shape
+    conf = clip_confidence(probs)  # [N, K]
+    hit = labels_onehot.double()
+    idx = bin_index(conf, equal_width_edges(n_bins, probs.device)) + n_bins * torch.arange(k, device=probs.device)
+    r = weights.shape[0]
+    zeros = torch.zeros(r, k * n_bins, dtype=torch.float64, device=weights.device)
+    flat = idx.reshape(-1)  # sample-major: [i * K + c]
+    w_rep = weights.repeat_interleave(k, dim=1)  # [R, N*K] matching `flat`
+    count = zeros.index_add(1, flat, w_rep).reshape(r, k, n_bins)
+    conf_sum = zeros.index_add(1, flat, w_rep * conf.reshape(-1)).reshape(r, k, n_bins)
+    hit_sum = zeros.index_add(1, flat, w_rep * hit.reshape(-1)).reshape(r, k, n_bins)
+    gap = (hit_sum - conf_sum).abs().sum(dim=2)  # sum_b |sum hit - sum conf| per class
+    return safe_div(gap, count.sum(dim=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric
+# ---------------------------------------------------------------------------------------------
+
+
+class CalibrationMetrics(Metric):
+    r"""Calibration of the predicted probabilities (lower is better for every key).
+
+    Keys, binary and multiclass
+        ``ece``: top-label expected calibration error, ``ctx.n_bins`` equal-width bins
+        (Naeini et al. 2015; Guo et al. 2017), :math:`\sum_b \frac{n_b}{n}|\mathrm{acc}_b - \mathrm{conf}_b|`.
+        ``ace``: the same gap averaged over non-empty equal-mass bins (netcal's ACE;
+        Nixon et al. 2019 "adaptive calibration error" without the class loop).
+        ``mce``: maximum gap over non-empty equal-width bins.
+        ``classwise_ece``: mean over classes of the equal-width ECE of :math:`p_k` against
+        :math:`1[y=k]` (Kull et al. 2019).
+        ``brier``: :math:`\frac1n\sum_i\sum_k (p_{ik} - 1[y_i=k])^2` (Brier 1950; for a binary
+        task this is twice ``sklearn.metrics.brier_score_loss``).
+        ``nll``: :math:`-\frac1n\sum_i \log \max(p_{i y_i}, \epsilon)`.
+    Multilabel (each label a binary problem, positive-class calibration)
+        ``ece/<l>``, ``ace/<l>``, ``mce/<l>`` and macro means ``ece``, ``ace``, ``mce``;
+        ``brier`` :math:`= \frac1n\sum_i\sum_l (p_{il} - y_{il})^2`; ``nll``
+        :math:`= \frac1n\sum_i\sum_l \mathrm{BCE}(p_{il}, y_{il})` (the negative log-likelihood of
+        the label vector under independent sigmoids).
+
+    Always computed on probabilities: a model that outputs logits is soft-maxed by the core
+    before metrics run, and :func:`medaudit.bootstrap.check_predictions` rejects rows that are
+    not probabilities.
+
+    References
+    ----------
+    Naeini, Cooper & Hauskrecht, AAAI 2015. Guo et al., ICML 2017. Nixon et al., CVPR-W 2019.
+    Kull et al., NeurIPS 2019. Küppers et al., netcal (github.com/EFS-OpenSource/calibration-framework).
+    """
+
+    name: ClassVar[str] = "calibration"
+    tasks: ClassVar[tuple[str, ...]] = ("binary", "multiclass", "multilabel")
+    higher_is_better: ClassVar[bool] = False
+
+    def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:
+        check_predictions(probs, labels, ctx.task, weights)
+        w = weights.to(device=probs.device, dtype=torch.float64)
+        total = w.sum(dim=1)
+        eps = torch.finfo(probs.dtype).eps
+        p = probs.double()
+        n, k = probs.shape
+        if ctx.task == "multilabel":
+            y = labels.to(probs.device).double()
+            conf = clip_confidence(probs)
+            out: dict[str, Tensor] = {}
+            per: dict[str, list[Tensor]] = {"ece": [], "ace": [], "mce": []}
+            for c, name in enumerate(class_names(ctx, k)):  # loop over labels, never resamples
+                errs = calibration_errors(conf[:, c], y[:, c], w, ctx.n_bins)
+                for key, val in errs.items():
+                    per[key].append(val)
+                    out[f"{key}/{name}"] = val
+            for key, vals in per.items():
+                out[key] = torch.nanmean(torch.stack(vals, dim=1), dim=1)
+            out["brier"] = safe_div(w @ ((p - y) ** 2).sum(dim=1), total)
+            pc = p.clamp(eps, 1 - eps)
+            bce = -(y * torch.log(pc) + (1 - y) * torch.log1p(-pc)).sum(dim=1)
+            out["nll"] = safe_div(w @ bce, total)
+            return out
+        labels = labels.to(probs.device, torch.int64)
+        onehot = torch.nn.functional.one_hot(labels, k).double()
+        conf, hit = top_label(probs, labels)
+        out = calibration_errors(conf, hit, w, ctx.n_bins)
+        out["classwise_ece"] = classwise_ece(probs, onehot, w, ctx.n_bins).mean(dim=1)
+        out["brier"] = safe_div(w @ ((p - onehot) ** 2).sum(dim=1), total)
+        p_true = p.gather(1, labels[:, None])[:, 0].clamp_min(eps)
+        out["nll"] = safe_div(w @ -torch.log(p_true), total)
+        return out
+
+    def curves(self, probs: Tensor, labels: Tensor, ctx: MetricContext) -> dict[str, Any] | None:
+        """Reliability-diagram data of the point estimate.
+
+        Returns
+        -------
+        ``{"reliability": {"kind", "bins": [{"lower", "upper", "confidence", "accuracy",
+        "count"}, ...]}}`` over ``ctx.n_bins`` equal-width bins; ``confidence`` and
+        ``accuracy`` are ``None`` for empty bins. Binary/multiclass: top-label confidence
+        against accuracy. Multilabel: every (sample, label) probability against the label's
+        frequency (positive-class reliability, pooled over labels).
+        """
+        check_predictions(probs, labels, ctx.task)
+        if ctx.task == "multilabel":
+            conf = clip_confidence(probs).reshape(-1)
+            hit = labels.to(probs.device).double().reshape(-1)
+            kind = "positive-class (pooled over labels)"
+        else:
+            conf, hit = top_label(probs, labels)
+            kind = "top-label"
+        edges = equal_width_edges(ctx.n_bins, conf.device)
+        ones = torch.ones(1, conf.numel(), dtype=torch.float64, device=conf.device)
+        count, conf_sum, hit_sum = (t[0] for t in binned_sums(ones, bin_index(conf, edges), ctx.n_bins, conf, hit))
+        bins = []
+        for b in range(ctx.n_bins):
+            c = float(count[b])
+            bins.append(
+                {
+                    "lower": float(edges[b]),
+                    "upper": float(edges[b + 1]),
+                    "confidence": float(conf_sum[b]) / c if c else None,
+                    "accuracy": float(hit_sum[b]) / c if c else None,
+                    "count": int(round(c)),
+                }
+            )
+        return {"reliability": {"kind": kind, "bins": bins}}
+
+
+@hookimpl
+def medaudit_metrics(config: object) -> list[Metric]:
+    return [CalibrationMetrics()]

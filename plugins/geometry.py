@@ -1,0 +1,264 @@
+"""Geometric changes of positioning: small rotations, translations, scaling and left-right flips.
+
+All resampling goes through one op, :func:`affine_warp` (``affine_grid`` + ``grid_sample``,
+bilinear/trilinear, zero padding), with the transform written in voxel units about the image
+centre so that rotations stay rigid on non-square images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medaudit.hookspecs import hookimpl
+from medaudit.perturbation import Perturbation, finish
+from medaudit.plugins.intensity import batch_param, draw_signed
+from medaudit.rng import SampleRNG
+
+MEDAUDIT_API_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional ops
+# ---------------------------------------------------------------------------------------------
+
+
+def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
+    """Resample ``x`` so that output voxel ``p`` takes the input at ``matrix @ p + offset``.
+
+    ``p`` is measured in voxels from the image centre, along the tensor's spatial axes in order
+    (``(H, W)`` or ``(D, H, W)``); ``matrix`` is ``[B, n, n]``, ``offset`` ``[B, n]`` voxels.
+    Linear interpolation; outside the field of view is 0 (the background after ``[0, 1]`` scaling).
+    """
+    nd = Perturbation.spatial_dims(x)
+    b = x.shape[0]
+    if matrix.shape != (b, nd, nd):
+        raise ValueError(f"matrix must have shape [{b}, {nd}, {nd}] for this batch, got {tuple(matrix.shape)}")
+    if offset is None:
+        offset = torch.zeros(b, nd, device=x.device)
+    if offset.shape != (b, nd):
+        raise ValueError(f"offset must have shape [{b}, {nd}] for this batch, got {tuple(offset.shape)}")
+    xf = x.float()
+    half = torch.tensor([s / 2.0 for s in x.shape[2:]], device=x.device)  # voxels per normalised unit
+    a = matrix.to(device=x.device, dtype=torch.float32)
+    # normalised coordinates u = p / half (align_corners=False): u_in = S^-1 A S u_out + S^-1 t
+    theta_a = a * half[None, None, :] / half[None, :, None]
+    theta_t = offset.to(device=x.device, dtype=torch.float32) / half[None, :]
+    # affine_grid orders coordinates (x, y[, z]) = (W, H[, D]): reverse the tensor axis order
+    theta = torch.cat([theta_a.flip(1, 2), theta_t.flip(1)[:, :, None]], dim=2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return finish(F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False), x)
+
+
+def rotation_matrix(angle_deg: Tensor, axis: Tensor | None = None) -> Tensor:
+    """Rotation matrices ``[B, n, n]`` in tensor-axis coordinates.
+
+    2D (``axis`` None): rotation by ``angle_deg`` in the (H, W) plane, positive from +H towards +W.
+    3D: Rodrigues' formula about unit ``axis`` ``[B, 3]`` given in (D, H, W) order.
+    """
+    t = angle_deg.float() * (math.pi / 180.0)
+    c, s = torch.cos(t), torch.sin(t)
+    if axis is None:
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    k = axis.float() / axis.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+    zero = torch.zeros_like(t)
+    kx = torch.stack([
+        torch.stack([zero, -k[:, 2], k[:, 1]], -1),
+        torch.stack([k[:, 2], zero, -k[:, 0]], -1),
+        torch.stack([-k[:, 1], k[:, 0], zero], -1),
+    ], -2)
+    eye = torch.eye(3, device=t.device).expand_as(kx)
+    return eye + s[:, None, None] * kx + (1.0 - c)[:, None, None] * (kx @ kx)
+
+
+def rotate(x: Tensor, angle_deg: float | Tensor, axis: Tensor | None = None) -> Tensor:
+    """Rotate the content by ``angle_deg`` about the image centre (about ``axis`` in 3D)."""
+    nd = Perturbation.spatial_dims(x)
+    angle = batch_param(angle_deg, "angle_deg", x, -180.0, 180.0)
+    if nd == 3:
+        if axis is None:
+            raise ValueError("axis ([B, 3], in (D, H, W) order) is required to rotate a 3D batch")
+        if axis.shape != (x.shape[0], 3):
+            raise ValueError(f"axis must have shape [{x.shape[0]}, 3], got {tuple(axis.shape)}")
+        r = rotation_matrix(angle, axis.to(x.device))
+    else:
+        r = rotation_matrix(angle)
+    # the content turns by R when each output voxel reads the input at R^-1 p = R^T p
+    return affine_warp(x, r.transpose(1, 2))
+
+
+def translate(x: Tensor, shift: Tensor) -> Tensor:
+    """Move the content by ``shift`` ``[B, n]`` voxels along the tensor's spatial axes."""
+    nd = Perturbation.spatial_dims(x)
+    eye = torch.eye(nd, device=x.device).expand(x.shape[0], nd, nd)
+    return affine_warp(x, eye, -shift.to(x.device).float())
+
+
+def zoom(x: Tensor, log_scale: float | Tensor) -> Tensor:
+    """Scale the content isotropically by ``exp(log_scale)`` about the image centre."""
+    nd = Perturbation.spatial_dims(x)
+    s = torch.exp(batch_param(log_scale, "log_scale", x, -2.0, 2.0))
+    eye = torch.eye(nd, device=x.device)
+    return affine_warp(x, eye[None] / s[:, None, None])
+
+
+def flip_lr(x: Tensor, flip: float | Tensor) -> Tensor:
+    """Mirror the last spatial axis of the samples whose ``flip`` is 1 (0 keeps them)."""
+    f = batch_param(flip, "flip", x, 0.0, 1.0).round().clamp(0.0, 1.0).to(torch.bool)
+    mask = f.reshape(-1, *([1] * (x.ndim - 1)))
+    return finish(torch.where(mask, x.flip(-1), x).float(), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbations
+# ---------------------------------------------------------------------------------------------
+
+
+class Rotation(Perturbation):
+    r"""Small in-plane (2D) or 3D rotation, as from patient positioning.
+
+    .. math:: \theta = s\,m,\; s \sim \mathcal{U}\{-1, +1\},\; m \sim \mathcal{U}(m_{lo}, m_{hi})
+              \ \text{degrees}; \qquad \mathbf{k} = \mathbf{g}/\lVert\mathbf{g}\rVert,\;
+              \mathbf{g} \sim \mathcal{N}(0, I_3)\ \text{(3D axis, uniform on the sphere)}
+
+    about the image centre, linear interpolation, zero padding. ``angle_deg`` magnitude per
+    severity is the total rotation angle in both 2D and 3D. The 2D rotation turns content from
+    +H towards +W; ``torchio.Affine(scales=1, degrees=(0, 0, angle_deg), translation=0,
+    center='image', default_pad_value=0)`` on the same slice stored as ``[C, H, W, 1]`` gives the
+    same image up to interpolation rounding (tested); in 3D, TorchIO's per-axis Euler angles
+    about (D, H, W) = its (x, y, z) match ``axis`` = that unit vector.
+    """
+
+    name = "geometry.rotation"
+    suite = "geometry"
+    modalities = ("any",)
+    summary = "Small rotation about the image centre (patient positioning)."
+    citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
+    severities = {
+        1: {"angle_deg": (2.0, 4.0)},
+        2: {"angle_deg": (4.0, 7.0)},
+        3: {"angle_deg": (7.0, 10.0)},
+        4: {"angle_deg": (10.0, 14.0)},
+        5: {"angle_deg": (14.0, 20.0)},
+    }
+
+    def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
+        params = {"angle_deg": draw_signed(type(self), rng, severity, "angle_deg")}
+        if len(shape) == 5:
+            g = rng.normal(3)
+            params["axis"] = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return params
+
+    def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return rotate(x, params["angle_deg"], params.get("axis"))
+
+
+class Translation(Perturbation):
+    r"""Translation of the content within the field of view (positioning, cropping offset).
+
+    .. math:: \mathbf{t} = m\,\mathbf{d}\odot\mathbf{N}, \qquad m \sim \mathcal{U}(m_{lo}, m_{hi}),\;
+              \mathbf{d} = \mathbf{g}/\lVert\mathbf{g}\rVert,\; \mathbf{g} \sim \mathcal{N}(0, I_n)
+
+    a random direction and a length ``fraction`` :math:`m` (per severity) of the image size
+    :math:`\mathbf{N}` along each axis, in voxels; zero padding. Recorded as ``shift`` ``[B, n]``
+    voxels in tensor-axis order. Equals ``torchio.Affine(scales=1, degrees=0,
+    translation=shift)`` on 1 mm images with the tensor's spatial axes as TorchIO's (x, y, z)
+    (same order and sign; tested).
+    """
+
+    name = "geometry.translation"
+    suite = "geometry"
+    modalities = ("any",)
+    summary = "Content shifted within the field of view."
+    citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
+    severities = {
+        1: {"fraction": (0.01, 0.02)},
+        2: {"fraction": (0.02, 0.04)},
+        3: {"fraction": (0.04, 0.06)},
+        4: {"fraction": (0.06, 0.09)},
+        5: {"fraction": (0.09, 0.12)},
+    }
+
+    def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
+        nd = len(shape) - 2
+        m = self.draw(rng, severity, "fraction")
+        g = rng.normal(nd)
+        d = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        size = torch.tensor([float(s) for s in shape[2:]], device=rng.device)
+        return {"fraction": m, "shift": m[:, None] * d * size[None, :]}
+
+    def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return translate(x, params["shift"])
+
+
+class Scale(Perturbation):
+    r"""Isotropic zoom in or out about the image centre (magnification, field-of-view change).
+
+    .. math:: y(\mathbf{p}) = x(\mathbf{p}/z), \qquad \log z = s\,m,\; s \sim \mathcal{U}\{-1, +1\},\;
+              m \sim \mathcal{U}(m_{lo}, m_{hi})
+
+    with the ``log_scale`` magnitude :math:`m` per severity (0.1 is about 10 %); linear
+    interpolation, zero padding. ``torchio.Affine(scales=exp(log_scale), degrees=0,
+    translation=0)`` gives the same image (tested).
+    """
+
+    name = "geometry.scale"
+    suite = "geometry"
+    modalities = ("any",)
+    summary = "Content magnified or shrunk about the image centre."
+    citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
+    severities = {
+        1: {"log_scale": (0.02, 0.05)},
+        2: {"log_scale": (0.05, 0.09)},
+        3: {"log_scale": (0.09, 0.14)},
+        4: {"log_scale": (0.14, 0.20)},
+        5: {"log_scale": (0.20, 0.28)},
+    }
+
+    def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
+        return {"log_scale": draw_signed(type(self), rng, severity, "log_scale")}
+
+    def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return zoom(x, params["log_scale"])
+
+
+class FlipLR(Perturbation):
+    r"""Left-right flip: a laterality error (image mirrored by a wrong orientation flag or a
+    radiological/neurological convention mix-up).
+
+    .. math:: \text{flip} = \mathbb{1}[u < p], \qquad u \sim \mathcal{U}(0, 1),\;
+              p = 0.2, 0.4, 0.6, 0.8, 1.0
+
+    A flip has no magnitude, so severity is the ``probability`` :math:`p` that a sample is
+    flipped, i.e. the fraction of the test set with the laterality error; the expected change
+    (and the expected accuracy loss) grows linearly with severity, and level 5 flips every
+    sample. Flips the last spatial axis (image columns: the patient's left-right in a
+    conventionally displayed image); flipped samples equal ``torchio.Flip(axes=<that axis>)``.
+    """
+
+    name = "geometry.flip_lr"
+    suite = "geometry"
+    modalities = ("any",)
+    summary = "Left-right mirror (laterality error) of a fraction of the samples."
+    citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomFlip; DICOM PS3.3 C.7.6.1.1.1, Patient Orientation."
+    severities = {1: {"probability": 0.2}, 2: {"probability": 0.4}, 3: {"probability": 0.6},
+                  4: {"probability": 0.8}, 5: {"probability": 1.0}}
+
+    def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
+        p = self.draw(rng, severity, "probability")
+        return {"flip": (rng.uniform(1)[:, 0] < p).float()}
+
+    def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return flip_lr(x, params["flip"])
+
+
+PERTURBATIONS: list[type[Perturbation]] = [Rotation, Translation, Scale, FlipLR]
+
+
+@hookimpl
+def medaudit_perturbations() -> list[type[Perturbation]]:
+    return list(PERTURBATIONS)

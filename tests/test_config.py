@@ -1,0 +1,84 @@
+"""Config validation: errors name the field and the allowed values; files and overrides merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medaudit.config import STARTER_CONFIG, Config, load_config
+from medaudit.errors import ConfigError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = Config()
+    assert cfg.audit.severities == [1, 2, 3, 4, 5]
+    assert cfg.audit.bootstrap == 1000
+
+
+def test_starter_config_is_valid_yaml_and_config(tmp_path: Path) -> None:
+    path = tmp_path / "medaudit.yaml"
+    path.write_text(STARTER_CONFIG)
+    cfg = load_config(path)
+    assert cfg.input.modality == "mri"
+    assert yaml.safe_load(STARTER_CONFIG)["task"]["type"] == "multiclass"
+
+
+def test_unknown_field_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("audit:\n  sead: 3\n")
+    with pytest.raises(ConfigError, match=r"audit\.sead: unknown field"):
+        load_config(path)
+
+
+def test_bad_literal_lists_allowed_values(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  type: regression\n")
+    with pytest.raises(ConfigError, match=r"task\.type: .*'binary', 'multiclass' or 'multilabel'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("audit:\n  severities: [0, 6]\n", r"audit\.severities.*1\.\.5"),
+        ("audit:\n  device: gpu\n", r"audit\.device.*auto, cpu, cuda or cuda:N"),
+        ("input:\n  dims: 2\n  spatial_size: [8, 8, 8]\n", r"spatial_size has 3 values but input\.dims is 2"),
+        ("input:\n  channels: 3\n  mean: [0.1, 0.2]\n", r"input\.mean needs 1 or 3 values"),
+        ("task:\n  type: binary\n  classes: [a, b, c]\n", r"binary task has 2 classes"),
+        ("task:\n  classes: [a, a]\n", r"task\.classes must be unique"),
+        ("input:\n  intensity:\n    scaling: percentile\n    low: 90\n    high: 10\n", r"intensity\.low \(90\.0\) must be below"),
+    ],
+)
+def test_invalid_values(tmp_path: Path, text: str, pattern: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+
+
+def test_toml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[audit]\nseed = 3\nbatch_size = 8\n[task]\nclasses = ["x", "y"]\n')
+    cfg = load_config(path, {"audit.seed": 7, "audit.batch_size": None, "output.dir": "elsewhere"})
+    assert cfg.audit.seed == 7  # flag wins
+    assert cfg.audit.batch_size == 8  # None leaves the file's value
+    assert str(cfg.output.dir) == "elsewhere"
+    assert cfg.task.classes == ["x", "y"]
+
+
+def test_malformed_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("audit: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml is not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"nope\.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_schema_lists_sections() -> None:
+    schema = Config.model_json_schema()
+    assert set(schema["properties"]) >= {"model", "input", "task", "audit", "subgroups", "checks", "output"}
+    json.dumps(schema)

@@ -1,0 +1,159 @@
+"""The runner: per-sample seeding independent of batch and shard size, resume, clear model errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medaudit.config import Config
+from medaudit.data import AuditDataset
+from medaudit.errors import ConfigError, ModelError, ModelOutputError
+from medaudit.model import LoadedModel
+from medaudit.outputs import Scenario
+from medaudit.plugins.intensity import Gamma
+from medaudit.runner import ShardCache, plan_scenarios, run_forward
+
+
+class ArrayDataset(AuditDataset):
+    format = "memory"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, config: Config) -> None:
+        self.images = images
+        super().__init__(Path("memory"), [f"s{i}" for i in range(len(labels))], labels, {}, config.input, config.task)
+
+    def read(self, index: int) -> np.ndarray:
+        return self.images[index][None]
+
+    def content_hash(self) -> str:
+        return "0" * 64
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _setup(n: int = 23, batch_size: int = 8) -> tuple[Config, ArrayDataset, LoadedModel]:
+    cfg = Config.model_validate({
+        "task": {"classes": ["a", "b", "c"]},
+        "input": {"intensity": {"scaling": "fixed", "max_value": 1.0}},
+        "audit": {"batch_size": batch_size, "seed": 5, "device": "cpu"},
+    })
+    rng = np.random.default_rng(0)
+    images = rng.random((n, 16, 16)).astype(np.float32)
+    ds = ArrayDataset(images, rng.integers(0, 3, n), cfg)
+    net = TinyNet().eval()
+    model = LoadedModel(net, Path("tiny"), "eager", "x", 1, "float32", "TinyNet")
+    return cfg, ds, model
+
+
+def _run(cfg: Config, ds: ArrayDataset, model: LoadedModel, shard_size: int = 2048, cache: ShardCache | None = None):
+    scenarios = [Scenario.clean()] + [Scenario.perturbed("intensity.gamma", "intensity", s) for s in (1, 5)]
+    return run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, {"intensity.gamma": Gamma()},
+                       torch.device("cpu"), cache=cache, shard_size=shard_size)
+
+
+def test_outputs_do_not_depend_on_batch_or_shard_size() -> None:
+    cfg, ds, model = _setup()
+    ref = _run(cfg, ds, model)
+    assert ref.probs.shape == (3, 23, 3)
+    assert torch.allclose(ref.probs.sum(-1), torch.ones(3, 23))
+    for bs, shard in ((1, 2048), (5, 7), (23, 10)):
+        cfg.audit.batch_size = bs
+        other = _run(cfg, ds, model, shard_size=shard)
+        torch.testing.assert_close(other.probs, ref.probs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(other.params["intensity.gamma@5"]["log_gamma"],
+                                   ref.params["intensity.gamma@5"]["log_gamma"], rtol=0, atol=0)
+
+
+def test_severity_changes_outputs_and_params_are_recorded() -> None:
+    cfg, ds, model = _setup()
+    res = _run(cfg, ds, model)
+    assert not torch.allclose(res.probs[0], res.probs[2])
+    lg = res.params["intensity.gamma@5"]["log_gamma"].abs()
+    assert lg.shape == (23,)
+    assert bool(((lg >= 0.6) & (lg <= 0.8)).all())
+    assert res.params["clean"] == {}
+
+
+def test_seed_changes_the_perturbation() -> None:
+    cfg, ds, model = _setup()
+    a = _run(cfg, ds, model)
+    cfg.audit.seed = 6
+    b = _run(cfg, ds, model)
+    torch.testing.assert_close(a.probs[0], b.probs[0])  # clean is unaffected
+    assert not torch.equal(a.params["intensity.gamma@5"]["log_gamma"], b.params["intensity.gamma@5"]["log_gamma"])
+
+
+def test_resume_reuses_completed_shards(tmp_path: Path) -> None:
+    cfg, ds, model = _setup()
+    cache = ShardCache(tmp_path, "fp")
+    first = _run(cfg, ds, model, shard_size=10, cache=cache)
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["shard-000000000.npz", "shard-000000010.npz", "shard-000000020.npz"]
+    (cache.dir / "shard-000000010.npz").unlink()  # as if interrupted during the second shard
+    again = _run(cfg, ds, model, shard_size=10, cache=cache)
+    assert again.resumed_shards == 2
+    torch.testing.assert_close(again.probs, first.probs, rtol=0, atol=0)
+
+
+def test_channel_mismatch_is_explained() -> None:
+    cfg, ds, model = _setup()
+    model.module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ModelError, match=r"expects 3 channels, data has 1"):
+        _run(cfg, ds, model)
+
+
+def test_wrong_number_of_outputs_is_explained() -> None:
+    cfg, ds, model = _setup()
+    model.module = nn.Sequential(nn.Flatten(), nn.Linear(256, 5))
+    with pytest.raises(ModelError, match=r"outputs 5 values per sample but task.classes names 3"):
+        _run(cfg, ds, model)
+
+
+class NaNOnThirdCall(nn.Module):
+    """Calls: 1 dry run, 2 clean batch, 3 first perturbed batch -> NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = x.mean(dim=(1, 2, 3))[:, None].repeat(1, 3)
+        return out * float("nan") if self.calls == 3 else out
+
+
+def test_nan_output_names_the_scenario() -> None:
+    cfg, ds, model = _setup()
+    model.module = NaNOnThirdCall()
+    with pytest.raises(ModelOutputError, match=r"NaN or Inf outputs in scenario intensity\.gamma@1"):
+        _run(cfg, ds, model)
+
+
+def test_plan_scenarios_by_modality_suite_and_name() -> None:
+    catalogue = {"intensity.gamma": ("intensity", Gamma)}
+    cfg = Config()
+    scenarios, perts = plan_scenarios(cfg, catalogue)
+    assert [s.id for s in scenarios] == ["clean"] + [f"intensity.gamma@{s}" for s in range(1, 6)]
+    cfg.audit.suites = []
+    cfg.audit.perturbations = ["intensity.gamma"]
+    cfg.audit.severities = [2, 4]
+    scenarios, _ = plan_scenarios(cfg, catalogue)
+    assert [s.id for s in scenarios] == ["clean", "intensity.gamma@2", "intensity.gamma@4"]
+    cfg.audit.perturbations = ["mri.nonexistent"]
+    with pytest.raises(ConfigError, match=r"unknown perturbation 'mri.nonexistent'"):
+        plan_scenarios(cfg, catalogue)
+    cfg.audit.perturbations = []
+    cfg.audit.suites = ["nosuch"]
+    with pytest.raises(ConfigError, match=r"unknown suite\(s\) \['nosuch'\]"):
+        plan_scenarios(cfg, catalogue)
