@@ -124,7 +124,7 @@ def evaluate(prep: Prepared, fwd: ForwardResult, command: str, started: float,
     raw: dict[str, dict[str, torch.Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
     warnings = list(prep.warnings)
-    warnings += small_n_warnings(ds.labels, list(cfg.task.classes), "clean")
+    warnings += small_n_warnings(labels, list(cfg.task.classes), "clean")
     for i, sc in enumerate(fwd.scenarios):
         metrics: dict[str, Any] = {}
         raw[sc.id] = {}

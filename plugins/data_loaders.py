@@ -59,8 +59,8 @@ def _one_line(text: object, limit: int = 240) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-class _ShapeError(ValueError):
-    """An array whose layout cannot fit the input spec (reported as-is, not as a decoding error)."""
+class _BadInput(ValueError):
+    """A readable file whose content cannot be used (wrong layout, objects): reported as-is, not as a decoding error."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def _channel_first_guess(arr: np.ndarray, dims: int) -> np.ndarray:
     try:
         return to_channel_first(arr, dims, channels_last=False)
     except ValueError as exc:
-        raise _ShapeError(f"array of shape {arr.shape} {exc}; set input.dims to match the data") from None
+        raise _BadInput(f"array of shape {arr.shape} {exc}; set input.dims to match the data") from None
 
 
 def _looks_channels_last(sample_shape: Sequence[int]) -> bool:
@@ -344,14 +344,20 @@ def read_pil(path: Path, dims: int) -> np.ndarray:
             im.seek(k)
             frames.append(_pil_frame(im))
     if any(f.shape != frames[0].shape for f in frames):
-        raise _ShapeError(f"pages have different sizes {sorted({f.shape for f in frames})}")
+        raise _BadInput(f"pages have different sizes {sorted({f.shape for f in frames})}")
     arr = frames[0] if n_frames == 1 else np.stack(frames)
     return np.moveaxis(arr, -1, 0) if frames[0].ndim == 3 else arr[None]
 
 
 def read_npy(path: Path, dims: int) -> np.ndarray:
     """A ``.npy`` array, never unpickled; channels located as for npz images."""
-    arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        if "Python objects" in str(exc) or "allow_pickle" in str(exc):
+            raise _BadInput("array holds Python objects, which medaudit never unpickles (it could run arbitrary "
+                            "code); save a numeric array") from None
+        raise
     return _channel_first_guess(np.array(arr), dims)
 
 
@@ -370,15 +376,15 @@ def read_nifti(path: Path, dims: int) -> np.ndarray:
         arr = arr.astype(np.float32)  # scaled data comes back as float64; halve the memory
     shape = arr.shape
     if arr.ndim < 2:
-        raise _ShapeError(f"NIfTI image has shape {shape}; expected at least 2 spatial dimensions")
+        raise _BadInput(f"NIfTI image has shape {shape}; expected at least 2 spatial dimensions")
     if dims == 2:
         if arr.ndim >= 3 and shape[2] != 1:
-            raise _ShapeError(f"is a 3-D volume of shape {shape} but input.dims is 2; set input.dims: 3 or give 2-D slices")
+            raise _BadInput(f"is a 3-D volume of shape {shape} but input.dims is 2; set input.dims: 3 or give 2-D slices")
         spatial = shape[:2]
         rest = shape[3:] if arr.ndim >= 3 else ()
     else:
         if arr.ndim < 3 or shape[2] == 1:
-            raise _ShapeError(f"is a 2-D image of shape {shape} but input.dims is 3; set input.dims: 2")
+            raise _BadInput(f"is a 2-D image of shape {shape} but input.dims is 3; set input.dims: 2")
         spatial = shape[:3]
         rest = shape[3:]
     channels = int(np.prod(rest)) if rest else 1
@@ -474,7 +480,7 @@ def read_dicom(path: Path, dims: int) -> np.ndarray:
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise _ShapeError("DICOM file holds no pixel data (is it a DICOMDIR, report or segmentation?)")
+        raise _BadInput("DICOM file holds no pixel data (is it a DICOMDIR, report or segmentation?)")
     return _dicom_to_array(ds)
 
 
@@ -516,16 +522,16 @@ def read_dicom_series(folder: Path, dims: int) -> np.ndarray:
         if "PixelData" in ds:  # DICOMDIRs, structured reports etc. share folders with images
             datasets.append((f, ds))
     if not datasets:
-        raise _ShapeError("series folder holds no DICOM images")
+        raise _BadInput("series folder holds no DICOM images")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(series) > 1:
-        raise _ShapeError(f"folder mixes {len(series)} series (SeriesInstanceUID); put one series per folder")
+        raise _BadInput(f"folder mixes {len(series)} series (SeriesInstanceUID); put one series per folder")
     multi = [f.name for f, ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
-        raise _ShapeError(f"series folder holds multi-frame file(s) {multi[:3]}; list a multi-frame file directly instead")
+        raise _BadInput(f"series folder holds multi-frame file(s) {multi[:3]}; list a multi-frame file directly instead")
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in datasets}
     if len(sizes) > 1:
-        raise _ShapeError(f"slices have different sizes {sorted(sizes)}")
+        raise _BadInput(f"slices have different sizes {sorted(sizes)}")
     keys = [_slice_key(ds) for _, ds in datasets]
     instance = [ds.get("InstanceNumber") for _, ds in datasets]
     if all(k is not None for k in keys):
@@ -533,7 +539,7 @@ def read_dicom_series(folder: Path, dims: int) -> np.ndarray:
         ks = [keys[i] for i in order]
         dupes = [datasets[order[j]][0].name for j in range(1, len(ks)) if abs(ks[j] - ks[j - 1]) < 1e-4]
         if dupes:
-            raise _ShapeError(
+            raise _BadInput(
                 f"several slices share a position (e.g. {dupes[0]}); the folder holds more than one volume "
                 "(echoes, time points or series); put one volume per folder"
             )
@@ -719,7 +725,7 @@ class ManifestDataset(AuditDataset):
         kind, path = self.kinds[index], self.files[index]
         try:
             arr = READERS[kind](path, self.input_cfg.dims)
-        except _ShapeError as exc:
+        except _BadInput as exc:
             raise DataError(f"{self.describe_sample(index)}: {exc}") from None
         except DataError:
             raise

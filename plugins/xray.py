@@ -238,6 +238,8 @@ def degrade_resolution(x: Tensor, factor: float | Tensor, max_factor: float | No
         coarse = (idx + 0.5) * f[:, None] - 0.5  # coarse sample k sits here on the fine grid
         low = _interp_along(y, axis, coarse)
         back = (idx + 0.5) / f[:, None] - 0.5  # fine pixel i sits here on the coarse grid
+        # only floor(n / f) coarse samples exist (as F.interpolate): clamp to the last of them
+        back = torch.minimum(back, torch.floor(n / f)[:, None] - 1.0)
         y = _interp_along(low, axis, back)
     return finish(y, x)
 

@@ -1,0 +1,164 @@
+"""Single-image I/O for ``medaudit perturb``: read, perturb and write one ``.npy``, ``.png`` or NIfTI file.
+
+Arrays are channel-first float32 in the file's own intensity units:
+
+* ``.npy``: stored channel-first; a 2-D array ``(H, W)`` gets a channel axis (and loses it again
+  when written back). ``(C, H, W)`` and ``(C, D, H, W)`` are taken as they are.
+* ``.png``: 8- or 16-bit greyscale -> ``[1, H, W]``; RGB (palette and RGBA converted, alpha dropped)
+  -> ``[3, H, W]``. Written back at the bit depth read (8-bit when the source was not a PNG).
+* ``.nii`` / ``.nii.gz``: ``(X, Y, Z)`` -> ``[1, X, Y, Z]``, ``(X, Y, Z, T)`` -> ``[T, X, Y, Z]``,
+  ``(X, Y)`` -> ``[1, X, Y]``; written back with the source's affine (identity if none).
+
+Every failure is a :class:`~medaudit.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .perturbation import Perturbation, check_severity
+from .rng import SampleRNG, sample_keys, stream_key
+
+SUFFIXES = (".npy", ".png", ".nii", ".nii.gz")
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".nii.gz", ".nii", ".npy", ".png"):
+        if name.endswith(suffix):
+            return suffix
+    raise DataError(f"{path}: unsupported image file type; use one of {', '.join(SUFFIXES)}")
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one image as a channel-first float32 array plus the metadata needed to write it back."""
+    path = Path(path)
+    kind = _kind(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    meta: dict[str, Any] = {"format": kind, "source": str(path)}
+    try:
+        if kind == ".npy":
+            raw = np.load(path, allow_pickle=False)
+            if raw.ndim not in (2, 3, 4):
+                raise DataError(f"{path}: expected a (H, W), (C, H, W) or (C, D, H, W) array, got shape {raw.shape}")
+            meta["squeezed"] = raw.ndim == 2
+            arr = raw[None] if raw.ndim == 2 else raw
+        elif kind == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                mode = im.mode
+                if mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float32)[None]
+                    meta["bit_depth"] = 16
+                elif mode in ("L", "LA", "1"):
+                    arr = np.asarray(im.convert("L"), dtype=np.float32)[None]
+                    meta["bit_depth"] = 8
+                else:  # RGB, RGBA, P, CMYK, ...
+                    arr = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+                    meta["bit_depth"] = 8
+            meta["mode"] = mode
+        else:
+            import nibabel as nib
+
+            img = nib.load(path)
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            if data.ndim not in (2, 3, 4):
+                raise DataError(f"{path}: expected a 2-D, 3-D or 4-D NIfTI image, got shape {data.shape}")
+            meta["affine"] = np.asarray(img.affine, dtype=np.float64)
+            meta["zooms"] = tuple(float(z) for z in img.header.get_zooms())
+            meta["channels_last"] = data.ndim == 4
+            arr = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[None]
+    except DataError:
+        raise
+    except Exception as exc:  # corrupt or truncated file: name it instead of a bare traceback
+        raise DataError(f"{path}: cannot read {kind} image: {type(exc).__name__}: {exc}") from exc
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: image contains NaN or Inf values")
+    return arr, meta
+
+
+def write_image(path: str | Path, array: np.ndarray, like_meta: dict[str, Any] | None = None) -> None:
+    """Write a channel-first array in the format of ``path``'s extension, reusing ``like_meta``
+    (from :func:`read_image`) for what the format keeps: PNG bit depth, NIfTI affine, .npy shape."""
+    path = Path(path)
+    kind = _kind(path)
+    meta = like_meta or {}
+    arr = np.asarray(array, dtype=np.float32)
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{path}: expected a channel-first (C, H, W) or (C, D, H, W) array to write, got shape {arr.shape}")
+    try:
+        if kind == ".npy":
+            np.save(path, arr[0] if meta.get("squeezed") and arr.shape[0] == 1 and arr.ndim == 3 else arr)
+        elif kind == ".png":
+            from PIL import Image
+
+            if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+                raise DataError(f"{path}: PNG holds a 2-D grey or RGB image, got channel-first shape {arr.shape}")
+            bits = meta.get("bit_depth")
+            if meta.get("format") != ".png" or bits not in (8, 16):
+                # values are not in PNG units: spread the image's own range over 8 bits
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+                bits = 8
+            top = 255 if bits == 8 else 65535
+            ints = np.clip(np.rint(arr), 0, top)
+            if arr.shape[0] == 3:
+                if bits != 8:
+                    raise DataError(f"{path}: 16-bit RGB PNG is not supported")
+                Image.fromarray(ints.transpose(1, 2, 0).astype(np.uint8), mode="RGB").save(path)
+            elif bits == 8:
+                Image.fromarray(ints[0].astype(np.uint8), mode="L").save(path)
+            else:
+                Image.fromarray(ints[0].astype(np.uint16)).save(path)
+        else:
+            import nibabel as nib
+
+            data = np.moveaxis(arr, 0, -1) if meta.get("channels_last") else (arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1))
+            affine = meta.get("affine")
+            nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: cannot write {kind} image: {type(exc).__name__}: {exc}") from exc
+
+
+def perturb_array(array: np.ndarray, perturbation_cls: type[Perturbation], severity: int,
+                  seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Perturb one channel-first image in its own units: min-max scale to [0, 1], perturb as
+    sample 0 of stream ``stream_key(seed, name, severity)``, map back to the original range.
+
+    Returns the perturbed array and a record (name, severity, seed, range, sampled parameters).
+    """
+    check_severity(perturbation_cls.name, severity)
+    nd = array.ndim - 1
+    if nd not in perturbation_cls.dims:
+        raise DataError(f"'{perturbation_cls.name}' supports {perturbation_cls.dims}-D images, this one is {nd}-D (shape {array.shape})")
+    lo, hi = float(array.min()), float(array.max())
+    scale = hi - lo if hi > lo else 1.0  # a constant image stays constant
+    x = torch.from_numpy((array - lo) / scale).float()[None]
+    rng = SampleRNG(sample_keys(stream_key(seed, perturbation_cls.name, severity), torch.tensor([0])))
+    y, params = perturbation_cls()(x, severity, rng)
+    out = y[0].numpy().astype(np.float32) * scale + lo
+    record = {"perturbation": perturbation_cls.name, "severity": severity, "seed": seed, "range": [lo, hi],
+              "params": {k: v[0].tolist() for k, v in params.items()}}
+    return out, record
+
+
+def perturb_file(input: str | Path, output: str | Path, perturbation_cls: type[Perturbation], severity: int,
+                 seed: int) -> dict[str, Any]:
+    """Read ``input``, perturb it (see :func:`perturb_array`) and write ``output``; returns the record."""
+    array, meta = read_image(input)
+    out, record = perturb_array(array, perturbation_cls, severity, seed)
+    if meta.get("bit_depth") and Path(output).name.lower().endswith(".png"):
+        out = np.rint(out)  # back to the integer grid of the source PNG
+    write_image(output, out, meta)
+    record.update(input=str(input), output=str(output))
+    return record
