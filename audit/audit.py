@@ -160,10 +160,8 @@ def evaluate(prep: Prepared, fwd: ForwardResult, command: str, started: float,
                 subgroups.extend(value)
             else:
                 analyses[key] = value
-    calibration = {}
-    if cfg.task.type != "multilabel":
-        calibration["temperature_scaling"] = temperature_report(
-            fwd.probs, labels, [s.id for s in fwd.scenarios], cfg.task.type, cfg.audit.n_bins, cfg.audit.seed)
+    calibration = {"temperature_scaling": temperature_report(
+        fwd.probs, labels, [s.id for s in fwd.scenarios], cfg.task.type, cfg.audit.n_bins, cfg.audit.seed)}
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results}, fwd.scenarios, directions)
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(prep.device),

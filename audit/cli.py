@@ -1,7 +1,8 @@
 """The ``medaudit`` command line: a thin click layer over :mod:`medaudit.audit`.
 
-Exit codes: 0 success; 1 a ``--fail-on`` check failed; 2 usage, config or input error. Errors
-are one line naming the file, field or plugin; ``--debug`` adds the traceback.
+Exit codes: 0 success; 1 a ``--fail-on`` check failed; 2 usage, config or input error; 3 an
+internal error (a bug: please report it with ``--debug`` output). Errors are one line naming the
+file, field or plugin; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("medaudit: interrupted; run again with --resume to continue from completed shards", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug in medaudit or a plugin: still one line unless --debug
+            if ctx.find_root().params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"medaudit: internal error: {type(exc).__name__}: {exc} "
+                       "(run with --debug for the traceback and report it)", err=True)
+            ctx.exit(3)
 
     return wrapper  # type: ignore[return-value]
 

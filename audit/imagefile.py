@@ -130,6 +130,11 @@ def write_image(path: str | Path, array: np.ndarray, like_meta: dict[str, Any] |
         raise DataError(f"{path}: cannot write {kind} image: {type(exc).__name__}: {exc}") from exc
 
 
+def single_sample_rng(seed: int, name: str, severity: int, device: torch.device | str = "cpu") -> SampleRNG:
+    """The stream of one stand-alone image: sample 0 of ``stream_key(seed, name, severity)``."""
+    return SampleRNG(sample_keys(stream_key(seed, name, severity), torch.tensor([0], device=device)))
+
+
 def perturb_array(array: np.ndarray, perturbation_cls: type[Perturbation], severity: int,
                   seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Perturb one channel-first image in its own units: min-max scale to [0, 1], perturb as
@@ -144,8 +149,7 @@ def perturb_array(array: np.ndarray, perturbation_cls: type[Perturbation], sever
     lo, hi = float(array.min()), float(array.max())
     scale = hi - lo if hi > lo else 1.0  # a constant image stays constant
     x = torch.from_numpy((array - lo) / scale).float()[None]
-    rng = SampleRNG(sample_keys(stream_key(seed, perturbation_cls.name, severity), torch.tensor([0])))
-    y, params = perturbation_cls()(x, severity, rng)
+    y, params = perturbation_cls()(x, severity, single_sample_rng(seed, perturbation_cls.name, severity))
     out = y[0].numpy().astype(np.float32) * scale + lo
     record = {"perturbation": perturbation_cls.name, "severity": severity, "seed": seed, "range": [lo, hi],
               "params": {k: v[0].tolist() for k, v in params.items()}}

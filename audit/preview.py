@@ -1,8 +1,8 @@
 """Preview grid: one image under each perturbation at severities 0..5, for eyes and the report.
 
 Rows are perturbations, columns severities 0 (clean) to 5; 3D images show their middle slice
-along the first spatial axis. The seeding is :func:`medaudit.imagefile.perturb_array`'s
-(``stream_key(seed, name, severity)``, sample index 0), so a cell is exactly what
+along the first spatial axis. The seeding is :func:`medaudit.imagefile.single_sample_rng`
+(``stream_key(seed, name, severity)``, sample index 0), as in ``perturb_file``, so a cell is what
 ``medaudit perturb IMAGE -p NAME -s SEVERITY --seed SEED`` writes.
 """
 
@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from .imagefile import single_sample_rng
 from .perturbation import SEVERITY_LEVELS, Perturbation
-from .rng import SampleRNG, sample_keys, stream_key
 
 CELL_INCHES = 1.6
 DPI = 100
@@ -38,8 +37,7 @@ def _cells(image: Tensor, cls: type[Perturbation], seed: int) -> list[np.ndarray
     out: list[np.ndarray | None] = [_panel(image)]
     perturbation = cls()
     for severity in SEVERITY_LEVELS:
-        rng = SampleRNG(sample_keys(stream_key(seed, cls.name, severity), torch.tensor([0], device=image.device)))
-        y, _ = perturbation(image[None], severity, rng)
+        y, _ = perturbation(image[None], severity, single_sample_rng(seed, cls.name, severity, image.device))
         out.append(_panel(y[0]))
     return out
 

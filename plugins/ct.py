@@ -113,7 +113,7 @@ class Streak(Perturbation):
     A highly attenuating object (metal implant, dense bone) starves some projections of
     photons; filtered back-projection spreads the resulting errors along those rays, giving
     straight streaks that radiate from the object and cross the whole field of view. Model:
-    :math:`K` lines through a common point :math:`\mathbf{c}`, each a Gaussian ridge across its
+    :math:`K` (``num_streaks``) lines through a common point :math:`\mathbf{c}`, each a Gaussian ridge across its
     direction:
 
     .. math::
@@ -170,7 +170,7 @@ class Ring(Perturbation):
 
     A detector element with a gain error gives a consistent error at a fixed distance from the
     rotation axis in every projection; back-projection turns it into a circle about the
-    isocentre. :math:`K` thin rings (Gaussian profile of width :math:`w = 0.75` pixel,
+    isocentre. :math:`K` (``num_rings``) thin rings (Gaussian profile of width :math:`w = 0.75` pixel,
     :attr:`width`) centred on the slice centre:
 
     .. math::
@@ -228,7 +228,7 @@ class Cupping(Perturbation):
         c\sim\mathcal{U}(\text{depth}),
 
     :math:`R` half the smaller in-plane size. The parabola stands in for the path-length
-    dependence of a centred round object; dropped: the true object shape and streaks between
+    dependence of a centred round object. Dropped: the true object shape and streaks between
     dense structures. ``c = 0`` is the identity.
     """
 

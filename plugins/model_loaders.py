@@ -17,6 +17,7 @@ import importlib.util
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,9 +34,9 @@ from medaudit.model import LoadedModel, describe_module, fail_to_load, sha256_fi
 MEDAUDIT_API_VERSION = 1
 
 CONVERT_HINT = (
-    "convert it once in a trusted environment: m = torch.load(path, weights_only=False); "
-    "torch.jit.save(torch.jit.script(m) or torch.jit.trace(m, example), 'model.ts.pt'), "
-    "or save m.state_dict() and set model.arch"
+    "convert it once in a trusted environment: m = torch.load(path, weights_only=False).eval(), then "
+    "torch.jit.save(torch.jit.script(m) (or torch.jit.trace(m, example)), 'model.ts.pt'), or "
+    "torch.export.save(torch.export.export(m, (example,)), 'model.pt2'), or save m.state_dict() and set model.arch"
 )
 
 
@@ -132,7 +133,10 @@ def _named_submodules(module: nn.Module) -> dict[str, nn.Module]:
 
 def load_torchscript(path: Path) -> LoadedModel:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch >= 2.9 deprecates TorchScript; the user chose the format, so the warning is noise here.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, OSError, ValueError for damaged archives
         raise fail_to_load(path, f"not a readable TorchScript archive ({_one_line(exc)}); the file may be truncated, "
                                  "re-save it with torch.jit.save") from None

@@ -1,0 +1,108 @@
+"""AUROC / AUPR / FPR95 against scikit-learn, including ties and bootstrap-count weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from medaudit.bootstrap import bootstrap_weights
+from medaudit.ood_metrics import aupr, auroc, fpr95, fpr_at_tpr
+
+
+def _sk_fpr95(pos: np.ndarray, neg: np.ndarray, tpr: float = 0.95) -> float:
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    fpr, tprs, _ = roc_curve(y, np.r_[pos, neg], drop_intermediate=False)
+    return float(fpr[np.argmax(tprs >= tpr)])
+
+
+def _sk(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float, float]:
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    s = np.r_[pos, neg]
+    return roc_auc_score(y, s), average_precision_score(y, s), _sk_fpr95(pos, neg)
+
+
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(1, n)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_point_estimates_match_sklearn(tied: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(150, generator=g) + 0.8
+    neg = torch.randn(230, generator=g)
+    if tied:  # coarse scores: many ties within and across the two sides
+        pos, neg = torch.round(pos * 2) / 2, torch.round(neg * 2) / 2
+    a, p, f = _sk(pos.numpy(), neg.numpy())
+    assert float(auroc(pos, neg, _ones(150), _ones(230))[0]) == pytest.approx(a, abs=1e-12)
+    assert float(aupr(pos, neg, _ones(150), _ones(230))[0]) == pytest.approx(p, abs=1e-12)
+    assert float(fpr95(pos, neg, _ones(150), _ones(230))[0]) == pytest.approx(f, abs=1e-12)
+
+
+def test_all_tied_scores() -> None:
+    pos, neg = torch.zeros(10), torch.zeros(7)
+    assert float(auroc(pos, neg, _ones(10), _ones(7))[0]) == pytest.approx(0.5)
+    assert float(aupr(pos, neg, _ones(10), _ones(7))[0]) == pytest.approx(10 / 17)
+    assert float(fpr95(pos, neg, _ones(10), _ones(7))[0]) == pytest.approx(1.0)
+
+
+def test_hand_computed_example() -> None:
+    # pos {3, 1}, neg {2, 0}: pairs (3>2, 3>0, 1<2, 1>0) -> AUROC 3/4.
+    pos, neg = torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.0])
+    assert float(auroc(pos, neg, _ones(2), _ones(2))[0]) == pytest.approx(0.75)
+    # thresholds 3: P=1 R=.5; 2: P=.5; 1: P=2/3 R=1 -> AP = .5*1 + .5*2/3
+    assert float(aupr(pos, neg, _ones(2), _ones(2))[0]) == pytest.approx(0.5 + 1 / 3)
+    # TPR >= .95 needs threshold 1, where one of two negatives (2.0) is flagged.
+    assert float(fpr95(pos, neg, _ones(2), _ones(2))[0]) == pytest.approx(0.5)
+
+
+def test_bootstrap_counts_equal_explicit_resampling() -> None:
+    """Paired rows: pos i and neg i are the same sample, so the same count row weights both."""
+    g = torch.Generator().manual_seed(1)
+    n = 60
+    neg = torch.round(torch.randn(n, generator=g) * 3) / 3
+    pos = torch.round((neg + torch.randn(n, generator=g) * 0.7 + 0.5) * 3) / 3
+    w = bootstrap_weights(n, 25, seed=3)
+    got = {f.__name__: f(pos, neg, w, w) for f in (auroc, aupr, fpr95)}
+    for r in range(1, w.shape[0]):
+        idx = np.repeat(np.arange(n), w[r].numpy().astype(int))
+        a, p, f = _sk(pos.numpy()[idx], neg.numpy()[idx])
+        assert float(got["auroc"][r]) == pytest.approx(a, abs=1e-12)
+        assert float(got["aupr"][r]) == pytest.approx(p, abs=1e-12)
+        assert float(got["fpr95"][r]) == pytest.approx(f, abs=1e-12)
+
+
+def test_fractional_weights_match_sklearn_sample_weight() -> None:
+    g = torch.Generator().manual_seed(2)
+    pos, neg = torch.randn(40, generator=g) + 1, torch.randn(50, generator=g)
+    wp, wn = torch.rand(1, 40, generator=g), torch.rand(1, 50, generator=g)
+    y = np.r_[np.ones(40), np.zeros(50)]
+    s = np.r_[pos.numpy(), neg.numpy()]
+    sw = np.r_[wp[0].numpy(), wn[0].numpy()].astype(np.float64)
+    assert float(auroc(pos, neg, wp, wn)[0]) == pytest.approx(roc_auc_score(y, s, sample_weight=sw), abs=1e-9)
+    assert float(aupr(pos, neg, wp, wn)[0]) == pytest.approx(average_precision_score(y, s, sample_weight=sw), abs=1e-9)
+
+
+def test_other_tpr_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medaudit.ood_metrics as om
+
+    monkeypatch.setattr(om, "_CHUNK_ELEMENTS", 50)  # force several row chunks
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(30, generator=g) + 0.5, torch.randn(30, generator=g)
+    w = bootstrap_weights(30, 9, seed=0)
+    values = fpr_at_tpr(pos, neg, w, w, tpr=0.8)
+    assert values.shape == (10,)
+    assert float(values[0]) == pytest.approx(_sk_fpr95(pos.numpy(), neg.numpy(), 0.8))
+
+
+def test_zero_weight_side_is_nan_and_bad_input_raises() -> None:
+    pos, neg = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.5])
+    w = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert torch.isnan(auroc(pos, neg, w, torch.ones(2, 2))[1])
+    assert torch.isnan(aupr(pos, neg, w, torch.ones(2, 2))[1])
+    assert torch.isnan(fpr95(pos, neg, w, torch.ones(2, 2))[1])
+    with pytest.raises(ValueError, match="w_pos must be"):
+        auroc(pos, neg, torch.ones(1, 3), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(torch.tensor([float("nan"), 1.0]), neg, torch.ones(1, 2), torch.ones(1, 2))
