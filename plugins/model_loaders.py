@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
+import json
 import math
 import pickle
 import re
@@ -140,13 +142,51 @@ def load_torchscript(path: Path) -> LoadedModel:
     except Exception as exc:  # torch raises RuntimeError, OSError, ValueError for damaged archives
         raise fail_to_load(path, f"not a readable TorchScript archive ({_one_line(exc)}); the file may be truncated, "
                                  "re-save it with torch.jit.save") from None
-    # ScriptModules reject register_forward_hook, so no layer can be offered for feature capture;
-    # save a torch.export program or a state dict + arch to use feature-based detectors.
-    return _loaded(module, path, "torchscript", {},
-                   "TorchScript: feature capture unavailable (ScriptModules do not support forward hooks)")
+    # Loaded ScriptModules reject register_forward_hook; the submodules are still listed so
+    # medaudit.features can locate the layer's call in the TorchScript graph instead.
+    return _loaded(module, path, "torchscript", _named_submodules(module))
 
 
-def load_exported(path: Path) -> LoadedModel:
+def _pt2_pickle_risk(path: Path) -> str | None:
+    """Why ``torch.export.load`` would run a full unpickler on this archive, or None when it would not.
+
+    ``torch.export.load`` falls back to ``torch.load(weights_only=False)`` for sample inputs and
+    legacy payloads whose weights-only load fails, and unpickles "use_pickle" weights, non-tensor
+    constants and opaque objects unconditionally, so a crafted ``.pt2`` can run code on load.
+    Every such payload must load under ``weights_only=True`` here first: the same bytes then
+    reference only allow-listed globals, so the full unpickler cannot do anything else with them.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            suspects: set[str] = {n for n in names if n.split("/", 1)[-1].startswith("data/") and n.endswith(".pt")}
+            for name in names:
+                tail = name.split("/", 1)[-1]
+                if not (tail.startswith(("data/weights/", "data/constants/")) and tail.endswith("_config.json")):
+                    continue
+                folder = name.rsplit("/", 1)[0]
+                entries = json.loads(zf.read(name)).get("config", {})
+                for fqn, meta in entries.items():
+                    if meta.get("use_pickle") or meta.get("tensor_meta") is None:
+                        suspects.add(f"{folder}/{meta.get('path_name', fqn)}")
+            for member in sorted(suspects):
+                try:
+                    torch.load(io.BytesIO(zf.read(member)), map_location="cpu", weights_only=True)
+                except KeyError:
+                    return f"{member} is referenced but missing"
+                except Exception as exc:
+                    return f"{member} is not weights-only ({_one_line(exc, 120)})"
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
+        raise fail_to_load(path, f"not a readable torch.export archive ({_one_line(exc)}); the file may be truncated, "
+                                 "re-save it with torch.export.save") from None
+    return None
+
+
+def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
+    risk = _pt2_pickle_risk(path)
+    if risk is not None and not trust_pickle:
+        raise _pickle_refusal(path, risk, what="the torch.export archive holds a pickled Python object "
+                                               f"({risk}), and torch.export.load would unpickle it")
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
@@ -245,14 +285,15 @@ def load_safetensors(path: Path, config: Config) -> LoadedModel:
     return _from_state_dict(state, path, config, "state_dict")
 
 
-def _pickle_refusal(path: Path, reason: str) -> ModelError:
-    culprit = re.search(r"GLOBAL ([\w.]+)", reason)
-    what = f" (it references {culprit.group(1)})" if culprit else ""
+def _pickle_refusal(path: Path, reason: str, what: str | None = None) -> ModelError:
+    if what is None:
+        culprit = re.search(r"GLOBAL ([\w.]+)", reason)
+        refs = f" (it references {culprit.group(1)})" if culprit else ""
+        what = f"the file is a pickled Python object{refs}, e.g. torch.save(model) of a full nn.Module"
     return fail_to_load(
         path,
-        f"the file is a pickled Python object{what}, e.g. torch.save(model) of a full nn.Module, and unpickling it "
-        "can execute arbitrary code, so medaudit refuses by default; if you trust its source, rerun with "
-        f"--trust-pickle, or {CONVERT_HINT}",
+        f"{what}, and unpickling it can execute arbitrary code, so medaudit refuses by default; if you trust "
+        f"its source, rerun with --trust-pickle, or {CONVERT_HINT}",
     )
 
 
@@ -367,7 +408,7 @@ def medaudit_load_model(path: Path, config: Config, trust_pickle: bool) -> Loade
     if fmt == "torchscript":
         return load_torchscript(path)
     if fmt == "export":
-        return load_exported(path)
+        return load_exported(path, trust_pickle)
     if fmt == "onnx":
         return load_onnx(path)
     if fmt == "pickle":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,9 @@ def test_torchscript_round_trip(tmp_path: Path, net: SmallNet, x: torch.Tensor) 
     _same_outputs(loaded, net, x)
     assert loaded.num_parameters == sum(q.numel() for q in net.parameters())
     assert loaded.dtype == "float32" and "SmallNet" in loaded.summary
-    assert loaded.feature_modules == {}  # ScriptModules refuse forward hooks
+    # Listed by name; they refuse forward hooks, so medaudit.features captures them by graph rewriting.
+    assert {"features", "features.1", "head"} <= set(loaded.feature_modules)
+    assert all(isinstance(m, torch.jit.ScriptModule) for m in loaded.feature_modules.values())
 
 
 def test_exported_program_with_dynamic_batch_and_hooks(tmp_path: Path, net: SmallNet, x: torch.Tensor) -> None:
@@ -211,6 +215,25 @@ def test_trusted_checkpoint_with_extras_uses_its_state_dict(tmp_path: Path) -> N
     loaded = load(p, config, trust_pickle=True)
     assert loaded is not None and loaded.format == "state_dict"
     _same_outputs(loaded, ref, torch.rand(2, 3))
+
+
+def test_export_archive_with_pickled_payload_is_refused(tmp_path: Path, net: SmallNet, x: torch.Tensor) -> None:
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(good))
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, payload.getvalue() if name.endswith("sample_inputs/model.pt") else zin.read(name))
+    with pytest.raises(ModelError, match=r"evil\.pt2: the torch\.export archive holds a pickled Python object.*--trust-pickle"):
+        load(evil, cfg())
+    assert not marker.exists()
+    # The check is needed: torch.export.load on its own falls back to a full unpickler and runs the payload.
+    with pytest.raises(Exception):
+        torch.export.load(str(evil))
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "export", "state_dict", "safetensors"])

@@ -1,0 +1,280 @@
+"""Capturing an intermediate layer's output in the same forward pass as the model's outputs.
+
+:func:`make_extractor` returns the runner's ``extract(x) -> (outputs, features | None)`` for a
+loaded model and ``model.feature_layer``. How the layer is reached depends on the format:
+
+* **eager modules** (state dict + arch, trusted pickles) and **unflattened torch.export
+  programs** (what the built-in loader returns: ``torch.export.unflatten`` rebuilds the module
+  hierarchy as modules that are really called): a forward hook on the named submodule.
+* **flat torch.export graphs** (``ExportedProgram.module()``): the submodules are listed by
+  ``named_modules()`` but never called (the graph is flat), so a hook would never fire. Every
+  graph node records the module stack it was traced in (``meta["nn_module_stack"]``); the layer's
+  output is the one node inside the layer whose value is used outside it. A copy of the graph gets
+  a call that records that value; the parameters are shared, the user's module is not modified.
+* **TorchScript**: loaded ``ScriptModule``s refuse ``register_forward_hook``. The ``forward``
+  graph is copied, the ``prim::CallMethod[name="forward"]`` of the layer is located (calls of the
+  enclosing submodules are inlined with ``Graph.insertGraph`` on the way down, e.g. for
+  ``features.3``), and the copy returns ``(outputs, layer output)``; it is compiled with
+  ``torch._C._create_function_from_graph`` and called with the module as ``self``. One forward
+  pass, same weights, same numerics. This fails, with a warning, when the layer is called inside
+  control flow (``if``/loop blocks), or more than once.
+* **ONNX** and plain callables: no layer can be reached; a warning says so.
+
+A layer name the model does not have is a :class:`~medaudit.errors.ConfigError` listing the
+available names. A layer that exists but cannot be captured gives a warning, and the returned
+extractor yields ``None`` features so feature-based detectors are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .model import LoadedModel
+
+__all__ = ["FeatureExtractor", "make_extractor", "available_layers"]
+
+Extractor = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    """The layer's output tensor; the first tensor of a tuple/list output (e.g. RNN-style returns)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, Tensor):
+                return v
+    return None
+
+
+class FeatureExtractor:
+    """``extract(x) -> (outputs, features | None)`` with a record of how features are reached.
+
+    Attributes
+    ----------
+    layer : str | None
+        The configured layer.
+    method : str
+        ``"none"``, ``"hook"``, ``"fx"`` or ``"torchscript-graph"``.
+    missed : int
+        Calls in which the layer was not reached (e.g. a hooked module skipped by the model's
+        control flow); the features of such a call are ``None``.
+    """
+
+    def __init__(self, call: Callable[[Tensor], tuple[Tensor, Tensor | None]], layer: str | None, method: str,
+                 handle: Any = None) -> None:
+        self._call = call
+        self.layer = layer
+        self.method = method
+        self.missed = 0
+        self._handle = handle
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out, feats = self._call(x)
+        if self.layer is not None and feats is None:
+            self.missed += 1
+        return out, feats
+
+    def close(self) -> None:
+        """Remove the forward hook, if one was registered."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _is_script(module: object) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def _fx_scopes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Layer path -> nodes traced inside it, from torch.export's ``nn_module_stack`` metadata."""
+    scopes: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        for path, _type in (node.meta.get("nn_module_stack") or {}).values():
+            path = str(path)
+            if path.startswith("L['self']."):  # older dynamo spelling of the same path
+                path = path[len("L['self']."):]
+            scopes.setdefault(path, []).append(node)
+    return scopes
+
+
+def _unwrap(module: Any) -> Any:
+    """An ``ExportedProgram`` is not callable; its ``.module()`` is the flat GraphModule."""
+    return module.module() if isinstance(module, torch.export.ExportedProgram) else module
+
+
+def available_layers(model: LoadedModel) -> list[str]:
+    """Layer names ``model.feature_layer`` may name for this model (empty when none can be)."""
+    module = _unwrap(model.module)
+    names: set[str] = set(model.feature_modules)
+    if isinstance(module, nn.Module) and not (type(module).__name__ == "OnnxModule"):
+        names |= {n for n, _ in module.named_modules() if n}
+        if isinstance(module, torch.fx.GraphModule):
+            names |= {p for p in _fx_scopes(module) if p}
+    return sorted(names)
+
+
+def _hook_extractor(module: Callable[[Tensor], Tensor], sub: nn.Module, layer: str) -> FeatureExtractor:
+    holder: list[Tensor | None] = [None]
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        # Last call wins when a module is reused; detach so nothing holds the graph.
+        t = _first_tensor(out)
+        holder[0] = t.detach() if t is not None else None
+
+    handle = sub.register_forward_hook(hook)
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
+        holder[0] = None
+        out = module(x)
+        feats, holder[0] = holder[0], None
+        return out, feats
+
+    return FeatureExtractor(call, layer, "hook", handle)
+
+
+def _fx_extractor(gm: torch.fx.GraphModule, layer: str) -> FeatureExtractor:
+    """Record the value leaving ``layer`` in a flat exported graph (see module docstring)."""
+    scope = _fx_scopes(gm).get(layer)
+    if not scope:
+        raise RuntimeError(f"no graph node was traced inside {layer!r}")
+    inside = set(scope)
+    leaving = [n for n in scope if n.op != "placeholder" and any(u not in inside for u in n.users)]
+    if len(leaving) != 1:
+        raise RuntimeError(f"{len(leaving)} values leave {layer!r} in the graph (need exactly one tensor output)")
+    graph = copy.deepcopy(gm.graph)
+    target = next(n for n in graph.nodes if n.name == leaving[0].name)
+    holder: list[Tensor | None] = [None]
+
+    def record(t: Any) -> None:
+        tt = _first_tensor(t)
+        holder[0] = tt.detach() if tt is not None else None
+
+    with graph.inserting_after(target):
+        graph.call_function(record, (target,))
+    # Shares parameters and buffers with gm (GraphModule copies references, not tensors).
+    new_gm = torch.fx.GraphModule(gm, graph)
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
+        holder[0] = None
+        out = new_gm(x)
+        feats, holder[0] = holder[0], None
+        return out, feats
+
+    return FeatureExtractor(call, layer, "fx")
+
+
+def _getattr_path(value: Any) -> list[str] | None:
+    """The attribute path from ``self`` of a TorchScript module value (``prim::GetAttr`` chain)."""
+    path: list[str] = []
+    node = value.node()
+    while node.kind() == "prim::GetAttr":
+        path.append(node.s("name"))
+        value = node.inputsAt(0)
+        node = value.node()
+    if node.kind() != "prim::Param":
+        return None
+    return path[::-1]
+
+
+def _script_extractor(module: torch.jit.ScriptModule, layer: str) -> FeatureExtractor:
+    """Graph surgery on a TorchScript ``forward`` so it also returns the layer's output."""
+    target = layer.split(".")
+    graph = module.forward.graph.copy()
+    for _ in range(len(target)):
+        calls = [n for n in graph.nodes()  # top-level block only: values inside if/loop blocks are not visible at return
+                 if n.kind() == "prim::CallMethod" and n.s("name") == "forward"]
+        paths = [(n, _getattr_path(n.inputsAt(0))) for n in calls]
+        hits = [n for n, p in paths if p == target]
+        if len(hits) > 1:
+            raise RuntimeError(f"forward calls {layer!r} {len(hits)} times")
+        if hits:
+            feat = hits[0].output()
+            ret = graph.return_node()
+            old = ret.inputsAt(0)
+            tup = graph.create("prim::TupleConstruct", [old, feat])
+            tup.output().setType(torch._C.TupleType([old.type(), feat.type()]))
+            tup.insertBefore(ret)
+            ret.replaceInput(0, tup.output())
+            fn = torch._C._create_function_from_graph("medaudit_forward_with_features", graph)
+
+            def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
+                out, feats = fn(module._c, x)
+                return out, feats
+
+            return FeatureExtractor(call, layer, "torchscript-graph")
+        # Inline the call of the enclosing submodule (a proper prefix of the target path) and look again.
+        parents = [(n, p) for n, p in paths if p is not None and len(p) < len(target) and p == target[: len(p)]]
+        if len(parents) != 1:
+            break
+        node, path = max(parents, key=lambda np_: len(np_[1]))
+        sub: Any = module
+        for part in path:
+            sub = getattr(sub, part)
+        callee = sub.forward.graph.copy()
+        with graph.insert_point_guard(node):
+            outs = graph.insertGraph(callee, list(node.inputs()))
+        node.output().replaceAllUsesWith(outs[0])
+        node.destroy()
+    raise RuntimeError(f"{layer!r} is not called directly by forward (it may be called inside an if/loop block "
+                       "or through another method)")
+
+
+def make_extractor(model: LoadedModel, layer: str | None) -> tuple[FeatureExtractor, str | None]:
+    """Build the runner's extractor for ``model`` and ``model.feature_layer``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        What the model-loader plugin returned.
+    layer : str or None
+        Dotted submodule name (``"features"``, ``"layer4.1"``); ``None`` captures nothing.
+
+    Returns
+    -------
+    extract, warning
+        ``extract(x) -> (outputs, features | None)``; ``warning`` is ``None`` when the layer is
+        captured, otherwise a message naming the layer, the format and what to do (features are
+        then ``None`` and feature-based detectors are skipped).
+
+    Raises
+    ------
+    ConfigError
+        When the model exposes named layers but not ``layer``; the message lists them.
+    """
+    module = _unwrap(model.module)
+    plain = FeatureExtractor(lambda x: (module(x), None), None, "none")
+    if layer is None:
+        return plain, None
+    names = available_layers(replace(model, module=module))
+    if not names:
+        return plain, (f"model.feature_layer {layer!r} cannot be reached in a {model.format} model (the format exposes "
+                       "no named layers); feature-based detectors are skipped. Save the model with torch.jit.save, "
+                       "torch.export.save or as a state dict with model.arch to use them")
+    if layer not in names:
+        shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
+        raise ConfigError(f"model.feature_layer {layer!r} is not a layer of {model.path}; available: {shown}")
+    try:
+        if _is_script(module):
+            return _script_extractor(module, layer), None  # type: ignore[arg-type]
+        if isinstance(module, torch.fx.GraphModule) and not any(
+                n.op == "call_module" and n.target == layer for n in module.graph.nodes):
+            return _fx_extractor(module, layer), None
+        sub = model.feature_modules.get(layer)
+        if sub is None and isinstance(module, nn.Module):
+            sub = module.get_submodule(layer)
+        if sub is None or _is_script(sub):
+            raise RuntimeError("the submodule does not accept forward hooks")
+        return _hook_extractor(module, sub, layer), None
+    except Exception as exc:  # every capture path is best effort: fall back to outputs only, say why
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return plain, (f"model.feature_layer {layer!r} exists in this {model.format} model but its output cannot be "
+                       f"captured ({reason}); feature-based detectors are skipped. Choose a layer that forward calls "
+                       "once, outside if/loop blocks, or save the model as a state dict with model.arch")

@@ -1,0 +1,185 @@
+"""Fitting detectors, scoring every scenario, and the OOD / failure-detection results.
+
+Default fitting is **cross-fitted** on the clean audit data: a permutation seeded by
+``audit.seed`` splits the clean samples into halves A and B; a detector fitted on A scores
+every scenario's samples of B and one fitted on B scores those of A. So no sample is ever
+scored by a detector that saw it (its clean version) during fitting, and sample ``i`` of every
+scenario is scored by the same detector, which keeps the clean-vs-shifted comparison paired.
+With an explicit in-distribution ``reference`` set, each detector is fitted once on it and
+scores everything.
+
+Results per detector (``value``, ``ci_low``, ``ci_high``: percentile bootstrap over the audit's
+weight rows, :func:`medaudit.bootstrap.interval`):
+
+* ``ood[scenario][detector]``: ``auroc``, ``aupr``, ``fpr95`` of separating the scenario's
+  samples (positives) from the clean samples (negatives); sample ``i`` clean and sample ``i``
+  shifted carry the same bootstrap count (paired).
+* ``failure_detection[scenario][detector]``: AUROC of the score at separating wrong predictions
+  (positives) from right ones, in every scenario including clean.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bootstrap import interval
+from .detector import Detector
+from .ood_metrics import aupr, auroc, fpr95
+
+__all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors"]
+
+Interval = dict[str, float | None]
+
+
+@dataclass
+class ShiftResult:
+    """What :func:`evaluate_detectors` returns (results.json ``ood`` / ``failure_detection``)."""
+
+    ood: dict[str, dict[str, dict[str, Interval]]] = field(default_factory=dict)
+    failure_detection: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    fitting: str = "cross-fitted"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready part (scores stay out: they go to predictions.npz)."""
+        return {"fitting": self.fitting, "ood": self.ood, "failure_detection": self.failure_detection}
+
+
+def cross_fit_halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices of halves A and B of ``n`` samples (a seeded permutation; A gets ``n // 2``)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)
+    return perm[: n // 2].sort().values, perm[n // 2 :].sort().values
+
+
+def _score_all(det: Detector, emb: Tensor) -> Tensor:
+    """Score ``[S, n, D]`` embeddings scenario-major, returning ``[S, n]``."""
+    s, n = emb.shape[:2]
+    return det.score(emb.reshape(s * n, -1)).reshape(s, n).double().cpu()
+
+
+def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed: int,
+                   reference: Tensor | None, reference_labels: Tensor | None) -> Tensor:
+    if reference is not None:
+        fitted = copy.deepcopy(det)
+        fitted.fit(reference, reference_labels if reference_labels is not None else torch.zeros(reference.shape[0], dtype=torch.long))
+        return _score_all(fitted, emb)
+    n = emb.shape[1]
+    a, b = cross_fit_halves(n, seed)
+    scores = torch.full((emb.shape[0], n), float("nan"), dtype=torch.float64)
+    for fit_idx, score_idx in ((a, b), (b, a)):
+        # A fresh copy per half: detectors keep fitted state on themselves.
+        fitted = copy.deepcopy(det)
+        fitted.fit(emb[clean, fit_idx], labels[fit_idx])
+        scores[:, score_idx] = _score_all(fitted, emb[:, score_idx])
+    return scores
+
+
+def _failure_auroc(score: Tensor, probs: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    wrong = probs.argmax(dim=1) != labels
+    return auroc(score[wrong], score[~wrong], weights[:, wrong], weights[:, ~wrong])
+
+
+def evaluate_detectors(
+    detectors: Sequence[Detector],
+    embeddings: dict[str, Tensor],
+    labels: Tensor,
+    probs: Tensor,
+    scenario_ids: list[str],
+    weights: Tensor,
+    confidence: float,
+    seed: int,
+    reference: dict[str, Tensor] | None = None,
+    reference_labels: Tensor | None = None,
+    output_kind: str = "logits",
+) -> ShiftResult:
+    """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
+
+    Parameters
+    ----------
+    detectors : sequence of Detector
+        Unfitted instances (they are copied before fitting, never modified).
+    embeddings : dict
+        Detector name -> ``[S, N, D]`` embeddings (``ForwardResult.embeddings``); detectors
+        without an entry (feature layer missing) are skipped with a warning.
+    labels : Tensor ``[N]`` (``[N, K]`` multilabel: failure detection is skipped)
+    probs : Tensor ``[S, N, K]``
+    scenario_ids : list of str
+        Must contain ``"clean"``.
+    weights : Tensor ``[1 + R, N]``
+        Row 0 ones, other rows bootstrap counts (:func:`medaudit.bootstrap.bootstrap_weights`).
+    confidence : float
+        Interval coverage.
+    seed : int
+        Seeds the cross-fitting split.
+    reference, reference_labels : optional
+        Detector name -> ``[M, D]`` in-distribution embeddings and their labels ``[M]``;
+        when given, detectors are fitted once on them instead of cross-fitted.
+    output_kind : "logits" | "probabilities"
+        What the model outputs; logit-only detectors are skipped for probabilities.
+
+    Returns
+    -------
+    ShiftResult
+    """
+    if "clean" not in scenario_ids:
+        raise ValueError(f"scenario_ids must include 'clean', got {scenario_ids[:5]}")
+    clean = scenario_ids.index("clean")
+    n = labels.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must be [1 + R, {n}], got {tuple(weights.shape)}")
+    weights = weights.double().cpu()
+    result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
+    multilabel = labels.ndim == 2
+    if multilabel:
+        result.warnings.append("ood: failure detection needs one true class per sample and is skipped for multilabel "
+                               "tasks; output-based detectors treat the outputs as one softmax over the labels")
+    for det in detectors:
+        name = det.name
+        if getattr(det, "logits_only", False) and output_kind == "probabilities":
+            result.warnings.append(f"ood: detector {name!r} needs logits but the model outputs probabilities; skipped")
+            continue
+        emb = embeddings.get(name)
+        if emb is None or emb.numel() == 0:
+            why = "model.feature_layer is not set or could not be captured" if det.needs == "features" else "no outputs were kept"
+            result.warnings.append(f"ood: detector {name!r} skipped ({why})")
+            continue
+        if emb.shape[:2] != (len(scenario_ids), n):
+            raise ValueError(f"embeddings[{name!r}] must be [S={len(scenario_ids)}, N={n}, D], got {tuple(emb.shape)}")
+        det = copy.deepcopy(det)
+        if hasattr(det, "output_kind"):
+            det.output_kind = output_kind  # type: ignore[attr-defined]
+        ref = reference.get(name) if reference is not None else None
+        if reference is not None and ref is None:
+            result.warnings.append(f"ood: no reference embeddings for {name!r}; it is cross-fitted on the clean data")
+        if ref is None and n < 4:
+            result.warnings.append(f"ood: detector {name!r} skipped: cross-fitting needs at least 4 samples, got {n}")
+            continue
+        try:
+            scores = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels)
+        except ValueError as exc:  # e.g. spectral on a layer without spatial extent
+            result.warnings.append(f"ood: detector {name!r} skipped: {exc}")
+            continue
+        if bool(torch.isnan(scores).any()) or bool(torch.isinf(scores).any()):
+            result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")
+            continue
+        result.scores[name] = scores.float()
+        for s, sid in enumerate(scenario_ids):
+            if s != clean:
+                pos, neg = scores[s], scores[clean]
+                result.ood.setdefault(sid, {})[name] = {
+                    "auroc": interval(auroc(pos, neg, weights, weights), confidence),
+                    "aupr": interval(aupr(pos, neg, weights, weights), confidence),
+                    "fpr95": interval(fpr95(pos, neg, weights, weights), confidence),
+                }
+            if not multilabel:
+                result.failure_detection.setdefault(sid, {})[name] = interval(
+                    _failure_auroc(scores[s], probs[s], labels, weights), confidence)
+    return result

@@ -1,0 +1,151 @@
+"""End-to-end overhead of ``medaudit run`` against a plain inference loop.
+
+Both sides run as fresh processes (imports included) on the same model, data, device and batch
+size, doing the same number of forward passes (clean + every perturbation × severity):
+
+* baseline: ``torch.jit.load`` + ``np.load`` + one ``torch.inference_mode()`` loop per scenario;
+* medaudit: ``medaudit run`` — loading, dry run, perturbing on the device, metrics with the
+  bootstrap, temperature scaling, OOD detectors, analyses, report and results.
+
+Prints wall times, the ratio medaudit ÷ baseline (target ≤ 1.25 on CPU, ≤ 1.15 on a GPU), the
+in-process split medaudit records in results.json, and the peak resident memory of each process.
+
+Usage::
+
+    python benchmarks/overhead.py --model example --n 600
+    python benchmarks/overhead.py --model densenet121 --n 256 --size 128 --perturbations 4
+    python benchmarks/overhead.py --model example --n 1000 --n 10000 --perturbations 2   # memory vs N
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASELINE = r"""
+import sys, time, numpy as np, torch
+model_path, data_path, scenarios, batch, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+t0 = time.perf_counter()
+model = torch.jit.load(model_path, map_location=device).eval()
+with np.load(data_path) as d:
+    x = torch.from_numpy(d["images"].astype(np.float32) / 255.0)[:, None]
+x = ((x - 0.5) / 0.25)
+with torch.inference_mode():
+    for _ in range(scenarios):
+        for i in range(0, len(x), batch):
+            out = model(x[i:i + batch].to(device, non_blocking=True))
+            p = torch.softmax(out.float(), 1).cpu()
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+print(time.perf_counter() - t0)
+"""
+
+
+def make_data(out: Path, n: int, size: int) -> Path:
+    """Tile the bundled example patches to ``n`` samples of ``size``² (real MRI content)."""
+    with np.load(ROOT / "examples" / "mni-patches" / "test.npz") as d:
+        images, labels = d["images"], d["labels"]
+    reps = -(-n // len(labels))
+    images, labels = np.tile(images, (reps, 1, 1))[:n], np.tile(labels, reps)[:n]
+    if size != images.shape[-1]:
+        t = torch.from_numpy(images.astype(np.float32))[:, None]
+        images = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].round().clamp(0, 255).numpy().astype(np.uint8)
+    path = out / f"data-{n}-{size}.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def make_model(out: Path, name: str) -> Path:
+    if name == "example":
+        return ROOT / "examples" / "model.pt"
+    from monai.networks.nets import DenseNet121, resnet18
+
+    torch.manual_seed(0)
+    net = (DenseNet121(spatial_dims=2, in_channels=1, out_channels=3) if name == "densenet121"
+           else resnet18(spatial_dims=2, n_input_channels=1, num_classes=3)).eval()
+    path = out / f"{name}.pt"
+    torch.jit.save(torch.jit.trace(net, torch.zeros(2, 1, 64, 64)), str(path))
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, str, float]:
+    """Wall seconds, stdout, and this child's peak RSS in MiB (fresh process per call)."""
+    wrapper = ("import resource, subprocess, sys, time; t=time.perf_counter(); "
+               "r=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(r.stderr); print(r.stdout, end=''); "
+               "print('__WALL__', time.perf_counter()-t); "
+               "print('__RSS__', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(r.returncode)")
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{res.stderr[-2000:]}")
+    lines = res.stdout.splitlines()
+    wall = float(next(line for line in lines if line.startswith("__WALL__")).split()[1])
+    rss = float(next(line for line in lines if line.startswith("__RSS__")).split()[1])
+    return wall, "\n".join(line for line in lines if not line.startswith("__")), rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["example", "densenet121", "resnet18"], default="example")
+    ap.add_argument("--n", type=int, action="append", help="samples (repeatable); default 600")
+    ap.add_argument("--size", type=int, default=48, help="image side (the example model needs 48)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--perturbations", type=int, default=0, help="use only the first K MRI-default perturbations (0: all)")
+    ap.add_argument("--severities", default="1,2,3,4,5")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+    sizes = args.n or [600]
+    env_note = f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}"
+    if args.device.startswith("cuda"):
+        env_note += f" ({torch.cuda.get_device_name(0)})"
+    print(f"# medaudit overhead benchmark — {env_note}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        model = make_model(tmpdir, args.model)
+        cfg = ROOT / "examples" / "mni-patches.yaml"
+        from medaudit.config import load_config
+        from medaudit.plugin_manager import get_plugin_manager
+        from medaudit.runner import plan_scenarios
+
+        config = load_config(cfg)
+        pm = get_plugin_manager(warn=lambda m: None)
+        _, chosen = plan_scenarios(config, pm.perturbations())
+        names = sorted(chosen)[: args.perturbations or None]
+        severities = [int(s) for s in args.severities.split(",")]
+        n_scenarios = 1 + len(names) * len(severities)
+        print(f"model {args.model}, {len(names)} perturbations × {len(severities)} severities + clean = {n_scenarios} scenarios")
+        print(f"{'N':>7} {'baseline s':>11} {'medaudit s':>11} {'ratio':>6} {'fwd+perturb s':>14} {'rest s':>7} "
+              f"{'base MiB':>9} {'audit MiB':>10}")
+        for n in sizes:
+            data = make_data(tmpdir, n, args.size)
+            base_wall, _, base_rss = timed([sys.executable, "-c", BASELINE, str(model), str(data), str(n_scenarios),
+                                            str(args.batch_size), args.device])
+            out = tmpdir / f"out-{n}"
+            cmd = [sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(data), "--config", str(cfg),
+                   "--out", str(out), "--device", args.device, "--batch-size", str(args.batch_size), "--quiet",
+                   "--bootstrap", str(args.bootstrap), "--severities", args.severities, "--precision", args.precision]
+            for name in names:
+                cmd += ["--perturbation", name]
+            audit_wall, _, audit_rss = timed(cmd)
+            t = json.loads((out / "results.json").read_text())["timing"]
+            print(f"{n:>7} {base_wall:>11.1f} {audit_wall:>11.1f} {audit_wall / base_wall:>6.2f} "
+                  f"{t['forward_seconds']:>14.1f} {audit_wall - t['forward_seconds']:>7.1f} {base_rss:>9.0f} {audit_rss:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Built-in OOD / shift detectors: output-based (msp, max_logit, energy, entropy) and
+feature-based (mahalanobis, knn, spectral).
+
+Every score is oriented **higher = more shifted**. Output-based detectors keep the raw model
+outputs as their embedding (``[B, K]``, ``K`` ≤ a few hundred) and do all the work in
+:meth:`score`, so the same embedding serves logit and probability outputs. Binary models that
+emit one value per sample (``[B]`` or ``[B, 1]``) are treated as two-class logits ``[0, z]``
+(softmax of ``[0, z]`` is ``[1 − σ(z), σ(z)]``, the model's own probabilities), or, for
+probability outputs, as ``[1 − p, p]``.
+
+Feature-based detectors reduce the configured layer's output on the device inside the forward
+loop (global average pooling, or singular values for ``spectral``), fit on in-distribution
+embeddings and score others; fitting and scoring run in float64 on the embeddings' device.
+See docs/ood.md for formulas, conventions and citations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from medaudit.config import Config
+from medaudit.detector import Detector
+from medaudit.hookspecs import hookimpl
+
+MEDAUDIT_API_VERSION = 1
+
+OutputKind = Literal["logits", "probabilities"]
+
+# Smallest normalised singular value kept before the log: a rank-deficient map has exact zeros.
+_SPECTRAL_FLOOR = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Output-based detectors
+# ---------------------------------------------------------------------------------------------
+
+
+def two_class(outputs: Tensor, kind: OutputKind = "logits") -> Tensor:
+    """``[N, K]`` class logits (or probabilities), expanding one-value binary outputs to two classes."""
+    if outputs.ndim == 1:
+        outputs = outputs[:, None]
+    if outputs.shape[1] == 1:
+        z = outputs[:, 0]
+        return torch.stack([1 - z, z], 1) if kind == "probabilities" else torch.stack([torch.zeros_like(z), z], 1)
+    return outputs
+
+
+class OutputDetector(Detector):
+    """Base of detectors computed from the model outputs; no fitting.
+
+    ``output_kind`` says whether the outputs are logits (default) or probabilities; the audit
+    sets it from the detected output kind. Detectors with ``logits_only`` are undefined for
+    probability outputs (log-probabilities are logits only up to a per-sample constant).
+    """
+
+    needs: ClassVar[Literal["logits", "features"]] = "logits"
+    logits_only: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.output_kind: OutputKind = "logits"
+
+    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        return logits[:, None] if logits.ndim == 1 else logits
+
+    def probs(self, embeddings: Tensor) -> Tensor:
+        x = two_class(embeddings.double(), self.output_kind)
+        return x if self.output_kind == "probabilities" else torch.softmax(x, dim=1)
+
+
+class MSP(OutputDetector):
+    """Maximum softmax probability baseline: ``score = −max_k p_k`` (Hendrycks & Gimpel, ICLR 2017)."""
+
+    name = "msp"
+    summary = "negative maximum softmax probability"
+    citation = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and Out-of-Distribution Examples, ICLR 2017"
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        return -self.probs(embeddings).max(dim=1).values
+
+
+class MaxLogit(OutputDetector):
+    """Maximum logit: ``score = −max_k z_k`` (Hendrycks et al., ICML 2022)."""
+
+    name = "max_logit"
+    logits_only = True
+    summary = "negative maximum logit"
+    citation = "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        return -two_class(embeddings.double()).max(dim=1).values
+
+
+class Energy(OutputDetector):
+    """Free energy: ``score = E(x) = −T · logsumexp_k(z_k / T)`` (Liu et al., NeurIPS 2020).
+
+    In-distribution inputs have lower (more negative) energy, so the energy itself is the score.
+    """
+
+    name = "energy"
+    logits_only = True
+    summary = "free energy −T·logsumexp(z/T)"
+    citation = "Liu, Wang, Owens & Li, Energy-based Out-of-distribution Detection, NeurIPS 2020"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"energy temperature must be positive and finite, got {temperature}")
+        self.temperature = float(temperature)
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        t = self.temperature
+        return -t * torch.logsumexp(two_class(embeddings.double()) / t, dim=1)
+
+
+class Entropy(OutputDetector):
+    """Predictive entropy: ``score = −Σ_k p_k log p_k`` (nats; ``0 log 0 = 0``)."""
+
+    name = "entropy"
+    summary = "entropy of the predicted class distribution"
+    citation = "Shannon entropy of the softmax output; e.g. Hendrycks et al., ICLR 2019 (outlier exposure)"
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        p = self.probs(embeddings)
+        return -torch.special.xlogy(p, p).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared numerics
+# ---------------------------------------------------------------------------------------------
+
+
+def pool(features: Tensor) -> Tensor:
+    """Global average pooling ``[B, C, *spatial] -> [B, C]``; ``[B, D]`` features pass through."""
+    return features.flatten(2).mean(dim=2) if features.ndim > 2 else features
+
+
+def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
+    """Ledoit–Wolf shrunk covariance of already-centred rows ``x [n, p]``.
+
+    ``Σ̂ = (1 − δ) S + δ μ I`` with ``S = xᵀx / n``, ``μ = tr(S) / p`` and the shrinkage
+    ``δ = min(β, d) / d``, ``d = ‖S − μI‖²_F / p``,
+    ``β = (Σ_i ‖x_i x_iᵀ − S‖²_F) / (n² p)`` (Ledoit & Wolf, J. Multivariate Anal. 2004), the
+    estimator of ``sklearn.covariance.ledoit_wolf(x, assume_centered=True)``.
+
+    Returns ``(Σ̂ [p, p], δ)``.
+    """
+    n, p = x.shape
+    x = x.double()
+    s = x.T @ x / n
+    mu = torch.trace(s) / p
+    x2 = x * x
+    # ‖S − μI‖²_F and Σ_i ‖x_i x_iᵀ − S‖²_F without forming n p×p matrices.
+    d = ((s * s).sum() - 2 * mu * torch.trace(s) + p * mu * mu) / p
+    beta = ((x2.T @ x2).sum() / n - (s * s).sum()) / (n * p)
+    beta = torch.minimum(beta, d)
+    shrink = 0.0 if float(d) == 0 else float(beta / d)
+    cov = (1 - shrink) * s + shrink * mu * torch.eye(p, dtype=s.dtype, device=s.device)
+    return cov, shrink
+
+
+def _whitener(cov: Tensor) -> Tensor:
+    """Lower Cholesky factor of ``cov`` (jittered if it is numerically singular)."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    jitter = 0.0
+    scale = float(torch.diagonal(cov).mean().abs()) or 1.0
+    for _ in range(8):
+        chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        if int(info) == 0:
+            return chol
+        jitter = 1e-10 if jitter == 0 else jitter * 100
+    raise ValueError("covariance is not positive definite even after jitter; are the features constant?")
+
+
+def _sq_mahalanobis(x: Tensor, means: Tensor, chol: Tensor) -> Tensor:
+    """``[N, C]`` squared distances ``(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)`` with ``Σ = L Lᵀ``."""
+    wx = torch.linalg.solve_triangular(chol, x.T, upper=False).T  # L⁻¹x
+    wm = torch.linalg.solve_triangular(chol, means.T, upper=False).T
+    return torch.cdist(wx, wm).pow(2)
+
+
+def kth_nn_distance(queries: Tensor, bank: Tensor, k: int, chunk: int = 4096) -> Tensor:
+    """Euclidean distance from every query to its ``k``-th nearest row of ``bank``."""
+    out = []
+    for s in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[s : s + chunk], bank)
+        out.append(d.topk(k, dim=1, largest=False).values[:, -1])
+    return torch.cat(out) if out else torch.empty(0, dtype=bank.dtype, device=bank.device)
+
+
+def _effective_k(k: int, n: int) -> int:
+    # Sun et al. score training samples against the rest of the bank; n − 1 keeps k valid then too.
+    return max(1, min(k, n - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature-based detectors
+# ---------------------------------------------------------------------------------------------
+
+
+class Mahalanobis(Detector):
+    """Class-conditional Gaussians with a shared covariance (Lee et al., NeurIPS 2018).
+
+    Embedding: globally average-pooled features ``f``. Fit: class means ``μ_c`` and the
+    Ledoit–Wolf-shrunk covariance ``Σ`` of the class-centred embeddings (``f_i − μ_{y_i}``, the
+    paper's tied covariance with 1/N normalisation, shrunk so that ``D > N`` still works).
+    Score: ``min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c)`` (the negative of the paper's confidence score).
+    Not implemented: input pre-processing and the layer ensemble of the paper.
+    Multilabel labels (``[N, K]``) fit a single Gaussian.
+    """
+
+    name = "mahalanobis"
+    needs = "features"
+    summary = "min class-conditional Mahalanobis distance of pooled features (tied, Ledoit–Wolf covariance)"
+    citation = "Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting Out-of-Distribution Samples and Adversarial Attacks, NeurIPS 2018"
+
+    def __init__(self) -> None:
+        self.means: Tensor | None = None
+        self.chol: Tensor | None = None
+        self.shrinkage: float | None = None
+
+    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        if features is None:
+            raise ValueError("mahalanobis needs features")
+        return pool(features)
+
+    def fit(self, embeddings: Tensor, labels: Tensor) -> None:
+        x = embeddings.double()
+        if x.shape[0] < 2:
+            raise ValueError(f"mahalanobis needs at least 2 reference samples, got {x.shape[0]}")
+        y = labels.to(x.device).long() if labels.ndim == 1 else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        classes = torch.unique(y)
+        means = torch.stack([x[y == c].mean(0) for c in classes])
+        centred = x - means[torch.searchsorted(classes, y)]
+        cov, self.shrinkage = ledoit_wolf(centred)
+        self.means, self.chol = means, _whitener(cov)
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        if self.means is None or self.chol is None:
+            raise RuntimeError("mahalanobis: fit() must be called before score()")
+        x = embeddings.double().to(self.means.device)
+        return _sq_mahalanobis(x, self.means, self.chol).min(dim=1).values
+
+
+class KNN(Detector):
+    """Deep nearest neighbours (Sun, Ming, Zhu & Li, ICML 2022).
+
+    Embedding: globally average-pooled features, L2-normalised (``z = f / ‖f‖``). Fit: keep the
+    normalised reference bank. Score: Euclidean distance to the ``k``-th nearest bank entry
+    (higher = more shifted); ``k`` defaults to 50 and is capped at ``n − 1`` for a bank of ``n``.
+    """
+
+    name = "knn"
+    needs = "features"
+    summary = "distance to the k-th nearest in-distribution neighbour of L2-normalised pooled features"
+    citation = "Sun, Ming, Zhu & Li, Out-of-Distribution Detection with Deep Nearest Neighbors, ICML 2022"
+
+    def __init__(self, k: int = 50) -> None:
+        if k < 1:
+            raise ValueError(f"knn k must be >= 1, got {k}")
+        self.k = int(k)
+        self.bank: Tensor | None = None
+        self.k_used: int | None = None
+
+    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        if features is None:
+            raise ValueError("knn needs features")
+        return torch.nn.functional.normalize(pool(features), dim=1)
+
+    def fit(self, embeddings: Tensor, labels: Tensor) -> None:
+        if embeddings.shape[0] < 2:
+            raise ValueError(f"knn needs at least 2 reference samples, got {embeddings.shape[0]}")
+        # Re-normalise: embeddings may come from a cache written by an older version or a reference set.
+        self.bank = torch.nn.functional.normalize(embeddings.double(), dim=1)
+        self.k_used = _effective_k(self.k, self.bank.shape[0])
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        if self.bank is None or self.k_used is None:
+            raise RuntimeError("knn: fit() must be called before score()")
+        q = torch.nn.functional.normalize(embeddings.double().to(self.bank.device), dim=1)
+        return kth_nn_distance(q, self.bank, self.k_used)
+
+
+def spectral_signature(features: Tensor) -> Tensor:
+    """Log-normalised singular values of each sample's ``C × (spatial)`` feature-map matrix.
+
+    ``F_b = features[b].reshape(C, H·W[·D])``; ``σ_b = svdvals(F_b)`` (descending,
+    ``min(C, H·W)`` values); signature ``log(max(σ_b / Σ_j σ_bj, 1e-12))``. Dividing by the sum
+    makes the signature invariant to a global rescaling of the activations, so it describes the
+    *shape* of the spectrum (how many directions carry the energy). ``[B, D]`` features have no
+    spatial extent; they give a NaN signature and the detector is skipped.
+    """
+    if features.ndim < 3:
+        return torch.full((features.shape[0], 1), float("nan"), dtype=torch.float32, device=features.device)
+    mats = features.float().flatten(2)
+    s = torch.linalg.svdvals(mats)  # batched over B
+    s = s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return torch.log(s.clamp_min(_SPECTRAL_FLOOR))
+
+
+class Spectral(Detector):
+    """Spectral signatures of feature maps (Karimi & Gholipour, arXiv:2004.06569).
+
+    Embedding: :func:`spectral_signature` of the configured layer's feature map. The paper
+    leaves the scoring rule open; medaudit's default (``scoring="whitened"``) is the squared
+    distance to the mean in-distribution signature in the space whitened by the Ledoit–Wolf
+    covariance of the signatures, ``(s − μ)ᵀ Σ⁻¹ (s − μ)``; ``scoring="knn"`` uses the Euclidean
+    distance to the ``k``-th nearest in-distribution signature instead.
+    """
+
+    name = "spectral"
+    needs = "features"
+    summary = "distance of the log-normalised singular-value spectrum of the feature map to in-distribution spectra"
+    citation = "Karimi & Gholipour, Improving Calibration and Out-of-Distribution Detection in Medical Image Segmentation with Convolutional Neural Networks, arXiv:2004.06569"
+
+    def __init__(self, scoring: Literal["whitened", "knn"] = "whitened", k: int = 10) -> None:
+        if scoring not in ("whitened", "knn"):
+            raise ValueError(f"spectral scoring must be 'whitened' or 'knn', got {scoring!r}")
+        self.scoring = scoring
+        self.k = int(k)
+        self.mean: Tensor | None = None
+        self.chol: Tensor | None = None
+        self.bank: Tensor | None = None
+
+    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        if features is None:
+            raise ValueError("spectral needs features")
+        return spectral_signature(features)
+
+    def fit(self, embeddings: Tensor, labels: Tensor) -> None:
+        x = embeddings.double()
+        if x.shape[0] < 2:
+            raise ValueError(f"spectral needs at least 2 reference samples, got {x.shape[0]}")
+        if bool(torch.isnan(x).any()):
+            raise ValueError("spectral signatures are undefined: the feature layer has no spatial extent "
+                             "(its output is [B, D]); choose a convolutional layer")
+        self.mean = x.mean(0, keepdim=True)
+        if self.scoring == "whitened":
+            cov, _ = ledoit_wolf(x - self.mean)
+            self.chol = _whitener(cov)
+        else:
+            self.bank = x
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        if self.mean is None:
+            raise RuntimeError("spectral: fit() must be called before score()")
+        x = embeddings.double().to(self.mean.device)
+        if self.scoring == "whitened":
+            assert self.chol is not None
+            return _sq_mahalanobis(x, self.mean, self.chol)[:, 0]
+        assert self.bank is not None
+        return kth_nn_distance(x, self.bank, _effective_k(self.k, self.bank.shape[0]))
+
+
+@hookimpl
+def medaudit_detectors(config: Config) -> list[Detector]:
+    """The built-in detectors; ``audit.energy_temperature`` / ``audit.knn_k`` are read when present."""
+    temperature = getattr(config.audit, "energy_temperature", None) or 1.0
+    k = getattr(config.audit, "knn_k", None) or 50
+    return [MSP(), MaxLogit(), Energy(temperature), Entropy(), Mahalanobis(), KNN(k), Spectral()]

@@ -1,0 +1,159 @@
+"""Detectors against hand / numpy / scikit-learn computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf, ledoit_wolf as sk_ledoit_wolf
+from sklearn.metrics import roc_auc_score
+
+from medaudit.config import Config
+from medaudit.plugins.ood import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, Spectral, ledoit_wolf,
+                                  medaudit_detectors, spectral_signature)
+
+
+def test_catalogue_names_and_needs() -> None:
+    dets = medaudit_detectors(Config())
+    assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "mahalanobis", "knn", "spectral"]
+    assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "spectral"}
+    assert all(d.summary and d.citation for d in dets)
+
+
+def test_output_detectors_by_hand() -> None:
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    emb = MSP().embed(z, None)
+    e = [math.exp(1), math.exp(2), math.exp(3)]
+    lse = math.log(sum(e))
+    p = [v / sum(e) for v in e]
+    assert MSP().score(emb).tolist() == pytest.approx([-p[2], -1 / 3])
+    assert MaxLogit().score(emb).tolist() == pytest.approx([-3.0, 0.0])
+    assert Energy().score(emb).tolist() == pytest.approx([-lse, -math.log(3)])
+    t = 2.0
+    assert Energy(temperature=t).score(emb).tolist() == pytest.approx(
+        [-t * math.log(sum(math.exp(v / t) for v in (1, 2, 3))), -t * math.log(3)])
+    assert Entropy().score(emb).tolist() == pytest.approx([-sum(q * math.log(q) for q in p), math.log(3)])
+
+
+def test_single_logit_binary_is_two_class() -> None:
+    z = torch.tensor([[2.0], [-1.0]])  # [B, 1]
+    s = 1 / (1 + math.exp(-2.0))
+    assert MSP().score(MSP().embed(z, None)).tolist() == pytest.approx([-s, -1 / (1 + math.exp(-1.0))])
+    assert MaxLogit().score(z).tolist() == pytest.approx([-2.0, 0.0])
+    assert Energy().score(z[:, 0]).tolist() == pytest.approx([-math.log(1 + math.exp(2)), -math.log(1 + math.exp(-1))])
+    ent = Entropy()
+    assert float(ent.score(z)[0]) == pytest.approx(-(s * math.log(s) + (1 - s) * math.log(1 - s)))
+
+
+def test_probability_outputs() -> None:
+    msp, ent = MSP(), Entropy()
+    msp.output_kind = ent.output_kind = "probabilities"
+    p = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0]])
+    assert msp.score(p).tolist() == pytest.approx([-0.7, -1.0])
+    assert ent.score(p).tolist() == pytest.approx([-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)), 0.0])
+    assert msp.score(torch.tensor([[0.8]])).tolist() == pytest.approx([-0.8])  # [1 − p, p]
+    with pytest.raises(ValueError, match="temperature"):
+        Energy(temperature=0.0)
+
+
+@pytest.mark.parametrize("n,p", [(40, 5), (15, 30)])
+def test_ledoit_wolf_matches_sklearn(n: int, p: int) -> None:
+    x = np.random.default_rng(0).normal(size=(n, p)) @ np.random.default_rng(1).normal(size=(p, p))
+    x -= x.mean(0)
+    cov, shrink = ledoit_wolf(torch.from_numpy(x))
+    sk_cov, sk_shrink = sk_ledoit_wolf(x, assume_centered=True)
+    assert shrink == pytest.approx(sk_shrink, abs=1e-10)
+    np.testing.assert_allclose(cov.numpy(), sk_cov, atol=1e-10)
+
+
+def test_mahalanobis_matches_numpy() -> None:
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(60, 8, 3, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=60)
+    feats[labels == 1] += 1.0
+    det = Mahalanobis()
+    emb = det.embed(torch.zeros(60, 3), torch.from_numpy(feats))
+    det.fit(emb[:45], torch.from_numpy(labels[:45]))
+    got = det.score(emb[45:]).numpy()
+    # Direct computation: pooled features, class means, tied LW covariance, min squared distance.
+    f = feats.reshape(60, 8, -1).mean(-1).astype(np.float64)
+    fit, y = f[:45], labels[:45]
+    means = {c: fit[y == c].mean(0) for c in np.unique(y)}
+    centred = np.stack([fit[i] - means[y[i]] for i in range(45)])
+    prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(centred).covariance_)
+    want = np.array([min((q - m) @ prec @ (q - m) for m in means.values()) for q in f[45:]])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_knn_matches_brute_force_and_caps_k() -> None:
+    rng = np.random.default_rng(4)
+    feats = torch.from_numpy(rng.normal(size=(30, 6, 2, 2)).astype(np.float32))
+    det = KNN(k=3)
+    emb = det.embed(torch.zeros(30, 2), feats)
+    det.fit(emb[:20], torch.zeros(20, dtype=torch.long))
+    got = det.score(emb[20:]).numpy()
+    f = feats.numpy().reshape(30, 6, -1).mean(-1).astype(np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    d = np.linalg.norm(f[20:, None] - f[None, :20], axis=-1)
+    np.testing.assert_allclose(got, np.sort(d, axis=1)[:, 2], rtol=1e-6)
+    big = KNN()  # k = 50 > bank of 20 -> 19
+    big.fit(emb[:20], torch.zeros(20, dtype=torch.long))
+    assert big.k_used == 19
+    np.testing.assert_allclose(big.score(emb[20:]).numpy(), np.sort(d, axis=1)[:, 18], rtol=1e-6)
+
+
+def test_spectral_signature_definition() -> None:
+    f = torch.randn(3, 4, 5, 6)
+    s = torch.linalg.svdvals(f.reshape(3, 4, 30).double())
+    want = torch.log(s / s.sum(1, keepdim=True))
+    torch.testing.assert_close(spectral_signature(f).double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(spectral_signature(torch.randn(3, 8))).all()  # no spatial extent
+
+
+@pytest.mark.parametrize("scoring", ["whitened", "knn"])
+def test_spectral_separates_low_rank_from_full_rank(scoring: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    c, hw = 8, 36
+    full = torch.randn(200, c, hw, generator=g)  # in-distribution: full-rank maps
+    low = torch.randn(100, c, 2, generator=g) @ torch.randn(100, 2, hw, generator=g)  # rank-2 maps
+    det = Spectral(scoring=scoring)
+    emb_id = det.embed(torch.zeros(1), full.reshape(200, c, 6, 6))
+    emb_ood = det.embed(torch.zeros(1), low.reshape(100, c, 6, 6) + 0.01 * torch.randn(100, c, 6, 6, generator=g))
+    det.fit(emb_id[:100], torch.zeros(100, dtype=torch.long))
+    s_id, s_ood = det.score(emb_id[100:]), det.score(emb_ood)
+    y = np.r_[np.zeros(100), np.ones(100)]
+    assert roc_auc_score(y, np.r_[s_id.numpy(), s_ood.numpy()]) > 0.99
+    # Scale invariance: a globally rescaled map has the same signature.
+    torch.testing.assert_close(det.embed(None, full[:5].reshape(5, c, 6, 6) * 7.0),  # type: ignore[arg-type]
+                               emb_id[:5], atol=1e-4, rtol=1e-4)
+
+
+def test_unfitted_and_bad_features_raise() -> None:
+    with pytest.raises(RuntimeError, match="fit"):
+        Mahalanobis().score(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="spatial extent"):
+        Spectral().fit(spectral_signature(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="k must be"):
+        KNN(k=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_detectors_run_on_cuda() -> None:
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 3, generator=g)
+    feats = torch.randn(40, 16, 4, 4, generator=g)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    for det in medaudit_detectors(Config()):
+        emb_cpu = det.embed(logits, feats)
+        emb = det.embed(logits.to(dev), feats.to(dev))
+        assert emb.device.type == "cuda"
+        torch.testing.assert_close(emb.cpu(), emb_cpu, atol=1e-4, rtol=1e-4)
+        det.fit(emb[:30], labels[:30].to(dev))
+        s = det.score(emb[30:])
+        assert s.device.type == "cuda" and s.shape == (10,) and torch.isfinite(s).all()
+        det.fit(emb_cpu[:30], labels[:30])
+        torch.testing.assert_close(s.cpu(), det.score(emb_cpu[30:]), atol=1e-3, rtol=1e-3)
