@@ -88,7 +88,6 @@ def _num(v: float | None) -> float:
 
 _PROLOG = re.compile(r"^.*?(?=<svg\b)", re.S)
 _METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
-_SIZE = re.compile(r'\s(width|height)="[^"]*"')
 
 
 def to_svg(fig: "matplotlib.figure.Figure", key: str, alt: str) -> Markup:
@@ -102,9 +101,8 @@ def to_svg(fig: "matplotlib.figure.Figure", key: str, alt: str) -> Markup:
     plt.close(fig)
     svg = _PROLOG.sub("", buf.getvalue(), count=1)
     svg = _METADATA.sub("", svg, count=1)
+    # the pt width/height stay (natural size, readable text); CSS max-width lets it shrink
     head, rest = svg.split(">", 1)
-    # fixed pt sizes would stop the figure shrinking on narrow screens; viewBox keeps the ratio
-    head = _SIZE.sub("", head)
     label = escape(alt)
     return Markup(f'{head} role="img" aria-label="{label}" class="figure"><title>{label}</title>{rest.strip()}')
 
@@ -154,7 +152,7 @@ def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, a
 def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str) -> Markup:
     """Reliability diagram: accuracy against confidence per bin, one line per scenario, diagonal = perfect."""
     with plt.rc_context(_STYLE):
-        fig, (ax,) = _new(4.2, 3.6)
+        fig, (ax,) = _new(4.4, 4.4)
         ax.plot([0, 1], [0, 1], color="#888888", linewidth=0.8, linestyle=":", label="perfect calibration")
         for i, (label, bins) in enumerate(curves):
             st = style(i)
@@ -163,8 +161,9 @@ def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str
             if not pts:
                 continue
             total = sum(c for *_, c in pts) or 1
+            # thin connecting line: sparse bins jump around, the markers carry the data
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], linestyle=st["linestyle"],
-                    linewidth=1.3, label=text(label))
+                    linewidth=0.9, alpha=0.8, marker=st["marker"], markersize=3, label=text(label))
             # marker area ∝ bin count: sparse bins are visibly less trustworthy
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=[8 + 120 * c / total for *_, c in pts],
                        color=st["color"], marker=st["marker"], zorder=3, linewidths=0)
@@ -172,7 +171,7 @@ def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("confidence (bin mean)")
         ax.set_ylabel("accuracy (bin mean)")
-        ax.legend(loc="upper left", fontsize=7)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=1)
         fig.tight_layout()
     return to_svg(fig, key, alt)
 

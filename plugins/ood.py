@@ -17,14 +17,16 @@ See docs/ood.md for formulas, conventions and citations.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from medaudit.config import Config
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
+    from medaudit.config import Config
 
 MEDAUDIT_API_VERSION = 1
 

@@ -62,6 +62,8 @@ _NAN = float("nan")
 # Elements (rows x groups x columns) of one chunk of group sums / permutation draws: keeps the
 # float64 temporaries of the AUROC tie-group sums in the tens of MiB whatever N and R are.
 _CHUNK_ELEMENTS = 1 << 21
+# Largest per-row total weight for which float32 group sums of AUROC are exact (see _group_auroc).
+_EXACT_F32_TOTAL = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,14 +310,14 @@ def _ratio(lo: float, hi: float) -> float | None:
 
 def _group_sums(w: Tensor, grp: Tensor, n_groups: int, x: Tensor | None = None,
                 sub: Tensor | None = None, n_sub: int = 1) -> Tensor:
-    """``out[r, g, s] = sum_i w[r, i] x_i 1[grp_i = g, sub_i = s]``, ``[R, G, n_sub]``.
+    """``out[r, g, s] = sum_i w[r, i] x_i 1[grp_i = g, sub_i = s]``, ``[R, G, n_sub]`` in ``w``'s dtype.
 
     ``grp`` is ``[M]`` (the same groups on every row: bootstrap rows) or ``[R, M]`` (one
     labelling per row: permutations); ``w`` is ``[R, M]``.
     """
-    vals = w if x is None else w * x
+    vals = w if x is None else w * x.to(w.dtype)
     idx = grp * n_sub + (0 if sub is None else sub)
-    out = torch.zeros(w.shape[0], n_groups * n_sub, dtype=torch.float64)
+    out = torch.zeros(w.shape[0], n_groups * n_sub, dtype=w.dtype)
     if idx.ndim == 1:
         out.index_add_(1, idx, vals)
     else:
@@ -406,9 +408,19 @@ def _group_auroc(scores: Tensor, positive: Tensor, w: Tensor, grp: Tensor, n_gro
             cols.append(auroc_from_sums(pos, neg))
         return torch.stack(cols, dim=1)
     tie, n_ties = tie_groups(scores)
-    pos = _group_sums(w, grp, n_groups, positive, tie, n_ties)
-    neg = _group_sums(w, grp, n_groups, 1.0 - positive, tie, n_ties)
-    return auroc_from_sums(pos.reshape(r * n_groups, n_ties), neg.reshape(r * n_groups, n_ties)).view(r, n_groups)
+    # The dense sums dominate the analysis' run time. With integer weights and at most
+    # _EXACT_F32_TOTAL samples per row every count, cumulative count and Mann-Whitney sum is an
+    # integer or half-integer below 2**23, so float32 holds them exactly at half the memory traffic.
+    exact32 = float(w.sum(dim=1).max()) <= _EXACT_F32_TOTAL and bool((w == w.round()).all())
+    wd = w.to(torch.float32 if exact32 else torch.float64)
+    idx = grp * n_ties + tie
+    pw = wd * positive.to(wd.dtype)
+    pos = torch.zeros(r, n_groups * n_ties, dtype=wd.dtype).scatter_add_(1, idx, pw).view(r * n_groups, n_ties)
+    neg = torch.zeros(r, n_groups * n_ties, dtype=wd.dtype).scatter_add_(1, idx, wd - pw).view(r * n_groups, n_ties)
+    below = torch.cumsum(neg, dim=1).sub_(neg, alpha=0.5)  # negatives below each tie group, ties half
+    num = (pos * below).sum(dim=1).double()
+    den = pos.sum(dim=1).double() * neg.sum(dim=1).double()
+    return safe_div(num, den).view(r, n_groups)
 
 
 def generic_rows(
@@ -522,7 +534,8 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     weights = outputs.bootstrap_weights.detach().cpu().to(torch.float64)
     k = probs_all.shape[-1]
     names = class_names(ctx, k)
-    alpha = 1.0 - outputs.confidence
+    # rounded so that 0.95 gives exactly 0.05 and an adjusted p of 0.05 is not "significant"
+    alpha = round(1.0 - outputs.confidence, 12)
     scenarios = analysed_scenarios(outputs.scenarios)
     clean_i = next((i for i, sc in scenarios if sc.id == "clean"), None)
     fast = ctx.task in ("binary", "multiclass")
@@ -568,14 +581,25 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
 
     # Holm-Bonferroni within each scenario, over every (attribute, metric) gap tested there
     # (including the drop gaps of a perturbed scenario): the family a reader scans at once.
+    family_sizes: dict[str, int] = {}
     for sid in dict.fromkeys(e["scenario"] for e in gaps):
         slots = [(e, None) for e in gaps if e["scenario"] == sid] + \
                 [(e, "drop_gap") for e in gaps if e["scenario"] == sid and e.get("drop_gap")]
         raw = [(t[0] if t[1] is None else t[0][t[1]]).get("p_value") for t in slots]
+        family_sizes[sid] = sum(p is not None for p in raw)
         for (entry, sub), adj in zip(slots, holm(raw)):
             target = entry if sub is None else entry[sub]
             target["p_adjusted"] = adj
             target["significant"] = None if adj is None else bool(adj < alpha)
+
+    if cfg.permutations > 0 and family_sizes:
+        sid, m = max(family_sizes.items(), key=lambda t: t[1])
+        if m / (cfg.permutations + 1) >= alpha:
+            warnings.append(
+                f"subgroups: with {cfg.permutations} permutations the smallest possible p-value is "
+                f"1/{cfg.permutations + 1}, and Holm's correction over the {m} gaps tested in scenario '{sid}' "
+                f"multiplies it by {m}, so no gap can reach significance at {alpha:g}; "
+                f"set subgroups.permutations to at least {math.ceil(m / alpha)}")
 
     settings = {
         "attributes": settings_attrs,

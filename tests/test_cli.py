@@ -56,8 +56,10 @@ def test_results_match_schema_and_contract(audit_out: Path) -> None:
     assert results["model"]["format"] == "torchscript"
     assert len(results["model"]["sha256"]) == 64
     assert results["dataset"]["class_counts"] == {"csf_other": 200, "grey_matter": 200, "white_matter": 200}
-    assert results["checks"] == [{"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True,
-                                  "threshold": 0.5, "error": None}]
+    # the config file's check comes first, then --fail-on's
+    assert results["checks"] == [
+        {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None},
+        {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None}]
     assert "intensity" in results["environment"]["plugins"]
 
 
@@ -75,7 +77,7 @@ def test_predictions_npz(audit_out: Path) -> None:
 
 def test_junit(audit_out: Path) -> None:
     xml = (audit_out.parent / "junit.xml").read_text()
-    assert 'tests="1" failures="0"' in xml and 'name="clean.accuracy&lt;0.5"' in xml
+    assert 'tests="2" failures="0"' in xml and 'name="clean.accuracy&lt;0.5"' in xml
 
 
 def test_same_seed_same_results_whatever_batch_size(audit_out: Path, tmp_path: Path) -> None:

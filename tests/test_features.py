@@ -128,3 +128,23 @@ def test_torchscript_layer_inside_control_flow_warns(tmp_path: Path) -> None:
     x = torch.ones(2, 1, 3, 3)
     out, feats = extract(x)
     assert feats is None and torch.allclose(out, scripted(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchscript_and_export_capture_on_cuda(net_and_reference, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    net, x, y, ref = net_and_reference
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "m.pt"))
+    dev = torch.device("cuda")
+    scripted = torch.jit.load(str(tmp_path / "m.pt"), map_location=dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flat = torch.export.export(net, (x,)).module().to(dev)
+    for model in (_loaded(scripted, "torchscript"), _loaded(flat, "export")):
+        extract, warning = make_extractor(model, "features.4")
+        assert warning is None
+        with torch.no_grad():
+            out, feats = extract(x.to(dev))
+        assert feats is not None and feats.device.type == "cuda"
+        torch.testing.assert_close(out.cpu(), y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(feats.cpu(), ref["features.4"], atol=1e-4, rtol=1e-4)

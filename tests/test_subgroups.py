@@ -1,0 +1,482 @@
+"""Subgroup analysis: per-group metrics against fairlearn, gaps, permutation tests, Holm, grouping rules."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
+from scipy import stats
+from sklearn.metrics import accuracy_score, recall_score
+
+from medaudit.bootstrap import bootstrap_weights, evaluate
+from medaudit.checks import evaluate_checks
+from medaudit.config import Config, SubgroupConfig
+from medaudit.metric import MetricContext
+from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.plugins import subgroups as sg
+from medaudit.plugins.calibration import CalibrationMetrics
+from medaudit.plugins.classification import ClassificationMetrics
+from medaudit.results import SubgroupResult, clean_floats
+
+ATOL = 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic audits
+# ---------------------------------------------------------------------------------------------
+
+
+def binary_probs(labels: np.ndarray, rng: np.random.Generator, strength: float = 1.2, decimals: int | None = None) -> np.ndarray:
+    logit = rng.normal(size=labels.size) + strength * (2 * labels - 1)
+    p1 = 1 / (1 + np.exp(-logit))
+    if decimals is not None:  # coarse scores: many ties in AUROC and calibration bins
+        p1 = np.round(p1, decimals)
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def multiclass_probs(labels: np.ndarray, k: int, rng: np.random.Generator, decimals: int | None = None) -> np.ndarray:
+    logits = rng.normal(size=(labels.size, k)) * 1.5
+    logits[np.arange(labels.size), labels] += 1.3
+    p = np.exp(logits)
+    p /= p.sum(1, keepdims=True)
+    if decimals is not None:
+        p = np.round(p, decimals)
+        p[:, -1] = 1 - p[:, :-1].sum(1)
+        p = np.clip(p, 0, 1)
+        p /= p.sum(1, keepdims=True)
+    return p
+
+
+def make_outputs(
+    probs: np.ndarray | list[np.ndarray],
+    labels: np.ndarray,
+    metadata: dict[str, list[Any]],
+    task: str = "binary",
+    scenarios: list[Scenario] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    metrics: list | None = None,
+) -> AuditOutputs:
+    stack = np.stack(probs) if isinstance(probs, list) else probs[None]
+    scenarios = scenarios or [Scenario.clean()]
+    k = stack.shape[-1]
+    n = labels.shape[0]
+    ctx = MetricContext(task, tuple(f"c{i}" for i in range(k)))
+    return AuditOutputs(
+        scenarios=scenarios, sample_ids=[str(i) for i in range(n)], labels=torch.from_numpy(labels).long(),
+        probs=torch.from_numpy(stack).float(), metadata=metadata,
+        metrics=metrics if metrics is not None else [ClassificationMetrics(), CalibrationMetrics()], ctx=ctx,
+        bootstrap_weights=bootstrap_weights(n, n_boot, seed), confidence=0.95, seed=seed,
+    )
+
+
+def entries(res: dict[str, Any], scenario: str = "clean", attribute: str | None = None) -> dict[str, dict[str, Any]]:
+    return {e["group"]: e for e in res["subgroups"]
+            if e["scenario"] == scenario and (attribute is None or e["attribute"] == attribute)}
+
+
+def gap(res: dict[str, Any], metric: str, scenario: str = "clean", attribute: str | None = None) -> dict[str, Any]:
+    found = [e for e in res["subgroup_gaps"] if e["scenario"] == scenario and e["metric"] == metric
+             and (attribute is None or e["attribute"] == attribute)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def binary_audit() -> tuple[AuditOutputs, dict[str, Any], np.ndarray]:
+    """400 samples, sex with missing values in three spellings, a site column, two perturbations."""
+    rng = np.random.default_rng(1)
+    n = 400
+    labels = rng.integers(0, 2, n)
+    sex: list[Any] = list(rng.choice(["F", "M"], n))
+    for i, v in zip(range(0, 40, 10), [None, "", float("nan"), "  "]):
+        sex[i] = v  # four missing spellings: must form one "(missing)" group of 4
+    site = list(rng.choice(["A", "B", "C"], n, p=[0.5, 0.45, 0.05]))
+    clean = binary_probs(labels, rng, decimals=2)
+    blur1 = binary_probs(labels, rng, strength=1.0)
+    blur3 = binary_probs(labels, rng, strength=0.5)
+    noise2 = binary_probs(labels, rng, strength=0.8)
+    scenarios = [Scenario.clean(), Scenario.perturbed("blur", "s", 1), Scenario.perturbed("blur", "s", 3),
+                 Scenario.perturbed("noise", "s", 2)]
+    outputs = make_outputs([clean, blur1, blur3, noise2], labels, {"sex": sex, "site": site}, "binary", scenarios)
+    cfg = SubgroupConfig(attributes=["sex", "site"], intersections=[["sex", "site"]], min_group_size=30, permutations=199)
+    return outputs, sg.analyze(outputs, cfg), clean
+
+
+def group_labels(values: list[Any]) -> np.ndarray:
+    return np.array([sg.MISSING if sg.is_missing(v) else v for v in values], dtype=object)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group metrics and fairness differences against fairlearn
+# ---------------------------------------------------------------------------------------------
+
+
+def test_group_metrics_match_fairlearn_metricframe(binary_audit):
+    outputs, res, clean = binary_audit
+    y = outputs.labels.numpy()
+    y_pred = (clean[:, 1] >= 0.5).astype(int)
+    sex = group_labels(outputs.metadata["sex"])
+    frame = MetricFrame(metrics={"accuracy": accuracy_score, "recall": recall_score}, y_true=y, y_pred=y_pred,
+                        sensitive_features=sex)
+    got = entries(res, attribute="sex")
+    assert set(got) == {"F", "M", sg.MISSING}
+    for group in ("F", "M"):
+        assert got[group]["metrics"]["accuracy"]["value"] == pytest.approx(frame.by_group.loc[group, "accuracy"], abs=ATOL)
+        assert got[group]["metrics"]["sensitivity"]["value"] == pytest.approx(frame.by_group.loc[group, "recall"], abs=ATOL)
+        assert got[group]["n"] == int((sex == group).sum())
+        ci = got[group]["metrics"]["accuracy"]
+        assert ci["ci_low"] <= ci["value"] <= ci["ci_high"]
+    # the gap is max - min over the groups that are large enough (F, M; the 4 missing are too small)
+    g = gap(res, "accuracy", attribute="sex")
+    by = frame.by_group["accuracy"][["F", "M"]]
+    assert g["gap"]["value"] == pytest.approx(by.max() - by.min(), abs=ATOL)
+    assert g["worst_group"] == by.idxmin() and g["worst_value"] == pytest.approx(by.min(), abs=ATOL)
+    assert g["ratio"] == pytest.approx(by.min() / by.max(), abs=ATOL)
+    assert g["gap"]["ci_low"] <= g["gap"]["value"] <= g["gap"]["ci_high"]
+
+
+def test_fairness_differences_match_fairlearn(binary_audit):
+    outputs, res, clean = binary_audit
+    y = outputs.labels.numpy()
+    y_pred = (clean[:, 1] >= 0.5).astype(int)
+    site = np.array(outputs.metadata["site"])
+    keep = site != "C"  # C (~5 %) is below min_group_size: excluded from gaps, as from the tests
+    assert entries(res, attribute="site")["C"]["too_small"] is True
+    dp = gap(res, "demographic_parity_difference", attribute="site")
+    eo = gap(res, "equalized_odds_difference", attribute="site")
+    assert dp["gap"]["value"] == pytest.approx(
+        demographic_parity_difference(y[keep], y_pred[keep], sensitive_features=site[keep]), abs=ATOL)
+    assert eo["gap"]["value"] == pytest.approx(
+        equalized_odds_difference(y[keep], y_pred[keep], sensitive_features=site[keep]), abs=ATOL)
+    assert dp["kind"] == eo["kind"] == "fairness"
+    assert 0 <= dp["p_value"] <= 1 and 0 <= eo["p_value"] <= 1
+    # per-group rates are reported alongside the metrics
+    a = entries(res, attribute="site")["A"]
+    sel = y_pred[site == "A"].mean()
+    assert a["rates"]["selection_rate"]["value"] == pytest.approx(sel, abs=ATOL)
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_headline_rows_equal_metric_plugins_on_bootstrap_and_permutation_rows(task: str, decimals: int | None):
+    """The group-sum fast path must equal the metric plugins evaluated on each group's rows."""
+    rng = np.random.default_rng(7)
+    n, k, groups = 150, (2 if task == "binary" else 3), 3
+    y = rng.integers(0, k, n)
+    p = binary_probs(y, rng, decimals=decimals) if task == "binary" else multiclass_probs(y, k, rng, decimals)
+    probs, labels = torch.from_numpy(p).float(), torch.from_numpy(y)
+    grp = torch.from_numpy(rng.integers(0, groups, n))
+    ctx = MetricContext(task, tuple(f"c{i}" for i in range(k)))
+    metrics = [ClassificationMetrics(), CalibrationMetrics()]
+    w = bootstrap_weights(n, 20, 3).double()
+    fast = sg.headline_rows(probs, labels, w, grp, groups, ctx)
+    for g in range(groups):
+        sel = grp == g
+        _, raw = evaluate(metrics, probs[sel], labels[sel], w[:, sel], ctx)
+        for key in sg.HEADLINE:
+            torch.testing.assert_close(fast[key][:, g], raw[key], atol=1e-9, rtol=0, equal_nan=True)
+    # permutation rows: a different labelling per row, unit weights (the float32-exact AUROC path)
+    perm = torch.stack([grp[torch.randperm(n, generator=torch.Generator().manual_seed(i))] for i in range(6)])
+    ones = torch.ones(6, n, dtype=torch.float64)
+    fast_p = sg.headline_rows(probs, labels, ones, perm, groups, ctx)
+    for r in range(6):
+        for g in range(groups):
+            sel = perm[r] == g
+            _, raw = evaluate(metrics, probs[sel], labels[sel], torch.ones(1, int(sel.sum())), ctx)
+            for key in sg.HEADLINE:
+                torch.testing.assert_close(fast_p[key][r, g], raw[key][0], atol=1e-9, rtol=0, equal_nan=True)
+    # non-integer weights take the float64 AUROC path and still agree
+    wf = torch.rand(4, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    fast_f = sg.headline_rows(probs, labels, wf, perm[:4], groups, ctx, keys=["auroc"])
+    for r in range(4):
+        sel = perm[r] == 0
+        _, raw = evaluate([ClassificationMetrics()], probs[sel], labels[sel], wf[r : r + 1, sel], ctx)
+        torch.testing.assert_close(fast_f["auroc"][r, 0], raw["auroc"][0], atol=1e-9, rtol=0)
+
+
+def test_multilabel_takes_the_generic_path():
+    rng = np.random.default_rng(11)
+    n, k = 120, 3
+    y = rng.integers(0, 2, (n, k))
+    p = np.clip(0.7 * y + 0.3 * rng.random((n, k)), 0, 1)
+    ctx = MetricContext("multilabel", ("a", "b", "c"))
+    scen = [Scenario.clean(), Scenario.perturbed("noise", "s", 2)]
+    out = AuditOutputs(scen, [str(i) for i in range(n)], torch.from_numpy(y), torch.from_numpy(np.stack([p, p[::-1].copy()])).float(),
+                       {"site": list(rng.choice(["A", "B"], n))}, [ClassificationMetrics(), CalibrationMetrics()], ctx,
+                       bootstrap_weights(n, 20, 0), 0.95, 0)
+    res = sg.analyze(out, SubgroupConfig(attributes=["site"], permutations=19))
+    pert = entries(res, "noise@2")
+    assert set(pert["A"]["metrics"]) == set(sg.HEADLINE)
+    assert pert["A"]["class_counts"] == {name: int(v) for name, v in zip("abc", y[np.array(out.metadata["site"]) == "A"].sum(0))}
+    assert gap(res, "auroc", "noise@2")["p_value"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Subgroup x perturbation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_perturbations_are_analysed_at_their_highest_severity(binary_audit):
+    outputs, res, _ = binary_audit
+    assert res["subgroup_settings"]["scenarios"] == ["clean", "blur@3", "noise@2"]
+    assert not [e for e in res["subgroups"] if e["scenario"] == "blur@1"]
+    pert = entries(res, "blur@3", "sex")
+    clean = entries(res, "clean", "sex")
+    assert set(pert["F"]["metrics"]) == set(sg.HEADLINE)
+    assert set(clean["F"]["metrics"]) > set(sg.HEADLINE)  # clean: every metric of the audit
+    for key in sg.HEADLINE:  # per-group drop from clean, paired on the same resamples
+        drop = pert["F"]["drop"][key]
+        expected = clean["F"]["metrics"][key]["value"] - pert["F"]["metrics"][key]["value"]
+        assert drop["value"] == pytest.approx(expected if sg.HEADLINE[key] else -expected, abs=1e-12)
+    g = gap(res, "accuracy", "blur@3", "sex")
+    drops = {grp: pert[grp]["drop"]["accuracy"]["value"] for grp in ("F", "M")}
+    assert g["drop_gap"]["value"] == pytest.approx(max(drops.values()) - min(drops.values()), abs=1e-12)
+    assert g["drop_gap"]["most_affected_group"] == max(drops, key=drops.get)
+    assert 0 < g["drop_gap"]["p_value"] <= 1
+
+
+def test_a_perturbation_that_hurts_one_group_is_detected():
+    rng = np.random.default_rng(3)
+    n = 300
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b"] * (n // 2))
+    clean = binary_probs(y, rng, strength=2.0)
+    hurt = clean.copy()
+    flip = (grp == "b") & (rng.random(n) < 0.4)  # the artifact flips 40 % of group b only
+    hurt[flip] = hurt[flip][:, ::-1]
+    out = make_outputs([clean, hurt], y, {"g": list(grp)}, scenarios=[Scenario.clean(), Scenario.perturbed("art", "s", 5)])
+    res = sg.analyze(out, SubgroupConfig(attributes=["g"], min_group_size=10, permutations=999))
+    g = gap(res, "accuracy", "art@5")
+    assert g["drop_gap"]["most_affected_group"] == "b"
+    assert g["drop_gap"]["p_value"] == pytest.approx(1 / 1000)
+    assert g["drop_gap"]["significant"] is True
+    # clean: the same groups perform alike, nothing is flagged
+    assert not any(e["significant"] for e in res["subgroup_gaps"] if e["scenario"] == "clean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutation tests and Holm-Bonferroni
+# ---------------------------------------------------------------------------------------------
+
+
+def test_permutation_p_values_are_uniform_under_the_null():
+    """Groups assigned at random: p-values of the accuracy gap are (approximately) uniform."""
+    rng = np.random.default_rng(2024)
+    n, sims = 120, 100
+    pvals = []
+    for s in range(sims):
+        y = rng.integers(0, 2, n)
+        probs = binary_probs(y, rng, strength=0.7)
+        out = make_outputs(probs, y, {"g": list(rng.choice(["a", "b", "c"], n))}, n_boot=0, seed=s,
+                           metrics=[ClassificationMetrics()])
+        res = sg.analyze(out, SubgroupConfig(attributes=["g"], min_group_size=5, permutations=199))
+        pvals.append(gap(res, "auroc")["p_value"])
+    pvals = np.array(pvals)
+    # binomial(100, 0.05): mean 5, sd 2.2; 12 is ~3 sd above
+    assert (pvals <= 0.05).sum() <= 12
+    assert 0.3 <= (pvals <= 0.5).mean() <= 0.7
+    assert stats.kstest(pvals, "uniform").pvalue > 0.01
+
+
+def test_permutation_p_value_is_small_for_a_planted_gap():
+    rng = np.random.default_rng(5)
+    n = 240
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b"] * (n // 2))
+    probs = binary_probs(y, rng, strength=2.0)
+    bad = (grp == "b") & (rng.random(n) < 0.35)
+    probs[bad] = probs[bad][:, ::-1]
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupConfig(attributes=["g"], permutations=999))
+    g = gap(res, "accuracy")
+    assert g["worst_group"] == "b"
+    assert g["p_value"] == pytest.approx(1 / 1000)
+    assert g["significant"] is True
+    assert not [w for w in res["warnings"] if "permutations" in w]
+
+
+def test_too_few_permutations_for_the_correction_warn():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 100)
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": ["a", "b"] * 50}),
+                     SubgroupConfig(attributes=["g"], permutations=99))
+    m = sum(e["p_value"] is not None for e in res["subgroup_gaps"])
+    warning = [w for w in res["warnings"] if "permutations" in w]
+    assert len(warning) == 1 and f"at least {math.ceil(m / 0.05)}" in warning[0]
+
+
+def test_permutation_p_helper():
+    null = torch.tensor([0.1, 0.2, 0.3, float("nan"), 0.3])
+    assert sg.permutation_p(0.25, null) == pytest.approx((1 + 2) / (1 + 4))
+    assert sg.permutation_p(0.3, null) == pytest.approx((1 + 2) / 5)  # ties count as "at least as large"
+    assert sg.permutation_p(None, null) is None
+    assert sg.permutation_p(0.3, torch.tensor([float("nan")])) is None
+
+
+def test_holm_bonferroni_by_hand():
+    raw = [0.01, 0.04, 0.03, None, 0.005]
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone 0.06
+    assert sg.holm(raw) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    assert sg.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert sg.holm([]) == []
+
+
+def test_adjusted_p_values_are_holm_within_each_scenario(binary_audit):
+    _, res, _ = binary_audit
+    for scenario in res["subgroup_settings"]["scenarios"]:
+        rows = [e for e in res["subgroup_gaps"] if e["scenario"] == scenario]
+        slots = rows + [e["drop_gap"] for e in rows if e.get("drop_gap")]
+        raw = [s["p_value"] for s in slots]
+        assert [s["p_adjusted"] for s in slots] == pytest.approx(sg.holm(raw))
+        for s in slots:
+            assert s["significant"] is (None if s["p_adjusted"] is None else s["p_adjusted"] < 0.05)
+            if s["p_value"] is not None:
+                assert s["p_adjusted"] >= s["p_value"]
+
+
+def test_permutations_are_seeded(binary_audit):
+    outputs, res, _ = binary_audit
+    cfg = SubgroupConfig(attributes=["sex"], permutations=199)
+    again = sg.analyze(outputs, cfg)
+    assert [e["p_value"] for e in again["subgroup_gaps"]] == [e["p_value"] for e in res["subgroup_gaps"]
+                                                               if e["attribute"] == "sex"]
+    none = sg.analyze(outputs, SubgroupConfig(attributes=["sex"], permutations=0))
+    assert all(e["p_value"] is None and e["significant"] is None for e in none["subgroup_gaps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping rules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_values_form_their_own_group(binary_audit):
+    _, res, _ = binary_audit
+    missing = entries(res, attribute="sex")[sg.MISSING]
+    assert missing["n"] == 4 and missing["too_small"] is True
+    assert sum(e["n"] for e in entries(res, attribute="sex").values()) == 400
+    assert sg.is_missing(np.float32("nan")) and sg.is_missing(" ") and not sg.is_missing(0) and not sg.is_missing(False)
+
+
+def test_too_small_groups_are_flagged_without_metrics(binary_audit):
+    outputs, res, _ = binary_audit
+    c = entries(res, attribute="site")["C"]
+    site = np.array(outputs.metadata["site"])
+    y = outputs.labels.numpy()
+    assert c["too_small"] is True and c["metrics"] == {} and c["n"] == int((site == "C").sum()) < 30
+    assert c["class_counts"] == {"c0": int((y[site == "C"] == 0).sum()), "c1": int((y[site == "C"] == 1).sum())}
+    assert gap(res, "accuracy", attribute="site")["n_groups"] == 2
+    assert res["subgroup_settings"]["attributes"][1]["tested_groups"] == ["A", "B"]
+    # medaudit's subgroup checks read these entries and ignore the too-small ones
+    check = evaluate_checks(["subgroup.site.accuracy_gap<1"], {"scenarios": [], "subgroups": res["subgroups"]})[0]
+    assert check["value"] == pytest.approx(gap(res, "accuracy", attribute="site")["gap"]["value"], abs=ATOL)
+
+
+def test_binning_by_edges_and_labels():
+    warnings: list[str] = []
+    ages = [10, 39.9, 40, 59, 60, 85, None, float("nan")]
+    attr = sg.column_attribute("age", ages, [40, 60], warnings)
+    assert attr.groups == ["(-inf, 40)", "[40, 60)", "[60, inf)", sg.MISSING]
+    assert [attr.groups[c] for c in attr.codes.tolist()] == [
+        "(-inf, 40)", "(-inf, 40)", "[40, 60)", "[40, 60)", "[60, inf)", "[60, inf)", sg.MISSING, sg.MISSING]
+    assert not warnings
+    # empty interior bins are still listed (n = 0), unoccupied outer bins are not
+    attr = sg.column_attribute("age", [45, 50, 85], [40, 60, 80], warnings)
+    assert attr.groups == ["[40, 60)", "[60, 80)", "[80, inf)"]
+    assert sg.bin_labels([0.5, 1e6]) == ["(-inf, 0.5)", "[0.5, 1e+06)", "[1e+06, inf)"]
+
+
+def test_bins_on_text_values_warn_and_fall_back_to_categories():
+    warnings: list[str] = []
+    attr = sg.column_attribute("age", ["045Y", "060Y", "045Y"], [50], warnings)
+    assert attr.groups == ["045Y", "060Y"]
+    assert len(warnings) == 1 and "non-numeric" in warnings[0] and "'age'" in warnings[0]
+
+
+def test_unbinned_continuous_column_warns_with_suggested_edges():
+    warnings: list[str] = []
+    attr = sg.column_attribute("age", list(range(20, 80)), None, warnings)
+    assert len(attr.groups) == 60
+    assert len(warnings) == 1
+    assert "60 distinct values" in warnings[0] and "subgroups.bins.age: [" in warnings[0]
+    warnings.clear()
+    sg.column_attribute("grade", [1, 2, 3, 2, 1], None, warnings)  # few values: a categorical column
+    assert warnings == []
+
+
+def test_categories_are_ordered_numbers_then_text():
+    attr = sg.column_attribute("x", [10, 2, 2.0, "b", "a", None, True], None, [])
+    assert attr.groups == ["2", "10", "True", "a", "b", sg.MISSING]
+
+
+def test_missing_attribute_is_a_warning_naming_it_and_the_columns():
+    rng = np.random.default_rng(0)
+    n = 80
+    y = rng.integers(0, 2, n)
+    out = make_outputs(binary_probs(y, rng), y, {"site": ["A", "B"] * 40, "scanner": ["x"] * n})
+    res = sg.analyze(out, SubgroupConfig(attributes=["sex", "site"], intersections=[["sex", "site"]], permutations=9))
+    missing = [w for w in res["warnings"] if "'sex'" in w]
+    assert len(missing) == 1 and "scanner, site" in missing[0]
+    assert {e["attribute"] for e in res["subgroups"]} == {"site"}
+
+
+def test_intersections(binary_audit):
+    outputs, res, _ = binary_audit
+    name = "sex" + sg.SEP + "site"
+    got = entries(res, attribute=name)
+    sex = group_labels(outputs.metadata["sex"])
+    site = np.array(outputs.metadata["site"])
+    expected = {f"{a}{sg.SEP}{b}": int(((sex == a) & (site == b)).sum()) for a in ("F", "M", sg.MISSING)
+                for b in ("A", "B", "C") if ((sex == a) & (site == b)).any()}
+    assert {g: e["n"] for g, e in got.items()} == expected
+    assert list(got) == sorted(expected, key=lambda g: (("F", "M", sg.MISSING).index(g.split(sg.SEP)[0]), g))
+    assert gap(res, "accuracy", attribute=name)["n_groups"] == sum(v >= 30 for v in expected.values())
+
+
+def test_single_group_attribute_warns_and_has_no_gaps():
+    rng = np.random.default_rng(0)
+    n = 60
+    y = rng.integers(0, 2, n)
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"site": ["A"] * n}), SubgroupConfig(attributes=["site"]))
+    assert res["subgroup_gaps"] == []
+    assert any("'site' has 1 group(s)" in w for w in res["warnings"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook and results.json compatibility
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hook_output_fits_results_json(binary_audit):
+    outputs, _, _ = binary_audit
+    config = Config.model_validate({"subgroups": {"attributes": ["sex"], "permutations": 19}})
+    res = sg.medaudit_analyze(outputs, config)
+    assert set(res) == {"subgroups", "subgroup_gaps", "subgroup_settings", "warnings"}
+    for e in res["subgroups"]:
+        SubgroupResult.model_validate(clean_floats(e))
+    text = json.dumps(clean_floats(res), allow_nan=False)
+    assert "NaN" not in text
+    assert sg.medaudit_analyze(outputs, Config()) is None
+
+
+def test_example_sized_analysis_is_fast():
+    """600 samples, 2 attributes, 18 perturbations x 5 severities, 200 resamples and permutations."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n, k = 600, 3
+    y = rng.integers(0, k, n)
+    scen = [Scenario.clean()] + [Scenario.perturbed(f"p{i}", "s", s) for i in range(18) for s in range(1, 6)]
+    probs = [multiclass_probs(y, k, rng)] * len(scen)
+    meta = {"hemisphere": list(rng.choice(["left", "right"], n)), "level": list(rng.choice(["inf", "mid", "sup"], n))}
+    out = make_outputs(probs, y, meta, "multiclass", scen, n_boot=200)
+    start = time.process_time()
+    res = sg.analyze(out, SubgroupConfig(attributes=["hemisphere", "level"], permutations=200))
+    elapsed = time.process_time() - start
+    assert len({e["scenario"] for e in res["subgroups"]}) == 19
+    assert elapsed < 10, elapsed
+    assert not math.isnan(gap(res, "auroc", "p17@5", "level")["gap"]["value"])
