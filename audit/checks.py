@@ -57,23 +57,34 @@ def _worst(values: list[float], higher_is_better: bool) -> float:
     return min(values) if higher_is_better else max(values)
 
 
+def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
+    """``(scenario prefix, rest)`` of a check path; the longest matching scenario id wins."""
+    ids = sorted(scenario_ids, key=len, reverse=True)
+    wildcards = sorted({f"{sid.split('@')[0]}@*" for sid in scenario_ids if "@" in sid})
+    for prefix in ids + wildcards + ["*"]:
+        if path.startswith(prefix + "."):
+            return prefix, path[len(prefix) + 1:]
+    raise ConfigError(f"check path {path!r} names no scenario; scenarios are: {', '.join(scenario_ids)}")
+
+
+def validate_check_scenarios(exprs: list[str], scenario_ids: list[str]) -> None:
+    """Fail before any work when a check names a scenario the audit will not run."""
+    for expr in exprs:
+        path = parse_check(expr).path
+        if not path.startswith("subgroup."):
+            _split_scenario(path, scenario_ids)
+
+
 def _lookup(results: dict[str, Any], path: str) -> float | None:
     scenarios = results["scenarios"]
     directions: dict[str, bool] = results.get("metric_directions", {})
     if path.startswith("subgroup."):
         return _subgroup_gap(results, path)
-    ids = sorted((s["id"] for s in scenarios), key=len, reverse=True)
-    prefixes = ids + sorted({f"{s['perturbation']}@*" for s in scenarios if s["perturbation"]}) + ["*"]
-    for prefix in prefixes:
-        if path.startswith(prefix + "."):
-            rest = path[len(prefix) + 1:]
-            break
-    else:
-        raise ConfigError(f"check path {path!r} names no scenario; scenarios are: {', '.join(s['id'] for s in scenarios)}")
+    prefix, rest = _split_scenario(path, [s["id"] for s in scenarios])
     if prefix == "*":
         chosen = [s for s in scenarios if s["perturbation"]]
     elif prefix.endswith("@*"):
-        chosen = [s for s in scenarios if s["perturbation"] == prefix[:-2]]
+        chosen = [s for s in scenarios if s["id"].startswith(prefix[:-1])]
     else:
         chosen = [s for s in scenarios if s["id"] == prefix]
     parts = rest.split(".")

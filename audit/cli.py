@@ -122,6 +122,11 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--save-predictions", is_flag=True, default=None, help="Also write predictions.npz.")
 @click.option("--fail-on", "fail_on", multiple=True, help="Check that fails the audit, e.g. 'clean.accuracy<0.8'.")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Write checks as JUnit XML.")
+@click.option("--reference", "reference", type=click.Path(path_type=Path),
+              help="In-distribution data to fit OOD detectors on (default: cross-fitted on the clean audit data).")
+@click.option("--ood-data", "ood_data", multiple=True, type=click.Path(path_type=Path),
+              help="External OOD data set, scored as scenario ood:<name> (repeatable).")
+@click.option("--subgroup", "subgroup", multiple=True, help="Metadata column to stratify by (repeatable).")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
 @click.option("--resume", is_flag=True, help="Reuse completed shards of an interrupted run of the same audit.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -129,13 +134,15 @@ def _severities(value: str | None) -> list[int] | None:
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
         batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
         severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None,
-        save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, trust_pickle: bool,
-        resume: bool, quiet: bool) -> None:
+        save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
+        ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report."""
     from .audit import run_audit
     from .config import read_config_file
 
-    file_checks = read_config_file(config_path).get("checks", []) if config_path else []
+    file_data = read_config_file(config_path) if config_path else {}
+    file_checks = file_data.get("checks", [])
+    file_attributes = (file_data.get("subgroups") or {}).get("attributes", [])
     overrides: dict[str, Any] = {
         "output.dir": str(out) if out else None, "audit.device": device, "audit.batch_size": batch_size,
         "audit.seed": seed, "audit.severities": _severities(severities), "audit.bootstrap": bootstrap,
@@ -148,11 +155,14 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         overrides["audit.perturbations"] = list(perturbations)
         if not suites:
             overrides["audit.suites"] = []  # only what was named
+    if subgroup:
+        overrides["subgroups.attributes"] = list(dict.fromkeys([*file_attributes, *subgroup]))
     config = load_config(config_path, overrides)
     command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
-                        resume=resume, junit=junit, progress=not quiet, log=log)
+                        resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
+                        progress=not quiet, log=log)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
@@ -214,6 +224,20 @@ def init(path: Path, force: bool) -> None:
     click.echo(f"wrote {path}")
 
 
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True,
+              help="Folder to create the package in.")
+@handle_errors
+def new_plugin(name: str, directory: Path) -> None:
+    """Scaffold a plugin package NAME (pyproject, module, tests, README) that passes its tests."""
+    from .scaffold import scaffold_plugin
+
+    root = scaffold_plugin(name, directory)
+    click.echo(f"wrote {root}")
+    click.echo(f"next: pip install -e '{root}[test]' && pytest {root / 'tests'}")
+
+
 @cli.command("config-schema")
 def config_schema() -> None:
     """Print the JSON Schema of the config file."""
@@ -226,8 +250,8 @@ def config_schema() -> None:
 @handle_errors
 def report(results_path: Path, output: Path | None) -> None:
     """Re-render the HTML report from a results.json alone."""
-    from .audit import write_atomic
     from .report import render_report
+    from .writing import write_atomic
     from .results import load_results
 
     results = load_results(results_path)
@@ -266,8 +290,9 @@ def perturb(input_path: Path, perturbation: str, severity: int, seed: int, outpu
 def preview(data: Path, config_path: Path | None, output: Path, sample: int, suites: tuple[str, ...],
             perturbations: tuple[str, ...], seed: int | None) -> None:
     """Render a grid: rows = perturbations, columns = severities 0..5, for one sample."""
-    from .audit import open_dataset, write_atomic
+    from .audit import open_dataset
     from .preview import grid_png_bytes
+    from .writing import write_atomic
     from .runner import plan_scenarios
 
     overrides: dict[str, Any] = {"audit.seed": seed}

@@ -112,12 +112,16 @@ class AuditConfig(_Section):
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(64, ge=1, description="samples loaded and perturbed at once (rounded up to a multiple of model_batch_size)")
+    model_batch_size: int = Field(
+        32, ge=1, description="samples per model call; results are bit-identical for any batch_size at a fixed model_batch_size")
     num_workers: int = Field(0, ge=0)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for confidence intervals (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1)
     n_bins: int = Field(15, ge=2, description="bins of the calibration metrics")
     detectors: list[str] | None = Field(None, description="OOD detectors to run; None runs all that apply")
+    energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector")
+    knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @field_validator("severities")

@@ -5,7 +5,8 @@ linked, stay sharp when printed to PDF, and keep their text selectable.
 
 Determinism: the same inputs give the same bytes. ``svg.hashsalt`` is set per figure (so ids are
 reproducible *and* distinct between the figures of one document, which share one HTML id space),
-the ``<metadata>`` block (date, creator) is dropped, and ``svg.fonttype='none'`` keeps text as
+the ``<metadata>`` block (date, creator) is dropped, every element id is prefixed with the
+figure's key (matplotlib's ``figure_1``/``axes_1`` group ids repeat across figures), and ``svg.fonttype='none'`` keeps text as
 ``<text>`` elements instead of glyph outlines whose ids would repeat across figures.
 
 Escaping: matplotlib escapes ``<``, ``>`` and ``&`` in SVG text; user strings (class, group,
@@ -22,15 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import matplotlib
+from markupsafe import Markup, escape
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display; must precede pyplot
-
-import matplotlib.pyplot as plt  # noqa: E402
-from markupsafe import Markup, escape  # noqa: E402
+# Figures are built with matplotlib.figure.Figure directly, never pyplot: no global figure
+# registry, no backend switch in the caller's process (e.g. a notebook rendering a report).
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision
-# deficiency. Black is last so that it is used for the reference ("clean") only when needed.
-OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+# deficiency. Yellow comes last: it has the lowest contrast against the white background.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 # Colour alone must not carry the meaning (WCAG 1.4.1): lines also differ by marker and dash.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 DASHES = ("-", "--", "-.", ":")
@@ -86,42 +87,49 @@ def _num(v: float | None) -> float:
     return math.nan if v is None or not math.isfinite(v) else float(v)
 
 
-_PROLOG = re.compile(r"^.*?(?=<svg\b)", re.S)
-_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
+_PROLOG = re.compile(r"^.*?(?=<svg\b)", re.DOTALL)
+_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.DOTALL)
+_ID = re.compile(r'\b(id)="([^"]+)"')
+_REF = re.compile(r'((?:xlink:href|href)="|url\()#([^")]+)')
 
 
-def to_svg(fig: "matplotlib.figure.Figure", key: str, alt: str) -> Markup:
+def to_svg(fig: Figure, key: str, alt: str) -> Markup:
     """Serialise ``fig`` as an inline ``<svg>`` element with ``role="img"``, aria-label and title.
 
     ``key`` must be unique within a document and stable across runs: it salts the element ids.
     """
     buf = io.StringIO()
-    with plt.rc_context({"svg.hashsalt": f"medaudit-{key}", "svg.fonttype": "none"}):
+    with matplotlib.rc_context({"svg.hashsalt": f"medaudit-{key}", "svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
-    plt.close(fig)
     svg = _PROLOG.sub("", buf.getvalue(), count=1)
     svg = _METADATA.sub("", svg, count=1)
+    # matplotlib names groups figure_1, axes_1, patch_1 … in every figure; inline SVGs share the
+    # document's id space, so every id and every reference to one gets the figure's key as prefix
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", key)
+    svg = _ID.sub(lambda m: f'{m.group(1)}="{prefix}-{m.group(2)}"', svg)
+    svg = _REF.sub(lambda m: f"{m.group(1)}#{prefix}-{m.group(2)}", svg)
     # the pt width/height stay (natural size, readable text); CSS max-width lets it shrink
     head, rest = svg.split(">", 1)
     label = escape(alt)
     return Markup(f'{head} role="img" aria-label="{label}" class="figure"><title>{label}</title>{rest.strip()}')
 
 
-def _new(width: float, height: float, ncols: int = 1) -> tuple["matplotlib.figure.Figure", list]:
-    with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+def _new(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 
 def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, alt: str,
-                higher_is_better: Sequence[bool] | None = None) -> Markup:
+                higher_is_better: Sequence[bool] | None = None, xlabel: str = "severity (0 = clean)",
+                chance: float | None = None) -> Markup:
     """Metric against severity (0 = clean), one panel per (title, y label, series), CI bands shaded.
 
     Points whose drop from clean is significant are drawn as filled markers with a dark edge, so
     the marking survives greyscale printing.
     """
-    with plt.rc_context(_STYLE):
-        fig, axes = _new(3.4 * len(panels), 2.9, len(panels))
+    with matplotlib.rc_context(_STYLE):
+        fig, axes = _new(3.9 * len(panels), 3.2, len(panels))
         for p, (ax, (title, ylabel, series)) in enumerate(zip(axes, panels)):
             for i, s in enumerate(series):
                 st = style(i)
@@ -135,10 +143,12 @@ def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, a
                 if hits:
                     ax.plot([h[0] for h in hits], [h[1] for h in hits], linestyle="none", marker=st["marker"],
                             markersize=5.5, color=st["color"], markeredgecolor="black", markeredgewidth=0.8)
+            if chance is not None:  # e.g. AUROC 0.5: where a detector is no better than a coin
+                ax.axhline(chance, color="#777777", linestyle=":", linewidth=0.9)
             ax.set_title(text(title), fontsize=9)
-            ax.set_xlabel("severity (0 = clean)")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel(text(ylabel))
-            ax.set_xticks(range(0, 6))
+            ax.set_xticks(range(6))
             if higher_is_better is not None:
                 ax.annotate("higher is better" if higher_is_better[p] else "lower is better",
                             xy=(1, 1.0), xycoords="axes fraction", ha="right", va="bottom", fontsize=7, color="#555555")
@@ -151,7 +161,7 @@ def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, a
 
 def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str) -> Markup:
     """Reliability diagram: accuracy against confidence per bin, one line per scenario, diagonal = perfect."""
-    with plt.rc_context(_STYLE):
+    with matplotlib.rc_context(_STYLE):
         fig, (ax,) = _new(4.4, 4.4)
         ax.plot([0, 1], [0, 1], color="#888888", linewidth=0.8, linestyle=":", label="perfect calibration")
         for i, (label, bins) in enumerate(curves):
@@ -171,14 +181,14 @@ def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("confidence (bin mean)")
         ax.set_ylabel("accuracy (bin mean)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=1)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=1)
         fig.tight_layout()
     return to_svg(fig, key, alt)
 
 
 def forest(rows: Sequence[Interval], xlabel: str, key: str, alt: str, reference: float | None = None) -> Markup:
     """Forest plot: one row per group, point estimate with its CI; dashed line at ``reference``."""
-    with plt.rc_context(_STYLE):
+    with matplotlib.rc_context(_STYLE):
         fig, (ax,) = _new(4.8, 0.9 + 0.32 * max(1, len(rows)))
         ys = list(range(len(rows)))[::-1]
         for y, r in zip(ys, rows):

@@ -22,10 +22,12 @@ A row where the positives or the negatives carry zero total weight yields NaN (u
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["auroc", "aupr", "fpr_at_tpr", "fpr95"]
+__all__ = ["auroc", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
 
 # Rows evaluated at once: bounds the [rows, groups] float64 temporaries to ~32 MiB.
 _CHUNK_ELEMENTS = 1 << 22
@@ -44,40 +46,58 @@ def _check(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor)
         raise ValueError("scores contain NaN; drop undefined samples (and their weights) first")
 
 
-def _grouped(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor]:
-    """Weighted positive and negative mass per distinct score, in *descending* score order.
-
-    Returns ``(P, Q)``, both ``[R, G]`` float64, where ``G`` is the number of distinct scores.
-    """
-    device = w_pos.device
+def _groups(scores_pos: Tensor, scores_neg: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort once: ``(order, is_pos[order], last index of each distinct-score group)``, descending scores."""
     scores = torch.cat([scores_pos, scores_neg]).to(device=device, dtype=torch.float64)
-    n_pos = scores_pos.shape[0]
     order = torch.argsort(scores, descending=True, stable=True)
     sorted_scores = scores[order]
-    # Group id of each sorted sample: a new group starts wherever the score changes.
-    starts = torch.ones_like(sorted_scores, dtype=torch.bool)
+    # A group ends wherever the next score differs (ties cross every threshold together).
+    ends = torch.ones_like(sorted_scores, dtype=torch.bool)
     if sorted_scores.numel() > 1:
-        starts[1:] = sorted_scores[1:] != sorted_scores[:-1]
-    group_sorted = torch.cumsum(starts.to(torch.int64), 0) - 1
-    groups = torch.empty_like(group_sorted)
-    groups[order] = group_sorted  # group of every original sample
-    n_groups = int(group_sorted[-1]) + 1 if sorted_scores.numel() else 0
-    rows = w_pos.shape[0]
-    P = torch.zeros(rows, n_groups, dtype=torch.float64, device=device)
-    Q = torch.zeros(rows, n_groups, dtype=torch.float64, device=device)
-    P.index_add_(1, groups[:n_pos], w_pos.to(torch.float64))
-    Q.index_add_(1, groups[n_pos:], w_neg.to(device=device, dtype=torch.float64))
+        ends[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    is_pos = (order < scores_pos.shape[0])
+    return order, is_pos, torch.nonzero(ends).squeeze(1)
+
+
+def _masses(sort: tuple[Tensor, Tensor, Tensor], w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted positive and negative mass per group: ``(P, Q)``, both ``[R, G]`` float64.
+
+    Gathering the weight columns into score order and taking cumulative sums at the group ends is
+    contiguous work (a column ``index_add_`` is several times slower on CPU).
+    """
+    order, is_pos, ends = sort
+    device = order.device
+    w = torch.cat([w_pos.to(device=device, dtype=torch.float64), w_neg.to(device=device, dtype=torch.float64)], 1)
+    w = w[:, order]
+    pos = torch.where(is_pos, w, 0.0).cumsum(1)[:, ends]
+    neg = torch.where(is_pos, 0.0, w).cumsum(1)[:, ends]
+    P = torch.diff(pos, dim=1, prepend=torch.zeros_like(pos[:, :1]))
+    Q = torch.diff(neg, dim=1, prepend=torch.zeros_like(neg[:, :1]))
     return P, Q
 
 
-def _chunked(fn, scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
+def _grouped(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor]:
+    """``(P, Q)`` of :func:`_masses` for one set of weight rows (sorting included)."""
+    return _masses(_groups(scores_pos, scores_neg, w_pos.device), w_pos, w_neg)
+
+
+def _chunked_many(fns: dict[str, Callable[[Tensor, Tensor], Tensor]], scores_pos: Tensor, scores_neg: Tensor,
+                  w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
+    """Evaluate several metrics from one sort, in chunks of rows that bound the temporaries."""
     _check(scores_pos, scores_neg, w_pos, w_neg)
-    n = scores_pos.shape[0] + scores_neg.shape[0]
-    rows = w_pos.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    out = [fn(*_grouped(scores_pos, scores_neg, w_pos[s : s + step], w_neg[s : s + step]))
-           for s in range(0, rows, step)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+    sort = _groups(scores_pos, scores_neg, w_pos.device)
+    step = max(1, _CHUNK_ELEMENTS // max(sort[0].numel(), 1))
+    out: dict[str, list[Tensor]] = {k: [] for k in fns}
+    for s in range(0, w_pos.shape[0], step):
+        P, Q = _masses(sort, w_pos[s : s + step], w_neg[s : s + step])
+        for k, fn in fns.items():
+            out[k].append(fn(P, Q))
+    return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in out.items()}
+
+
+def _chunked(fn: Callable[[Tensor, Tensor], Tensor], scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor,
+             w_neg: Tensor) -> Tensor:
+    return _chunked_many({"v": fn}, scores_pos, scores_neg, w_pos, w_neg)["v"]
 
 
 def _auroc(P: Tensor, Q: Tensor) -> Tensor:
@@ -152,3 +172,9 @@ def fpr_at_tpr(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Ten
 def fpr95(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
     """:func:`fpr_at_tpr` at 95 % TPR (lower is better)."""
     return fpr_at_tpr(scores_pos, scores_neg, w_pos, w_neg, 0.95)
+
+
+def detection_measures(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
+    """``auroc``, ``aupr`` and ``fpr95`` together (one sort and one pass over the weight rows)."""
+    return _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda P, Q: _fpr_at(P, Q, 0.95)},
+                         scores_pos, scores_neg, w_pos, w_neg)

@@ -13,6 +13,7 @@ warnings) only ever reach the templates as plain ``str`` and are escaped there.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,8 @@ CALIBRATION_METRICS = ("ece", "ace", "mce", "classwise_ece", "brier", "nll")
 OOD_STATS = (("auroc", "AUROC"), ("aupr", "AUPR"), ("fpr95", "FPR@95%TPR"))
 MISSING = "(missing)"  # medaudit.data.MISSING: how loaders count absent metadata values
 PLUGIN_FAILURE = "Error importing plugin "  # prefix of medaudit.plugin_manager.LoadFailure.message
+# medaudit.shift's warnings for a detector it had to leave out ("ood: detector 'knn' skipped: …")
+_DETECTOR_SKIPPED = re.compile(r"ood: detector '([^']+)' (?:skipped|needs)")
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -41,7 +44,8 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        text = f"{value:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
     return str(value)
 
 
@@ -56,7 +60,7 @@ def fmt_ci(est: dict[str, Any] | None, digits: int = 3) -> str:
 def fmt_p(p: float | None) -> str:
     if p is None:
         return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return "<\u00a00.001" if p < 0.001 else f"{p:.3f}"
 
 
 def label(key: str) -> str:
@@ -160,9 +164,12 @@ def detectors(r: dict[str, Any]) -> list[str]:
 
 
 def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
+    # rank by the primary metric only: mixing metrics would let F1 and accuracy of one scenario
+    # compete, and readers compare findings against the primary metric's curves
+    primary = primary_metric(r)
     drops = []
     for s in r["scenarios"]:
-        for key in PRIMARY_METRICS:
+        for key in [primary] if primary else []:
             d = s.get("drop", {}).get(key)
             if d and d.get("significant") and d.get("value") is not None and d["value"] > 0:
                 drops.append((d["value"], key, s["id"], s.get("perturbation") or s["id"], d))
@@ -173,27 +180,33 @@ def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
         if pert in seen:
             continue
         seen.add(pert)
-        out.append(f"{label(key).capitalize()} drops by {value:.3f} (CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])}) "
-                   f"under {sid}.")
+        clean = _clean(r)
+        before = _value(clean["metrics"].get(key)) if clean else None
+        after = _value(next(s for s in r["scenarios"] if s["id"] == sid)["metrics"].get(key))
+        out.append(f"{label(key).capitalize()} drops from {fmt(before)} to {fmt(after)} under {sid} "
+                   f"(a drop of {value:.3f}, CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])}).")
         if len(out) >= limit:
             break
     if not drops and _perturbed(r):
-        out.append("No perturbation caused a statistically significant drop in accuracy, AUROC or F1.")
+        out.append(f"No perturbation caused a statistically significant drop in {label(primary or 'the primary metric')}.")
     return out
 
 
 def _subgroup_finding(r: dict[str, Any]) -> str | None:
     gaps = [g for g in r.get("analyses", {}).get("subgroup_gaps", []) or []
-            if g.get("scenario") == "clean" and g.get("gap", {}).get("value") is not None]
+            if (g.get("gap") or {}).get("value") is not None]
     primary = primary_metric(r)
-    if gaps:
-        sig = [g for g in gaps if g.get("significant")]
-        pool = sig or [g for g in gaps if g.get("metric") == primary] or gaps
-        g = max(pool, key=lambda g: (g["gap"]["value"], g["attribute"], g["metric"]))
+    clean = [g for g in gaps if g.get("scenario", "clean") == "clean"]
+    pools = ([g for g in clean if g.get("significant")], [g for g in gaps if g.get("significant")],
+             [g for g in clean if g.get("metric") == primary], clean)
+    pool = next((p for p in pools if p), None)
+    if pool:
+        g = max(pool, key=lambda g: (g["gap"]["value"], g.get("scenario", ""), g["attribute"], g["metric"]))
+        where = "clean data" if g.get("scenario", "clean") == "clean" else g["scenario"]
         tail = (f"significant after correction (adjusted p {fmt_p(g.get('p_adjusted'))})" if g.get("significant")
                 else "not statistically significant")
         best = f" than for {g['best_group']}" if g.get("best_group") else " than for the best group"
-        return (f"Worst subgroup on clean data: {g['attribute']} = {g['worst_group']}, whose {label(g['metric'])} "
+        return (f"Worst subgroup on {where}: {g['attribute']} = {g['worst_group']}, whose {label(g['metric'])} "
                 f"({fmt(g.get('worst_value'))}) is {fmt(g['gap']['value'])} worse{best}; {tail}.")
     rows = [s for s in r.get("subgroups", []) if s["scenario"] == "clean" and not s.get("too_small")
             and _value(s["metrics"].get(primary or "")) is not None]
@@ -298,12 +311,18 @@ def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
 
 
 def params_table(r: dict[str, Any]) -> Table:
+    """One row per (perturbation, parameter), one column per audited severity: mean (min – max)."""
+    severities = sorted({s["severity"] for s in _perturbed(r)})
     t = Table("Parameters actually sampled per scenario (random perturbations draw per sample within the "
-              "severity's range): minimum, mean and maximum over the samples.",
-              ["Scenario", "Parameter", "Min", "Mean", "Max"])
+              "severity's range): mean over the samples, with the minimum and maximum in parentheses.",
+              ["Perturbation", "Parameter"] + [f"Severity {k}" for k in severities])
+    cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     for s in _perturbed(r):
-        for name, p in sorted(s.get("params", {}).items()):
-            t.rows.append(Row([s["id"], name, fmt(p["min"], 4), fmt(p["mean"], 4), fmt(p["max"], 4)]))
+        for name, p in s.get("params", {}).items():
+            cells[(s["perturbation"], name)][s["severity"]] = (
+                fmt(p["mean"], 3) if p["min"] == p["max"] else f"{fmt(p['mean'], 3)} ({fmt(p['min'], 3)} – {fmt(p['max'], 3)})")
+    for (pert, name), by_sev in sorted(cells.items()):
+        t.rows.append(Row([pert, name] + [by_sev.get(k, "–") for k in severities]))
     return t
 
 
@@ -411,15 +430,20 @@ def reliability_figure(r: dict[str, Any], worst: int = 3) -> Figure | None:
     if not clean or "reliability" not in clean.get("curves", {}):
         return None
     scored = [s for s in _perturbed(r) if "reliability" in s.get("curves", {}) and _value(s["metrics"].get("ece")) is not None]
-    chosen = sorted(scored, key=lambda s: (-s["metrics"]["ece"]["value"], s["id"]))[:worst]
+    # the worst scenario of each perturbation, then the worst perturbations: three severities of
+    # one perturbation would say less than three different failure modes
+    by_pert: dict[str, dict[str, Any]] = {}
+    for s in sorted(scored, key=lambda s: (-s["metrics"]["ece"]["value"], s["id"])):
+        by_pert.setdefault(s["perturbation"], s)
+    chosen = sorted(by_pert.values(), key=lambda s: (-s["metrics"]["ece"]["value"], s["id"]))[:worst]
     curves = [(f"clean (ECE {fmt(_value(clean['metrics'].get('ece')))})", clean["curves"]["reliability"]["bins"])]
     curves += [(f"{s['id']} (ECE {fmt(s['metrics']['ece']['value'])})", s["curves"]["reliability"]["bins"]) for s in chosen]
     kind = clean["curves"]["reliability"].get("kind", "top-label")
     alt = ("Reliability diagram (" + kind + "): bin accuracy against bin confidence for "
            + ", ".join(c[0] for c in curves) + "; the dotted diagonal is perfect calibration.")
     svg = figures.reliability(curves, "reliability", alt)
-    return Figure(svg, f"Reliability diagram ({kind}) of clean data and the {len(chosen)} perturbed scenarios with the "
-                       "highest ECE. Points below the diagonal are over-confident; marker area is proportional to "
+    return Figure(svg, f"Reliability diagram ({kind}) of clean data and of the {len(chosen)} perturbations with the "
+                       "highest ECE, each at its worst severity. Points below the diagonal are over-confident; marker area is proportional to "
                        "the number of samples in the bin.")
 
 
@@ -436,7 +460,7 @@ def temperature_table(r: dict[str, Any]) -> tuple[Table, str]:
         temp_text = ", ".join(fmt(x) for x in temp)
     else:
         temp_text = fmt(temp)
-    method = f"{ts['method']}. Fitted temperature T = {temp_text}." if ts else ""
+    method = f"{ts['method'][:1].upper()}{ts['method'][1:]}. Fitted temperature T = {temp_text}." if ts else ""
     return t, method
 
 
@@ -474,12 +498,13 @@ def ood_views(r: dict[str, Any], confidence: str) -> tuple[Table, Figure | None,
         if panels:
             alt = ("Shift-detection AUROC against severity per detector (" + ", ".join(dets) + "), one panel per suite ("
                    + ", ".join(p[0] for p in panels) + "), averaged over the suite's perturbations.")
-            fig = Figure(figures.degradation(panels, "ood", alt, [True] * len(panels)),
-                         "Detector AUROC against severity, averaged over each suite's perturbations. results.json keeps "
+            fig = Figure(figures.degradation(panels, "ood", alt, [True] * len(panels), xlabel="severity", chance=0.5),
+                         "Detector AUROC against severity, averaged over each suite's perturbations; the dotted line is chance "
+                         "(0.5). results.json keeps "
                          "no per-sample scores, so ROC curves cannot be drawn from it; this summary replaces them "
                          "(run with --save-predictions to keep the scores).")
     fd_keys = sorted({k for s in r["scenarios"] for k in s.get("failure_detection", {})})
-    fd = Table(f"Failure detection: AUROC of each score at separating the model's wrong predictions from its correct "
+    fd = Table(f"Failure detection: AUROC of each detector's score at separating the model's wrong predictions from its correct "
                f"ones, per scenario ({confidence} CIs; higher is better).", ["Scenario"] + [label(k) for k in fd_keys])
     for s in r["scenarios"]:
         if s.get("failure_detection"):
@@ -523,12 +548,22 @@ def subgroup_views(r: dict[str, Any], primary: str | None, confidence: str) -> t
               "p-value is below alpha.",
               ["Scenario", "Attribute", "Metric", "Gap [CI]", "Worst group", "Worst value", "Ratio", "p", "p adjusted",
                "Significant"])
-    for g in sorted(gaps_all, key=lambda g: (g.get("scenario") != "clean", g.get("scenario", ""), g["attribute"],
-                                             g["metric"])):
+    # the headline metrics, plus every significant gap whatever its metric: the full list (all
+    # metrics × attributes × scenarios) is in results.json and would bury the signal
+    headline = set(r.get("analyses", {}).get("subgroup_settings", {}).get("headline_metrics") or [])
+    headline |= {k for k in (primary, "ece") if k}
+    shown = [g for g in gaps_all if g.get("metric") in headline or g.get("significant")]
+    for g in sorted(shown, key=lambda g: (g.get("scenario", "clean") != "clean", g.get("scenario", ""),
+                                          g["attribute"], g["metric"])):
         t.rows.append(Row([g.get("scenario", "clean"), g["attribute"], label(g["metric"]), fmt_ci(g.get("gap")),
                            str(g.get("worst_group", "–")), fmt(g.get("worst_value")), fmt(g.get("ratio")),
                            fmt_p(g.get("p_value")), fmt_p(g.get("p_adjusted")), fmt(bool(g.get("significant")))],
                           "drop" if g.get("significant") else ""))
+    if len(shown) < len(gaps_all):
+        notes_hidden = len(gaps_all) - len(shown)
+        t.caption += (f" Shown: the headline metrics ({', '.join(label(k) for k in sorted(headline))}) and every "
+                      f"significant gap; {notes_hidden} further non-significant gaps are listed in results.json "
+                      "(analyses.subgroup_gaps).")
     return figs, t, notes
 
 
@@ -569,7 +604,10 @@ def derived_notes(r: dict[str, Any]) -> list[str]:
             notes.append("Configured OOD detectors that produced no results: " + ", ".join(missing) + ".")
     elif not ran:
         notes.append("No OOD or shift detector produced results; the OOD section is empty.")
-    failed = [w[len(PLUGIN_FAILURE):].split(" (from", 1)[0] for w in r["warnings"] if w.startswith(PLUGIN_FAILURE)]
+    skipped = sorted({m.group(1) for w in r["warnings"] if (m := _DETECTOR_SKIPPED.match(w))})
+    if skipped:
+        notes.append("OOD detectors that could not run (reasons in the warnings above): " + ", ".join(skipped) + ".")
+    failed = [w[len(PLUGIN_FAILURE):].split(" (from", 1)[0].strip('"') for w in r["warnings"] if w.startswith(PLUGIN_FAILURE)]
     if failed:
         notes.append("Plugins that failed to load (their perturbations, metrics, detectors or analyses are absent "
                      "from this report): " + ", ".join(failed) + ".")

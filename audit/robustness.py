@@ -32,7 +32,7 @@ always defined) carries the information instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from .outputs import Scenario

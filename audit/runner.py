@@ -3,9 +3,18 @@
 The unit of work is pure: :func:`run_shard` maps (scenarios, a contiguous shard of sample
 indices) to per-sample outputs, and shards merge by concatenation in index order. Each batch of
 a shard is read and decoded once and reused for every scenario (perturbed on the device).
-Randomness is keyed by (seed, perturbation, severity, sample index) through
-:mod:`medaudit.rng`, so outputs do not depend on batch size, shard size or device order, and a
-completed shard can be cached and reused by ``--resume`` without changing the results.
+
+Outputs do not depend on the batch size, the shard size or the order in which shards run:
+
+* randomness is keyed by (seed, perturbation, severity, sample index) through :mod:`medaudit.rng`;
+* the model is called on fixed-size chunks of ``audit.model_batch_size`` samples aligned to the
+  sample index (the last chunk zero-padded), because convolution kernels pick different
+  algorithms — and round differently — for different batch shapes. Sample ``i`` is therefore
+  always computed at position ``i % M`` of a chunk holding the same neighbours, and its
+  outputs are bit-identical whatever ``--batch-size`` (which only sets how many samples are
+  loaded and perturbed at once, rounded up to a multiple of the chunk).
+
+A completed shard can be cached and reused by ``--resume`` without changing the results.
 No report or results I/O happens here.
 """
 
@@ -112,6 +121,7 @@ class ForwardSpec:
     device: torch.device
     precision: str = "fp32"
     detectors: Sequence[Detector] = ()
+    model_batch_size: int = 32
 
 
 def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
@@ -128,6 +138,21 @@ def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: 
         return x, {}
     keys = sample_keys(stream_key(seed, scenario.perturbation, scenario.severity), indices)
     return perturbation(x, scenario.severity, SampleRNG(keys))
+
+
+def chunked_forward(extract: Extractor, x: Tensor, chunk: int) -> tuple[Tensor, Tensor | None]:
+    """Call the model on fixed-size chunks of ``x`` (zero-padding the last) and concatenate."""
+    n = x.shape[0]
+    pad = (-n) % chunk
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    outs, feats = [], []
+    for i in range(0, x.shape[0], chunk):
+        out, f = extract(x[i:i + chunk])
+        outs.append(out)
+        if f is not None:
+            feats.append(f)
+    return torch.cat(outs)[:n], (torch.cat(feats)[:n] if feats else None)
 
 
 def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, scenarios: Sequence[Scenario],
@@ -152,7 +177,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
             xp, p = perturb_batch(x, idx, scenario, pert, spec.seed)
             xn = (xp.float() - spec.mean) / spec.std
             with _autocast(spec):
-                out, feats = spec.extract(xn)
+                out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
             out = out.float()
             check_model_output(out, scenario.id)
             probs[scenario.id].append(outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
@@ -232,8 +257,7 @@ class ShardCache:
     """
 
     def __init__(self, root: Path, fingerprint: str) -> None:
-        self.dir = root / fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = root / fingerprint  # created by the first save, so a run that fails early leaves nothing
 
     @staticmethod
     def fingerprint(parts: dict[str, object]) -> str:
@@ -247,6 +271,8 @@ class ShardCache:
         if not path.exists():
             return None
         arrays: dict[str, np.ndarray] = dict(np.load(path, allow_pickle=False))
+        if any(k.startswith("probs|") and len(v) != stop - start for k, v in arrays.items()):
+            return None  # written with another shard layout: recompute rather than misalign
         out = ShardOutputs(start, stop, probs={}, embeddings={}, params={}, seconds={})
         for key, arr in arrays.items():
             kind, _, rest = key.partition("|")
@@ -273,6 +299,7 @@ class ShardCache:
         for sid, pp in shard.params.items():
             for name, t in pp.items():
                 arrays[f"param|{sid}|{name}"] = t.numpy()
+        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._path(shard.start).with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(self._path(shard.start))
@@ -320,11 +347,15 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     mean = torch.tensor(config.input.mean, dtype=torch.float32).expand(channels).reshape(shape).to(device)
     std = torch.tensor(config.input.std, dtype=torch.float32).expand(channels).reshape(shape).to(device)
     pin = device.type == "cuda"
-    first_x, _ = next(iterate_batches(dataset, 0, min(n, config.audit.batch_size), config.audit.batch_size, 0, False))
+    chunk = config.audit.model_batch_size
+    # Loader batches and shards are multiples of the model chunk so chunks stay aligned to sample indices.
+    batch_size = -(-config.audit.batch_size // chunk) * chunk
+    shard_size = -(-shard_size // chunk) * chunk
+    first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
-                       config.audit.seed, device, config.audit.precision, detectors)
+                       config.audit.seed, device, config.audit.precision, detectors, chunk)
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)
@@ -336,7 +367,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             resumed += 1
             bar.advance(stop - start)
             continue
-        batches = iterate_batches(dataset, start, stop, config.audit.batch_size, config.audit.num_workers, pin)
+        batches = iterate_batches(dataset, start, stop, batch_size, config.audit.num_workers, pin)
         with torch.inference_mode():
             shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
         if cache is not None:

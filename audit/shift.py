@@ -30,9 +30,9 @@ from torch import Tensor
 
 from .bootstrap import interval
 from .detector import Detector
-from .ood_metrics import aupr, auroc, fpr95
+from .ood_metrics import auroc, detection_measures
 
-__all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors"]
+__all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors", "evaluate_external"]
 
 Interval = dict[str, float | None]
 
@@ -173,13 +173,74 @@ def evaluate_detectors(
         result.scores[name] = scores.float()
         for s, sid in enumerate(scenario_ids):
             if s != clean:
-                pos, neg = scores[s], scores[clean]
-                result.ood.setdefault(sid, {})[name] = {
-                    "auroc": interval(auroc(pos, neg, weights, weights), confidence),
-                    "aupr": interval(aupr(pos, neg, weights, weights), confidence),
-                    "fpr95": interval(fpr95(pos, neg, weights, weights), confidence),
-                }
+                measures = detection_measures(scores[s], scores[clean], weights, weights)
+                result.ood.setdefault(sid, {})[name] = {k: interval(v, confidence) for k, v in measures.items()}
             if not multilabel:
                 result.failure_detection.setdefault(sid, {})[name] = interval(
                     _failure_auroc(scores[s], probs[s], labels, weights), confidence)
     return result
+
+
+def evaluate_external(
+    detectors: Sequence[Detector],
+    embeddings: dict[str, Tensor],
+    labels: Tensor,
+    clean_scores: dict[str, Tensor],
+    external: dict[str, Tensor],
+    weights: Tensor,
+    external_weights: Tensor,
+    confidence: float,
+    seed: int,
+    reference: dict[str, Tensor] | None = None,
+    reference_labels: Tensor | None = None,
+    output_kind: str = "logits",
+) -> tuple[dict[str, dict[str, Interval]], dict[str, Tensor]]:
+    """OOD measures of an external data set (``--ood-data``): its samples against the clean ones.
+
+    Every score comes from a detector fitted on half the clean data, as in
+    :func:`evaluate_detectors`: external sample ``j`` is scored by the detector fitted on half A
+    when ``j`` is even and on half B when odd, so positives and negatives are scored by the same
+    two fitted detectors (or, with ``reference``, by the one detector fitted on it). The two sets
+    are resampled independently (``weights`` ``[1 + R, N]`` for clean, ``external_weights``
+    ``[1 + R, M]`` for the external set).
+
+    Parameters
+    ----------
+    embeddings : detector name -> clean embeddings ``[N, D]``
+    clean_scores : detector name -> clean scores ``[N]`` (cross-fitted, from :func:`evaluate_detectors`);
+        only detectors present here are evaluated.
+    external : detector name -> external embeddings ``[M, D]``
+
+    Returns
+    -------
+    (measures, scores): detector name -> {``auroc``, ``aupr``, ``fpr95``} intervals, and
+    detector name -> external scores ``[M]``.
+    """
+    measures: dict[str, dict[str, Interval]] = {}
+    scores: dict[str, Tensor] = {}
+    weights, external_weights = weights.double().cpu(), external_weights.double().cpu()
+    for det in detectors:
+        name = det.name
+        if name not in clean_scores or name not in external:
+            continue
+        ext = external[name]
+        det = copy.deepcopy(det)
+        if hasattr(det, "output_kind"):
+            det.output_kind = output_kind  # type: ignore[attr-defined]
+        if reference is not None and name in reference:
+            fitted = copy.deepcopy(det)
+            ref_labels = reference_labels if reference_labels is not None else torch.zeros(reference[name].shape[0], dtype=torch.long)
+            fitted.fit(reference[name], ref_labels)
+            pos = fitted.score(ext).double().cpu()
+        else:
+            a, b = cross_fit_halves(embeddings[name].shape[0], seed)
+            pos = torch.empty(ext.shape[0], dtype=torch.float64)
+            for parity, fit_idx in ((0, a), (1, b)):
+                fitted = copy.deepcopy(det)
+                fitted.fit(embeddings[name][fit_idx], labels[fit_idx])
+                pos[parity::2] = fitted.score(ext[parity::2]).double().cpu()
+        neg = clean_scores[name].double()
+        values = detection_measures(pos, neg, external_weights, weights)
+        measures[name] = {k: interval(v, confidence) for k, v in values.items()}
+        scores[name] = pos.float()
+    return measures, scores

@@ -25,6 +25,7 @@ edge length it supports) and is checked at that size instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import functools
@@ -118,7 +119,7 @@ def subject(obj: Any, **options: Any) -> Subject:
     """Wrap ``obj`` with check options.
 
     :param xfail: ``{check name: reason}`` of checks expected to fail.
-    :param device: where tensors are created (``"cpu"``, ``"cuda"``); the host-sync check runs on CUDA only.
+    :param device: where tensors are created (``"cpu"``, ``"cuda"``): every check runs there.
     :param images: perturbations: real images ``{2: [B, C, H, W], 3: [B, C, D, H, W]}`` in ``[0, 1]``
         used, besides the phantom, by the severity check.
     :param tasks: metrics: tasks to check (default: the metric's ``tasks``).
@@ -407,7 +408,7 @@ def _perturbation_checks(sub: Subject) -> Iterator[Check]:
 def check_perturbation_declaration(obj: type[Perturbation] | Perturbation) -> None:
     """Name ``<suite>.<what>``, known modalities, a summary and dims within (2, 3)."""
     cls = obj if isinstance(obj, type) else type(obj)
-    assert isinstance(obj, type) or isinstance(obj, Perturbation), f"{obj!r} is not a Perturbation"
+    assert isinstance(obj, (type, Perturbation)), f"{obj!r} is not a Perturbation"
     assert issubclass(cls, Perturbation), f"{cls.__qualname__} does not subclass medaudit.perturbation.Perturbation"
     name, suite = getattr(cls, "name", None), getattr(cls, "suite", None)
     assert isinstance(name, str) and isinstance(suite, str) and name.startswith(suite + "."), (
@@ -603,25 +604,47 @@ def check_perturbation_inference_mode(obj: type[Perturbation] | Perturbation, di
     assert torch.equal(y_ref, y_inf), "the result under torch.inference_mode() differs from the result outside it"
 
 
+#: Tensor methods that copy a value to the host (on CUDA: wait for the device), or make a shape
+#: depend on data. Patched during the host-sync check to record calls.
+_HOST_SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "nonzero", "unique")
+
+
+@contextlib.contextmanager
+def _record_host_syncs() -> Iterator[list[str]]:
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_SYNC_METHODS}
+
+    def spy(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            frame = traceback.extract_stack(limit=2)[0]
+            calls.append(f"Tensor.{name}() at {Path(frame.filename).name}:{frame.lineno}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, spy(name, original))
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def check_perturbation_no_host_sync(obj: type[Perturbation] | Perturbation, dims: int, device: str = "cpu") -> None:
-    """No host round trip (``.item()``, ``.cpu()``, data-dependent shapes) on a CUDA device."""
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        raise SkipCheck("host synchronisation is only observable on a CUDA device (pass device='cuda')")
+    """No host round trip in ``sample``/``apply``: ``.item()``, ``.tolist()``, ``.cpu()``,
+    ``.numpy()``, ``bool()/float()/int()`` of a tensor, or data-dependent shapes (``nonzero``,
+    ``unique``). Each one stalls the GPU pipeline once per batch.
+
+    Detected by recording calls of those tensor methods, so it runs on any device. (CUDA's sync
+    debug mode would also flag harmless host-to-device copies of Python scalars, e.g.
+    ``torch.as_tensor(0.5, device="cuda")``.)
+    """
     pert = _instance(obj)
     x = phantom(2, dims, _size_for(pert, dims), device=device)
     keys = _keys(2, "sync", device)
-    pert(x, 3, SampleRNG(keys))  # warm-up: lazy CUDA initialisation (cuFFT plans, ...) may sync once
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _record_host_syncs() as calls:
         pert(x, 3, SampleRNG(keys))
-    except RuntimeError as exc:
-        if "synchroniz" in str(exc).lower():
-            raise AssertionError(f"a host round trip happened during sample()/apply(): {exc}") from None
-        raise
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    assert not calls, "host round trips in sample()/apply(): " + "; ".join(dict.fromkeys(calls))
 
 
 # ---------------------------------------------------------------------------------------------

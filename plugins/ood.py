@@ -297,8 +297,11 @@ def spectral_signature(features: Tensor) -> Tensor:
     """
     if features.ndim < 3:
         return torch.full((features.shape[0], 1), float("nan"), dtype=torch.float32, device=features.device)
-    mats = features.float().flatten(2)
-    s = torch.linalg.svdvals(mats)  # batched over B
+    mats = features.double().flatten(2)
+    # σ² are the eigenvalues of the smaller Gram matrix F Fᵀ (or Fᵀ F): a batched symmetric
+    # eigensolve is 2-3x faster than a batched SVD on CPU; float64 keeps small σ accurate.
+    gram = mats @ mats.transpose(1, 2) if mats.shape[1] <= mats.shape[2] else mats.transpose(1, 2) @ mats
+    s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0).sqrt().float()
     s = s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
     return torch.log(s.clamp_min(_SPECTRAL_FLOOR))
 
@@ -359,7 +362,7 @@ class Spectral(Detector):
 
 @hookimpl
 def medaudit_detectors(config: Config) -> list[Detector]:
-    """The built-in detectors; ``audit.energy_temperature`` / ``audit.knn_k`` are read when present."""
-    temperature = getattr(config.audit, "energy_temperature", None) or 1.0
-    k = getattr(config.audit, "knn_k", None) or 50
+    """The built-in detectors, with ``audit.energy_temperature`` and ``audit.knn_k`` from the config."""
+    temperature = config.audit.energy_temperature
+    k = config.audit.knn_k
     return [MSP(), MaxLogit(), Energy(temperature), Entropy(), Mahalanobis(), KNN(k), Spectral()]

@@ -26,6 +26,7 @@ once with group sums (:func:`headline_rows`) so that the analysis stays within s
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import numbers
 import zlib
@@ -35,12 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
+from torch import Tensor
 
 from .calibration import bin_index, ece_mce_ace_from_bins, equal_width_edges, top_label
 from .classification import auroc_from_sums, class_names, safe_div, tie_groups
@@ -104,7 +104,7 @@ def format_number(x: float) -> str:
 def bin_labels(edges: Sequence[float]) -> list[str]:
     """Labels of the ``len(edges) + 1`` half-open bins ``(-inf, e0)``, ``[e0, e1)``, …, ``[en, inf)``."""
     e = [format_number(x) for x in edges]
-    return [f"(-inf, {e[0]})"] + [f"[{a}, {b})" for a, b in zip(e[:-1], e[1:])] + [f"[{e[-1]}, inf)"]
+    return [f"(-inf, {e[0]})"] + [f"[{a}, {b})" for a, b in itertools.pairwise(e)] + [f"[{e[-1]}, inf)"]
 
 
 def _category_label(value: Any) -> str:
@@ -353,7 +353,7 @@ def headline_rows(
 
 def _headline_chunk(probs: Tensor, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
                     ctx: MetricContext, keys: Sequence[str], rates: bool) -> dict[str, Tensor]:
-    r, (m, k) = w.shape[0], probs.shape
+    r, k = w.shape[0], probs.shape[1]
     w = w.to(torch.float64)
     labels = labels.to(torch.int64)
     pred = (probs[:, 1] >= ctx.threshold).to(torch.int64) if ctx.task == "binary" else probs.argmax(dim=1)
@@ -468,7 +468,8 @@ class Permutations:
 
     def __init__(self, codes: Tensor, n_perm: int, seed: int) -> None:
         self.codes, self.n_perm, self.seed = codes, n_perm, seed
-        self.chunk = max(1, (1 << 22) // max(1, codes.numel()))
+        # 1M codes per chunk: the generic path expands a chunk to G indicator rows of float64
+        self.chunk = max(1, (1 << 20) // max(1, codes.numel()))
         self._cache: list[Tensor] | None = None
         if n_perm <= self.chunk:
             self._cache = list(self._draw())
@@ -508,6 +509,21 @@ def analysed_scenarios(scenarios: Sequence[Scenario]) -> list[tuple[int, Scenari
     return chosen + sorted(worst.values(), key=lambda t: t[0])
 
 
+def measured_headline(outputs: AuditOutputs, scenario_index: int) -> list[str]:
+    """The :data:`HEADLINE` keys that the audit's metrics emit (one point-estimate evaluation).
+
+    Perturbed scenarios report only these, so a subgroup table never shows a metric that the
+    audit itself was not configured to compute (e.g. ECE without the calibration plugin).
+    """
+    n = outputs.probs.shape[1]
+    if n == 0:
+        return []
+    ones = torch.ones(1, n)
+    _, raw = evaluate(outputs.metrics, outputs.probs[scenario_index].detach().cpu(), outputs.labels.detach().cpu(),
+                      ones, outputs.ctx, outputs.confidence)
+    return [key for key in HEADLINE if key in raw]
+
+
 def _class_counts(labels: Tensor, names: Sequence[str]) -> dict[str, int]:
     if labels.ndim == 2:  # multilabel: positives per label
         return {names[c]: int(v) for c, v in enumerate(labels.to(torch.int64).sum(dim=0).tolist())}
@@ -539,7 +555,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     scenarios = analysed_scenarios(outputs.scenarios)
     clean_i = next((i for i, sc in scenarios if sc.id == "clean"), None)
     fast = ctx.task in ("binary", "multiclass")
-    headline: list[str] = list(HEADLINE)
+    headline = measured_headline(outputs, clean_i if clean_i is not None else 0)
     subgroups: list[dict[str, Any]] = []
     gaps: list[dict[str, Any]] = []
     settings_attrs: list[dict[str, Any]] = []
@@ -566,11 +582,9 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         for s_index, sc in scenarios:
             probs_e = probs_all[s_index][sel]
             is_clean = s_index == clean_i
-            # clean runs first (analysed_scenarios), so `headline` is already what the audit measures
             rows = _scenario_rows(outputs, probs_e, labels_e, w_e, codes_e, n_e, perms, is_clean, fast, set(headline))
             if is_clean:
                 clean_rows = rows
-                headline = [key for key in HEADLINE if key in rows.boot]  # only what the audit measures
             for g, label in enumerate(attr.groups):
                 subgroups.append(_group_entry(sc, attr, g, label, int(sizes[g]), labels[attr.codes == g], names,
                                               remap, rows, None if is_clean else clean_rows, outputs.confidence,
@@ -607,8 +621,8 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         "min_group_size": cfg.min_group_size,
         "permutations": cfg.permutations,
         "alpha": alpha,
-        "headline_metrics": headline,
-        "perturbed_metrics": "headline" if fast else "headline (generic path)",
+        "clean_metrics": "every metric of the audit",
+        "perturbed_metrics": headline,
         "correction": "holm-bonferroni per scenario",
     }
     return {"subgroups": subgroups, "subgroup_gaps": gaps, "subgroup_settings": settings, "warnings": warnings}

@@ -47,7 +47,7 @@ def _setup(n: int = 23, batch_size: int = 8) -> tuple[Config, ArrayDataset, Load
     cfg = Config.model_validate({
         "task": {"classes": ["a", "b", "c"]},
         "input": {"intensity": {"scaling": "fixed", "max_value": 1.0}},
-        "audit": {"batch_size": batch_size, "seed": 5, "device": "cpu"},
+        "audit": {"batch_size": batch_size, "seed": 5, "device": "cpu", "model_batch_size": 5},
     })
     rng = np.random.default_rng(0)
     images = rng.random((n, 16, 16)).astype(np.float32)
@@ -68,7 +68,7 @@ def test_outputs_do_not_depend_on_batch_or_shard_size() -> None:
     ref = _run(cfg, ds, model)
     assert ref.probs.shape == (3, 23, 3)
     assert torch.allclose(ref.probs.sum(-1), torch.ones(3, 23))
-    for bs, shard in ((1, 2048), (5, 7), (23, 10)):
+    for bs, shard in ((1, 2048), (5, 7), (23, 10), (64, 15)):
         cfg.audit.batch_size = bs
         other = _run(cfg, ds, model, shard_size=shard)
         torch.testing.assert_close(other.probs, ref.probs, rtol=0, atol=1e-6)
@@ -93,6 +93,16 @@ def test_seed_changes_the_perturbation() -> None:
     b = _run(cfg, ds, model)
     torch.testing.assert_close(a.probs[0], b.probs[0])  # clean is unaffected
     assert not torch.equal(a.params["intensity.gamma@5"]["log_gamma"], b.params["intensity.gamma@5"]["log_gamma"])
+
+
+def test_model_is_called_on_aligned_fixed_chunks() -> None:
+    cfg, ds, model = _setup()
+    shapes: list[int] = []
+    net = model.module
+    model.module = lambda x: (shapes.append(x.shape[0]), net(x))[1]
+    cfg.audit.batch_size = 7  # rounded up to 10 (two chunks of 5)
+    _run(cfg, ds, model)
+    assert set(shapes) == {5}  # every call, including the zero-padded last chunk and the dry run
 
 
 def test_resume_reuses_completed_shards(tmp_path: Path) -> None:
@@ -120,8 +130,8 @@ def test_wrong_number_of_outputs_is_explained() -> None:
         _run(cfg, ds, model)
 
 
-class NaNOnThirdCall(nn.Module):
-    """Calls: 1 dry run, 2 clean batch, 3 first perturbed batch -> NaN."""
+class NaNOnFourthCall(nn.Module):
+    """Calls (chunks of 5, batches of 10): 1 dry run, 2-3 clean batch, 4 first perturbed chunk -> NaN."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,12 +140,12 @@ class NaNOnThirdCall(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         out = x.mean(dim=(1, 2, 3))[:, None].repeat(1, 3)
-        return out * float("nan") if self.calls == 3 else out
+        return out * float("nan") if self.calls == 4 else out
 
 
 def test_nan_output_names_the_scenario() -> None:
     cfg, ds, model = _setup()
-    model.module = NaNOnThirdCall()
+    model.module = NaNOnFourthCall()
     with pytest.raises(ModelOutputError, match=r"NaN or Inf outputs in scenario intensity\.gamma@1"):
         _run(cfg, ds, model)
 

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
-from scipy import stats
-from sklearn.metrics import accuracy_score, recall_score
-
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+)
 from medaudit.bootstrap import bootstrap_weights, evaluate
 from medaudit.checks import evaluate_checks
 from medaudit.config import Config, SubgroupConfig
@@ -22,6 +23,8 @@ from medaudit.plugins import subgroups as sg
 from medaudit.plugins.calibration import CalibrationMetrics
 from medaudit.plugins.classification import ClassificationMetrics
 from medaudit.results import SubgroupResult, clean_floats
+from scipy import stats
+from sklearn.metrics import accuracy_score, recall_score
 
 ATOL = 1e-9
 
@@ -222,8 +225,22 @@ def test_multilabel_takes_the_generic_path():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_perturbed_metrics_follow_the_audit_metrics_and_survive_untestable_attributes():
+    rng = np.random.default_rng(4)
+    n = 120
+    y = rng.integers(0, 2, n)
+    scen = [Scenario.clean(), Scenario.perturbed("noise", "s", 4)]
+    meta = {"id": [str(i) for i in range(n)], "site": ["A", "B"] * (n // 2)}  # every id group is too small
+    out = make_outputs([binary_probs(y, rng), binary_probs(y, rng, 0.5)], y, meta, scenarios=scen,
+                       metrics=[ClassificationMetrics()])  # no calibration plugin: no ECE anywhere
+    res = sg.analyze(out, SubgroupConfig(attributes=["id", "site"], permutations=19))
+    assert res["subgroup_settings"]["perturbed_metrics"] == ["accuracy", "balanced_accuracy", "auroc"]
+    assert set(entries(res, "noise@4", "site")["A"]["metrics"]) == {"accuracy", "balanced_accuracy", "auroc"}
+    assert all(e["too_small"] for e in res["subgroups"] if e["attribute"] == "id")
+
+
 def test_perturbations_are_analysed_at_their_highest_severity(binary_audit):
-    outputs, res, _ = binary_audit
+    _, res, _ = binary_audit
     assert res["subgroup_settings"]["scenarios"] == ["clean", "blur@3", "noise@2"]
     assert not [e for e in res["subgroups"] if e["scenario"] == "blur@1"]
     pert = entries(res, "blur@3", "sex")
@@ -463,10 +480,10 @@ def test_hook_output_fits_results_json(binary_audit):
     assert sg.medaudit_analyze(outputs, Config()) is None
 
 
-def test_example_sized_analysis_is_fast():
-    """600 samples, 2 attributes, 18 perturbations x 5 severities, 200 resamples and permutations."""
-    import time
+def test_example_sized_analysis_covers_highest_severities():
+    """600 samples, 2 attributes, 18 perturbations x 5 severities, 200 resamples and permutations.
 
+    (Speed is measured by benchmarks, not asserted here.)"""
     rng = np.random.default_rng(0)
     n, k = 600, 3
     y = rng.integers(0, k, n)
@@ -474,9 +491,17 @@ def test_example_sized_analysis_is_fast():
     probs = [multiclass_probs(y, k, rng)] * len(scen)
     meta = {"hemisphere": list(rng.choice(["left", "right"], n)), "level": list(rng.choice(["inf", "mid", "sup"], n))}
     out = make_outputs(probs, y, meta, "multiclass", scen, n_boot=200)
-    start = time.process_time()
     res = sg.analyze(out, SubgroupConfig(attributes=["hemisphere", "level"], permutations=200))
-    elapsed = time.process_time() - start
     assert len({e["scenario"] for e in res["subgroups"]}) == 19
-    assert elapsed < 10, elapsed
     assert not math.isnan(gap(res, "auroc", "p17@5", "level")["gap"]["value"])
+
+
+def test_large_permutation_draws_are_chunked_and_reproducible():
+    codes = torch.arange(2000) % 3
+    perms = sg.Permutations(codes, 600, seed=9)
+    first = torch.cat(list(perms))
+    assert perms._cache is None and len(list(perms)) > 1  # regenerated chunk by chunk, not held
+    assert torch.equal(first, torch.cat(list(perms)))
+    assert first.shape == (600, 2000)
+    assert torch.equal(first.sort(dim=1).values, codes.sort().values.expand(600, -1))  # group sizes kept
+    assert not torch.equal(first[0], first[1])

@@ -1,0 +1,70 @@
+"""Writing outputs so that a failed run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .outputs import AuditOutputs
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a single file via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicOutputDir:
+    """Stage every output in a temporary folder beside ``out`` and move files in only on success.
+
+    On failure the staging folder is removed, and ``out`` is removed too if this run created it
+    and left it empty, so no half-written report or results are ever left behind.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> Path:
+        self.created = not self.out.exists()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        return self.stage
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for item in sorted(self.stage.iterdir()):
+                    os.replace(item, self.out / item.name)
+        finally:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            if exc_type is not None and self.created and self.out.exists() and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+
+def predictions_arrays(outputs: AuditOutputs, external: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """The arrays of ``predictions.npz`` (documented in the README)."""
+    arrays: dict[str, np.ndarray] = {
+        "scenario_ids": np.array([s.id for s in outputs.scenarios]),
+        "labels": outputs.labels.numpy(),
+        "sample_ids": np.array(outputs.sample_ids),
+        "probs": outputs.probs.numpy(),
+    }
+    for name, scores in outputs.ood_scores.items():
+        arrays[f"ood_{name}"] = scores.numpy()
+    for set_name, tensors in external.items():
+        for key, value in tensors.items():
+            arrays[f"external_{set_name}_{key}"] = value.numpy()
+    return arrays

@@ -1,0 +1,354 @@
+"""The HTML report: sections, findings, escaping, accessibility, self-containment and determinism.
+
+Fixtures (tests/fixtures, see make_fixtures.py): ``results-small.json`` is a real tiny audit;
+``results-full.json`` adds synthetic OOD/failure-detection entries and a too-small group.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from medaudit import figures
+from medaudit.errors import MedauditError
+from medaudit.report import build_view, findings, render_report
+from medaudit.results import Results
+from medaudit.sections import ReportSection
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EVIL = "<script>alert(1)</script>"
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"results-{name}.json").read_text(encoding="utf-8"))
+
+
+def render(data: dict[str, Any], sections: list[ReportSection] | None = None) -> str:
+    results = Results.model_validate(data)
+    if sections is None:
+        return render_report(results)
+    pm = _FakePM(sections)
+    return render_report(results, pm)  # type: ignore[arg-type]
+
+
+class _FakePM:
+    """The one PluginManager method render_report uses."""
+
+    def __init__(self, sections: list[ReportSection]) -> None:
+        self.sections = sections
+
+    def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, list[ReportSection]]]:
+        assert hook == "medaudit_report_sections"
+        return [("fake", self.sections)]
+
+
+class _Tags(HTMLParser):
+    """Start tags and their attributes, as a browser's tokenizer sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = _Tags()
+    p.feed(html)
+    return p.tags
+
+
+@pytest.fixture(scope="module")
+def full_html() -> str:
+    return render(load("full"))
+
+
+def test_fixtures_are_small() -> None:
+    for f in FIXTURES.glob("results-*.json"):
+        assert f.stat().st_size < 300_000, f
+
+
+def test_all_sections_present(full_html: str) -> None:
+    for sid in ("summary", "identity", "perturbations", "robustness", "calibration", "ood", "subgroups",
+                "limitations", "appendix"):
+        assert f'<section id="{sid}">' in full_html
+        assert f'href="#{sid}"' in full_html
+    assert full_html.count("<h2>") == 9
+
+
+def test_summary_verdict_and_checks_table(full_html: str) -> None:
+    assert "Verdict: <strong>FAIL</strong> (2 of 3 checks passed)" in full_html
+    # value and threshold of the failing check, flagged row
+    row = re.search(r'<tr class="fail"><th scope="row">mri\.noise@\*\.drop\.accuracy&gt;0\.01</th>(.*?)</tr>', full_html)
+    assert row, "failing check row missing"
+    assert "<td>0.0783</td><td>0.0100</td><td>FAIL</td>" in row.group(1)
+
+
+def test_findings_are_computed_from_results() -> None:
+    data = load("full")
+    out = findings(data)
+    assert 3 <= len(out) <= 5
+    assert out[0].startswith("1 of 3 configured checks failed: mri.noise@*.drop.accuracy>0.01")
+    assert any(f.startswith("Accuracy drops from 0.988 to 0.657 under intensity.gamma@5") for f in out)
+    assert any(f.startswith("Worst subgroup") and "level" in f for f in out)
+    assert any("ECE" in f and "intensity.gamma@5" in f for f in out)
+    assert any("weakest shift detector is mahalanobis" in f for f in out)
+    # the largest significant drop really is the largest one in the data
+    drops = [(s["drop"]["accuracy"]["value"], s["id"]) for s in data["scenarios"]
+             if s.get("drop", {}).get("accuracy", {}).get("significant")]
+    top_value, top_id = max(drops)
+    assert f"a drop of {top_value:.3f}" in out[1] and top_id in out[1]
+
+
+def test_findings_without_drops_say_so() -> None:
+    data = load("small")
+    for s in data["scenarios"]:
+        for d in s["drop"].values():
+            d["significant"] = False
+    assert "No perturbation caused a statistically significant drop in accuracy." in findings(data)
+
+
+def test_identity_and_metadata_counts(full_html: str) -> None:
+    assert "bc91a0bfe5b189a584d234dc8c2014ba439401958c949dcec118b3f06a88f2c9" in full_html
+    m = re.search(r"Samples per value of metadata column “hemisphere”.*?</table>", full_html, re.DOTALL)
+    assert m and "<th scope=\"row\">right</th><td>318</td><td>53.0%</td>" in m.group(0)
+    assert "voxel: every listed value occurs once" in full_html
+
+
+def test_catalogue_preview_and_sampled_params(full_html: str) -> None:
+    assert 'src="data:image/png;base64,' in full_html
+    assert "Sampled parameters" in full_html
+    data = load("full")
+    sigma = next(s for s in data["scenarios"] if s["id"] == "mri.noise@5")["params"]["sigma"]
+    row = re.search(r'<th scope="row">mri\.noise</th><td>sigma</td>(.*?)</tr>', full_html)
+    assert row, "sampled-parameter row of mri.noise missing"
+    assert f"<td>{sigma['mean']:.3f} ({sigma['min']:.3f} – {sigma['max']:.3f})</td>" in row.group(1)
+    assert row.group(1).count("<td>") == 2  # severities 1 and 5
+    assert "gamma" in full_html and "<cite>" in full_html
+
+
+def test_robustness_figures_and_tables(full_html: str) -> None:
+    view = build_view(Results.model_validate(load("full")), [])
+    assert [s.name for s in view.suites] == ["intensity", "mri"]
+    for suite in view.suites:
+        assert suite.figure is not None and "<svg" in suite.figure.svg
+        assert {r.cells[1] for r in suite.summary.rows} == {"accuracy", "ece"}
+    # significant drops: table marker and a filled (dark-edged) marker in the figure
+    assert "▼" in full_html
+    assert "Mean corruption error" in full_html and "all suites" in full_html
+
+
+def test_calibration_section(full_html: str) -> None:
+    view = build_view(Results.model_validate(load("full")), [])
+    assert view.reliability is not None
+    # clean plus the three scenarios with the highest ECE, worst first
+    assert "clean (ECE" in view.reliability.svg and "intensity.gamma@5 (ECE 0.301)" in view.reliability.svg
+    assert "Temperature scaling" in full_html and "Fitted temperature T = 0.877" in full_html
+    assert view.temperature.rows[0].cells[0] == "clean"
+
+
+def test_ood_section_with_detectors(full_html: str) -> None:
+    view = build_view(Results.model_validate(load("full")), [])
+    assert len(view.ood.rows) == 8  # 4 perturbed scenarios × 2 detectors
+    assert view.ood_figure is not None and "keeps no per-sample scores" in view.ood_figure.caption
+    assert view.failure.headers == ["Scenario", "energy", "msp"]
+    assert "No detectors ran" not in full_html
+
+
+def test_graceful_without_ood_and_subgroups() -> None:
+    data = load("small")
+    data["subgroups"] = []
+    data["analyses"] = {}
+    html = render(data)
+    assert "No detectors ran" in html
+    assert "No failure-detection results were recorded." in html
+    assert "No subgroup analysis was recorded." in html
+    assert "Subgroups were configured but no subgroup results were recorded" in html
+    assert "No OOD or shift detector produced results" in html
+
+
+def test_subgroups_forest_gaps_and_small_groups(full_html: str) -> None:
+    view = build_view(Results.model_validate(load("full")), [])
+    assert len(view.subgroup_figures) == 2  # hemisphere, level
+    assert "inferior (n=129)" in view.subgroup_figures[1].svg
+    sig = [r for r in view.subgroup_gaps.rows if r.flag == "drop"]
+    assert sig and all(r.cells[-1] == "yes" for r in sig)
+    # non-headline, non-significant gaps are summarised in the caption, not listed
+    assert "further non-significant gaps" in view.subgroup_gaps.caption
+    assert all(r.cells[2] in {"accuracy", "balanced accuracy", "auroc", "ece"} or r.flag for r in view.subgroup_gaps.rows)
+    assert "level = (missing) (clean): 12 samples" in full_html
+
+
+def test_limitations_include_warnings_and_derived_notes() -> None:
+    data = load("full")
+    data["warnings"].append('Error importing plugin "ood" (from medaudit): ModuleNotFoundError: boom')
+    data["warnings"].append("ood: detector 'knn' skipped: cross-fitting needs at least 4 samples, got 3")
+    data["warnings"].append("ood: detector 'energy' needs logits but the model outputs probabilities; skipped")
+    data["dataset"]["metadata_summary"]["level"]["(missing)"] = 12
+    data["config"]["subgroups"]["attributes"].append("scanner")
+    data["config"]["audit"]["bootstrap"] = 0
+    html = render(data)
+    assert "synthetic fixture warning" in html
+    assert "analyses are absent from this report): ood." in html
+    assert "Metadata column level is missing for 12 of 600 samples." in html
+    assert "absent from the data&#39;s metadata: scanner." in html
+    assert "Bootstrap was off" in html
+    assert "OOD detectors that could not run (reasons in the warnings above): energy, knn." in html
+
+
+def test_appendix_definitions_and_reproducibility(full_html: str) -> None:
+    appendix = full_html[full_html.index('<section id="appendix">'):]
+    for term in ("accuracy", "ECE", "Brier score", "NLL", "CE, mCE", "Shift-detection AUROC"):
+        assert f"<dt>{term}" in appendix
+    assert "percentile bootstrap" in appendix and "50 resamples" in appendix
+    assert "samples/s" in appendix and "Throughput per scenario" in appendix
+    assert "<dt>Precision</dt><dd>fp32</dd>" in appendix
+
+
+def plant(data: dict[str, Any]) -> dict[str, Any]:
+    """Hostile strings in every user-controlled place: class names, metadata, paths, groups, warnings."""
+    d = copy.deepcopy(data)
+    d["model"]["classes"][0] = EVIL
+    d["model"]["path"] = f"/models/{EVIL}.pt"
+    d["model"]["name"] = EVIL
+    d["dataset"]["path"] = f"/data/{EVIL}"
+    d["dataset"]["class_counts"] = {EVIL if k == "csf_other" else k: v for k, v in d["dataset"]["class_counts"].items()}
+    d["dataset"]["metadata_summary"]["hemisphere"][EVIL] = 3
+    d["dataset"]["metadata_columns"].append(EVIL)
+    d["warnings"].append(f"warning about {EVIL}")
+    for g in d["subgroups"]:
+        if g["group"] == "left":
+            g["group"] = EVIL  # reaches matplotlib (forest plot tick label) too
+    d["analyses"]["subgroup_gaps"][0]["worst_group"] = EVIL
+    return d
+
+
+def test_user_strings_are_escaped_everywhere() -> None:
+    html = render(plant(load("full")))
+    assert "<script" not in html.lower()
+    assert not [t for t, _ in tags(html) if t == "script"]
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert html.count(escaped) >= 8
+    # inside the SVG forest plot the planted group name is escaped by matplotlib
+    forest = re.findall(r"<svg[^>]*aria-label=\"Forest plot of accuracy per hemisphere.*?</svg>", html, re.DOTALL)
+    assert forest and escaped in forest[0]
+
+
+def test_plugin_sections_render_and_escape() -> None:
+    sec = ReportSection(id="extra", title="Extra analysis", order=600,
+                        template="<p>{{ note }} {{ fmt(results.dataset.n_samples) }}</p>", context={"note": EVIL})
+    html = render(load("small"), [sec])
+    assert '<section id="extra">' in html and 'href="#extra"' in html
+    assert "<p>&lt;script&gt;alert(1)&lt;/script&gt; 600</p>" in html
+
+
+def test_figures_accessible_and_ids_unique(full_html: str) -> None:
+    svgs = [a for t, a in tags(full_html) if t == "svg"]
+    assert len(svgs) >= 6  # 2 suites, reliability, OOD, 2 forest plots
+    for a in svgs:
+        assert a.get("role") == "img" and a.get("aria-label")
+    assert full_html.count("<title>") == 1 + len(svgs)
+    ids = re.findall(r'\sid="([^"]+)"', full_html)
+    assert len(ids) == len(set(ids)), "duplicate element ids across inline SVGs"
+    # every table has a caption and header cells have a scope
+    assert len([t for t, _ in tags(full_html) if t == "table"]) == full_html.count("<caption>") > 10
+    assert not [a for t, a in tags(full_html) if t == "th" and "scope" not in a]
+
+
+def test_self_contained_no_external_references(full_html: str) -> None:
+    for tag, attrs in tags(full_html):
+        assert tag not in ("script", "link", "iframe", "object", "embed", "base")
+        for name in ("src", "href", "xlink:href", "srcset", "action"):
+            value = attrs.get(name) or ""
+            assert not re.match(r"\s*(https?:|//|ftp:)", value, re.IGNORECASE), (tag, name, value)
+    assert not re.search(r"url\(\s*['\"]?(https?:|//)", full_html)
+    assert "@import" not in full_html
+    assert "Content-Security-Policy" in full_html
+
+
+def test_print_stylesheet() -> None:
+    css = (Path(__file__).resolve().parents[1] / "templates" / "report.css").read_text()
+    printing = css[css.index("@media print"):]
+    assert "break-before: page" in printing and "break-inside: avoid" in printing
+    assert "table-header-group" in printing and "table.keep { break-inside: avoid; }" in printing
+    # short tables are kept whole, long ones (e.g. every scenario of a full audit) may break
+    assert '<table class="keep">' in render(load("small"))
+
+
+def test_no_details_hide_content(full_html: str) -> None:
+    # collapsed <details> do not print in every browser: nothing essential may hide in one
+    assert "<details" not in full_html
+
+
+def test_rendering_is_deterministic(full_html: str) -> None:
+    assert render(load("full")) == full_html
+
+
+def test_rendering_is_deterministic_across_processes(full_html: str, tmp_path: Path) -> None:
+    code = ("import json,sys; from pathlib import Path; from medaudit.results import Results; "
+            "from medaudit.report import render_report; "
+            "sys.stdout.write(render_report(Results.model_validate(json.loads(Path(sys.argv[1]).read_text()))))")
+    out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "results-full.json")], capture_output=True,
+                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "123"})
+    assert out.stdout.decode() == full_html
+
+
+def test_figures_escape_mathtext_and_markup() -> None:
+    assert figures.text("cost $5") == r"cost \$5"
+    svg = figures.forest([figures.Interval("a<b & $x$", 0.5, 0.4, 0.6)], "x", "t", 'alt "quoted" <b>')
+    assert "a&lt;b &amp; $x$" in svg  # literal, not mathtext
+    assert 'aria-label="alt &#34;quoted&#34; &lt;b&gt;"' in svg
+    assert not svg.startswith("<?xml") and svg.startswith("<svg")
+    again = figures.forest([figures.Interval("a<b & $x$", 0.5, 0.4, 0.6)], "x", "t", 'alt "quoted" <b>')
+    assert svg == again
+
+
+def test_pdf_without_chromium_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from medaudit import pdf
+
+    html = tmp_path / "r.html"
+    html.write_text("<p>x</p>")
+    monkeypatch.setattr(pdf, "find_chromium", lambda: None)
+    with pytest.raises(MedauditError, match="PDF export needs Chromium"):
+        pdf.html_to_pdf(html, tmp_path / "r.pdf")
+    assert not (tmp_path / "r.pdf").exists()
+    with pytest.raises(MedauditError, match="no such report"):
+        pdf.html_to_pdf(tmp_path / "missing.html", tmp_path / "r.pdf")
+
+
+def test_number_formatting() -> None:
+    from medaudit.report import fmt, fmt_ci, fmt_p
+
+    assert fmt(-0.0001) == "0.000" and fmt(-0.5) == "-0.500" and fmt(None) == "–" and fmt(float("nan")) == "–"
+    assert fmt_ci({"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}) == "0.500 [0.400, 0.600]"
+    assert fmt_ci({"value": 0.5, "ci_low": None, "ci_high": None}) == "0.500"
+    assert fmt_p(0.0004) == "<\u00a00.001" and fmt_p(0.0123) == "0.012"
+
+
+def test_clean_only_audit_without_intervals_or_checks() -> None:
+    data = load("small")
+    data["scenarios"] = data["scenarios"][:1]
+    for est in data["scenarios"][0]["metrics"].values():
+        est["ci_low"] = est["ci_high"] = None
+    data["checks"] = []
+    data["subgroups"] = []
+    data["analyses"] = {}
+    data["robustness"] = {}
+    data["calibration"] = {}
+    data["assets"] = {}
+    data["timing"] = None
+    data["config"]["audit"]["bootstrap"] = 0
+    html = render(data)
+    assert "Verdict: <strong>no checks configured</strong>" in html
+    assert "No perturbation was audited" in html
+    assert "Temperature scaling" not in html and "data:image/png" not in html
+    assert "Bootstrap was off" in html
+    assert html.count("<svg") == 1  # the reliability diagram of clean data
