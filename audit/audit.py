@@ -186,7 +186,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
     evaluation = build_results(
         pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
-        prep.metrics, prep.detectors, catalogue, fwd, prep.device, command, time.perf_counter() - started,
+        prep.metrics, prep.detectors, catalogue, fwd, prep.device, command, started,
         prep.warnings, reference, ood_sets, assets)
     results = evaluation.results
     from .report import render_report

@@ -129,17 +129,24 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--subgroup", "subgroup", multiple=True, help="Metadata column to stratify by (repeatable).")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
 @click.option("--resume", is_flag=True, help="Reuse completed shards of an interrupted run of the same audit.")
+@click.option("--pdf", is_flag=True, help="Also print report.html to report.pdf (needs Chromium).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
         batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
         severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
-        ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, quiet: bool) -> None:
+        ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
+        quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report."""
     from .audit import run_audit
     from .config import read_config_file
 
+    if pdf:
+        from .pdf import find_chromium
+
+        if find_chromium() is None:
+            raise MedauditError("--pdf needs Chromium or Google Chrome on PATH (or MEDAUDIT_CHROMIUM)")
     file_data = read_config_file(config_path) if config_path else {}
     file_checks = file_data.get("checks", [])
     file_attributes = (file_data.get("subgroups") or {}).get("attributes", [])
@@ -166,6 +173,10 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
+    if pdf and config.output.report:
+        from .pdf import html_to_pdf
+
+        click.echo(f"pdf:     {html_to_pdf(out_dir / 'report.html', out_dir / 'report.pdf')}")
     failed = [c for c in results.checks if not c.passed]
     for c in results.checks:
         status = "pass" if c.passed else "FAIL"
@@ -247,8 +258,9 @@ def config_schema() -> None:
 @cli.command()
 @click.argument("results_path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Report file [beside results].")
+@click.option("--pdf", is_flag=True, help="Also print the report to PDF (needs Chromium).")
 @handle_errors
-def report(results_path: Path, output: Path | None) -> None:
+def report(results_path: Path, output: Path | None, pdf: bool) -> None:
     """Re-render the HTML report from a results.json alone."""
     from .report import render_report
     from .writing import write_atomic
@@ -258,6 +270,36 @@ def report(results_path: Path, output: Path | None) -> None:
     target = output or results_path.with_name("report.html")
     write_atomic(target, render_report(results, plugin_manager()).encode())
     click.echo(f"report: {target}")
+    if pdf:
+        from .pdf import html_to_pdf
+
+        click.echo(f"pdf: {html_to_pdf(target, target.with_suffix('.pdf'))}")
+
+
+@cli.command("compare")
+@click.argument("old_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("new_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the comparison as HTML.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Tolerated worsening per metric (in the metric's units).")
+@click.option("--require-significant", is_flag=True, help="Count only worsenings whose CIs do not overlap.")
+@handle_errors
+def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool) -> None:
+    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop."""
+    from .compare import compare, render_compare
+    from .results import load_results
+    from .writing import write_atomic
+
+    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant)
+    if output:
+        write_atomic(output, render_compare(result).encode())
+        click.echo(f"comparison: {output}")
+    for c in result.regressions:
+        click.echo(f"regression: {c.scenario} {c.metric}: {c.old['value']:.4f} -> {c.new['value']:.4f} "
+                   f"(worse by {c.worsening:.4f}{', CIs disjoint' if c.significant else ''})")
+    click.echo(f"{len(result.regressions)} regression(s) beyond {max_drop}")
+    if result.has_regression:
+        sys.exit(1)
 
 
 @cli.command()

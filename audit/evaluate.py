@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ def build_results(
     fwd: ForwardResult,
     device: torch.device,
     command: str,
-    elapsed: float,
+    started: float,
     warnings: list[str],
     reference: ExternalSet | None = None,
     ood_sets: list[ExternalSet] | None = None,
@@ -210,7 +211,7 @@ def build_results(
         "calibration": calibration,
         "analyses": analyses,
         "warnings": warnings,
-        "timing": {"total_seconds": elapsed, "forward_seconds": forward_s,
+        "timing": {"total_seconds": time.perf_counter() - started, "forward_seconds": forward_s,
                    "samples_per_second": n * len(ids) / forward_s if forward_s > 0 else 0.0},
         "assets": assets or {},
     }

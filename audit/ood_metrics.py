@@ -11,9 +11,9 @@ rows bootstrap counts, so a metric with integer count weights equals the metric 
 explicitly resampled scores. For a paired clean-vs-shifted comparison the caller passes the same
 weight matrix for both sides (sample ``i`` clean and sample ``i`` shifted share a count).
 
-Implementation: scores are sorted once (descending) and tied scores merged into groups; each
-row's weighted positive and negative mass per group is one ``index_add_``; every metric is then
-a weighted cumulative sum over groups. Nothing loops over resamples. Ties are handled as
+Implementation: positives and negatives are sorted once and located in each other with
+``searchsorted`` (shared by every weight row); each row then needs only prefix sums of its
+weights in that order, read at those indices. Nothing loops over resamples. Ties are handled as
 scikit-learn does: all samples with equal score cross the threshold together.
 
 A row where the positives or the negatives carry zero total weight yields NaN (undefined), which
@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = ["auroc", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
 
-# Rows evaluated at once: bounds the [rows, groups] float64 temporaries to ~32 MiB.
+# Rows evaluated at once: bounds the [rows, N] float64 temporaries to ~32 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -46,87 +46,90 @@ def _check(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor)
         raise ValueError("scores contain NaN; drop undefined samples (and their weights) first")
 
 
-def _groups(scores_pos: Tensor, scores_neg: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort once: ``(order, is_pos[order], last index of each distinct-score group)``, descending scores."""
-    scores = torch.cat([scores_pos, scores_neg]).to(device=device, dtype=torch.float64)
-    order = torch.argsort(scores, descending=True, stable=True)
-    sorted_scores = scores[order]
-    # A group ends wherever the next score differs (ties cross every threshold together).
-    ends = torch.ones_like(sorted_scores, dtype=torch.bool)
-    if sorted_scores.numel() > 1:
-        ends[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    is_pos = (order < scores_pos.shape[0])
-    return order, is_pos, torch.nonzero(ends).squeeze(1)
+class _Sorted:
+    """Everything that depends on the scores only, computed once and shared by all weight rows.
 
-
-def _masses(sort: tuple[Tensor, Tensor, Tensor], w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor]:
-    """Weighted positive and negative mass per group: ``(P, Q)``, both ``[R, G]`` float64.
-
-    Gathering the weight columns into score order and taking cumulative sums at the group ends is
-    contiguous work (a column ``index_add_`` is several times slower on CPU).
+    Positives are ordered by descending score, negatives by ascending score. For positive ``i``
+    (in that order): ``lt[i]``/``le[i]`` count the negatives scoring below / at most ``s_i``, and
+    ``end[i]`` is the last positive of its tie group, so prefix sums read at these indices give,
+    for every row at once, the masses the ROC and PR curves need at threshold ``s_i``.
     """
-    order, is_pos, ends = sort
-    device = order.device
-    w = torch.cat([w_pos.to(device=device, dtype=torch.float64), w_neg.to(device=device, dtype=torch.float64)], 1)
-    w = w[:, order]
-    pos = torch.where(is_pos, w, 0.0).cumsum(1)[:, ends]
-    neg = torch.where(is_pos, 0.0, w).cumsum(1)[:, ends]
-    P = torch.diff(pos, dim=1, prepend=torch.zeros_like(pos[:, :1]))
-    Q = torch.diff(neg, dim=1, prepend=torch.zeros_like(neg[:, :1]))
-    return P, Q
+
+    def __init__(self, scores_pos: Tensor, scores_neg: Tensor, device: torch.device) -> None:
+        sp = scores_pos.to(device=device, dtype=torch.float64)
+        sn = scores_neg.to(device=device, dtype=torch.float64)
+        self.neg_sorted, self.neg_order = torch.sort(sn, stable=True)
+        pos_desc, self.pos_order = torch.sort(sp, descending=True, stable=True)
+        self.lt = torch.searchsorted(self.neg_sorted, pos_desc, right=False)
+        self.le = torch.searchsorted(self.neg_sorted, pos_desc, right=True)
+        neg_pos = -pos_desc  # ascending, for the tie-group ends among positives
+        self.end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
 
 
-def _grouped(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor]:
-    """``(P, Q)`` of :func:`_masses` for one set of weight rows (sorting included)."""
-    return _masses(_groups(scores_pos, scores_neg, w_pos.device), w_pos, w_neg)
+def _prefix(w: Tensor) -> Tensor:
+    """Prefix sums with a leading zero column: ``out[:, k]`` is the mass of the first ``k`` columns."""
+    return torch.nn.functional.pad(w.cumsum(1), (1, 0))
 
 
-def _chunked_many(fns: dict[str, Callable[[Tensor, Tensor], Tensor]], scores_pos: Tensor, scores_neg: Tensor,
+def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per row and positive ``i``: weight ``Wp``, TP and FP masses at threshold ``s_i``, below/tied negative mass."""
+    Wp = w_pos.to(torch.float64)[:, srt.pos_order]
+    Cn = _prefix(w_neg.to(torch.float64)[:, srt.neg_order])
+    wn = Cn[:, -1]
+    below = Cn[:, srt.lt]
+    tied = Cn[:, srt.le] - below
+    tp = Wp.cumsum(1)[:, srt.end]  # positive mass scoring >= s_i (ties included)
+    fp = wn[:, None] - below  # negative mass scoring >= s_i
+    return Wp, tp, fp, below, tied, wn
+
+
+def _undefined(wp: Tensor, wn: Tensor, value: Tensor) -> Tensor:
+    return torch.where((wp > 0) & (wn > 0), value, torch.full_like(value, float("nan")))
+
+
+def _auroc(c: tuple[Tensor, ...]) -> Tensor:
+    Wp, _tp, _fp, below, tied, wn = c
+    wp = Wp.sum(1)
+    num = (Wp * (below + 0.5 * tied)).sum(1)
+    return _undefined(wp, wn, num / (wp * wn).clamp_min(1e-300))
+
+
+def _aupr(c: tuple[Tensor, ...]) -> Tensor:
+    Wp, tp, fp, _below, _tied, wn = c
+    wp = Wp.sum(1)
+    flagged = tp + fp
+    precision = torch.where(flagged > 0, tp / flagged.clamp_min(1e-300), torch.zeros_like(tp))
+    return _undefined(wp, wn, (Wp * precision).sum(1) / wp.clamp_min(1e-300))
+
+
+def _fpr_at(c: tuple[Tensor, ...], tpr: float) -> Tensor:
+    Wp, tp, fp, _below, _tied, wn = c
+    wp = Wp.sum(1)
+    reached = tp >= tpr * wp[:, None] - 1e-12 * wp[:, None]
+    # The first positive (highest score) whose threshold flags >= tpr of the positive mass.
+    first = reached.to(torch.int8).argmax(1)
+    value = fp.gather(1, first[:, None]).squeeze(1) / wn.clamp_min(1e-300)
+    return torch.where(reached.any(1), _undefined(wp, wn, value), torch.full_like(value, float("nan")))
+
+
+def _chunked_many(fns: dict[str, Callable[[tuple[Tensor, ...]], Tensor]], scores_pos: Tensor, scores_neg: Tensor,
                   w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
     """Evaluate several metrics from one sort, in chunks of rows that bound the temporaries."""
     _check(scores_pos, scores_neg, w_pos, w_neg)
-    sort = _groups(scores_pos, scores_neg, w_pos.device)
-    step = max(1, _CHUNK_ELEMENTS // max(sort[0].numel(), 1))
+    srt = _Sorted(scores_pos, scores_neg, w_pos.device)
+    n = scores_pos.shape[0] + scores_neg.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
     out: dict[str, list[Tensor]] = {k: [] for k in fns}
     for s in range(0, w_pos.shape[0], step):
-        P, Q = _masses(sort, w_pos[s : s + step], w_neg[s : s + step])
+        c = _curves(srt, w_pos[s : s + step], w_neg[s : s + step].to(w_pos.device))
         for k, fn in fns.items():
-            out[k].append(fn(P, Q))
+            out[k].append(fn(c))
     return {k: torch.cat(v) if v else torch.empty(0, dtype=torch.float64) for k, v in out.items()}
 
 
-def _chunked(fn: Callable[[Tensor, Tensor], Tensor], scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor,
+def _chunked(fn: Callable[[tuple[Tensor, ...]], Tensor], scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor,
              w_neg: Tensor) -> Tensor:
     return _chunked_many({"v": fn}, scores_pos, scores_neg, w_pos, w_neg)["v"]
-
-
-def _auroc(P: Tensor, Q: Tensor) -> Tensor:
-    wp, wn = P.sum(1), Q.sum(1)
-    # Negative mass strictly below each group (groups are in descending order: below = later).
-    below = Q.flip(1).cumsum(1).flip(1) - Q
-    num = (P * (below + 0.5 * Q)).sum(1)
-    return torch.where((wp > 0) & (wn > 0), num / (wp * wn), torch.full_like(wp, float("nan")))
-
-
-def _aupr(P: Tensor, Q: Tensor) -> Tensor:
-    wp = P.sum(1)
-    tp, fp = P.cumsum(1), Q.cumsum(1)
-    flagged = tp + fp
-    precision = torch.where(flagged > 0, tp / flagged.clamp_min(1e-300), torch.zeros_like(tp))
-    ap = (P * precision).sum(1) / wp.clamp_min(1e-300)
-    return torch.where((wp > 0) & (Q.sum(1) > 0), ap, torch.full_like(wp, float("nan")))
-
-
-def _fpr_at(P: Tensor, Q: Tensor, tpr: float) -> Tensor:
-    wp, wn = P.sum(1), Q.sum(1)
-    tpr_curve = P.cumsum(1) / wp.clamp_min(1e-300)[:, None]
-    fpr_curve = Q.cumsum(1) / wn.clamp_min(1e-300)[:, None]
-    reached = tpr_curve >= tpr
-    # argmax of a boolean row is the first True: the highest threshold detecting >= tpr of positives.
-    first = reached.to(torch.int8).argmax(1)
-    value = fpr_curve.gather(1, first[:, None]).squeeze(1)
-    ok = (wp > 0) & (wn > 0) & reached.any(1)
-    return torch.where(ok, value, torch.full_like(wp, float("nan")))
 
 
 def auroc(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
@@ -166,7 +169,7 @@ def fpr_at_tpr(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Ten
     """
     if not 0 < tpr <= 1:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    return _chunked(lambda P, Q: _fpr_at(P, Q, tpr), scores_pos, scores_neg, w_pos, w_neg)
+    return _chunked(lambda c: _fpr_at(c, tpr), scores_pos, scores_neg, w_pos, w_neg)
 
 
 def fpr95(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
@@ -176,5 +179,5 @@ def fpr95(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) 
 
 def detection_measures(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
     """``auroc``, ``aupr`` and ``fpr95`` together (one sort and one pass over the weight rows)."""
-    return _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda P, Q: _fpr_at(P, Q, 0.95)},
+    return _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda c: _fpr_at(c, 0.95)},
                          scores_pos, scores_neg, w_pos, w_neg)

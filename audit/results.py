@@ -117,7 +117,7 @@ class SubgroupResult(BaseModel):
 
 
 class Timing(_Model):
-    total_seconds: float
+    total_seconds: float = Field(description="from the start of the run to the finished results (report rendering excluded)")
     forward_seconds: float
     samples_per_second: float
 

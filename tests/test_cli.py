@@ -180,3 +180,121 @@ def test_plugins_and_perturbations_listing() -> None:
     perts = json.loads(runner.invoke(cli, ["perturbations", "--json"]).output)
     gamma = next(p for p in perts if p["name"] == "intensity.gamma")
     assert gamma["suite"] == "intensity" and set(gamma["severities"]) == {"1", "2", "3", "4", "5"}
+
+
+def test_ood_data_reference_and_subgroups(tmp_path: Path) -> None:
+    # A second set: the same patches inverted (a plainly shifted "other contrast" set) as external OOD data.
+    with np.load(DATA) as d:
+        images, labels = d["images"], d["labels"]
+    ood = tmp_path / "inverted.npz"
+    np.savez(ood, images=(255 - images[:200]), labels=labels[:200])
+    ref = tmp_path / "reference.npz"
+    np.savez(ref, images=images[::2], labels=labels[::2])
+    config = tmp_path / "no-subgroups.yaml"
+    config.write_text(CONFIG.read_text().replace("attributes: [hemisphere, level]", "attributes: []"))
+    out = tmp_path / "o"
+    res = run(["run", str(MODEL), "--data", str(DATA), "--config", str(config), "--out", str(out), "--quiet",
+               "--perturbation", "intensity.gamma", "--severities", "5", "--bootstrap", "50",
+               "--ood-data", str(ood), "--reference", str(ref), "--subgroup", "hemisphere",
+               "--save-predictions", "--fail-on", "ood:inverted.ood.mahalanobis.auroc<0.9"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = json.loads((out / "results.json").read_text())
+    ext = next(s for s in results["scenarios"] if s["id"] == "ood:inverted")
+    assert ext["n_samples"] == 200 and ext["metrics"] == {}
+    assert ext["ood"]["mahalanobis"]["auroc"]["value"] > 0.9  # inverted contrast is far from the reference
+    assert results["analyses"]["ood_fitting"]["method"] == "reference"
+    assert results["analyses"]["ood_fitting"]["reference"]["n_samples"] == 300
+    assert {g["attribute"] for g in results["subgroups"]} == {"hemisphere"}  # from --subgroup alone
+    with np.load(out / "predictions.npz", allow_pickle=False) as d:
+        assert d["ood_mahalanobis"].shape == (2, 600)
+        assert d["external_inverted_ood_mahalanobis"].shape == (200,)
+        assert d["external_inverted_probs"].shape == (200, 3)
+
+
+def test_compare_exits_1_on_regression(audit_out: Path, tmp_path: Path) -> None:
+    results = json.loads((audit_out / "results.json").read_text())
+    worse = json.loads(json.dumps(results))
+    worse["scenarios"][0]["metrics"]["accuracy"]["value"] -= 0.2
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(worse))
+    same = CliRunner().invoke(cli, ["compare", str(audit_out / "results.json"), str(audit_out / "results.json")])
+    assert same.exit_code == 0, same.output
+    diff = CliRunner().invoke(cli, ["compare", str(audit_out / "results.json"), str(new), "--max-drop", "0.05",
+                                    "-o", str(tmp_path / "cmp.html")])
+    assert diff.exit_code == 1
+    assert "regression: clean accuracy" in diff.output
+    assert (tmp_path / "cmp.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_perturb_and_preview_commands(tmp_path: Path) -> None:
+    with np.load(DATA) as d:
+        image = d["images"][0].astype(np.float32)
+    src = tmp_path / "in.npy"
+    np.save(src, image)
+    out = tmp_path / "out.npy"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["perturb", str(src), "-p", "mri.motion", "-s", "3", "--seed", "1", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    moved = np.load(out)
+    assert moved.shape == image.shape and not np.allclose(moved, image)
+    again = tmp_path / "again.npy"
+    runner.invoke(cli, ["perturb", str(src), "-p", "mri.motion", "-s", "3", "--seed", "1", "-o", str(again)])
+    np.testing.assert_array_equal(np.load(again), moved)  # the seed fixes the corruption
+    bad = runner.invoke(cli, ["perturb", str(src), "-p", "mri.nosuch", "-s", "3", "-o", str(out)])
+    assert bad.exit_code == 2 and "unknown perturbation 'mri.nosuch'" in bad.output
+    grid = tmp_path / "grid.png"
+    res = runner.invoke(cli, ["preview", "--data", str(DATA), "--config", str(CONFIG), "--perturbation", "mri.noise",
+                              "--perturbation", "intensity.gamma", "-o", str(grid)])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.width > im.height  # two rows, six columns
+
+
+def test_new_plugin_command(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli, ["new-plugin", "medaudit-hospital-artifacts", "--dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    root = tmp_path / "medaudit-hospital-artifacts"
+    assert (root / "pyproject.toml").exists()
+    again = runner.invoke(cli, ["new-plugin", "medaudit-hospital-artifacts", "--dir", str(tmp_path)])
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> None:
+    from medaudit.audit import run_audit
+    from medaudit.config import load_config
+    from medaudit.plugin_manager import get_plugin_manager
+    from medaudit import runner as runner_mod
+
+    out = tmp_path / "o"
+    overrides = {"output.dir": str(out), "audit.suites": [], "audit.perturbations": ["intensity.gamma"],
+                 "audit.severities": [2], "audit.bootstrap": 20}
+    pm = get_plugin_manager(warn=lambda m: None)
+    full = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256)
+    original = runner_mod.run_shard
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    runner_mod.run_shard = crash_on_third
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256)
+    finally:
+        runner_mod.run_shard = original
+    cached = list((out / ".medaudit-cache").rglob("shard-*.npz"))
+    assert len(cached) == 2  # two of three shards finished before the interruption
+    resumed = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256, resume=True)
+    a, b = full.model_dump(mode="json"), resumed.model_dump(mode="json")
+    for key in VOLATILE_KEYS:
+        a.pop(key), b.pop(key)
+    for s in a["scenarios"] + b["scenarios"]:
+        s.pop("throughput")
+    assert a == b
+    assert not (out / ".medaudit-cache").exists()  # removed after success
