@@ -81,7 +81,9 @@ def adjust_contrast(x: Tensor, log_contrast: float | Tensor) -> Tensor:
     """Scale deviations from each image's mean intensity by ``exp(log_contrast)``."""
     xf = x.float()
     c = per_sample(torch.exp(batch_param(log_contrast, "log_contrast", x)), xf)
-    mean = xf.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    # Accumulate in float64: a float32 reduction's rounding depends on how threads split the batch,
+    # which would make a sample's output depend on its batch; the float64 sum rounds back identically.
+    mean = xf.double().mean(dim=tuple(range(1, x.ndim)), keepdim=True).float()
     return finish(mean + c * (xf - mean), x)
 
 
