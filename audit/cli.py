@@ -111,7 +111,8 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="YAML or TOML config file.")
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), help="Output folder [medaudit-out].")
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
-@click.option("--batch-size", type=int)
+@click.option("--batch-size", type=int, help="Samples loaded and perturbed at once.")
+@click.option("--model-batch-size", type=int, help="Samples per model call (fixes the model's numerics) [32].")
 @click.option("--seed", type=int)
 @click.option("--suite", "suites", multiple=True, help="Suite to run (repeatable); replaces the modality's defaults.")
 @click.option("--perturbation", "perturbations", multiple=True, help="Perturbation to run (repeatable).")
@@ -133,7 +134,7 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
-        batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
+        batch_size: int | None, model_batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
         severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
@@ -152,6 +153,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     file_attributes = (file_data.get("subgroups") or {}).get("attributes", [])
     overrides: dict[str, Any] = {
         "output.dir": str(out) if out else None, "audit.device": device, "audit.batch_size": batch_size,
+        "audit.model_batch_size": model_batch_size,
         "audit.seed": seed, "audit.severities": _severities(severities), "audit.bootstrap": bootstrap,
         "audit.num_workers": workers, "audit.precision": precision, "output.save_predictions": save_predictions,
         "checks": list(file_checks) + list(fail_on) if fail_on else None,

@@ -137,7 +137,8 @@ def main() -> None:
                                             str(args.batch_size), args.device])
             out = tmpdir / f"out-{n}"
             cmd = [sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(data), "--config", str(cfg),
-                   "--out", str(out), "--device", args.device, "--batch-size", str(args.batch_size), "--quiet",
+                   "--out", str(out), "--device", args.device, "--batch-size", str(args.batch_size),
+                   "--model-batch-size", str(args.batch_size), "--quiet",
                    "--bootstrap", str(args.bootstrap), "--severities", args.severities, "--precision", args.precision]
             for name in names:
                 cmd += ["--perturbation", name]
