@@ -106,9 +106,13 @@ def build_results(
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
     warnings = list(warnings) + small_n_warnings(labels, list(cfg.task.classes), "clean")
     ids = [s.id for s in fwd.scenarios]
+    # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
+    # The same weights (drawn on the CPU from the seed) are used wherever they run.
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    probs_d, labels_d, weights_d = fwd.probs.to(dev), labels.to(dev), weights.to(dev)
 
     ref_emb = {k: v[0] for k, v in reference.forward.embeddings.items()} if reference is not None else None
-    shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.probs, ids, weights, cfg.audit.confidence,
+    shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.probs, ids, weights_d, cfg.audit.confidence,
                                cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
                                output_kind=fwd.output_kind)
@@ -118,7 +122,7 @@ def build_results(
     raw: dict[str, dict[str, Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
     for i, sc in enumerate(fwd.scenarios):
-        estimates, raw[sc.id], dirs, curves = _scenario_metrics(metrics, fwd.probs[i], labels, weights, ctx,
+        estimates, raw[sc.id], dirs, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
                                                                cfg.audit.confidence)
         directions.update(dirs)
         drop = {}
@@ -142,7 +146,7 @@ def build_results(
         measures, scores = evaluate_external(
             detectors, {k: v[clean_idx] for k, v in fwd.embeddings.items()}, labels,
             {k: v[clean_idx] for k, v in shift.scores.items()}, {k: v[0] for k, v in ext.forward.embeddings.items()},
-            weights, ext_weights, cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
+            weights_d, ext_weights, cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
             reference_labels=reference.labels if reference is not None else None, output_kind=fwd.output_kind)
         seconds = sum(ext.forward.seconds.values())
         scenario_results.append({

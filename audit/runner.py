@@ -155,6 +155,40 @@ def chunked_forward(extract: Extractor, x: Tensor, chunk: int) -> tuple[Tensor, 
     return torch.cat(outs)[:n], (torch.cat(feats)[:n] if feats else None)
 
 
+class _ScenarioClock:
+    """Per-scenario compute time: CUDA events on a GPU (no synchronisation inside the loop), wall time on a CPU."""
+
+    def __init__(self, device: torch.device, ids: Sequence[str]) -> None:
+        self.cuda = device.type == "cuda"
+        self.total = dict.fromkeys(ids, 0.0)
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._t0 = 0.0
+        self._begin: torch.cuda.Event | None = None
+
+    def start(self, sid: str) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self, sid: str) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            assert self._begin is not None
+            self.events.append((sid, self._begin, end))
+        else:
+            self.total[sid] += time.perf_counter() - self._t0
+
+    def seconds(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for sid, begin, end in self.events:
+                self.total[sid] += begin.elapsed_time(end) / 1000.0
+        return self.total
+
+
 def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, scenarios: Sequence[Scenario],
               perturbations: dict[str, Perturbation], spec: ForwardSpec,
               on_batch: Callable[[int], None] | None = None) -> ShardOutputs:
@@ -166,20 +200,22 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     probs: dict[str, list[Tensor]] = {s.id: [] for s in scenarios}
     embeds: dict[str, dict[str, list[Tensor]]] = {s.id: {d.name: [] for d in spec.detectors} for s in scenarios}
     params: dict[str, dict[str, list[Tensor]]] = {s.id: {} for s in scenarios}
-    seconds = dict.fromkeys(probs, 0.0)
-    sync = torch.cuda.synchronize if spec.device.type == "cuda" else (lambda: None)
+    clock = _ScenarioClock(spec.device, [s.id for s in scenarios])
+    # NaN/Inf outputs are flagged on the device and checked once per shard: a per-batch check
+    # would stall the GPU queue at every scenario.
+    finite = {s.id: torch.ones((), dtype=torch.bool, device=spec.device) for s in scenarios}
     for x, idx in batches:
         x = x.to(spec.device, non_blocking=True)
         idx = idx.to(spec.device, non_blocking=True)
         for scenario in scenarios:
-            t0 = time.perf_counter()
+            clock.start(scenario.id)
             pert = perturbations.get(scenario.perturbation) if scenario.perturbation else None
             xp, p = perturb_batch(x, idx, scenario, pert, spec.seed)
             xn = (xp.float() - spec.mean) / spec.std
             with _autocast(spec):
                 out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
             out = out.float()
-            check_model_output(out, scenario.id)
+            finite[scenario.id] &= torch.isfinite(out).all()
             probs[scenario.id].append(outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
             for d in spec.detectors:
                 if d.needs == "features" and feats is None:
@@ -189,10 +225,13 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 # Scalar per-sample parameters are kept for the results; keys and vectors are not.
                 if v.ndim == 1 and not k.endswith("key"):
                     params[scenario.id].setdefault(k, []).append(v.float())
-            sync()
-            seconds[scenario.id] += time.perf_counter() - t0
+            clock.stop(scenario.id)
         if on_batch is not None:
             on_batch(x.shape[0])
+    for sid, ok in finite.items():
+        if not bool(ok):
+            raise ModelOutputError(f"the model produced NaN or Inf outputs in scenario {sid}")
+    seconds = clock.seconds()
     cat = lambda ts: torch.cat(ts).cpu() if ts else torch.empty(0)  # noqa: E731
     return ShardOutputs(
         start, stop,

@@ -135,7 +135,9 @@ def evaluate_detectors(
     n = labels.shape[0]
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must be [1 + R, {n}], got {tuple(weights.shape)}")
-    weights = weights.double().cpu()
+    # Measures run where the weights are (the GPU for large audits); fitting and scoring stay on the CPU.
+    weights = weights.double()
+    dev = weights.device
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
     multilabel = labels.ndim == 2
     if multilabel:
@@ -171,13 +173,14 @@ def evaluate_detectors(
             result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")
             continue
         result.scores[name] = scores.float()
+        scores = scores.to(dev)
         for s, sid in enumerate(scenario_ids):
             if s != clean:
                 measures = detection_measures(scores[s], scores[clean], weights, weights)
                 result.ood.setdefault(sid, {})[name] = {k: interval(v, confidence) for k, v in measures.items()}
             if not multilabel:
                 result.failure_detection.setdefault(sid, {})[name] = interval(
-                    _failure_auroc(scores[s], probs[s], labels, weights), confidence)
+                    _failure_auroc(scores[s], probs[s].to(dev), labels.to(dev), weights), confidence)
     return result
 
 
@@ -218,7 +221,7 @@ def evaluate_external(
     """
     measures: dict[str, dict[str, Interval]] = {}
     scores: dict[str, Tensor] = {}
-    weights, external_weights = weights.double().cpu(), external_weights.double().cpu()
+    weights, external_weights = weights.double(), external_weights.double().to(weights.device)
     for det in detectors:
         name = det.name
         if name not in clean_scores or name not in external:
@@ -240,7 +243,7 @@ def evaluate_external(
                 fitted.fit(embeddings[name][fit_idx], labels[fit_idx])
                 pos[parity::2] = fitted.score(ext[parity::2]).double().cpu()
         neg = clean_scores[name].double()
-        values = detection_measures(pos, neg, external_weights, weights)
+        values = detection_measures(pos.to(weights.device), neg.to(weights.device), external_weights, weights)
         measures[name] = {k: interval(v, confidence) for k, v in values.items()}
         scores[name] = pos.float()
     return measures, scores

@@ -149,7 +149,7 @@ def test_detectors_run_on_cuda() -> None:
     logits = torch.randn(40, 3, generator=g)
     feats = torch.randn(40, 16, 4, 4, generator=g)
     labels = torch.randint(0, 3, (40,), generator=g)
-    for det in medaudit_detectors(SimpleNamespace(audit=SimpleNamespace())):  # type: ignore[arg-type]
+    for det in medaudit_detectors(Config()):
         emb_cpu = det.embed(logits, feats)
         emb = det.embed(logits.to(dev), feats.to(dev))
         assert emb.device.type == "cuda"
