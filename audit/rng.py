@@ -8,9 +8,44 @@ number is a pure integer hash of ``(sample key, counter)`` computed with tensor 
 * a sample gets the same numbers whatever batch it is in and whatever device it is on;
 * the numbers depend only on ``(seed, stream name, sample index)``.
 
-The hash is Chris Wellons' ``lowbias32`` integer finaliser (public domain), evaluated on int64
-tensors that hold unsigned 32-bit values: int64 multiplication wraps modulo 2**64, which keeps the
-low 32 bits exact, and the mask restores them.
+The generator, exactly (all integer arithmetic modulo 2**32 or 2**64 as stated; ``>>`` is a
+logical shift):
+
+* **Keys.** ``stream_key(*parts)`` is the first 4 bytes (little-endian) of BLAKE2b of
+  ``repr(parts)``. A sample's key is ``k = m32(m32(index + 0x9E3779B9) ^ stream_key)`` and a
+  child stream's key is ``m32(k ^ stream_key(name))``, where ``m32`` is Chris Wellons'
+  ``lowbias32`` finaliser (public domain)::
+
+      x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16   (mod 2**32)
+
+* **Counter.** Each :class:`SampleRNG` holds a counter ``c`` (starting at 0) shared by all its
+  samples; a draw uses the counters ``c, c + 1, ...`` and advances ``c`` past them, so the k-th
+  draw of a sample never depends on the other samples of its batch.
+* **bits / uniform / integers / choice.** Counter ``i`` gives the 32-bit word
+  ``w = m32(m32(k ^ m32(2 i + 1)) + 0x9E3779B9)``. ``uniform`` is ``((w >> 8) + 0.5) / 2**24``
+  (24 bits, open interval (0, 1)) scaled to ``(low, high)``; ``integers(low, high)`` is
+  ``low + w % (high - low)`` (modulo bias below ``(high - low) / 2**32``).
+* **normal.** SplitMix64 (Steele, Lea & Flood, OOPSLA 2014) seeded per sample: with
+  ``s = m64(k)``, counter ``i`` gives the 64-bit word ``h = m64(s + (i + 1) * 0x9E3779B97F4A7C15)``
+  where ``m64`` is SplitMix64's finaliser::
+
+      x ^= x >> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >> 27; x *= 0x94D049BB133111EB; x ^= x >> 31   (mod 2**64)
+
+  Its top and bottom 24 bits give ``u1 = ((h >> 40) + 0.5) / 2**24`` and
+  ``u2 = ((h & 0xFFFFFF) + 0.5) / 2**24``, and Box-Muller gives *two* independent normals
+  ``r cos(2 pi u2)`` and ``r sin(2 pi u2)``, ``r = sqrt(-2 ln u1)``. A draw of ``n`` normals
+  uses ``m = ceil(n / 2)`` counters: flat value ``j < m`` is the cosine of counter ``c + j`` and
+  value ``m + j`` its sine. One 64-bit hash per two normals (instead of four 32-bit hash rounds
+  per normal) is what makes dense noise fields cheap. ``|z|`` is bounded by
+  ``sqrt(2 ln 2**25) = 5.89`` (24-bit ``u1``; a tail probability of 4e-9 is lost).
+
+Integer arithmetic runs on int64 tensors. The 32-bit hash keeps values below 2**32 and masks
+after each multiplication (the product of a 32-bit value and a 31/32-bit constant fits in 63
+bits, so nothing overflows); the 64-bit hash relies on int64 multiplication wrapping modulo
+2**64 (two's complement, as on every CPU and CUDA device; checked against a pure-Python reference
+in the tests) and masks after each arithmetic right shift to make it logical. Everything up to
+the float conversion is integer arithmetic, so CPU and CUDA give the same integers; the float
+steps (log, sqrt, cos, sin) may differ between devices in the last bit.
 """
 
 from __future__ import annotations
@@ -25,6 +60,27 @@ _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
 
+def _signed64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GAMMA64 = _signed64(0x9E3779B97F4A7C15)  # SplitMix64's Weyl increment (odd, 2**64 / golden ratio)
+_MUL64_1 = _signed64(0xBF58476D1CE4E5B9)
+_MUL64_2 = _signed64(0x94D049BB133111EB)
+_TWO_PI = 2.0 * math.pi
+_INV_2_24 = 1.0 / (1 << 24)
+# Counters per sample in one pass of normal() are a multiple of this, so every float tensor it
+# runs log/cos/sin on has rows (and a total length) that are multiples of 64 elements: CPU
+# kernels then evaluate every element in their vectorised body, never in a scalar tail whose
+# libm result may differ in the last bit, and a sample's normals stay bit-identical whatever the
+# batch size (which moves where the tail would fall).
+_ALIGN = 64
+# Elements per pass of normal(): about 1 MiB of int64, so the ~25 elementwise passes of one chunk
+# run in the L2 cache instead of streaming the whole field from memory once per op.
+_CHUNK_ELEMENTS = 1 << 17
+
+
 def _mix32(x: Tensor) -> Tensor:
     x = x & _MASK
     x = x ^ (x >> 16)
@@ -32,6 +88,20 @@ def _mix32(x: Tensor) -> Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _MASK
     return x ^ (x >> 16)
+
+
+def _mix64_(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser, in place on an int64 tensor (wrapping multiplication).
+
+    ``>>`` on int64 is arithmetic, so each shift is masked to the ``64 - s`` bits a logical shift
+    keeps; the masks make the result the unsigned finaliser's bits exactly.
+    """
+    x ^= (x >> 30) & ((1 << 34) - 1)
+    x *= _MUL64_1
+    x ^= (x >> 27) & ((1 << 37) - 1)
+    x *= _MUL64_2
+    x ^= (x >> 31) & ((1 << 33) - 1)
+    return x
 
 
 def stream_key(*parts: object) -> int:
@@ -96,10 +166,37 @@ class SampleRNG:
         return low_t + (high_t - low_t) * u
 
     def normal(self, *shape: int) -> Tensor:
-        """Standard normal float32 ``[B, *shape]`` (Box-Muller on two uniforms)."""
-        u1 = self.uniform(*shape)
-        u2 = self.uniform(*shape)
-        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        """Standard normal float32 ``[B, *shape]``: SplitMix64 + Box-Muller, two normals per
+        64-bit hash (see the module docstring for the exact construction)."""
+        n = math.prod(shape)
+        b = self.batch_size
+        m = (n + 1) // 2  # counters used: one per (cosine, sine) pair
+        m_pad = -(-m // _ALIGN) * _ALIGN
+        base = self._offset
+        self._offset += m
+        out = torch.empty(b, n, dtype=torch.float32, device=self.device)
+        if n == 0:
+            return out.reshape(b, *shape)
+        seeds = _mix64_(self.keys.clone())[:, None]  # [B, 1]
+        # On CUDA one pass is fastest; on CPU the chunks keep the working set in cache. Chunking
+        # cannot change a value: every op is elementwise and chunk lengths are multiples of _ALIGN.
+        if self.device.type == "cpu":
+            chunk = max(_ALIGN, _CHUNK_ELEMENTS // max(b, 1) // _ALIGN * _ALIGN)
+        else:
+            chunk = m_pad
+        bufs: _Buffers | None = None
+        for j0 in range(0, m_pad, chunk):
+            j1 = min(j0 + chunk, m_pad)
+            if bufs is None or bufs.width != j1 - j0:  # the first chunk, and a shorter last one
+                bufs = _Buffers(b, j1 - j0, self.device)
+            r, c, s = bufs.pairs(seeds, base + j0)
+            cos_end = min(j1, m)
+            if cos_end > j0:
+                torch.mul(r[:, : cos_end - j0], c[:, : cos_end - j0], out=out[:, j0:cos_end])
+            sin_end = min(j1, n - m)
+            if sin_end > j0:
+                torch.mul(r[:, : sin_end - j0], s[:, : sin_end - j0], out=out[:, m + j0 : m + sin_end])
+        return out.reshape(b, *shape)
 
     def integers(self, low: int, high: int, *shape: int) -> Tensor:
         """Integers uniform in ``[low, high)`` (int64 ``[B, *shape]``)."""
@@ -110,6 +207,43 @@ class SampleRNG:
     def choice(self, options: Tensor, *shape: int) -> Tensor:
         """Draw uniformly from a 1-D tensor of options (``[B, *shape]``)."""
         return options.to(self.device)[self.integers(0, options.numel(), *shape)]
+
+
+class _Buffers:
+    """Scratch tensors for one chunk of :meth:`SampleRNG.normal`, reused from chunk to chunk.
+
+    Every op writes into these with ``out=`` or in place: allocating a fresh tensor per op costs
+    more than the op itself at this size. All are contiguous ``[B, width]`` (``width`` a multiple
+    of ``_ALIGN``), so the float ops see whole aligned rows (see ``_ALIGN``).
+    """
+
+    def __init__(self, batch: int, width: int, device: torch.device) -> None:
+        self.width = width
+        self.weyl = torch.empty(width, dtype=torch.int64, device=device)
+        self.h = torch.empty(batch, width, dtype=torch.int64, device=device)
+        self.t = torch.empty_like(self.h)
+        self.r = torch.empty(batch, width, dtype=torch.float32, device=device)
+        self.c = torch.empty_like(self.r)
+        self.s = torch.empty_like(self.r)
+
+    def pairs(self, seeds: Tensor, first: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(r, cos, sin)`` for counters ``first .. first + width - 1`` (Box-Muller radius and
+        the cosine and sine of the angle; the normals are ``r * cos`` and ``r * sin``)."""
+        h, t = self.h, self.t
+        torch.arange(first + 1, first + self.width + 1, out=self.weyl)
+        torch.add(seeds, self.weyl.mul_(_GAMMA64), out=h)  # s + (i + 1) * gamma, [B, 1] + [W]
+        for shift, mul in ((30, _MUL64_1), (27, _MUL64_2), (31, None)):
+            torch.bitwise_right_shift(h, shift, out=t)
+            h ^= t.bitwise_and_((1 << (64 - shift)) - 1)
+            if mul is not None:
+                h *= mul
+        torch.bitwise_right_shift(h, 40, out=t)
+        r = self.r.copy_(t.bitwise_and_(0xFFFFFF))  # u1 = (top 24 bits + 1/2) / 2**24
+        r.add_(0.5).mul_(_INV_2_24).log_().mul_(-2.0).sqrt_()
+        theta = self.s.copy_(h.bitwise_and_(0xFFFFFF))  # u2 = (low 24 bits + 1/2) / 2**24
+        theta.add_(0.5).mul_(_TWO_PI * _INV_2_24)
+        torch.cos(theta, out=self.c)
+        return r, self.c, theta.sin_()
 
 
 def _per_sample(v: float | Tensor, like: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
 from medaudit.perturbation import Perturbation, finish, per_sample
+from medaudit.plugins.intensity import finish_
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -518,9 +519,10 @@ class RicianNoise(Perturbation):
         xf = x.float()
         noise = SampleRNG(params["noise_key"].to(x.device)).normal(2, *x.shape[1:])  # [B, 2, C, ...]
         sigma = per_sample(params["sigma"], xf)
-        real = xf + sigma * noise[:, 0]
-        imag = sigma * noise[:, 1]
-        return finish(torch.sqrt(real * real + imag * imag), x)
+        # in place on the noise field this method owns: each avoided temporary is a full pass
+        real = noise[:, 0].mul_(sigma).add_(xf)
+        imag = noise[:, 1].mul_(sigma)
+        return finish_(torch.hypot(real, imag), x)
 
 
 class Gibbs(Perturbation):

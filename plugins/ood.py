@@ -301,7 +301,10 @@ def spectral_signature(features: Tensor) -> Tensor:
     # σ² are the eigenvalues of the smaller Gram matrix F Fᵀ (or Fᵀ F): a batched symmetric
     # eigensolve is 2-3x faster than a batched SVD on CPU; float64 keeps small σ accurate.
     gram = mats @ mats.transpose(1, 2) if mats.shape[1] <= mats.shape[2] else mats.transpose(1, 2) @ mats
-    s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0).sqrt().float()
+    # On CUDA, batched eigensolvers loop over matrices larger than 32×32 and were measured ~6x
+    # slower than the CPU on an H100 host: the small Gram matrices ([B, C, C]) go to the CPU for
+    # the eigensolve (one copy per batch), the big feature maps never leave the device.
+    s = torch.linalg.eigvalsh(gram.cpu()).to(features.device).flip(-1).clamp_min(0.0).sqrt().float()
     s = s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
     return torch.log(s.clamp_min(_SPECTRAL_FLOOR))
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
 from medaudit.perturbation import Perturbation, finish, per_sample
-from medaudit.plugins.intensity import batch_param, check_dims, draw_signed
+from medaudit.plugins.intensity import batch_param, check_dims, draw_signed, finish_
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -47,7 +47,10 @@ def detector_noise(x: Tensor, gain: float | Tensor, read_sd: float | Tensor, noi
     a = per_sample(batch_param(gain, "gain", x, 0.0, 1.0).clamp(min=0.0), xf)
     b = per_sample(batch_param(read_sd, "read_sd", x, 0.0, 1.0).clamp(min=0.0), xf)
     n = SampleRNG(noise_key.to(x.device)).normal(*x.shape[1:])
-    return finish(xf + torch.sqrt(a * xf + b * b) * n, x)
+    # In place on tensors this function owns: on a 3D batch each avoided temporary is a full
+    # pass over memory (plus page faults), comparable to generating the noise itself.
+    y = torch.addcmul(b * b, a, xf).sqrt_().mul_(n).add_(xf)
+    return finish_(y, x)
 
 
 def _symmetric_pad(x: Tensor, dim: int, r: int) -> Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,13 +10,12 @@ import torch
 from sklearn.covariance import LedoitWolf, ledoit_wolf as sk_ledoit_wolf
 from sklearn.metrics import roc_auc_score
 
+from medaudit.config import Config
 from medaudit.plugins.ood import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, Spectral, ledoit_wolf,
                                   medaudit_detectors, spectral_signature)
 
 
 def test_catalogue_names_and_needs() -> None:
-    from medaudit.config import Config
-
     dets = medaudit_detectors(Config())
     assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "mahalanobis", "knn", "spectral"]
     assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "spectral"}
