@@ -213,6 +213,29 @@ def interval(values: Tensor, confidence: float = 0.95) -> dict[str, float | None
     return out
 
 
+def intervals(values: dict[str, Tensor], confidence: float = 0.95) -> dict[str, dict[str, float | None]]:
+    """:func:`interval` of many metrics at once: one ``nanquantile`` over a ``[K, 1 + R]`` stack.
+
+    ``nanquantile`` ignores NaN rows exactly as :func:`interval` drops them, with the same linear
+    interpolation, so the result equals ``{k: interval(v) for k, v in values.items()}``.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not values:
+        return {}
+    keys = list(values)
+    stack = torch.stack([values[k].detach().double().flatten().cpu() for k in keys])
+    points = stack[:, 0].tolist()
+    if stack.shape[1] > 1:
+        alpha = (1.0 - confidence) / 2.0
+        q = torch.nanquantile(stack[:, 1:], torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64), dim=1)
+        lows, highs = q[0].tolist(), q[1].tolist()
+    else:
+        lows = highs = [None] * len(keys)
+    return {k: {"value": _finite_or_none(p), "ci_low": _finite_or_none(lo), "ci_high": _finite_or_none(hi)}
+            for k, p, lo, hi in zip(keys, points, lows, highs)}
+
+
 def evaluate(
     metrics: Iterable[Metric],
     probs: Tensor,
@@ -267,8 +290,7 @@ def evaluate(
             if joined.numel() != rows:
                 raise ValueError(f"metric {metric.name!r} returned {joined.numel()} values for {key!r}, expected {rows}")
             raw[key] = joined
-    results = {key: interval(val, confidence) for key, val in raw.items()}
-    return results, raw
+    return intervals(raw, confidence), raw
 
 
 def paired_drop(
@@ -308,6 +330,26 @@ def paired_drop(
     )
     lo, hi = out["ci_low"], out["ci_high"]
     out["significant"] = bool(lo is not None and hi is not None and (lo > 0 or hi < 0))
+    return out
+
+
+def paired_drops(clean_raw: dict[str, Tensor], pert_raw: dict[str, Tensor], directions: dict[str, bool],
+                 confidence: float = 0.95) -> dict[str, dict[str, float | bool | None]]:
+    """:func:`paired_drop` for every key the two scenarios share, with one batched quantile call."""
+    keys = [k for k in pert_raw if k in clean_raw]
+    drops: dict[str, Tensor] = {}
+    for k in keys:
+        clean = clean_raw[k].detach().double().flatten().cpu()
+        pert = pert_raw[k].detach().double().flatten().cpu()
+        drops[k] = clean - pert if directions.get(k, True) else pert - clean
+    out: dict[str, dict[str, Any]] = intervals(drops, confidence)
+    for k in keys:
+        clean_value = float(clean_raw[k].flatten()[0])
+        o = out[k]
+        o["relative"] = (_finite_or_none(o["value"] / clean_value)
+                         if o["value"] is not None and math.isfinite(clean_value) and clean_value != 0 else None)
+        lo, hi = o["ci_low"], o["ci_high"]
+        o["significant"] = bool(lo is not None and hi is not None and (lo > 0 or hi < 0))
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .bootstrap import bootstrap_weights, evaluate as evaluate_metrics, paired_drop, small_n_warnings
+from .bootstrap import bootstrap_weights, evaluate as evaluate_metrics, paired_drops, small_n_warnings
 from .checks import evaluate_checks
 from .config import Config
 from .data import DatasetIdentity
@@ -127,8 +127,7 @@ def build_results(
         directions.update(dirs)
         drop = {}
         if sc.id != "clean":
-            drop = {k: paired_drop(raw["clean"][k], raw[sc.id][k], directions.get(k, True), cfg.audit.confidence)
-                    for k in raw[sc.id] if k in raw["clean"]}
+            drop = paired_drops(raw["clean"], raw[sc.id], directions, cfg.audit.confidence)
         seconds = fwd.seconds.get(sc.id, 0.0)
         scenario_results.append({
             "id": sc.id, "suite": sc.suite, "perturbation": sc.perturbation, "severity": sc.severity,

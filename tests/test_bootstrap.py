@@ -139,3 +139,21 @@ def test_small_n_warnings():
     ml = torch.tensor([[1, 0]] * 35 + [[0, 0]] * 5)
     msgs = small_n_warnings(ml, ["x", "y"], "blur@3")
     assert any("'y' has 0 positive" in m for m in msgs) and any("'x' has 5 negative" in m for m in msgs)
+
+
+def test_batched_intervals_and_drops_equal_the_single_versions() -> None:
+    from medaudit.bootstrap import interval, intervals, paired_drop, paired_drops
+
+    g = torch.Generator().manual_seed(3)
+    clean = {"a": torch.rand(201, generator=g, dtype=torch.float64), "b": torch.rand(201, generator=g, dtype=torch.float64)}
+    pert = {"a": clean["a"] - 0.2, "b": torch.rand(201, generator=g, dtype=torch.float64)}
+    clean["b"][[3, 7, 11]] = float("nan")  # undefined resamples are dropped
+    pert["c"] = torch.full((201,), float("nan"), dtype=torch.float64)  # only in one scenario: no drop
+    batched = intervals(clean, 0.9)
+    for k, v in clean.items():
+        assert batched[k] == pytest.approx(interval(v, 0.9))
+    drops = paired_drops(clean, pert, {"a": True, "b": False}, 0.95)
+    assert set(drops) == {"a", "b"}
+    assert drops["a"] == pytest.approx(paired_drop(clean["a"], pert["a"], True, 0.95))
+    assert drops["b"] == pytest.approx(paired_drop(clean["b"], pert["b"], False, 0.95))
+    assert drops["a"]["significant"] is True
