@@ -49,6 +49,7 @@ class Prepared:
     perturbations: dict[str, Perturbation]
     metrics: list[Metric]
     detectors: list[Detector]
+    owners: dict[object, str]
     device: torch.device
     warnings: list[str] = field(default_factory=list)
     reference: AuditDataset | None = None
@@ -84,8 +85,13 @@ def _set_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: list[str]) -> list[Detector]:
-    detectors = [d for _, ds in pm.call_each("medaudit_detectors", config=config) for d in ds]
+def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: list[str],
+               owners: dict[object, str]) -> list[Detector]:
+    detectors = []
+    for plugin, ds in pm.call_each("medaudit_detectors", config=config):
+        for d in ds:
+            owners[id(d)] = plugin
+            detectors.append(d)
     if config.audit.detectors is not None:
         known = {d.name for d in detectors}
         unknown = sorted(set(config.audit.detectors) - known)
@@ -124,15 +130,22 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     if feature_warning:
         warnings.append(feature_warning)
     feature_ok = config.model.feature_layer is not None and feature_warning is None
-    scenarios, perturbations = plan_scenarios(config, pm.perturbations())
+    catalogue = pm.perturbations()
+    scenarios, perturbations = plan_scenarios(config, catalogue)
     validate_check_scenarios(config.checks, [s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets])
-    metrics = [m for _, ms in pm.call_each("medaudit_metrics", config=config) for m in ms
-               if config.task.type in m.tasks]
+    # Which plugin contributed each object, so a failure during the audit can name it.
+    owners: dict[object, str] = {name: plugin for name, (plugin, _cls) in catalogue.items()}
+    metrics = []
+    for plugin, ms in pm.call_each("medaudit_metrics", config=config):
+        for m in ms:
+            if config.task.type in m.tasks:
+                owners[id(m)] = plugin
+                metrics.append(m)
     if not metrics:
         raise PluginError("no metric plugin is available for this task; is medaudit installed correctly? (`medaudit plugins`)")
-    detectors = _detectors(pm, config, feature_ok, warnings)
+    detectors = _detectors(pm, config, feature_ok, warnings, owners)
     return Prepared(pm, config, model, extract, dataset, dataset.identity(), scenarios, perturbations, metrics,
-                    detectors, device, warnings, reference, ood_sets)
+                    detectors, owners, device, warnings, reference, ood_sets)
 
 
 def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
@@ -147,13 +160,20 @@ def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
     })
 
 
-def preview_for(prep: Prepared) -> bytes:
-    """The report's example grid: the first sample under every audited perturbation, severities 0..5."""
+def preview_for(prep: Prepared, left_out: set[str]) -> dict[str, str]:
+    """The report's example grid: the first sample under every audited perturbation, severities 0..5.
+
+    Perturbations whose scenarios failed are left out; a grid that cannot be drawn is a warning.
+    """
     from .preview import grid_png_bytes
 
     image, _ = prep.dataset[0]
-    classes = [type(p) for _, p in sorted(prep.perturbations.items())]
-    return grid_png_bytes(image, classes, prep.config.audit.seed)
+    classes = [type(p) for name, p in sorted(prep.perturbations.items()) if name not in left_out]
+    try:
+        return {"preview_png": base64.b64encode(grid_png_bytes(image, classes, prep.config.audit.seed)).decode()}
+    except Exception as exc:  # a figure must not cost the audit its results
+        prep.warnings.append(f"the perturbation preview grid could not be drawn ({type(exc).__name__}: {exc})")
+        return {}
 
 
 def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool) -> ExternalSet:
@@ -177,16 +197,18 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     if not resume:
         shutil.rmtree(cache.dir, ignore_errors=True)
     fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
-                      prep.detectors, cache=cache, shard_size=shard_size, progress=progress)
+                      prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners)
+    prep.warnings.extend([*fwd.failures.values(), *fwd.failed_detectors.values()])
+    prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
     if fwd.resumed_shards:
         log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
     reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
     ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
-    assets = {"preview_png": base64.b64encode(preview_for(prep)).decode()}
+    assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
     catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
     evaluation = build_results(
         pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
-        prep.metrics, prep.detectors, catalogue, fwd, prep.device, command, started,
+        prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
         prep.warnings, reference, ood_sets, assets)
     results = evaluation.results
     from .report import render_report

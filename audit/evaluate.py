@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .bootstrap import bootstrap_weights, evaluate as evaluate_metrics, paired_drops, small_n_warnings
+from .bootstrap import bootstrap_weights, check_predictions, evaluate as evaluate_metrics, paired_drops, small_n_warnings
 from .checks import evaluate_checks
 from .config import Config
 from .data import DatasetIdentity
 from .detector import Detector
-from .errors import PluginError
+from .errors import ModelOutputError, PluginError
 from .metric import Metric, MetricContext
 from .model import LoadedModel
 from .outputs import AuditOutputs
@@ -57,22 +57,39 @@ def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
 
 
 def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext,
-                      confidence: float) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bool], dict[str, Any]]:
-    """Estimates, raw per-row values, direction per key and plot data of one scenario."""
+                      confidence: float, scenario_id: str, owners: dict[int, str],
+                      failures: dict[int, str]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bool], dict[str, Any]]:
+    """Estimates, raw per-row values, direction per key and plot data of one scenario.
+
+    Bad predictions (NaN, rows not summing to 1) are the model's fault and stop the audit, naming
+    the scenario. A metric plugin that raises is the plugin's fault: it is recorded in
+    ``failures`` (named in the report's limitations) and the other metrics are kept.
+    """
+    try:
+        check_predictions(probs, labels, ctx.task, weights)
+    except ValueError as exc:
+        raise ModelOutputError(f"unusable model outputs in scenario {scenario_id}: {exc}") from None
     estimates: dict[str, Any] = {}
     raw: dict[str, Tensor] = {}
     directions: dict[str, bool] = {}
     curves: dict[str, Any] = {}
     for m in metrics:
+        if id(m) in failures:
+            continue
         # One family at a time, so every key is attributed to the metric (and direction) that made it.
-        est, r = evaluate_metrics([m], probs, labels, weights, ctx, confidence)
+        try:
+            est, r = evaluate_metrics([m], probs, labels, weights, ctx, confidence)
+            extra = m.curves(probs, labels, ctx)
+        except Exception as exc:
+            failures[id(m)] = (f'metric "{m.name}" of plugin "{owners.get(id(m), type(m).__module__)}" raised in '
+                               f"scenario {scenario_id} ({type(exc).__name__}: {exc}); its results are left out")
+            continue
         clash = sorted(set(est) & set(estimates))
         if clash:
             raise PluginError(f"metric {m.name!r} emits result keys {clash} that another metric already emits")
         estimates.update(est)
         raw.update(r)
         directions.update(dict.fromkeys(est, m.higher_is_better))
-        extra = m.curves(probs, labels, ctx)
         if extra:
             curves.update(extra)
     return estimates, raw, directions, curves
@@ -88,6 +105,7 @@ def build_results(
     metadata: dict[str, list[Any]],
     metrics: list[Metric],
     detectors: list[Detector],
+    owners: dict[int, str],
     catalogue: list[dict[str, Any]],
     fwd: ForwardResult,
     device: torch.device,
@@ -121,9 +139,10 @@ def build_results(
     directions: dict[str, bool] = {}
     raw: dict[str, dict[str, Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
+    metric_failures: dict[int, str] = {}
     for i, sc in enumerate(fwd.scenarios):
         estimates, raw[sc.id], dirs, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
-                                                               cfg.audit.confidence)
+                                                               cfg.audit.confidence, sc.id, owners, metric_failures)
         directions.update(dirs)
         drop = {}
         if sc.id != "clean":
@@ -157,11 +176,13 @@ def build_results(
                         f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
                         "are not computed for it")
 
-    outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, metrics, ctx, weights,
+    warnings += list(metric_failures.values())
+    working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
+    outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, working, ctx, weights,
                            cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
-    for _plugin, extra in pm.call_each("medaudit_analyze", outputs=outputs, config=cfg):
+    for _plugin, extra in pm.call_each("medaudit_analyze", on_error=warnings.append, outputs=outputs, config=cfg):
         for key, value in extra.items():
             if key == "warnings":
                 warnings.extend(value)

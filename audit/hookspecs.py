@@ -137,8 +137,10 @@ def medaudit_analyze(outputs: AuditOutputs, config: Config) -> dict[str, Any] | 
     """Compute extra results from the per-sample outputs of every scenario.
 
     Called once after all forward passes; must not run the model again. The returned mapping is
-    merged into results.json: list values are appended to the list under the same top-level key
-    (e.g. ``subgroups``), and the special key ``warnings`` adds to the report's limitations.
+    merged into results.json: entries under ``subgroups`` are appended to the top-level
+    ``subgroups`` list, ``warnings`` (a list of strings) are added to the report's limitations,
+    and every other key is stored as ``results["analyses"][key]``. An exception is caught, named
+    (plugin and hook) in the limitations, and the other plugins' analyses are kept.
 
     :param outputs: probabilities, labels, metadata and OOD scores of every scenario.
     :param config: the audit configuration.

@@ -73,11 +73,13 @@ class PluginManager:
         module = getattr(plugin, "__name__", type(plugin).__name__)
         self.infos[name] = PluginInfo(name, distribution, version, api, module)
 
-    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    def call_each(self, hook_name: str, on_error: Callable[[str], None] | None = None,
+                  **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation of a hook separately, returning ``(plugin name, result)``.
 
-        Unlike ``pm.hook.X()``, this attributes each contribution to its plugin, and an exception
-        in one plugin becomes a :class:`PluginError` naming it.
+        Unlike ``pm.hook.X()``, this attributes each contribution to its plugin. An exception in
+        one plugin becomes a message naming it: raised as :class:`PluginError`, or, when
+        ``on_error`` is given, passed to it while the other plugins' results are kept.
         """
         out = []
         caller = getattr(self.pm.hook, hook_name)
@@ -85,10 +87,13 @@ class PluginManager:
             args = {k: kwargs[k] for k in impl.argnames}
             try:
                 result = impl.function(**args)
-            except PluginError:
-                raise
             except Exception as exc:
-                raise PluginError(f'plugin "{impl.plugin_name}" failed in {hook_name}: {type(exc).__name__}: {exc}') from exc
+                message = (str(exc) if isinstance(exc, PluginError)
+                           else f'plugin "{impl.plugin_name}" failed in {hook_name}: {type(exc).__name__}: {exc}')
+                if on_error is None:
+                    raise (exc if isinstance(exc, PluginError) else PluginError(message)) from exc
+                on_error(message)
+                continue
             if result is not None:
                 out.append((impl.plugin_name, result))
         return out

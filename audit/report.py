@@ -632,7 +632,23 @@ def throughput_table(r: dict[str, Any]) -> Table:
 # --------------------------------------------------------------------------------------------
 
 
-def build_view(results: Results, sections: list[ReportSection]) -> ReportView:
+def _render_sections(r: dict[str, Any], sections: list[tuple[str, ReportSection]],
+                     problems: list[str]) -> list[dict[str, str]]:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    rendered = []
+    for plugin, sec in sorted(sections, key=lambda ps: (ps[1].order, ps[1].id)):
+        try:
+            html = env.from_string(sec.template).render(results=r, fmt=fmt, fmt_ci=fmt_ci, **sec.context)
+        except Exception as exc:  # a broken plugin template must not take the report down
+            problems.append(f'report section "{sec.id}" of plugin "{plugin}" could not be rendered '
+                            f'({type(exc).__name__}: {exc}); it is left out')
+            continue
+        rendered.append({"id": sec.id, "title": sec.title, "html": html})
+    return rendered
+
+
+def build_view(results: Results, sections: list[tuple[str, ReportSection]] | None = None,
+               problems: list[str] | None = None) -> ReportView:
     r = results.model_dump(mode="json")
     verdict = "no checks configured" if not r["checks"] else (
         "PASS" if all(c["passed"] for c in r["checks"]) else "FAIL")
@@ -650,10 +666,8 @@ def build_view(results: Results, sections: list[ReportSection]) -> ReportView:
     ood, ood_figure, failure = ood_views(r, confidence)
     sub_figs, sub_gaps, sub_notes = subgroup_views(r, primary, confidence)
     metadata_tables, metadata_notes = metadata_views(r)
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    rendered = [{"id": sec.id, "title": sec.title,
-                 "html": env.from_string(sec.template).render(results=r, fmt=fmt, fmt_ci=fmt_ci, **sec.context)}
-                for sec in sorted(sections, key=lambda s: (s.order, s.id))]
+    problems = list(problems or [])
+    rendered = _render_sections(r, sections or [], problems)
     m = r["model"]
     return ReportView(
         title=f"medaudit report: {m.get('name') or m['path']}", results=r, verdict=verdict, findings=findings(r),
@@ -664,7 +678,7 @@ def build_view(results: Results, sections: list[ReportSection]) -> ReportView:
         robustness=robustness_table(r, keys, confidence), reliability=reliability_figure(r),
         calibration=calibration, temperature=temperature, temperature_method=temperature_method,
         ood=ood, ood_figure=ood_figure, failure=failure, subgroup_figures=sub_figs, subgroup_gaps=sub_gaps,
-        subgroup_notes=sub_notes, warnings=r["warnings"], derived_notes=derived_notes(r),
+        subgroup_notes=sub_notes, warnings=r["warnings"] + problems, derived_notes=derived_notes(r),
         metric_keys=sorted({key.split("/")[0] for key in clean_metrics}), throughput=throughput_table(r), confidence=confidence, sections=rendered,
     )
 
@@ -683,10 +697,12 @@ def stylesheet() -> str:
 
 
 def render_report(results: Results, pm: PluginManager | None = None) -> str:
-    sections: list[ReportSection] = []
+    """Render the report; a plugin section that fails is left out and named in the limitations."""
+    sections: list[tuple[str, ReportSection]] = []
+    problems: list[str] = []
     if pm is not None:
         data = results.model_dump(mode="json")
-        for _plugin, secs in pm.call_each("medaudit_report_sections", results=data):
-            sections.extend(secs)
-    view = build_view(results, sections)
+        for plugin, secs in pm.call_each("medaudit_report_sections", on_error=problems.append, results=data):
+            sections.extend((plugin, sec) for sec in secs)
+    view = build_view(results, sections, problems)
     return template_env().get_template("report.html").render(v=view, css=stylesheet())

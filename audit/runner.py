@@ -105,6 +105,9 @@ class ShardOutputs:
     embeddings: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     params: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Plugin failures: scenario id -> message (a perturbation raised), detector -> message (embed raised).
+    failed: dict[str, str] = field(default_factory=dict)
+    failed_detectors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class ForwardSpec:
     precision: str = "fp32"
     detectors: Sequence[Detector] = ()
     model_batch_size: int = 32
+    owners: dict[object, str] = field(default_factory=dict)
 
 
 def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
@@ -204,13 +208,24 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     # NaN/Inf outputs are flagged on the device and checked once per shard: a per-batch check
     # would stall the GPU queue at every scenario.
     finite = {s.id: torch.ones((), dtype=torch.bool, device=spec.device) for s in scenarios}
+    failed: dict[str, str] = {}
+    failed_detectors: dict[str, str] = {}
     for x, idx in batches:
         x = x.to(spec.device, non_blocking=True)
         idx = idx.to(spec.device, non_blocking=True)
         for scenario in scenarios:
+            if scenario.id in failed:
+                continue
             clock.start(scenario.id)
             pert = perturbations.get(scenario.perturbation) if scenario.perturbation else None
-            xp, p = perturb_batch(x, idx, scenario, pert, spec.seed)
+            try:
+                xp, p = perturb_batch(x, idx, scenario, pert, spec.seed)
+            except Exception as exc:  # a broken perturbation plugin loses its scenarios, not the audit
+                failed[scenario.id] = (f'perturbation "{scenario.perturbation}" of plugin '
+                                       f'"{spec.owners.get(scenario.perturbation, "?")}" raised in scenario '
+                                       f"{scenario.id} ({type(exc).__name__}: {exc}); the scenario is left out")
+                clock.stop(scenario.id)
+                continue
             xn = (xp.float() - spec.mean) / spec.std
             with _autocast(spec):
                 out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
@@ -218,9 +233,15 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
             finite[scenario.id] &= torch.isfinite(out).all()
             probs[scenario.id].append(outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
             for d in spec.detectors:
-                if d.needs == "features" and feats is None:
+                if (d.needs == "features" and feats is None) or d.name in failed_detectors:
                     continue
-                embeds[scenario.id][d.name].append(d.embed(out, feats.float() if feats is not None else None).float())
+                try:
+                    emb = d.embed(out, feats.float() if feats is not None else None).float()
+                except Exception as exc:  # a broken detector plugin is dropped; the rest are kept
+                    failed_detectors[d.name] = (f'ood: detector "{d.name}" of plugin "{spec.owners.get(id(d), "?")}" '
+                                                f"raised in embed ({type(exc).__name__}: {exc}); it is left out")
+                    continue
+                embeds[scenario.id][d.name].append(emb)
             for k, v in p.items():
                 # Scalar per-sample parameters are kept for the results; keys and vectors are not.
                 if v.ndim == 1 and not k.endswith("key"):
@@ -235,10 +256,11 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     cat = lambda ts: torch.cat(ts).cpu() if ts else torch.empty(0)  # noqa: E731
     return ShardOutputs(
         start, stop,
-        probs={k: cat(v) for k, v in probs.items()},
-        embeddings={s: {d: cat(v) for d, v in dd.items() if v} for s, dd in embeds.items()},
-        params={s: {k: cat(v) for k, v in pp.items()} for s, pp in params.items()},
-        seconds=seconds,
+        probs={k: cat(v) for k, v in probs.items() if k not in failed},
+        embeddings={s: {d: cat(v) for d, v in dd.items() if v and d not in failed_detectors}
+                    for s, dd in embeds.items() if s not in failed},
+        params={s: {k: cat(v) for k, v in pp.items()} for s, pp in params.items() if s not in failed},
+        seconds=seconds, failed=failed, failed_detectors=failed_detectors,
     )
 
 
@@ -325,6 +347,10 @@ class ShardCache:
                 out.params.setdefault(sid, {})[name] = torch.from_numpy(arr)
             elif kind == "sec":
                 out.seconds[rest] = float(arr)
+            elif kind == "fail":
+                out.failed[rest] = str(arr)
+            elif kind == "faildet":
+                out.failed_detectors[rest] = str(arr)
         return out
 
     def save(self, shard: ShardOutputs) -> None:
@@ -338,6 +364,10 @@ class ShardCache:
         for sid, pp in shard.params.items():
             for name, t in pp.items():
                 arrays[f"param|{sid}|{name}"] = t.numpy()
+        for sid, msg in shard.failed.items():
+            arrays[f"fail|{sid}"] = np.asarray(msg)
+        for det, msg in shard.failed_detectors.items():
+            arrays[f"faildet|{det}"] = np.asarray(msg)
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._path(shard.start).with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
@@ -353,6 +383,8 @@ class ForwardResult:
     seconds: dict[str, float]
     output_kind: str
     resumed_shards: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # scenario id -> why it was left out
+    failed_detectors: dict[str, str] = field(default_factory=dict)
 
 
 class Progress:
@@ -378,7 +410,7 @@ class Progress:
 def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, config: Config,
                 scenarios: list[Scenario], perturbations: dict[str, Perturbation], device: torch.device,
                 detectors: Sequence[Detector] = (), cache: ShardCache | None = None, shard_size: int = 2048,
-                progress: bool = False) -> ForwardResult:
+                progress: bool = False, owners: dict[object, str] | None = None) -> ForwardResult:
     """Run every scenario over the whole dataset, shard by shard, and merge in index order."""
     n = len(dataset)
     channels = config.input.channels
@@ -394,7 +426,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
-                       config.audit.seed, device, config.audit.precision, detectors, chunk)
+                       config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {})
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)
@@ -413,6 +445,10 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             cache.save(shard)
         shards.append(shard)
     bar.close()
+    failures = {sid: msg for sh in shards for sid, msg in sh.failed.items()}
+    failed_detectors = {d: msg for sh in shards for d, msg in sh.failed_detectors.items()}
+    scenarios = [s for s in scenarios if s.id not in failures]
+    detectors = [d for d in detectors if d.name not in failed_detectors]
     ids = [s.id for s in scenarios]
     probs = torch.stack([torch.cat([sh.probs[sid] for sh in shards]) for sid in ids])
     embeddings: dict[str, Tensor] = {}
@@ -421,4 +457,5 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             embeddings[d.name] = torch.stack([torch.cat([sh.embeddings[sid][d.name] for sh in shards]) for sid in ids])
     params = {sid: {k: torch.cat([sh.params[sid][k] for sh in shards]) for k in shards[0].params.get(sid, {})} for sid in ids}
     seconds = {sid: sum(sh.seconds.get(sid, 0.0) for sh in shards) for sid in ids}
-    return ForwardResult(scenarios, probs, embeddings, params, seconds, output_kind, resumed)
+    return ForwardResult(scenarios, probs, embeddings, params, seconds, output_kind, resumed, failures,
+                         failed_detectors)

@@ -166,8 +166,8 @@ def evaluate_detectors(
             continue
         try:
             scores = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels)
-        except ValueError as exc:  # e.g. spectral on a layer without spatial extent
-            result.warnings.append(f"ood: detector {name!r} skipped: {exc}")
+        except Exception as exc:  # e.g. spectral on a layer without spatial extent, or a broken plugin
+            result.warnings.append(f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}")
             continue
         if bool(torch.isnan(scores).any()) or bool(torch.isinf(scores).any()):
             result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")

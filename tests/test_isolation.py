@@ -1,0 +1,96 @@
+"""A plugin that raises during an audit is named in the results and the report; the others' results are kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medaudit.audit import run_audit
+from medaudit.config import load_config
+from medaudit.detector import Detector
+from medaudit.hookspecs import hookimpl
+from medaudit.metric import Metric
+from medaudit.perturbation import Perturbation
+from medaudit.plugin_manager import get_plugin_manager
+from medaudit.sections import ReportSection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Exploding(Perturbation):
+    name = "boom.explode"
+    suite = "boom"
+    summary = "raises"
+    severities = {s: {"x": float(s)} for s in range(1, 6)}
+
+    def sample(self, severity, rng, shape):  # type: ignore[no-untyped-def]
+        return {}
+
+    def apply(self, x, params):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kaboom in apply")
+
+
+class BadMetric(Metric):
+    name = "bad_metric"
+
+    def compute(self, probs, labels, weights, ctx):  # type: ignore[no-untyped-def]
+        raise ZeroDivisionError("metric bug")
+
+
+class BadDetector(Detector):
+    name = "bad_detector"
+
+    def embed(self, logits: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        raise ValueError("embed bug")
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings[:, 0]
+
+
+class BrokenPlugin:
+    @hookimpl
+    def medaudit_perturbations(self) -> list[type[Perturbation]]:
+        return [Exploding]
+
+    @hookimpl
+    def medaudit_metrics(self, config: Any) -> list[Metric]:
+        return [BadMetric()]
+
+    @hookimpl
+    def medaudit_detectors(self, config: Any) -> list[Detector]:
+        return [BadDetector()]
+
+    @hookimpl
+    def medaudit_analyze(self, outputs: Any, config: Any) -> dict[str, Any]:
+        raise KeyError("analysis bug")
+
+    @hookimpl
+    def medaudit_report_sections(self, results: dict[str, Any]) -> list[ReportSection]:
+        return [ReportSection("broken", "Broken", "{{ results.no_such_key.deeper }}")]
+
+
+def test_failing_plugin_is_named_and_the_rest_is_kept(tmp_path: Path) -> None:
+    pm = get_plugin_manager(extra=[("exploding", BrokenPlugin())], warn=lambda m: None)
+    out = tmp_path / "o"
+    cfg = load_config(ROOT / "examples" / "mni-patches.yaml", {
+        "output.dir": str(out), "audit.suites": [], "audit.perturbations": ["boom.explode", "intensity.gamma"],
+        "audit.severities": [3], "audit.bootstrap": 20, "checks": []})
+    results = run_audit(pm, ROOT / "examples" / "model.pt", ROOT / "examples" / "mni-patches" / "test.npz", cfg,
+                        command="test")
+    ids = [s.id for s in results.scenarios]
+    assert ids == ["clean", "intensity.gamma@3"]  # the exploding perturbation's scenario is left out
+    warnings = "\n".join(results.warnings)
+    assert 'perturbation "boom.explode" of plugin "exploding" raised in scenario boom.explode@3' in warnings
+    assert "kaboom in apply" in warnings
+    assert 'metric "bad_metric" of plugin "exploding" raised' in warnings
+    assert 'ood: detector "bad_detector" of plugin "exploding" raised in embed' in warnings
+    assert 'plugin "exploding" failed in medaudit_analyze: KeyError' in warnings
+    clean = results.scenarios[0]
+    assert "accuracy" in clean.metrics and "bad_metric" not in clean.metrics
+    assert "msp" in results.scenarios[1].ood and "bad_detector" not in results.scenarios[1].ood
+    assert results.subgroups, results.warnings  # the built-in subgroup analysis still ran
+    report = (out / "report.html").read_text()
+    assert "kaboom in apply" in report
+    assert 'report section &#34;broken&#34; of plugin &#34;exploding&#34; could not be rendered' in report
