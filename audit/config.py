@@ -115,7 +115,8 @@ class AuditConfig(_Section):
     batch_size: int = Field(64, ge=1, description="samples loaded and perturbed at once (rounded up to a multiple of model_batch_size)")
     model_batch_size: int = Field(
         32, ge=1, description="samples per model call; results are bit-identical for any batch_size at a fixed model_batch_size")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes; None: up to 4 for file-based data sets, 0 for in-memory arrays")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for confidence intervals (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1)
     n_bins: int = Field(15, ge=2, description="bins of the calibration metrics")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import json
 import sys
 import time
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Subset
 from .config import Config
 from .data import AuditDataset
 from .detector import Detector
-from .errors import ConfigError, ModelError, ModelOutputError
+from .errors import ConfigError, MedauditError, ModelError, ModelOutputError
 from .model import LoadedModel, check_model_output, detect_output_kind, outputs_to_probs
 from .outputs import Scenario
 from .perturbation import Perturbation
@@ -264,14 +265,30 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     )
 
 
+def auto_workers(dataset: AuditDataset) -> int:
+    """Decode files off the main thread; arrays already in memory (npz) gain nothing from workers."""
+    if dataset.format == "npz" or len(dataset) < 256:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: int, num_workers: int,
                     pin_memory: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches of ``dataset[start:stop]`` in order, decoded by DataLoader workers."""
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=False)
-    for x, idx in loader:
-        yield x, idx.to(torch.int64)
+    try:
+        for x, idx in loader:
+            yield x, idx.to(torch.int64)
+    except MedauditError as exc:
+        # A worker process re-raises our error with its whole traceback folded into the message;
+        # the user gets the one-line message the loader wrote (the traceback is for --debug).
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from exc
 
 
 def expected_in_channels(module: object) -> int | None:
@@ -425,6 +442,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
+    workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
                        config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {})
     shards: list[ShardOutputs] = []
@@ -438,7 +456,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             resumed += 1
             bar.advance(stop - start)
             continue
-        batches = iterate_batches(dataset, start, stop, batch_size, config.audit.num_workers, pin)
+        batches = iterate_batches(dataset, start, stop, batch_size, workers, pin)
         with torch.inference_mode():
             shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
         if cache is not None:
