@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,11 +25,14 @@ def tio_affine(image: torch.Tensor, **kwargs: object) -> torch.Tensor:
     return out[..., 0] if is_2d else out
 
 
+CROPS = Path(__file__).resolve().parent / "data" / "mni152_crops.npz"
+
+
 @pytest.fixture(scope="module")
-def wide_slices(mni_t1: np.ndarray) -> torch.Tensor:
-    """Non-square 128×160 slices: catches rotations that are not rigid in pixel units."""
-    cx, cy = mni_t1.shape[0] // 2, mni_t1.shape[1] // 2 + 10
-    return torch.from_numpy(np.stack([mni_t1[cx - 64: cx + 64, cy - 80: cy + 80, z] for z in (70, 95)])[:, None].copy())
+def wide_slices() -> torch.Tensor:
+    """Non-square 128×160 MNI152 slices: catches rotations that are not rigid in pixel units."""
+    with np.load(CROPS) as d:
+        return torch.from_numpy(d["wide"].astype(np.float32) / 255.0)[:, None].contiguous()
 
 
 def test_registered() -> None:
