@@ -33,6 +33,7 @@ from .outputs import Scenario
 from .perturbation import Perturbation
 from .plugin_manager import PluginManager
 from .results import Results, dumps
+from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -151,7 +152,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
 def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
     cfg = prep.config
     return ShardCache.fingerprint({
-        "medaudit": __version__, "model": prep.model.sha256, "data": prep.identity.sha256,
+        "medaudit": __version__, "rng": RNG_VERSION, "model": prep.model.sha256, "data": prep.identity.sha256,
         "input": cfg.input.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"),
         "model_cfg": cfg.model.model_dump(mode="json"), "seed": cfg.audit.seed, "precision": cfg.audit.precision,
         "model_batch_size": cfg.audit.model_batch_size,

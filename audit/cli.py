@@ -51,7 +51,8 @@ def handle_errors(func: F) -> F:
         except Exception as exc:  # a bug in medaudit or a plugin: still one line unless --debug
             if ctx.find_root().params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"medaudit: internal error: {type(exc).__name__}: {exc} "
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            click.echo(f"medaudit: internal error: {type(exc).__name__}: {first} "
                        "(run with --debug for the traceback and report it)", err=True)
             ctx.exit(3)
 

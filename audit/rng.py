@@ -56,6 +56,10 @@ import math
 import torch
 from torch import Tensor
 
+# Bumped whenever the numbers drawn for a key change, so cached results (--resume) are not mixed
+# across generator versions. 2: normal() became SplitMix64 + two-branch Box-Muller.
+RNG_VERSION = 2
+
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 

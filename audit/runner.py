@@ -127,6 +127,7 @@ class ForwardSpec:
     detectors: Sequence[Detector] = ()
     model_batch_size: int = 32
     owners: dict[object, str] = field(default_factory=dict)
+    model_path: str = "the model"
 
 
 def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
@@ -228,8 +229,14 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 clock.stop(scenario.id)
                 continue
             xn = (xp.float() - spec.mean) / spec.std
-            with _autocast(spec):
-                out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
+            try:
+                with _autocast(spec):
+                    out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
+            except Exception as exc:  # the model's fault, not a plugin's: stop, naming where
+                raise ModelError(f"model {spec.model_path} raised in scenario {scenario.id} on samples {int(idx[0])}–{int(idx[-1])} "
+                                 f"({type(exc).__name__}: {exception_line(exc)}); the dry run on the first batch "
+                                 "passed, so check what differs in these samples (e.g. intensities the perturbation "
+                                 "produced)") from exc
             out = out.float()
             finite[scenario.id] &= torch.isfinite(out).all()
             probs[scenario.id].append(outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
@@ -291,6 +298,18 @@ def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: in
         raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from exc
 
 
+def exception_line(exc: BaseException) -> str:
+    """One line that says what went wrong inside the model.
+
+    A TorchScript error's first line is always "The following operation failed in the
+    TorchScript interpreter."; the model's own message (``builtins.ValueError: …``) is the last.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if isinstance(exc, torch.jit.Error) else lines[0]
+
+
 def expected_in_channels(module: object) -> int | None:
     """The input channels of the first convolution, for a helpful mismatch message."""
     if not isinstance(module, nn.Module):
@@ -313,7 +332,7 @@ def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, m
             raise ModelError(f"model {model.path} expects {expected} channels, data has {x.shape[1]} "
                              f"(input.channels = {config.input.channels})") from None
         raise ModelError(f"model {model.path} raised on a batch of shape {tuple(x.shape)} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check input.dims, "
+                         f"({type(exc).__name__}: {exception_line(exc)}); check input.dims, "
                          "input.channels and input.spatial_size against what the model expects") from None
     if not isinstance(out, Tensor):
         raise ModelError(f"model {model.path} returned {type(out).__name__}, expected a tensor of shape [B, K]")
@@ -444,7 +463,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
-                       config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {})
+                       config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {},
+                       str(model.path))
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)

@@ -3,10 +3,11 @@
 For a 2D batch (256×256) and a 3D batch (128³) it times ``sample`` + ``apply`` of each
 perturbation at severity 3 on the chosen device, and, for the transforms TorchIO or MONAI share,
 the same kind of transform applied sample by sample as a dataset pipeline would (TorchIO on
-``ScalarImage`` subjects, MONAI on channel-first tensors; both on the CPU). Ratios > 1 mean
-medaudit is faster. Parameters of the reference transforms are matched to severity 3 of the
-medaudit perturbation where the meaning is the same (see ``TORCHIO`` / ``MONAI`` below); for the
-MRI suite the references are TorchIO's random transforms at their defaults.
+``ScalarImage`` subjects, MONAI on channel-first tensors; both on the CPU). Both sides are the
+best of the same number of timed repeats after a warm-up; ratios > 1 mean medaudit is faster.
+Parameters of the reference transforms are matched to severity 3 of the medaudit perturbation
+where the meaning is the same (see ``TORCHIO`` / ``MONAI`` below); for the MRI suite the
+references are TorchIO's random transforms at their defaults.
 
     python benchmarks/perturbations.py --quick            # CPU, small batches, one repeat
     python benchmarks/perturbations.py --device cuda      # GPU throughput (references stay on CPU)
@@ -142,7 +143,9 @@ def run(device: str, quick: bool, only: str | None, repeats: int) -> None:
                     continue
                 transform = refs[name](nd)
                 try:
-                    tr = _timeit(lambda: [apply(transform, s) for s in xs], 1, lambda: None)
+                    # best of as many repeats as medaudit gets: one timing of a sample or two
+                    # swung the 3D ratios by 2x on a shared machine
+                    tr = _timeit(lambda: [apply(transform, s) for s in xs], repeats, lambda: None)
                     rate = xs.shape[0] / tr
                     width = 10 if refs is tio_refs else 9
                     cells.append(f"{rate:>{width}.1f} {ours_rate / rate:>7.1f}")

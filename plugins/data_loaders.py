@@ -214,6 +214,9 @@ class NpzDataset(AuditDataset):
         if raw_labels.shape[:1] != (n,):
             raise DataError(f"{path}: {image_key!r} has {n} images but {label_key!r} has shape {raw_labels.shape}; "
                             "they must have the same first dimension")
+        if n == 0:
+            raise DataError(f"{path}: the dataset is empty: {image_key!r} holds no images (shape {tuple(shape)}); "
+                            "re-save the file with at least one image and its label")
         sample_shape = tuple(shape[1:])
         if len(sample_shape) not in (input_cfg.dims, input_cfg.dims + 1):
             raise DataError(
@@ -330,7 +333,9 @@ def _pil_frame(im: Any) -> np.ndarray:
         im = im.convert("RGB")  # palette indices are not intensities
     elif mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         im = im.convert("RGB")
-    return np.asarray(im)
+    # np.array, not np.asarray: Pillow's array interface gives a read-only view, and torch.from_numpy
+    # warns (once per process, on stderr) about non-writable arrays.
+    return np.array(im)
 
 
 def read_pil(path: Path, dims: int) -> np.ndarray:

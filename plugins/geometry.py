@@ -1,22 +1,24 @@
 """Geometric changes of positioning: small rotations, translations, scaling and left-right flips.
 
-All resampling goes through one op, :func:`affine_warp` (``affine_grid`` + ``grid_sample``,
+All resampling is one op, :func:`affine_warp` (an affine grid + ``grid_sample``,
 bilinear/trilinear, zero padding), with the transform written in voxel units about the image
-centre so that rotations stay rigid on non-square images.
+centre so that rotations stay rigid on non-square images. Translations and scalings are
+axis-aligned, so CPU volumes take a separable fast path with the same values (one batched
+matmul per axis, see :func:`_axis_aligned_warp`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish
-from medaudit.plugins.intensity import batch_param, draw_signed
+from medaudit.perturbation import Perturbation
+from medaudit.plugins.intensity import MATRIX_MAX_SIZE, along_axis, batch_param, draw_signed, finish_, matrices_allowed
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -25,6 +27,28 @@ MEDAUDIT_API_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 # Functional ops
 # ---------------------------------------------------------------------------------------------
+
+
+def _affine_grid(theta: Tensor, shape: Sequence[int]) -> Tensor:
+    """``F.affine_grid(theta, shape, align_corners=False)``, built as a broadcast sum.
+
+    The grid is affine in each coordinate, so it is the sum of one small term per spatial axis;
+    one broadcasting add writes it, where ``affine_grid`` runs a ``[B, N, n + 1] @ [B, n + 1, n]``
+    matmul over every voxel (as slow as ``grid_sample`` itself on a CPU). Elementwise, so a
+    sample's grid does not depend on its batch.
+    """
+    sizes = list(shape[2:])  # tensor order (D,) H, W; theta's columns are in (x, y[, z]) = (W, H[, D])
+    nd = len(sizes)
+    b = theta.shape[0]
+    grid = theta[:, :, nd].reshape(b, *([1] * nd), nd)  # translation column
+    for col, size in enumerate(reversed(sizes)):
+        axis = nd - 1 - col  # tensor spatial axis of this column
+        c = (torch.arange(size, device=theta.device, dtype=torch.float32) * 2.0 + 1.0) / size - 1.0
+        view = [1] * nd
+        view[axis] = size
+        term = c.reshape(1, *view, 1) * theta[:, :, col].reshape(b, *([1] * nd), nd)
+        grid = grid + term  # stays small until the last term broadcasts it to the full grid
+    return grid
 
 
 def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
@@ -50,8 +74,52 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
     theta_t = offset.to(device=x.device, dtype=torch.float32) / half[None, :]
     # affine_grid orders coordinates (x, y[, z]) = (W, H[, D]): reverse the tensor axis order
     theta = torch.cat([theta_a.flip(1, 2), theta_t.flip(1)[:, :, None]], dim=2)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return finish(F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False), x)
+    grid = _affine_grid(theta, x.shape)
+    return finish_(F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False), x)
+
+
+def _linear_matrices(scale: Tensor, offset: Tensor, n: int) -> Tensor:
+    """``[B, n, n]`` matrices of 1-D linear resampling, zero outside: output pixel ``i`` takes the
+    input at ``scale * p + offset`` where ``p = i + 1/2 - n/2`` is measured from the centre."""
+    p = torch.arange(n, device=scale.device, dtype=torch.float32) + (0.5 - n / 2.0)
+    pos = scale[:, None] * p[None, :] + offset[:, None] + (n / 2.0 - 0.5)  # [B, n] input pixel index
+    i0 = pos.floor()
+    w1 = pos - i0
+    i0 = i0.long()
+    i1 = i0 + 1
+    # a corner outside the image contributes 0 (grid_sample's zero padding): zero its weight and
+    # point it anywhere valid
+    w0 = torch.where((i0 >= 0) & (i0 < n), 1.0 - w1, 0.0)
+    w1 = torch.where((i1 >= 0) & (i1 < n), w1, 0.0)
+    m = torch.zeros(scale.shape[0], n, n, device=scale.device)
+    m.scatter_add_(2, i0.clamp(0, n - 1)[..., None], w0[..., None])
+    return m.scatter_add_(2, i1.clamp(0, n - 1)[..., None], w1[..., None])
+
+
+def _axis_aligned_warp(x: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """:func:`affine_warp` with the diagonal ``matrix = diag(scale)`` (``scale``, ``offset``
+    ``[B, n]``, tensor axis order).
+
+    Multilinear interpolation with zero padding at an axis-aligned affine map is separable:
+    for CPU volumes with axes up to :data:`MATRIX_MAX_SIZE`, the axes are resampled one at a
+    time by a batched matmul with per-sample ``[n, n]`` interpolation matrices (same values as
+    ``grid_sample`` up to float rounding, 3.5x faster on 128³); otherwise ``grid_sample``.
+    """
+    nd = Perturbation.spatial_dims(x)
+    b = x.shape[0]
+    # the same checks and messages as affine_warp, whichever path runs
+    if scale.shape != (b, nd):
+        raise ValueError(f"scale must have shape [{b}, {nd}] for this batch, got {tuple(scale.shape)}")
+    if offset.shape != (b, nd):
+        raise ValueError(f"offset must have shape [{b}, {nd}] for this batch, got {tuple(offset.shape)}")
+    # In 2D, grid_sample's 4 corners per pixel beat n multiply-adds per pixel and axis (measured
+    # 2x on 256²); in 3D its 8 scattered corners lose to 3 matmuls (3.5x on 128³).
+    if nd != 3 or not matrices_allowed(x) or max(x.shape[2:]) > MATRIX_MAX_SIZE:
+        return affine_warp(x, torch.diag_embed(scale), offset)
+    y = x.float()
+    for axis in range(nd):
+        y = along_axis(y, _linear_matrices(scale[:, axis], offset[:, axis], x.shape[2 + axis]), 2 + axis)
+    return finish_(y, x)  # y is a fresh tensor of this function
 
 
 def rotation_matrix(angle_deg: Tensor, axis: Tensor | None = None) -> Tensor:
@@ -94,23 +162,28 @@ def rotate(x: Tensor, angle_deg: float | Tensor, axis: Tensor | None = None) -> 
 def translate(x: Tensor, shift: Tensor) -> Tensor:
     """Move the content by ``shift`` ``[B, n]`` voxels along the tensor's spatial axes."""
     nd = Perturbation.spatial_dims(x)
-    eye = torch.eye(nd, device=x.device).expand(x.shape[0], nd, nd)
-    return affine_warp(x, eye, -shift.to(x.device).float())
+    return _axis_aligned_warp(x, torch.ones(x.shape[0], nd, device=x.device), -shift.to(x.device).float())
 
 
 def zoom(x: Tensor, log_scale: float | Tensor) -> Tensor:
     """Scale the content isotropically by ``exp(log_scale)`` about the image centre."""
     nd = Perturbation.spatial_dims(x)
     s = torch.exp(batch_param(log_scale, "log_scale", x, -2.0, 2.0))
-    eye = torch.eye(nd, device=x.device)
-    return affine_warp(x, eye[None] / s[:, None, None])
+    inv = (1.0 / s)[:, None].expand(x.shape[0], nd)
+    return _axis_aligned_warp(x, inv, torch.zeros(x.shape[0], nd, device=x.device))
 
 
 def flip_lr(x: Tensor, flip: float | Tensor) -> Tensor:
     """Mirror the last spatial axis of the samples whose ``flip`` is 1 (0 keeps them)."""
     f = batch_param(flip, "flip", x, 0.0, 1.0).round().clamp(0.0, 1.0).to(torch.bool)
-    mask = f.reshape(-1, *([1] * (x.ndim - 1)))
-    return finish(torch.where(mask, x.flip(-1), x).float(), x)
+    w = x.shape[-1]
+    cols = torch.arange(w, device=x.device)
+    # One gather with a per-sample column order (reversed for flipped samples): a single pass,
+    # where torch.where(mask, x.flip(-1), x) flips every sample and then selects, and no host
+    # sync to pick the flipped samples. The index is expanded (stride 0), not materialised.
+    order = torch.where(f[:, None], w - 1 - cols[None, :], cols[None, :])  # [B, W]
+    index = order.reshape(x.shape[0], *([1] * (x.ndim - 2)), w).expand(x.shape)
+    return finish_(torch.gather(x.float(), -1, index), x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 Each perturbation is a thin sampling layer over a functional op of the same module
 (:func:`adjust_contrast`, :func:`rewindow`, ...), so a single corruption can be reproduced from its
 recorded parameters. The module also holds the small helpers every built-in suite shares
-(:func:`batch_param`, :func:`draw_signed`, :func:`check_dims`, :func:`finish_`), so ``xray`` and ``geometry`` import
-them from here instead of repeating them.
+(:func:`batch_param`, :func:`draw_signed`, :func:`check_dims`, :func:`finish_`, and the dense
+per-axis resampling helpers :func:`matrices_allowed` and :func:`along_axis`), so ``xray`` and
+``geometry`` import them from here instead of repeating them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -64,6 +66,40 @@ def finish_(y: Tensor, like: Tensor) -> Tensor:
     ``nan_to_num``); on a 3D batch that copy is a pass over memory plus fresh-page faults.
     """
     return y.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0).to(like.dtype)
+
+
+#: Longest axis that the CPU paths of blur, resolution loss, translation and scaling resample with
+#: a dense per-sample ``[n, n]`` matrix (one batched matmul per axis, see :func:`along_axis`).
+#: The matmul costs ``n`` multiply-adds per voxel, the fallbacks (an elementwise tap loop,
+#: gathers, ``grid_sample``) a few memory passes per tap or corner; measured on 2 cores, the
+#: matmul wins up to 256-pixel axes (5-20x on 128³ volumes) and loses on 512 and beyond.
+MATRIX_MAX_SIZE = 256
+
+
+def matrices_allowed(x: Tensor) -> bool:
+    """Whether ``x`` may be resampled with dense per-sample matrices: CPU, exact float32 matmuls.
+
+    ``torch.set_float32_matmul_precision("high"/"medium")`` lets oneDNN run float32 matmuls in
+    TF32/bfloat16 (a 1e-3 error), and a perturbation must not change with a global speed flag,
+    so then (and on CUDA, where TF32 is a common setting and the fallbacks are fast anyway) the
+    callers use their elementwise fallback. Both paths agree to float rounding (about 1e-6).
+    """
+    if x.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    onednn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(onednn, "fp32_precision", "none") in ("none", "ieee")
+
+
+def along_axis(y: Tensor, mats: Tensor, dim: int) -> Tensor:
+    """``y`` with axis ``dim`` multiplied by the per-sample matrices ``mats`` ``[B, n, n]``
+    (output index first), as one batched matmul: each sample's product has the same shape
+    whatever the batch, so its result does not depend on its batch-mates."""
+    b, n = y.shape[0], y.shape[dim]
+    pre = math.prod(y.shape[1:dim])
+    if dim == y.ndim - 1:
+        return torch.matmul(y.reshape(b, pre, n), mats.transpose(1, 2)).reshape(y.shape)
+    post = math.prod(y.shape[dim + 1:])
+    return torch.matmul(mats[:, None], y.reshape(b, pre, n, post)).reshape(y.shape)
 
 
 def check_dims(name: str, dims: tuple[int, ...], x: Tensor) -> int:
