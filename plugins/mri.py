@@ -46,16 +46,38 @@ def _spatial_dims_of(nd: int) -> tuple[int, ...]:
     return tuple(range(-nd, 0))
 
 
+def _checkerboard(shape: Sequence[int], device: torch.device) -> Tensor | None:
+    """``(-1)^(n_1 + … + n_d)`` over a spatial grid with every side even, else None.
+
+    For an even length ``N``, ``fftshift(fft(x)) = fft(x · (-1)^n)`` and
+    ``ifft(ifftshift(K)) = (-1)^n · ifft(K)``: the shift becomes one real multiplication instead of
+    a roll (a full copy) of the complex k-space — the roll was half of the 3D k-space cost on CPU.
+    """
+    if any(n % 2 for n in shape):
+        return None
+    sign = torch.zeros((), dtype=torch.int64, device=device)
+    for a, n in enumerate(shape):
+        idx = torch.arange(n, device=device).reshape([n if b == a else 1 for b in range(len(shape))])
+        sign = sign + idx
+    return 1.0 - 2.0 * (sign % 2).to(torch.float32)
+
+
 def centred_fft(x: Tensor, nd: int) -> Tensor:
     """Centred n-D DFT over the last ``nd`` axes (zero frequency at index ``N // 2``)."""
     dims = _spatial_dims_of(nd)
-    return torch.fft.fftshift(torch.fft.fftn(x, dim=dims), dim=dims)
+    checker = _checkerboard(x.shape[-nd:], x.device)
+    if checker is None:
+        return torch.fft.fftshift(torch.fft.fftn(x, dim=dims), dim=dims)
+    return torch.fft.fftn(x * checker, dim=dims)
 
 
 def centred_ifft_real(k: Tensor, nd: int) -> Tensor:
     """Inverse of :func:`centred_fft`, real part (see the module notes on reconstruction)."""
     dims = _spatial_dims_of(nd)
-    return torch.fft.ifftn(torch.fft.ifftshift(k, dim=dims), dim=dims).real
+    checker = _checkerboard(k.shape[-nd:], k.device)
+    if checker is None:
+        return torch.fft.ifftn(torch.fft.ifftshift(k, dim=dims), dim=dims).real
+    return torch.fft.ifftn(k, dim=dims).real * checker
 
 
 def kspace_coordinates(spatial_shape: Sequence[int], device: torch.device) -> list[Tensor]:
