@@ -361,7 +361,7 @@ def load_onnx(path: Path) -> LoadedModel:
         n_params = sum(math.prod(init.dims) for init in graph.initializer)
         note = f"{len(graph.node)} ONNX nodes"
     inp = session.get_inputs()[0]
-    module = OnnxModule(session, n_params)
+    module = OnnxModule(session, n_params).eval()  # a forward-only wrapper; eval like every loaded model
     dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}.get(inp.type, inp.type)
     return LoadedModel(module=module, path=path, format="onnx", sha256=sha256_file(path), num_parameters=n_params,
                        dtype=dtype, summary=f"ONNX graph, input {inp.name} {inp.shape}; {note}", feature_modules={})
