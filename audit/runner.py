@@ -128,6 +128,7 @@ class ForwardSpec:
     model_batch_size: int = 32
     owners: dict[object, str] = field(default_factory=dict)
     model_path: str = "the model"
+    memory_format: torch.memory_format | None = None
 
 
 def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
@@ -229,6 +230,8 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 clock.stop(scenario.id)
                 continue
             xn = (xp.float() - spec.mean) / spec.std
+            if spec.memory_format is not None:
+                xn = xn.contiguous(memory_format=spec.memory_format)
             try:
                 with _autocast(spec):
                     out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
@@ -462,9 +465,14 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
+    memory_format = None
+    if config.audit.channels_last:
+        memory_format = torch.channels_last if config.input.dims == 2 else torch.channels_last_3d
+        if isinstance(model.module, nn.Module):
+            model.module = model.module.to(memory_format=memory_format)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
                        config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {},
-                       str(model.path))
+                       str(model.path), memory_format)
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)

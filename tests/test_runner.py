@@ -86,6 +86,18 @@ def test_severity_changes_outputs_and_params_are_recorded() -> None:
     assert res.params["clean"] == {}
 
 
+def test_channels_last_gives_the_same_predictions() -> None:
+    cfg, ds, model = _setup()
+    ref = _run(cfg, ds, model)
+    cfg.audit.channels_last = True
+    seen: list[bool] = []
+    net = model.module
+    model.module = lambda x: (seen.append(x.is_contiguous(memory_format=torch.channels_last)), net(x))[1]
+    other = _run(cfg, ds, model)
+    assert seen and all(seen)
+    torch.testing.assert_close(other.probs, ref.probs, rtol=0, atol=1e-6)
+
+
 def test_seed_changes_the_perturbation() -> None:
     cfg, ds, model = _setup()
     a = _run(cfg, ds, model)
