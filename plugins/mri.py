@@ -332,10 +332,20 @@ class Ghosting(Perturbation):
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         nd = check_input(self.name, self.dims, x)
-        index, length = line_index(params["pe_axis"], tuple(x.shape[2:]))
-        n = _bview(params["num_ghosts"], nd)
-        modulated = (torch.remainder(index, n) == 0) & (index != torch.floor(length / 2))
-        gain = 1.0 - _bview(params["intensity"], nd) * modulated
+        b, spatial = x.shape[0], tuple(x.shape[2:])
+        onehot = F.one_hot(params["pe_axis"], nd).to(torch.float32)
+        n = params["num_ghosts"].to(torch.float32)[:, None]
+        intensity = params["intensity"].to(torch.float32)[:, None]
+        # The gain varies along one axis per sample: build it from 1-D lines per axis and let
+        # broadcasting expand it once, instead of full-volume integer arithmetic on every voxel.
+        gain: Tensor | float = 0.0
+        for a, size in enumerate(spatial):  # loop over axes, not samples
+            ramp = torch.arange(size, device=x.device, dtype=torch.float32)[None, :]
+            modulated = (torch.remainder(ramp, n) == 0) & (ramp != size // 2)
+            view = [b, 1] + [1] * nd
+            view[2 + a] = size
+            line_gain = (1.0 - intensity * modulated).reshape(view)
+            gain = gain + onehot[:, a].reshape(b, *([1] * (nd + 1))) * line_gain
         return finish(centred_ifft_real(centred_fft(x.float(), nd) * gain, nd), x)
 
 
