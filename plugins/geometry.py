@@ -29,7 +29,7 @@ MEDAUDIT_API_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 
-def _affine_grid(theta: Tensor, shape: Sequence[int]) -> Tensor:
+def affine_grid(theta: Tensor, shape: Sequence[int]) -> Tensor:
     """``F.affine_grid(theta, shape, align_corners=False)``, built as a broadcast sum.
 
     The grid is affine in each coordinate, so it is the sum of one small term per spatial axis;
@@ -74,7 +74,7 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
     theta_t = offset.to(device=x.device, dtype=torch.float32) / half[None, :]
     # affine_grid orders coordinates (x, y[, z]) = (W, H[, D]): reverse the tensor axis order
     theta = torch.cat([theta_a.flip(1, 2), theta_t.flip(1)[:, :, None]], dim=2)
-    grid = _affine_grid(theta, x.shape)
+    grid = affine_grid(theta, x.shape)
     return finish_(F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False), x)
 
 

@@ -11,8 +11,11 @@ Conventions shared by every perturbation of this module (and reused by :mod:`med
 * **Phase-encode axis**: scanners acquire k-space line by line along the phase-encode (PE)
   direction, so temporal effects (motion, periodic modulation) act on whole lines/planes
   perpendicular to it. The PE axis is not known from a tensor, so it is drawn per sample
-  uniformly among the spatial axes (:func:`draw_axis`) and every per-voxel quantity that depends
-  on it is computed with :func:`line_index` for the whole batch at once.
+  uniformly among the spatial axes (:func:`draw_axis`). Quantities that vary along it (ghost
+  gains, motion segments) are built as 1-D lines per candidate axis and selected per sample by a
+  one-hot weight, so samples with different axes share one batched computation; the line of
+  uncentred FFT index ``u`` sits at centred position ``(u + N // 2) mod N``, which lets motion and
+  ghosting skip the ``fftshift`` copies.
 * Channels share a sample's parameters (TorchIO loops over channels with the same parameters).
 * Spatial axes are ``(H, W)`` for ``[B, C, H, W]`` and ``(D, H, W)`` for ``[B, C, D, H, W]``;
   per-axis parameters are given in that order.
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
 from medaudit.perturbation import Perturbation, finish, per_sample
+from medaudit.plugins.geometry import affine_grid
 from medaudit.plugins.intensity import finish_
 from medaudit.rng import SampleRNG
 
@@ -94,28 +98,6 @@ def kspace_coordinates(spatial_shape: Sequence[int], device: torch.device) -> li
         i = torch.arange(size, device=device, dtype=torch.float32)
         out.append(((i - size // 2) / (size / 2)).reshape(view))
     return out
-
-
-def line_index(axis: Tensor, spatial_shape: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Position of every voxel along each sample's chosen axis, and that axis' length.
-
-    ``axis`` is int64 ``[B]`` in ``[0, nd)``. Returns ``(index, length)``: float32 tensors of
-    shape ``[B, 1, *spatial_shape]`` and ``[B, 1, 1, ...]``. Built as a one-hot weighted sum of
-    per-axis ramps so that samples with different axes share one batched computation.
-    """
-    nd = len(spatial_shape)
-    onehot = F.one_hot(axis, nd).to(torch.float32)
-    b = axis.shape[0]
-    index = torch.zeros((b, 1, *([1] * nd)), device=axis.device)
-    length = torch.zeros((b, 1, *([1] * nd)), device=axis.device)
-    for a, size in enumerate(spatial_shape):  # loop over axes, not samples
-        view = [1] * nd
-        view[a] = size
-        ramp = torch.arange(size, device=axis.device, dtype=torch.float32).reshape(view)
-        w = onehot[:, a].reshape(b, 1, *([1] * nd))
-        index = index + w * ramp
-        length = length + w * size
-    return index, length
 
 
 def draw_axis(rng: SampleRNG, nd: int) -> Tensor:
@@ -271,23 +253,34 @@ class Motion(Perturbation):
         linear = rot * half[None, :] / half[:, None]  # S^-1 R S
         shift = 2.0 * params["translation"].to(torch.float32).flip(-1)  # fraction of FOV -> [-1, 1] units
         theta = torch.cat([linear, shift[..., None]], dim=-1).reshape(b * k, nd, nd + 1)
-        grid = F.affine_grid(theta, [b * k, c, *spatial], align_corners=False)
-        repeated = xf[:, None].expand(b, k, *xf.shape[1:]).reshape(b * k, *xf.shape[1:])
-        moved = F.grid_sample(repeated, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        states = torch.cat([xf[:, None], moved.reshape(b, k, *xf.shape[1:])], dim=1)  # [B, K+1, C, ...]
-        spectra = centred_fft(states, nd)
+        grid = affine_grid(theta, [b * k, c, *spatial])
+        # The K grids of a sample are stacked along the first spatial axis, so one grid_sample
+        # reads the unrepeated input instead of K copies of it.
+        grid = grid.reshape(b, k * spatial[0], *spatial[1:], nd)
+        moved = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        moved = moved.reshape(b, c, k, *spatial).transpose(1, 2)
+        states = torch.cat([xf[:, None], moved], dim=1)  # [B, K+1, C, ...]
 
-        # Segment of every k-space line along the PE axis, then swap so that the segment holding
-        # the centre line is acquired in the unmoved position (state 0).
-        index, length = line_index(params["pe_axis"], spatial)  # [B, 1, *spatial]
-        bounds = torch.floor(length.reshape(b, 1) * params["times"].to(torch.float32))  # [B, K]
-        bounds_v = bounds.reshape(b, k, 1, *([1] * nd))
-        segment = (index[:, None] >= bounds_v).sum(dim=1)  # [B, 1, *spatial]
-        centre = (torch.floor(length.reshape(b, 1) / 2) >= bounds).sum(dim=1).reshape(b, 1, *([1] * nd))
-        state = torch.where(segment == centre, 0, torch.where(segment == 0, centre, segment))
-        state = state[:, None].expand(b, 1, c, *spatial)
-        kspace = torch.gather(spectra, 1, state)[:, 0]
-        return finish(centred_ifft_real(kspace, nd), x)
+        # Lines are mapped to centred k-space positions arithmetically (uncentred index u sits at
+        # centred position (u + N//2) mod N), so no fftshift copies of the K+1 spectra are made.
+        # A complex-to-complex transform (not rfftn/irfftn): torch's c2r inverse rounds
+        # differently with the batch size, which would break batch-invariance.
+        dims = _spatial_dims_of(nd)
+        spectra = torch.fft.fftn(states, dim=dims)  # [B, K+1, C, *spatial]
+        onehot = F.one_hot(params["pe_axis"], nd).to(torch.int64)
+        times = params["times"].to(torch.float32)
+        state = torch.zeros((b, 1, 1, *([1] * nd)), dtype=torch.int64, device=x.device)
+        for a, size in enumerate(spatial):  # loop over axes, not samples
+            centred = (torch.arange(size, device=x.device) + size // 2) % size
+            bounds = torch.floor(size * times)  # [B, K]
+            segment = (centred[None, :, None] >= bounds[:, None, :]).sum(-1)  # [B, N]
+            centre = (size // 2 >= bounds).sum(-1, keepdim=True)  # [B, 1]
+            line_state = torch.where(segment == centre, 0, torch.where(segment == 0, centre, segment))
+            view = [b, 1, 1] + [1] * nd
+            view[3 + a] = size
+            state = state + onehot[:, a].reshape(b, *([1] * (nd + 2))) * line_state.reshape(view)
+        kspace = torch.gather(spectra, 1, state.expand(b, 1, c, *spatial))[:, 0]
+        return finish(torch.fft.ifftn(kspace, dim=dims).real, x)
 
 
 class Ghosting(Perturbation):
@@ -333,20 +326,21 @@ class Ghosting(Perturbation):
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         nd = check_input(self.name, self.dims, x)
         b, spatial = x.shape[0], tuple(x.shape[2:])
+        dims = _spatial_dims_of(nd)
         onehot = F.one_hot(params["pe_axis"], nd).to(torch.float32)
         n = params["num_ghosts"].to(torch.float32)[:, None]
         intensity = params["intensity"].to(torch.float32)[:, None]
-        # The gain varies along one axis per sample: build it from 1-D lines per axis and let
-        # broadcasting expand it once, instead of full-volume integer arithmetic on every voxel.
+        # The gain varies along one axis per sample: build it from 1-D lines per axis (in uncentred
+        # k-space order: index u sits at centred position (u + N//2) mod N) and let broadcasting
+        # expand it once; no fftshift copies and no full-volume integer arithmetic.
         gain: Tensor | float = 0.0
         for a, size in enumerate(spatial):  # loop over axes, not samples
-            ramp = torch.arange(size, device=x.device, dtype=torch.float32)[None, :]
-            modulated = (torch.remainder(ramp, n) == 0) & (ramp != size // 2)
+            c = ((torch.arange(size, device=x.device) + size // 2) % size).to(torch.float32)[None, :]
+            line_gain = 1.0 - intensity * ((torch.remainder(c, n) == 0) & (c != size // 2))
             view = [b, 1] + [1] * nd
             view[2 + a] = size
-            line_gain = (1.0 - intensity * modulated).reshape(view)
-            gain = gain + onehot[:, a].reshape(b, *([1] * (nd + 1))) * line_gain
-        return finish(centred_ifft_real(centred_fft(x.float(), nd) * gain, nd), x)
+            gain = gain + onehot[:, a].reshape(b, *([1] * (nd + 1))) * line_gain.reshape(view)
+        return finish(torch.fft.ifftn(torch.fft.fftn(x.float(), dim=dims) * gain, dim=dims).real, x)
 
 
 class Spike(Perturbation):

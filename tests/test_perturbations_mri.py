@@ -338,14 +338,6 @@ def test_gibbs_rings_at_an_edge() -> None:
     assert y.mean().item() == pytest.approx(x.mean().item(), rel=1e-4)
 
 
-def test_line_index_follows_each_samples_axis() -> None:
-    index, length = mri.line_index(torch.tensor([0, 2, 1]), (3, 4, 5))
-    assert index.shape == (3, 1, 3, 4, 5) and length.flatten().tolist() == [3, 5, 4]
-    assert torch.equal(index[0, 0, :, 1, 2], torch.arange(3.0))
-    assert torch.equal(index[1, 0, 1, 2, :], torch.arange(5.0))
-    assert torch.equal(index[2, 0, 2, :, 0], torch.arange(4.0))
-
-
 # --- errors -------------------------------------------------------------------------------------------
 
 
