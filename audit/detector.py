@@ -10,6 +10,7 @@ embeddings of an in-distribution reference set; :meth:`Detector.score` scores em
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from typing import ClassVar, Literal
 
 from torch import Tensor
@@ -34,8 +35,14 @@ class Detector(ABC):
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
 
-    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
-        """Reduce one batch to per-sample embeddings ``[B, D]`` (on the batch's device)."""
+    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor | Future[Tensor]:
+        """Reduce one batch to per-sample embeddings ``[B, D]`` (on the batch's device).
+
+        Work that would stall the device queue (a host round trip) may instead be submitted to a
+        thread and returned as a ``concurrent.futures.Future`` of the ``[B, D]`` tensor; the
+        runner resolves it at the end of the shard. Exceptions surface there and are treated
+        like exceptions from ``embed``.
+        """
         return logits
 
     def fit(self, embeddings: Tensor, labels: Tensor) -> None:

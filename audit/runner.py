@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from concurrent.futures import Future
 import json
 import sys
 import time
@@ -247,7 +248,9 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 if (d.needs == "features" and feats is None) or d.name in failed_detectors:
                     continue
                 try:
-                    emb = d.embed(out, feats.float() if feats is not None else None).float()
+                    emb = d.embed(out, feats.float() if feats is not None else None)
+                    if not isinstance(emb, Future):
+                        emb = emb.float()
                 except Exception as exc:  # a broken detector plugin is dropped; the rest are kept
                     failed_detectors[d.name] = (f'ood: detector "{d.name}" of plugin "{spec.owners.get(id(d), "?")}" '
                                                 f"raised in embed ({type(exc).__name__}: {exc}); it is left out")
@@ -264,6 +267,18 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
         if not bool(ok):
             raise ModelOutputError(f"the model produced NaN or Inf outputs in scenario {sid}")
     seconds = clock.seconds()
+    # Embeddings a detector computes off the device's critical path arrive as futures; a failure
+    # there is the detector's, handled like one raised by embed itself.
+    for sid, per_detector in embeds.items():
+        for name, items in per_detector.items():
+            if name in failed_detectors:
+                continue
+            try:
+                per_detector[name] = [t.result().float() if isinstance(t, Future) else t for t in items]
+            except Exception as exc:
+                owner = next((spec.owners.get(id(d), "?") for d in spec.detectors if d.name == name), "?")
+                failed_detectors[name] = (f'ood: detector "{name}" of plugin "{owner}" '
+                                          f"raised in embed ({type(exc).__name__}: {exc}); it is left out")
     cat = lambda ts: torch.cat(ts).cpu() if ts else torch.empty(0)  # noqa: E731
     return ShardOutputs(
         start, stop,
