@@ -2,8 +2,9 @@
 
 Arrays are channel-first float32 in the file's own intensity units:
 
-* ``.npy``: stored channel-first; a 2-D array ``(H, W)`` gets a channel axis (and loses it again
-  when written back). ``(C, H, W)`` and ``(C, D, H, W)`` are taken as they are.
+* ``.npy``: a 2-D array ``(H, W)`` gets a channel axis (and loses it again when written back);
+  ``(C, H, W)`` and ``(C, D, H, W)`` are channel-first, unless the last axis has 3 or 4 entries
+  and the first does not look like channels (then it is channels-last RGB[A], as for datasets).
 * ``.png``: 8- or 16-bit greyscale -> ``[1, H, W]``; RGB (palette and RGBA converted, alpha dropped)
   -> ``[3, H, W]``. Written back at the bit depth read (8-bit when the source was not a PNG).
 * ``.nii`` / ``.nii.gz``: ``(X, Y, Z)`` -> ``[1, X, Y, Z]``, ``(X, Y, Z, T)`` -> ``[T, X, Y, Z]``,
@@ -14,12 +15,14 @@ Every failure is a :class:`~medaudit.errors.DataError` naming the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .data import to_channel_first
 from .errors import DataError
 from .perturbation import Perturbation, check_severity
 from .rng import SampleRNG, sample_keys, stream_key
@@ -35,6 +38,109 @@ def _kind(path: Path) -> str:
     raise DataError(f"{path}: unsupported image file type; use one of {', '.join(SUFFIXES)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Readers shared with the dataset loaders (each returns a channel-first array: [C, H, W] or
+# [C, D, H, W]); the loader plugin adds manifests, DICOM and error context around them.
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageFormatError(ValueError):
+    """A readable file whose content cannot be used (wrong layout, objects): reported as-is, not as a decoding error."""
+
+
+
+
+def channel_first_guess(arr: np.ndarray, dims: int) -> np.ndarray:
+    """Channel-first layout for arrays without a header saying where channels are (NPY, NPZ).
+
+    An array with one axis more than ``dims`` is channels-last when its last axis has 3 or 4
+    entries (RGB[A]) and its first axis does not look like a channel axis; otherwise
+    channel-first (the PyTorch convention).
+    """
+    if arr.ndim == dims + 1:
+        return to_channel_first(arr, dims, channels_last=looks_channels_last(arr.shape))
+    try:
+        return to_channel_first(arr, dims, channels_last=False)
+    except ValueError as exc:
+        raise ImageFormatError(f"array of shape {arr.shape} {exc}; set input.dims to match the data") from None
+
+
+def looks_channels_last(sample_shape: Sequence[int]) -> bool:
+    return sample_shape[-1] in (3, 4) and sample_shape[0] not in (1, 3, 4)
+
+
+def pil_frame(im: Any) -> np.ndarray:
+    """One Pillow frame as ``[H, W]`` (grey, 8/16/32-bit or float) or ``[H, W, 3]`` (colour)."""
+    mode = im.mode
+    if mode in ("1", "LA", "La"):
+        im = im.convert("L")  # alpha carries no diagnostic content; bilevel becomes 0/255
+    elif mode in ("P", "PA"):
+        im = im.convert("RGB")  # palette indices are not intensities
+    elif mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    # np.array, not np.asarray: Pillow's array interface gives a read-only view, and torch.from_numpy
+    # warns (once per process, on stderr) about non-writable arrays.
+    return np.array(im)
+
+
+def read_pil(path: Path, dims: int) -> np.ndarray:
+    """PNG/JPEG/TIFF/BMP, 8- or 16-bit; a multi-page TIFF is a ``[D, H, W]`` stack."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        n_frames = int(getattr(im, "n_frames", 1))
+        frames = []
+        for k in range(n_frames):
+            im.seek(k)
+            frames.append(pil_frame(im))
+    if any(f.shape != frames[0].shape for f in frames):
+        raise ImageFormatError(f"pages have different sizes {sorted({f.shape for f in frames})}")
+    arr = frames[0] if n_frames == 1 else np.stack(frames)
+    return np.moveaxis(arr, -1, 0) if frames[0].ndim == 3 else arr[None]
+
+
+def read_npy(path: Path, dims: int) -> np.ndarray:
+    """A ``.npy`` array, never unpickled; channels located as for npz images."""
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        if "Python objects" in str(exc) or "allow_pickle" in str(exc):
+            raise ImageFormatError("array holds Python objects, which medaudit never unpickles (it could run arbitrary "
+                            "code); save a numeric array") from None
+        raise
+    return channel_first_guess(np.array(arr), dims)
+
+
+def read_nifti(path: Path, dims: int) -> np.ndarray:
+    """NIfTI-1/2 with its scaling (scl_slope/scl_inter) applied, in voxel order ``[C, X, Y, Z]``.
+
+    Axes 1-3 of a NIfTI are spatial by definition; a 4th (time) and 5th (vector) axis become
+    channels. Voxel order is kept (no reorientation), as MONAI's ``LoadImage`` does, so a model
+    trained on MONAI-loaded volumes sees the same layout.
+    """
+    import nibabel as nib
+
+    img = nib.load(path)
+    arr = np.asanyarray(img.dataobj)
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)  # scaled data comes back as float64; halve the memory
+    shape = arr.shape
+    if arr.ndim < 2:
+        raise ImageFormatError(f"NIfTI image has shape {shape}; expected at least 2 spatial dimensions")
+    if dims == 2:
+        if arr.ndim >= 3 and shape[2] != 1:
+            raise ImageFormatError(f"is a 3-D volume of shape {shape} but input.dims is 2; set input.dims: 3 or give 2-D slices")
+        spatial = shape[:2]
+        rest = shape[3:] if arr.ndim >= 3 else ()
+    else:
+        if arr.ndim < 3 or shape[2] == 1:
+            raise ImageFormatError(f"is a 2-D image of shape {shape} but input.dims is 3; set input.dims: 2")
+        spatial = shape[:3]
+        rest = shape[3:]
+    channels = int(np.prod(rest)) if rest else 1
+    return np.moveaxis(arr.reshape(*spatial, channels), -1, 0)
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one image as a channel-first float32 array plus the metadata needed to write it back."""
     path = Path(path)
@@ -44,40 +150,32 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     meta: dict[str, Any] = {"format": kind, "source": str(path)}
     try:
         if kind == ".npy":
-            raw = np.load(path, allow_pickle=False)
-            if raw.ndim not in (2, 3, 4):
-                raise DataError(f"{path}: expected a (H, W), (C, H, W) or (C, D, H, W) array, got shape {raw.shape}")
-            meta["squeezed"] = raw.ndim == 2
-            arr = raw[None] if raw.ndim == 2 else raw
+            ndim = np.load(path, allow_pickle=False, mmap_mode="r").ndim
+            if ndim not in (2, 3, 4):
+                raise DataError(f"{path}: expected a (H, W), (C, H, W) or (C, D, H, W) array, got {ndim} dimensions")
+            meta["squeezed"] = ndim == 2
+            arr = read_npy(path, 2 if ndim <= 3 else 3)
         elif kind == ".png":
             from PIL import Image
 
             with Image.open(path) as im:
-                mode = im.mode
-                if mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float32)[None]
-                    meta["bit_depth"] = 16
-                elif mode in ("L", "LA", "1"):
-                    arr = np.asarray(im.convert("L"), dtype=np.float32)[None]
-                    meta["bit_depth"] = 8
-                else:  # RGB, RGBA, P, CMYK, ...
-                    arr = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
-                    meta["bit_depth"] = 8
-            meta["mode"] = mode
+                meta["mode"] = im.mode
+                meta["bit_depth"] = 16 if im.mode in ("I;16", "I;16B", "I;16L", "I") else 8
+            arr = read_pil(path, 2)
         else:
             import nibabel as nib
 
             img = nib.load(path)
-            data = np.asarray(img.dataobj, dtype=np.float32)
-            if data.ndim not in (2, 3, 4):
-                raise DataError(f"{path}: expected a 2-D, 3-D or 4-D NIfTI image, got shape {data.shape}")
+            shape = img.shape
+            if len(shape) not in (2, 3, 4):
+                raise DataError(f"{path}: expected a 2-D, 3-D or 4-D NIfTI image, got shape {shape}")
             meta["affine"] = np.asarray(img.affine, dtype=np.float64)
             meta["zooms"] = tuple(float(z) for z in img.header.get_zooms())
-            meta["channels_last"] = data.ndim == 4
-            arr = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[None]
+            meta["channels_last"] = len(shape) == 4
+            arr = read_nifti(path, 3 if len(shape) >= 3 and shape[2] != 1 else 2)
     except DataError:
         raise
-    except Exception as exc:  # corrupt or truncated file: name it instead of a bare traceback
+    except Exception as exc:  # corrupt or truncated file, unusable layout: name it instead of a bare traceback
         raise DataError(f"{path}: cannot read {kind} image: {type(exc).__name__}: {exc}") from exc
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():

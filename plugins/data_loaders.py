@@ -32,6 +32,8 @@ from medaudit.config import Config, InputConfig, TaskConfig
 from medaudit.data import AuditDataset, resolve_labels, sha256_files, to_channel_first
 from medaudit.errors import DataError
 from medaudit.hookspecs import hookimpl
+from medaudit.imagefile import (ImageFormatError, looks_channels_last, read_nifti, read_npy,
+                                read_pil)
 
 MEDAUDIT_API_VERSION = 1
 
@@ -57,10 +59,6 @@ def _one_line(text: object, limit: int = 240) -> str:
     """Exception text squeezed onto one line: CLI errors are one line by convention."""
     s = re.sub(r"\s+", " ", str(text)).strip()
     return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
-class _BadInput(ValueError):
-    """A readable file whose content cannot be used (wrong layout, objects): reported as-is, not as a decoding error."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,25 +98,6 @@ def _infer_column(values: list[str | None]) -> list[Any]:
     if any(re.fullmatch(r"[+-]?0\d+", v) for v in present) or any(f is not None and not math.isfinite(f) for f in floats):
         return values
     return floats
-
-
-def _channel_first_guess(arr: np.ndarray, dims: int) -> np.ndarray:
-    """Channel-first layout for arrays without a header saying where channels are (NPY, NPZ).
-
-    An array with one axis more than ``dims`` is channels-last when its last axis has 3 or 4
-    entries (RGB[A]) and its first axis does not look like a channel axis; otherwise
-    channel-first (the PyTorch convention).
-    """
-    if arr.ndim == dims + 1:
-        return to_channel_first(arr, dims, channels_last=_looks_channels_last(arr.shape))
-    try:
-        return to_channel_first(arr, dims, channels_last=False)
-    except ValueError as exc:
-        raise _BadInput(f"array of shape {arr.shape} {exc}; set input.dims to match the data") from None
-
-
-def _looks_channels_last(sample_shape: Sequence[int]) -> bool:
-    return sample_shape[-1] in (3, 4) and sample_shape[0] not in (1, 3, 4)
 
 
 def _check_channel_count(shape: Sequence[int], input_cfg: InputConfig, where: str) -> None:
@@ -224,7 +203,7 @@ class NpzDataset(AuditDataset):
                 f"is {input_cfg.dims} (expected [N, H, W], [N, C, H, W] or [N, H, W, C] in 2-D, [N, D, H, W] or "
                 "[N, C, D, H, W] in 3-D); set input.dims to match the data"
             )
-        self.channels_last = len(sample_shape) == input_cfg.dims + 1 and _looks_channels_last(sample_shape)
+        self.channels_last = len(sample_shape) == input_cfg.dims + 1 and looks_channels_last(sample_shape)
         if len(sample_shape) == input_cfg.dims + 1:
             c = sample_shape[-1] if self.channels_last else sample_shape[0]
             _check_channel_count((c, *sample_shape), input_cfg, f"{path} ({image_key!r})")
@@ -324,78 +303,6 @@ class NpzDataset(AuditDataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def _pil_frame(im: Any) -> np.ndarray:
-    """One Pillow frame as ``[H, W]`` (grey, 8/16/32-bit or float) or ``[H, W, 3]`` (colour)."""
-    mode = im.mode
-    if mode in ("1", "LA", "La"):
-        im = im.convert("L")  # alpha carries no diagnostic content; bilevel becomes 0/255
-    elif mode in ("P", "PA"):
-        im = im.convert("RGB")  # palette indices are not intensities
-    elif mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-        im = im.convert("RGB")
-    # np.array, not np.asarray: Pillow's array interface gives a read-only view, and torch.from_numpy
-    # warns (once per process, on stderr) about non-writable arrays.
-    return np.array(im)
-
-
-def read_pil(path: Path, dims: int) -> np.ndarray:
-    """PNG/JPEG/TIFF/BMP, 8- or 16-bit; a multi-page TIFF is a ``[D, H, W]`` stack."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        n_frames = int(getattr(im, "n_frames", 1))
-        frames = []
-        for k in range(n_frames):
-            im.seek(k)
-            frames.append(_pil_frame(im))
-    if any(f.shape != frames[0].shape for f in frames):
-        raise _BadInput(f"pages have different sizes {sorted({f.shape for f in frames})}")
-    arr = frames[0] if n_frames == 1 else np.stack(frames)
-    return np.moveaxis(arr, -1, 0) if frames[0].ndim == 3 else arr[None]
-
-
-def read_npy(path: Path, dims: int) -> np.ndarray:
-    """A ``.npy`` array, never unpickled; channels located as for npz images."""
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except ValueError as exc:
-        if "Python objects" in str(exc) or "allow_pickle" in str(exc):
-            raise _BadInput("array holds Python objects, which medaudit never unpickles (it could run arbitrary "
-                            "code); save a numeric array") from None
-        raise
-    return _channel_first_guess(np.array(arr), dims)
-
-
-def read_nifti(path: Path, dims: int) -> np.ndarray:
-    """NIfTI-1/2 with its scaling (scl_slope/scl_inter) applied, in voxel order ``[C, X, Y, Z]``.
-
-    Axes 1-3 of a NIfTI are spatial by definition; a 4th (time) and 5th (vector) axis become
-    channels. Voxel order is kept (no reorientation), as MONAI's ``LoadImage`` does, so a model
-    trained on MONAI-loaded volumes sees the same layout.
-    """
-    import nibabel as nib
-
-    img = nib.load(path)
-    arr = np.asanyarray(img.dataobj)
-    if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)  # scaled data comes back as float64; halve the memory
-    shape = arr.shape
-    if arr.ndim < 2:
-        raise _BadInput(f"NIfTI image has shape {shape}; expected at least 2 spatial dimensions")
-    if dims == 2:
-        if arr.ndim >= 3 and shape[2] != 1:
-            raise _BadInput(f"is a 3-D volume of shape {shape} but input.dims is 2; set input.dims: 3 or give 2-D slices")
-        spatial = shape[:2]
-        rest = shape[3:] if arr.ndim >= 3 else ()
-    else:
-        if arr.ndim < 3 or shape[2] == 1:
-            raise _BadInput(f"is a 2-D image of shape {shape} but input.dims is 3; set input.dims: 2")
-        spatial = shape[:3]
-        rest = shape[3:]
-    channels = int(np.prod(rest)) if rest else 1
-    return np.moveaxis(arr.reshape(*spatial, channels), -1, 0)
-
-
 def is_dicom_file(path: Path) -> bool:
     """True when the file has the DICOM Part 10 preamble marker ``DICM`` at byte 128."""
     try:
@@ -485,7 +392,7 @@ def read_dicom(path: Path, dims: int) -> np.ndarray:
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise _BadInput("DICOM file holds no pixel data (is it a DICOMDIR, report or segmentation?)")
+        raise ImageFormatError("DICOM file holds no pixel data (is it a DICOMDIR, report or segmentation?)")
     return _dicom_to_array(ds)
 
 
@@ -527,16 +434,16 @@ def read_dicom_series(folder: Path, dims: int) -> np.ndarray:
         if "PixelData" in ds:  # DICOMDIRs, structured reports etc. share folders with images
             datasets.append((f, ds))
     if not datasets:
-        raise _BadInput("series folder holds no DICOM images")
+        raise ImageFormatError("series folder holds no DICOM images")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(series) > 1:
-        raise _BadInput(f"folder mixes {len(series)} series (SeriesInstanceUID); put one series per folder")
+        raise ImageFormatError(f"folder mixes {len(series)} series (SeriesInstanceUID); put one series per folder")
     multi = [f.name for f, ds in datasets if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
-        raise _BadInput(f"series folder holds multi-frame file(s) {multi[:3]}; list a multi-frame file directly instead")
+        raise ImageFormatError(f"series folder holds multi-frame file(s) {multi[:3]}; list a multi-frame file directly instead")
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in datasets}
     if len(sizes) > 1:
-        raise _BadInput(f"slices have different sizes {sorted(sizes)}")
+        raise ImageFormatError(f"slices have different sizes {sorted(sizes)}")
     keys = [_slice_key(ds) for _, ds in datasets]
     instance = [ds.get("InstanceNumber") for _, ds in datasets]
     if all(k is not None for k in keys):
@@ -544,7 +451,7 @@ def read_dicom_series(folder: Path, dims: int) -> np.ndarray:
         ks = [keys[i] for i in order]
         dupes = [datasets[order[j]][0].name for j in range(1, len(ks)) if abs(ks[j] - ks[j - 1]) < 1e-4]
         if dupes:
-            raise _BadInput(
+            raise ImageFormatError(
                 f"several slices share a position (e.g. {dupes[0]}); the folder holds more than one volume "
                 "(echoes, time points or series); put one volume per folder"
             )
@@ -730,7 +637,7 @@ class ManifestDataset(AuditDataset):
         kind, path = self.kinds[index], self.files[index]
         try:
             arr = READERS[kind](path, self.input_cfg.dims)
-        except _BadInput as exc:
+        except ImageFormatError as exc:
             raise DataError(f"{self.describe_sample(index)}: {exc}") from None
         except DataError:
             raise
