@@ -48,8 +48,6 @@ class ImageFormatError(ValueError):
     """A readable file whose content cannot be used (wrong layout, objects): reported as-is, not as a decoding error."""
 
 
-
-
 def channel_first_guess(arr: np.ndarray, dims: int) -> np.ndarray:
     """Channel-first layout for arrays without a header saying where channels are (NPY, NPZ).
 
