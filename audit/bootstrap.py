@@ -243,6 +243,7 @@ def evaluate(
     weights: Tensor,
     ctx: MetricContext,
     confidence: float = 0.95,
+    validate: bool = True,
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, Tensor]]:
     """Compute every applicable metric on every weight row, in bounded-memory chunks of rows.
 
@@ -257,6 +258,8 @@ def evaluate(
     ctx : MetricContext
     confidence : float
         Interval coverage.
+    validate : bool
+        Check the inputs with :func:`check_predictions` (callers that already did pass False).
 
     Returns
     -------
@@ -270,7 +273,8 @@ def evaluate(
     ValueError
         On invalid inputs (see :func:`check_predictions`) or when two metrics emit the same key.
     """
-    check_predictions(probs, labels, ctx.task, weights)
+    if validate:
+        check_predictions(probs, labels, ctx.task, weights)
     n = probs.shape[0]
     rows = weights.shape[0]
     chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
