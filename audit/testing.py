@@ -48,7 +48,7 @@ from .data import AuditDataset
 from .detector import Detector
 from .errors import DataError
 from .metric import Metric, MetricContext
-from .perturbation import MODALITIES, SEVERITY_LEVELS, Perturbation
+from .perturbation import MODALITIES, SEVERITY_LEVELS, Perturbation, accelerator_paths
 from .rng import SampleRNG, sample_keys, stream_key
 from .sections import ReportSection
 
@@ -637,12 +637,14 @@ def check_perturbation_no_host_sync(obj: type[Perturbation] | Perturbation, dims
 
     Detected by recording calls of those tensor methods, so it runs on any device. (CUDA's sync
     debug mode would also flag harmless host-to-device copies of Python scalars, e.g.
-    ``torch.as_tensor(0.5, device="cuda")``.)
+    ``torch.as_tensor(0.5, device="cuda")``.) Runs inside
+    :func:`~medaudit.perturbation.accelerator_paths`, so code that reads values only where
+    :func:`~medaudit.perturbation.host_readable` allows it is checked on its accelerator path.
     """
     pert = _instance(obj)
     x = phantom(2, dims, _size_for(pert, dims), device=device)
     keys = _keys(2, "sync", device)
-    with _record_host_syncs() as calls:
+    with accelerator_paths(), _record_host_syncs() as calls:
         pert(x, 3, SampleRNG(keys))
     assert not calls, "host round trips in sample()/apply(): " + "; ".join(dict.fromkeys(calls))
 

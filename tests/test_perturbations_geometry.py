@@ -143,3 +143,64 @@ def test_invalid_arguments(mni_slices: torch.Tensor, mni_volumes: torch.Tensor) 
         G.flip_lr(mni_slices, 2)
     with pytest.raises(ValueError, match=r"matrix must have shape \[4, 2, 2\] for this batch, got \(4, 3, 3\)"):
         G.affine_warp(mni_slices, torch.eye(3).expand(4, 3, 3))
+
+
+# --- two-pass resampling (used by 3D mri.motion) ---------------------------------------------
+
+
+def _theta(degrees: torch.Tensor, shift: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``[B, K, 3, 4]`` affine_grid matrices: rigid rotation (Euler degrees about x, y, z in
+    normalised (W, H, D) order, conjugated by the half sizes) and a shift in [-1, 1] units."""
+    from medaudit.plugins.mri import _rotation
+
+    half = torch.tensor(spatial[::-1], dtype=torch.float32) / 2
+    linear = _rotation(degrees, 3) * half[None, :] / half[:, None]
+    return torch.cat([linear, shift[..., None]], dim=-1)
+
+
+def _trilinear(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    b, k = theta.shape[:2]
+    grid = torch.nn.functional.affine_grid(theta.reshape(b * k, 3, 4), [b * k, *x.shape[1:]], align_corners=False)
+    out = torch.nn.functional.grid_sample(x.repeat_interleave(k, 0), grid, align_corners=False)
+    return out.reshape(b, k, *x.shape[1:]).transpose(0, 1)
+
+
+def test_two_pass_resample_equals_trilinear_when_slices_do_not_mix(mni_volumes: torch.Tensor) -> None:
+    """A rotation about the D axis plus any shift keeps each D-slice a 2-D bilinear warp, which
+    is exactly what trilinear grid_sample computes; pass A is then the identity along D."""
+    x = mni_volumes[..., :40, :48, :44].contiguous()  # non-cubic
+    degrees = torch.tensor([[[0.0, 0.0, 7.0], [0.0, 0.0, -11.0]], [[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]])
+    shift = torch.tensor([[[0.05, -0.03, 0.1], [0.0, 0.02, -0.05]], [[-0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    theta = _theta(degrees, shift, tuple(x.shape[2:]))
+    torch.testing.assert_close(G.two_pass_resample(x, theta), _trilinear(x, theta), atol=2e-5, rtol=0)
+    # the identity map (last one) returns the input
+    torch.testing.assert_close(G.two_pass_resample(x, theta)[1, 1], x[1], atol=1e-5, rtol=0)
+
+
+def test_two_pass_resample_is_a_linear_interpolation_of_the_rigid_map(mni_volumes: torch.Tensor) -> None:
+    """Rotations that tilt the slices: the same geometry as trilinear, different interpolation
+    error only; a rotation of the opposite sign is far off (the test can fail)."""
+    x = mni_volumes[..., :40, :48, :44].contiguous()
+    g = torch.Generator().manual_seed(0)
+    degrees = (torch.rand(2, 3, 3, generator=g) - 0.5) * 24  # up to 12 degrees about every axis
+    shift = (torch.rand(2, 3, 3, generator=g) - 0.5) * 0.14
+    theta = _theta(degrees, shift, tuple(x.shape[2:]))
+    ours = G.two_pass_resample(x, theta)
+    ref = _trilinear(x, theta)
+    wrong = _trilinear(x, _theta(-degrees, shift, tuple(x.shape[2:])))
+    assert (ours - ref).abs().mean() < 2e-3
+    assert (wrong - ref).abs().mean() > 20 * (ours - ref).abs().mean()
+    # zero outside the field of view, like grid_sample's zero padding
+    far = _theta(torch.zeros(1, 1, 3), torch.tensor([[[0.0, 0.0, 2.5]]]), tuple(x.shape[2:]))
+    assert G.two_pass_resample(x[:1], far).abs().max() == 0
+
+
+def test_two_pass_resample_batch_invariant_and_writes_out(mni_volumes: torch.Tensor) -> None:
+    x = mni_volumes
+    theta = _theta(torch.tensor([[[3.0, -5.0, 2.0]], [[-8.0, 1.0, 4.0]]]), torch.full((2, 1, 3), 0.02), (48, 48, 48))
+    whole = G.two_pass_resample(x, theta)
+    parts = torch.cat([G.two_pass_resample(x[i:i + 1], theta[i:i + 1]) for i in range(2)], dim=1)
+    assert torch.equal(whole, parts)
+    out = torch.full((1, 2, 1, 48, 48, 48), float("nan"))
+    assert G.two_pass_resample(x, theta, out=out) is out
+    assert torch.equal(out, whole)

@@ -293,6 +293,75 @@ def test_motion_effect_is_comparable_to_torchio(mni_volumes: Tensor) -> None:
     assert 0.7 < ours / theirs < 1.4, (ours, theirs)
 
 
+def _motion_nd_reference(x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    """mri.motion's definition, built the direct way: the n-D spectrum of every position,
+    k-space lines gathered along the PE axis from the position acquiring them, n-D inverse."""
+    from medaudit.perturbation import finish
+    from medaudit.plugins.geometry import two_pass_resample
+
+    nd, b, c, spatial = x.ndim - 2, x.shape[0], x.shape[1], tuple(x.shape[2:])
+    half = torch.tensor(spatial[::-1], dtype=torch.float32) / 2
+    linear = mri._rotation(params["degrees"], nd) * half[None, :] / half[:, None]
+    theta = torch.cat([linear, 2.0 * params["translation"].flip(-1)[..., None]], dim=-1)
+    if nd == 3:
+        moved = two_pass_resample(x, theta)
+    else:
+        k = theta.shape[1]
+        grid = torch.nn.functional.affine_grid(theta.reshape(b * k, 2, 3), [b * k, c, *spatial], align_corners=False)
+        moved = torch.nn.functional.grid_sample(x.repeat_interleave(k, 0), grid, align_corners=False)
+        moved = moved.reshape(b, k, c, *spatial).transpose(0, 1)
+    spectra = torch.fft.fftn(torch.cat([x[None], moved]), dim=tuple(range(-nd, 0)))  # [K+1, B, C, ...]
+    out = torch.empty_like(x)
+    for i in range(b):
+        axis = int(params["pe_axis"][i])
+        size = spatial[axis]
+        lines = mri._motion_lines(params["times"][i:i + 1], size)[0]  # uncentred line -> position
+        view = [size if a == axis else 1 for a in range(nd)]
+        index = lines.reshape(1, 1, *view).expand(1, c, *spatial)
+        kspace = torch.gather(spectra[:, i], 0, index)[0]
+        out[i] = torch.fft.ifftn(kspace, dim=tuple(range(-nd, 0))).real
+    return finish(out, x)
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 20, 24, 18), (4, 1, 17, 16, 15), (4, 2, 30, 25), (3, 1, 31, 32)])
+@pytest.mark.parametrize("severity", [1, 5])
+def test_motion_half_spectrum_equals_nd_construction(shape: tuple[int, ...], severity: int) -> None:
+    """The 1-D real-FFT patchwork (odd and even sizes, several channels, mixed PE axes) is the
+    n-D k-space construction of the docstring up to float rounding."""
+    x = synthetic(shape)
+    params = mri.Motion().sample(severity, make_rng("mri.motion", severity, 4, shape[0]), x.shape)
+    assert len(set(params["pe_axis"].tolist())) > 1
+    torch.testing.assert_close(mri.Motion().apply(x, params), _motion_nd_reference(x, params), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mri.motion", "mri.ghosting"])
+@pytest.mark.parametrize("nd", [2, 3])
+def test_cpu_axis_grouping_equals_accelerator_path(name: str, nd: int) -> None:
+    """On a CPU the samples of each PE axis are transformed separately; the synchronisation-free
+    path accelerators take (every axis for every sample, then a selection) gives the same bits."""
+    from medaudit.perturbation import accelerator_paths
+
+    cls = next(c for c in PERTURBATIONS if c.name == name)
+    x = synthetic((6, *SHAPES[nd][1:]))
+    params = {**cls().sample(4, make_rng(name, 4, 11, 6), x.shape), "pe_axis": torch.arange(6) % nd}
+    with accelerator_paths():
+        other = cls().apply(x, params)
+    assert torch.equal(cls().apply(x, params), other)
+
+
+@pytest.mark.parametrize("name", ["mri.motion", "mri.ghosting"])
+def test_blocked_cpu_batches_equal_whole_batches(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large CPU batches run in blocks (to reuse memory); blocking changes no value."""
+    from medaudit import perturbation
+
+    cls = next(c for c in PERTURBATIONS if c.name == name)
+    x = synthetic((5, *SHAPES[3][1:]))
+    params = cls().sample(3, make_rng(name, 3, 2, 5), x.shape)
+    whole = cls().apply(x, params)
+    monkeypatch.setattr(perturbation, "BLOCK_VOXELS", 2 * x[0].numel())  # blocks of 2, 2 and 1 samples
+    assert torch.equal(cls().apply(x, params), whole)
+
+
 @pytest.mark.parametrize(("nd", "axis", "factor"), [(2, 0, 3.0), (2, 1, 2.0), (3, 2, 4.0), (3, 0, 2.5)])
 def test_anisotropy_error_matches_torchio(nd: int, axis: int, factor: float, mni_slices: Tensor, mni_volumes: Tensor) -> None:
     x = mni_slices if nd == 2 else mni_volumes
