@@ -25,7 +25,7 @@ from .config import Config
 from .data import AuditDataset, DatasetIdentity
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, PluginError
-from .evaluate import ExternalSet, build_results
+from .evaluate import ExternalSet, PhaseClock, build_results
 from .features import make_extractor
 from .metric import Metric
 from .model import LoadedModel
@@ -190,7 +190,9 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
               shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None) -> Results:
     """Run a whole audit and write its outputs; returns the results (checks included)."""
     started = time.perf_counter()
+    phases = PhaseClock()
     prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
+    phases.lap("prepare")
     cfg = prep.config
     log(f"medaudit {__version__}: {len(prep.scenarios)} scenarios × {len(prep.dataset)} samples on {prep.device}")
     cache_root = cfg.output.dir / ".medaudit-cache"
@@ -203,14 +205,17 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
     if fwd.resumed_shards:
         log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
+    phases.lap("forward")
     reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
     ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
+    phases.lap("external")
     assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
+    phases.lap("preview")
     catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
     evaluation = build_results(
         pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
         prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
-        prep.warnings, reference, ood_sets, assets)
+        prep.warnings, reference, ood_sets, assets, phases)
     results = evaluation.results
     from .report import render_report
 

@@ -35,6 +35,19 @@ from .shift import evaluate_detectors, evaluate_external
 from .temperature import temperature_report
 
 
+class PhaseClock:
+    """Wall seconds between successive :meth:`lap` calls, by phase name (``timing.phases``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 @dataclass
 class ExternalSet:
     """An extra data set evaluated on clean inputs only: ``--ood-data`` or ``--reference``."""
@@ -115,8 +128,10 @@ def build_results(
     reference: ExternalSet | None = None,
     ood_sets: list[ExternalSet] | None = None,
     assets: dict[str, str] | None = None,
+    phases: PhaseClock | None = None,
 ) -> Evaluation:
     cfg = config
+    phases = phases or PhaseClock()
     labels = torch.as_tensor(labels_np)
     n = labels.shape[0]
     ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, cfg.audit.n_bins,
@@ -135,6 +150,7 @@ def build_results(
                                reference_labels=reference.labels if reference is not None else None,
                                output_kind=fwd.output_kind)
     warnings += shift.warnings
+    phases.lap("detectors")
 
     directions: dict[str, bool] = {}
     raw: dict[str, dict[str, Tensor]] = {}
@@ -156,6 +172,7 @@ def build_results(
             "throughput": n / seconds if seconds > 0 else None,
         })
 
+    phases.lap("metrics")
     external_arrays: dict[str, dict[str, Tensor]] = {}
     for ext in ood_sets or []:
         m = ext.labels.shape[0]
@@ -176,6 +193,7 @@ def build_results(
                         f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
                         "are not computed for it")
 
+    phases.lap("external")
     warnings += list(metric_failures.values())
     working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
     outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, working, ctx, weights,
@@ -190,6 +208,7 @@ def build_results(
                 subgroups.extend(value)
             else:
                 analyses[key] = value
+    phases.lap("analyses")
     if shift.scores:
         analyses["ood_fitting"] = {
             "method": shift.fitting,
@@ -200,6 +219,7 @@ def build_results(
         }
     calibration = {"temperature_scaling": temperature_report(fwd.probs, labels, ids, cfg.task.type, cfg.audit.n_bins,
                                                              cfg.audit.seed)}
+    phases.lap("calibration")
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},
                                       fwd.scenarios, directions)
     forward_s = sum(fwd.seconds.values())
@@ -236,7 +256,8 @@ def build_results(
         "analyses": analyses,
         "warnings": warnings,
         "timing": {"total_seconds": time.perf_counter() - started, "forward_seconds": forward_s,
-                   "samples_per_second": n * len(ids) / forward_s if forward_s > 0 else 0.0},
+                   "samples_per_second": n * len(ids) / forward_s if forward_s > 0 else 0.0,
+                   "phases": phases.seconds},
         "assets": assets or {},
     }
     results["checks"] = evaluate_checks(cfg.checks, results)

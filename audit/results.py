@@ -120,6 +120,12 @@ class Timing(_Model):
     total_seconds: float = Field(description="from the start of the run to the finished results (report rendering excluded)")
     forward_seconds: float
     samples_per_second: float
+    phases: dict[str, float] = Field(
+        default_factory=dict,
+        description="wall seconds of the run's phases, in order: prepare (loading, dry run), forward (perturbing "
+                    "and the model, detector embeddings), external (--reference / --ood-data: forward and scoring), preview (the "
+                    "example grid), detectors, metrics (with bootstrap), analyses (subgroups and other analysis "
+                    "plugins), calibration (temperature scaling)")
 
 
 class Results(_Model):
