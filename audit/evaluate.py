@@ -148,7 +148,7 @@ def build_results(
     shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.probs, ids, weights_d, cfg.audit.confidence,
                                cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
-                               output_kind=fwd.output_kind)
+                               output_kind=fwd.output_kind, device=dev)
     warnings += shift.warnings
     phases.lap("detectors")
 
@@ -182,7 +182,8 @@ def build_results(
             detectors, {k: v[clean_idx] for k, v in fwd.embeddings.items()}, labels,
             {k: v[clean_idx] for k, v in shift.scores.items()}, {k: v[0] for k, v in ext.forward.embeddings.items()},
             weights_d, ext_weights, cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
-            reference_labels=reference.labels if reference is not None else None, output_kind=fwd.output_kind)
+            reference_labels=reference.labels if reference is not None else None, output_kind=fwd.output_kind,
+            device=dev)
         seconds = sum(ext.forward.seconds.values())
         scenario_results.append({
             "id": f"ood:{ext.name}", "suite": "ood", "perturbation": None, "severity": 0, "n_samples": m,

@@ -59,26 +59,30 @@ def cross_fit_halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[: n // 2].sort().values, perm[n // 2 :].sort().values
 
 
-def _score_all(det: Detector, emb: Tensor) -> Tensor:
-    """Score ``[S, n, D]`` embeddings scenario-major, returning ``[S, n]``."""
-    s, n = emb.shape[:2]
-    return det.score(emb.reshape(s * n, -1)).reshape(s, n).double().cpu()
+def _score_all(det: Detector, emb: Tensor, device: torch.device) -> Tensor:
+    """Score ``[S, n, D]`` embeddings on ``device`` one scenario at a time, returning ``[S, n]`` on the CPU.
+
+    Moving one scenario at a time bounds the device memory to one ``[n, D]`` block whatever the
+    number of scenarios.
+    """
+    return torch.stack([det.score(emb[s].to(device)).reshape(-1).double().cpu() for s in range(emb.shape[0])])
 
 
 def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed: int,
-                   reference: Tensor | None, reference_labels: Tensor | None) -> Tensor:
+                   reference: Tensor | None, reference_labels: Tensor | None, device: torch.device) -> Tensor:
     if reference is not None:
         fitted = copy.deepcopy(det)
-        fitted.fit(reference, reference_labels if reference_labels is not None else torch.zeros(reference.shape[0], dtype=torch.long))
-        return _score_all(fitted, emb)
+        ref_labels = reference_labels if reference_labels is not None else torch.zeros(reference.shape[0], dtype=torch.long)
+        fitted.fit(reference.to(device), ref_labels.to(device))
+        return _score_all(fitted, emb, device)
     n = emb.shape[1]
     a, b = cross_fit_halves(n, seed)
     scores = torch.full((emb.shape[0], n), float("nan"), dtype=torch.float64)
     for fit_idx, score_idx in ((a, b), (b, a)):
         # A fresh copy per half: detectors keep fitted state on themselves.
         fitted = copy.deepcopy(det)
-        fitted.fit(emb[clean, fit_idx], labels[fit_idx])
-        scores[:, score_idx] = _score_all(fitted, emb[:, score_idx])
+        fitted.fit(emb[clean, fit_idx].to(device), labels[fit_idx].to(device))
+        scores[:, score_idx] = _score_all(fitted, emb[:, score_idx], device)
     return scores
 
 
@@ -99,6 +103,7 @@ def evaluate_detectors(
     reference: dict[str, Tensor] | None = None,
     reference_labels: Tensor | None = None,
     output_kind: str = "logits",
+    device: torch.device | None = None,
 ) -> ShiftResult:
     """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
 
@@ -124,6 +129,9 @@ def evaluate_detectors(
         when given, detectors are fitted once on them instead of cross-fitted.
     output_kind : "logits" | "probabilities"
         What the model outputs; logit-only detectors are skipped for probabilities.
+    device : torch.device, optional
+        Where detectors are fitted and score (the audit's GPU: kNN and Mahalanobis on 1024-d
+        features are dense float64 algebra); default the CPU. Scores come back to the CPU.
 
     Returns
     -------
@@ -135,9 +143,10 @@ def evaluate_detectors(
     n = labels.shape[0]
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must be [1 + R, {n}], got {tuple(weights.shape)}")
-    # Measures run where the weights are (the GPU for large audits); fitting and scoring stay on the CPU.
+    # Measures run where the weights are (the GPU for large audits); fitting and scoring on `device`.
     weights = weights.double()
     dev = weights.device
+    device = device or torch.device("cpu")
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
     multilabel = labels.ndim == 2
     if multilabel:
@@ -165,7 +174,7 @@ def evaluate_detectors(
             result.warnings.append(f"ood: detector {name!r} skipped: cross-fitting needs at least 4 samples, got {n}")
             continue
         try:
-            scores = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels)
+            scores = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels, device)
         except Exception as exc:  # e.g. spectral on a layer without spatial extent, or a broken plugin
             result.warnings.append(f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}")
             continue
@@ -197,6 +206,7 @@ def evaluate_external(
     reference: dict[str, Tensor] | None = None,
     reference_labels: Tensor | None = None,
     output_kind: str = "logits",
+    device: torch.device | None = None,
 ) -> tuple[dict[str, dict[str, Interval]], dict[str, Tensor]]:
     """OOD measures of an external data set (``--ood-data``): its samples against the clean ones.
 
@@ -213,6 +223,7 @@ def evaluate_external(
     clean_scores : detector name -> clean scores ``[N]`` (cross-fitted, from :func:`evaluate_detectors`);
         only detectors present here are evaluated.
     external : detector name -> external embeddings ``[M, D]``
+    device : where detectors are fitted and score, as in :func:`evaluate_detectors`
 
     Returns
     -------
@@ -222,6 +233,7 @@ def evaluate_external(
     measures: dict[str, dict[str, Interval]] = {}
     scores: dict[str, Tensor] = {}
     weights, external_weights = weights.double(), external_weights.double().to(weights.device)
+    device = device or torch.device("cpu")
     for det in detectors:
         name = det.name
         if name not in clean_scores or name not in external:
@@ -233,15 +245,15 @@ def evaluate_external(
         if reference is not None and name in reference:
             fitted = copy.deepcopy(det)
             ref_labels = reference_labels if reference_labels is not None else torch.zeros(reference[name].shape[0], dtype=torch.long)
-            fitted.fit(reference[name], ref_labels)
-            pos = fitted.score(ext).double().cpu()
+            fitted.fit(reference[name].to(device), ref_labels.to(device))
+            pos = fitted.score(ext.to(device)).double().cpu()
         else:
             a, b = cross_fit_halves(embeddings[name].shape[0], seed)
             pos = torch.empty(ext.shape[0], dtype=torch.float64)
             for parity, fit_idx in ((0, a), (1, b)):
                 fitted = copy.deepcopy(det)
-                fitted.fit(embeddings[name][fit_idx], labels[fit_idx])
-                pos[parity::2] = fitted.score(ext[parity::2]).double().cpu()
+                fitted.fit(embeddings[name][fit_idx].to(device), labels[fit_idx].to(device))
+                pos[parity::2] = fitted.score(ext[parity::2].to(device)).double().cpu()
         neg = clean_scores[name].double()
         values = detection_measures(pos.to(weights.device), neg.to(weights.device), external_weights, weights)
         measures[name] = {k: interval(v, confidence) for k, v in values.items()}

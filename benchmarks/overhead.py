@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--severities", default="1,2,3,4,5")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--profile", type=Path, help="also run medaudit once under cProfile and write the top functions here")
     args = ap.parse_args()
     sizes = args.n or [600]
     env_note = f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}"
@@ -148,6 +149,21 @@ def main() -> None:
             t = json.loads((out / "results.json").read_text())["timing"]
             print(f"{n:>7} {base_wall:>11.1f} {audit_wall:>11.1f} {audit_wall / base_wall:>6.2f} "
                   f"{t['forward_seconds']:>14.1f} {audit_wall - t['forward_seconds']:>7.1f} {base_rss:>9.0f} {audit_rss:>10.0f}")
+            phases = dict(t.get("phases", {}))
+            phases["start+report"] = audit_wall - t["total_seconds"]  # process start, imports, report, writing
+            print("        phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+            if args.profile:  # a separate, untimed run: the profiler slows Python-heavy code down
+                prof = tmpdir / "medaudit.prof"
+                idx = cmd.index("medaudit.cli")
+                subprocess.run([*cmd[:idx - 1], "-m", "cProfile", "-o", str(prof), *cmd[idx - 1:]], check=True,
+                               capture_output=True)
+                import io
+                import pstats
+
+                buf = io.StringIO()
+                pstats.Stats(str(prof), stream=buf).sort_stats("cumulative").print_stats(60)
+                pstats.Stats(str(prof), stream=buf).sort_stats("tottime").print_stats(40)
+                args.profile.write_text(buf.getvalue())
 
 
 if __name__ == "__main__":
