@@ -202,3 +202,13 @@ def accelerator_paths() -> Iterator[None]:
         yield
     finally:
         _HOST_READS.reset(token)
+
+
+def host_constant(values: Any, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A small constant tensor (sizes, matrices from Python numbers) on ``device``, without a sync.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory with a blocking
+    copy, which waits for all the work queued on the GPU: once per batch in a perturbation it
+    stalls the pipeline. A non-blocking copy stages the bytes and returns at once.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

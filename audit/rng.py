@@ -250,7 +250,9 @@ class _Buffers:
         return r, self.c, theta.sin_()
 
 
-def _per_sample(v: float | Tensor, like: Tensor) -> Tensor:
+def _per_sample(v: float | Tensor, like: Tensor) -> Tensor | float:
     if isinstance(v, Tensor):
         return v.to(like).reshape(-1, *([1] * (like.ndim - 1)))
-    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    # A Python number stays one: a device tensor made from it is a blocking host-to-device copy,
+    # which waits for all the work queued on the GPU.
+    return float(v)

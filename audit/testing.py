@@ -635,17 +635,32 @@ def check_perturbation_no_host_sync(obj: type[Perturbation] | Perturbation, dims
     ``.numpy()``, ``bool()/float()/int()`` of a tensor, or data-dependent shapes (``nonzero``,
     ``unique``). Each one stalls the GPU pipeline once per batch.
 
-    Detected by recording calls of those tensor methods, so it runs on any device. (CUDA's sync
-    debug mode would also flag harmless host-to-device copies of Python scalars, e.g.
-    ``torch.as_tensor(0.5, device="cuda")``.) Runs inside
+    Detected by recording calls of those tensor methods, so it runs on any device. Runs inside
     :func:`~medaudit.perturbation.accelerator_paths`, so code that reads values only where
     :func:`~medaudit.perturbation.host_readable` allows it is checked on its accelerator path.
+    On CUDA, PyTorch's sync debug mode is also set to raise: it catches the synchronisations no
+    tensor method shows, such as ``torch.tensor(values, device="cuda")`` (a blocking copy from
+    pageable memory, which waits for all queued GPU work; use
+    :func:`~medaudit.perturbation.host_constant`).
     """
     pert = _instance(obj)
     x = phantom(2, dims, _size_for(pert, dims), device=device)
     keys = _keys(2, "sync", device)
-    with accelerator_paths(), _record_host_syncs() as calls:
-        pert(x, 3, SampleRNG(keys))
+    cuda = torch.device(device).type == "cuda"
+    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        with accelerator_paths(), _record_host_syncs() as calls:
+            pert(x, 3, SampleRNG(keys))
+    except RuntimeError as exc:
+        if "synchronizing" not in str(exc):
+            raise
+        raise AssertionError(f"host synchronisation in sample()/apply() on {device}: {exc}") from None
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(previous)
     assert not calls, "host round trips in sample()/apply(): " + "; ".join(dict.fromkeys(calls))
 
 

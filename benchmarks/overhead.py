@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--severities", default="1,2,3,4,5")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--repeats", type=int, default=1, help="time each side this many times and keep the fastest")
     ap.add_argument("--profile", type=Path, help="also run medaudit once under cProfile and write the top functions here")
     args = ap.parse_args()
     sizes = args.n or [600]
@@ -136,8 +137,8 @@ def main() -> None:
               f"{'base MiB':>9} {'audit MiB':>10}")
         for n in sizes:
             data = make_data(tmpdir, n, args.size)
-            base_wall, _, base_rss = timed([sys.executable, "-c", BASELINE, str(model), str(data), str(n_scenarios),
-                                            str(args.batch_size), args.device])
+            base_wall, _, base_rss = min(timed([sys.executable, "-c", BASELINE, str(model), str(data), str(n_scenarios),
+                                                str(args.batch_size), args.device]) for _ in range(args.repeats))
             out = tmpdir / f"out-{n}"
             cmd = [sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(data), "--config", str(cfg),
                    "--out", str(out), "--device", args.device, "--batch-size", str(args.batch_size),
@@ -145,7 +146,7 @@ def main() -> None:
                    "--bootstrap", str(args.bootstrap), "--severities", args.severities, "--precision", args.precision]
             for name in names:
                 cmd += ["--perturbation", name]
-            audit_wall, _, audit_rss = timed(cmd)
+            audit_wall, _, audit_rss = min(timed(cmd) for _ in range(args.repeats))
             t = json.loads((out / "results.json").read_text())["timing"]
             print(f"{n:>7} {base_wall:>11.1f} {audit_wall:>11.1f} {audit_wall / base_wall:>6.2f} "
                   f"{t['forward_seconds']:>14.1f} {audit_wall - t['forward_seconds']:>7.1f} {base_rss:>9.0f} {audit_rss:>10.0f}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, per_sample
+from medaudit.perturbation import Perturbation, finish, host_constant, per_sample
 from medaudit.plugins.mri import (
     centred_fft,
     centred_ifft_real,
@@ -154,7 +154,7 @@ class Streak(Perturbation):
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         check_input(self.name, self.dims, x)
         dy, dx = _plane_offsets(x)
-        size = torch.tensor(x.shape[-2:], device=x.device, dtype=torch.float32)
+        size = host_constant(list(x.shape[-2:]), x.device)
         centre = params["centre"].to(torch.float32) * size  # [B, 2] pixels
         angle = params["angle"].to(torch.float32)[..., None, None]  # [B, K, 1, 1]
         ry = dy - centre[:, 0, None, None, None]

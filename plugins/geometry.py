@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation
+from medaudit.perturbation import Perturbation, host_constant
 from medaudit.plugins.intensity import MATRIX_MAX_SIZE, along_axis, batch_param, draw_signed, finish_, matrices_allowed
 from medaudit.rng import SampleRNG
 
@@ -130,7 +130,7 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
     if offset.shape != (b, nd):
         raise ValueError(f"offset must have shape [{b}, {nd}] for this batch, got {tuple(offset.shape)}")
     xf = x.float()
-    half = torch.tensor([s / 2.0 for s in x.shape[2:]], device=x.device)  # voxels per normalised unit
+    half = host_constant([s / 2.0 for s in x.shape[2:]], x.device)  # voxels per normalised unit
     a = matrix.to(device=x.device, dtype=torch.float32)
     # normalised coordinates u = p / half (align_corners=False): u_in = S^-1 A S u_out + S^-1 t
     theta_a = a * half[None, None, :] / half[None, :, None]
@@ -324,7 +324,7 @@ class Translation(Perturbation):
         m = self.draw(rng, severity, "fraction")
         g = rng.normal(nd)
         d = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        size = torch.tensor([float(s) for s in shape[2:]], device=rng.device)
+        size = host_constant([float(s) for s in shape[2:]], rng.device)
         return {"fraction": m, "shift": m[:, None] * d * size[None, :]}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, host_readable, in_blocks, per_sample
+from medaudit.perturbation import Perturbation, finish, host_constant, host_readable, in_blocks, per_sample
 from medaudit.plugins.geometry import affine_grid, two_pass_resample
 from medaudit.plugins.intensity import finish_
 from medaudit.rng import SampleRNG
@@ -285,7 +285,7 @@ class Motion(Perturbation):
 
         # affine_grid works in normalised coordinates ordered (W, H[, D]); conjugating by the
         # half-size scaling keeps rotations rigid on non-square grids.
-        half = torch.tensor(spatial[::-1], device=x.device, dtype=torch.float32) / 2
+        half = host_constant(list(spatial[::-1]), x.device) / 2
         rot = _rotation(degrees, nd)
         linear = rot * half[None, :] / half[:, None]  # S^-1 R S
         shift = 2.0 * params["translation"].to(torch.float32).flip(-1)  # fraction of FOV -> [-1, 1] units
@@ -471,7 +471,7 @@ class Spike(Perturbation):
         b, spatial = x.shape[0], tuple(x.shape[2:])
         xf = x.float()
         positions = params["positions"].to(torch.float32)  # [B, S, nd]
-        size = torch.tensor(spatial, device=x.device, dtype=torch.float32)
+        size = host_constant(list(spatial), x.device)
         index = torch.minimum(torch.floor(positions * size), size - 1).long()  # centred k-space index
         # A k-space point of value A at DFT frequency u adds (A / N) exp(2 pi i u.n / N) to the
         # image, whose real part is a cosine wave: no transform is needed. For images in [0, 1]
@@ -587,8 +587,8 @@ class BiasField(Perturbation):
             )
         order = _order_of(coefficients.shape[1], nd)
         device = coefficients.device
-        exps = torch.tensor(monomial_exponents(order, nd), device=device)  # [M, nd]
-        flat = (exps * torch.tensor([(order + 1) ** (nd - 1 - a) for a in range(nd)], device=device)).sum(-1)
+        exps = host_constant(monomial_exponents(order, nd), device, torch.int64)  # [M, nd]
+        flat = (exps * host_constant([(order + 1) ** (nd - 1 - a) for a in range(nd)], device, torch.int64)).sum(-1)
         grid = torch.zeros(coefficients.shape[0], (order + 1) ** nd, device=device)
         grid[:, flat] = coefficients.to(torch.float32)
         coef = grid.reshape(-1, *([order + 1] * nd))  # c[b, i, j(, l)], zero above the total degree

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, per_sample
+from medaudit.perturbation import Perturbation, finish, host_constant, per_sample
 from medaudit.plugins.intensity import MATRIX_MAX_SIZE, along_axis, batch_param, check_dims, draw_signed, finish_, matrices_allowed
 from medaudit.rng import SampleRNG
 
@@ -147,7 +147,7 @@ def jpeg_tables(quality: Tensor, chroma: bool = False) -> Tensor:
     ``jpeg_quality_scaling`` with baseline clamping to 1..255)."""
     q = quality.float().clamp(1.0, 100.0)
     scale = torch.where(q < 50.0, 5000.0 / q, 200.0 - 2.0 * q)
-    base = torch.tensor(_JPEG_CHROMA if chroma else _JPEG_LUMA, dtype=torch.float32, device=quality.device)
+    base = host_constant(_JPEG_CHROMA if chroma else _JPEG_LUMA, quality.device)
     return torch.floor((base[None] * scale[:, None, None] + 50.0) / 100.0).clamp(1.0, 255.0)
 
 
@@ -186,8 +186,8 @@ def jpeg_compress(x: Tensor, quality: float | Tensor) -> Tensor:
         v = F.pad(v, (0, pw, 0, ph), mode="replicate")
     rgb = c == 3
     if rgb:
-        v = torch.einsum("ij,njhw->nihw", torch.tensor(_RGB_TO_YCC, device=x.device), v)
-        v = v + torch.tensor([0.0, 128.0, 128.0], device=x.device).reshape(1, 3, 1, 1)
+        v = torch.einsum("ij,njhw->nihw", host_constant(_RGB_TO_YCC, x.device), v)
+        v = v + host_constant([0.0, 128.0, 128.0], x.device).reshape(1, 3, 1, 1)
         v = torch.round(v).clamp(0.0, 255.0)  # the encoder works on 8-bit YCbCr samples
     hb, wb = v.shape[2] // 8, v.shape[3] // 8
     blocks = (v - 128.0).reshape(n, c, hb, 8, wb, 8).permute(0, 1, 2, 4, 3, 5)  # [N, C, hb, wb, 8, 8]
@@ -202,8 +202,8 @@ def jpeg_compress(x: Tensor, quality: float | Tensor) -> Tensor:
     rec = m.T @ (torch.round(coef / tables) * tables) @ m + 128.0
     rec = rec.permute(0, 1, 2, 4, 3, 5).reshape(n, c, hb * 8, wb * 8)
     if rgb:
-        rec = rec - torch.tensor([0.0, 128.0, 128.0], device=x.device).reshape(1, 3, 1, 1)
-        inv = torch.linalg.inv(torch.tensor(_RGB_TO_YCC, dtype=torch.float64)).to(device=x.device, dtype=torch.float32)
+        rec = rec - host_constant([0.0, 128.0, 128.0], x.device).reshape(1, 3, 1, 1)
+        inv = torch.linalg.inv(torch.tensor(_RGB_TO_YCC, dtype=torch.float64)).float().to(x.device, non_blocking=True)
         rec = torch.einsum("ij,njhw->nihw", inv, rec)
     out = torch.round(rec[:, :, :h, :w]).clamp(0.0, 255.0) / 255.0  # the decoder outputs 8-bit samples
     if nd == 3:

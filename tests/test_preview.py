@@ -15,7 +15,7 @@ from medaudit.imagefile import perturb_array, perturb_file, read_image, single_s
 from medaudit.plugins.geometry import FlipLR, Rotation
 from medaudit.plugins.intensity import Gamma
 from medaudit.plugins.xray import Grid, Noise
-from medaudit.preview import CELL_INCHES, DPI, grid_png_bytes, preview_grid, save_grid_png
+from medaudit.preview import CELL_PX, LABEL_PX, TITLE_PX, grid_png_bytes, preview_grid, save_grid_png
 
 # ---------------------------------------------------------------------------------------------
 # Preview grid
@@ -23,7 +23,7 @@ from medaudit.preview import CELL_INCHES, DPI, grid_png_bytes, preview_grid, sav
 
 
 def expected_shape(rows: int) -> tuple[int, int, int]:
-    return (round((CELL_INCHES * rows + 0.4) * DPI), round((CELL_INCHES * 6 + 1.6) * DPI), 3)
+    return (TITLE_PX + CELL_PX * rows, LABEL_PX + CELL_PX * 6, 3)
 
 
 def test_grid_shape_2d_and_3d(mni_slices: torch.Tensor, mni_volumes: torch.Tensor) -> None:
@@ -35,10 +35,8 @@ def test_grid_shape_2d_and_3d(mni_slices: torch.Tensor, mni_volumes: torch.Tenso
 
 def test_grid_cells_show_the_perturbed_image(mni_slices: torch.Tensor) -> None:
     clean = preview_grid(mni_slices[0], [FlipLR], seed=0)
-    h, w, _ = clean.shape
-    left = round(1.6 * DPI)
-    cell = (w - left) // 6
-    panels = [clean[:, left + k * cell + 10: left + (k + 1) * cell - 10].astype(int) for k in range(6)]
+    panels = [clean[TITLE_PX + 10: TITLE_PX + CELL_PX - 10, LABEL_PX + k * CELL_PX + 10: LABEL_PX + (k + 1) * CELL_PX - 10].astype(int)
+              for k in range(6)]
     # severity 5 flips for sure: its panel differs from the clean one; severity 0 column is the clean image
     assert np.abs(panels[5] - panels[0]).mean() > 5
     # and the grid is deterministic in the seed
