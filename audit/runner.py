@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-from concurrent.futures import Future
 import json
+import os
+import queue
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,17 +292,57 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     )
 
 
-def auto_workers(dataset: AuditDataset, device: torch.device) -> int:
-    """Loader worker processes: decode and preprocess off the main thread.
-
-    On an accelerator the main thread only queues work, so any per-sample preprocessing it does
-    (even of arrays already in memory, ~1 ms per 224² image) delays the next launch: workers
-    for every format. On a CPU the workers would compete with the model for the cores, so
-    in-memory arrays (npz) are read in-process. Small data sets are not worth the start-up.
-    """
-    if len(dataset) < 256 or (dataset.format == "npz" and device.type == "cpu"):
+def auto_workers(dataset: AuditDataset) -> int:
+    """Decode files in worker processes; arrays already in memory (npz) are read in-process
+    (on an accelerator by a prefetching thread, see :func:`prefetched`)."""
+    if dataset.format == "npz" or len(dataset) < 256:
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def prefetched(batches: Iterator[tuple[Tensor, Tensor]], depth: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
+    """``batches``, produced up to ``depth`` ahead by a background thread.
+
+    On an accelerator the main thread only queues work, so preprocessing a batch on it (about
+    1 ms per 224² image, even from memory) delays the next launch; on a thread it overlaps the
+    queued work. (Worker processes did the same but cost seconds to fork and join around every
+    shard.) Errors are re-raised in the consumer, in order.
+    """
+    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(message: tuple[str, object]) -> bool:
+        """Put unless the consumer has gone (then the queue may stay full for ever)."""
+        while not stop.is_set():
+            try:
+                slots.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not offer(("item", item)):
+                    return
+            offer(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            offer(("error", exc))
+
+    thread = threading.Thread(target=produce, name="medaudit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: int, num_workers: int,
@@ -485,7 +527,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
-    workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset, device)
+    workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     memory_format = None
     if config.audit.channels_last:
         memory_format = torch.channels_last if config.input.dims == 2 else torch.channels_last_3d
@@ -506,6 +548,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             bar.advance(stop - start)
             continue
         batches = iterate_batches(dataset, start, stop, batch_size, workers, pin)
+        if workers == 0 and device.type != "cpu":
+            batches = prefetched(batches)
         with torch.inference_mode():
             shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
         if cache is not None:

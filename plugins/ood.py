@@ -16,9 +16,9 @@ See docs/ood.md for formulas, conventions and citations.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -329,7 +329,10 @@ def _signature_on_host(gram: Tensor) -> Future[Tensor]:
     """
     global _HOST_POOL
     if _HOST_POOL is None:
-        _HOST_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medaudit-spectral")
+        # several threads: one batch's eigensolves can take as long as the device's forward pass
+        # of it (DenseNet121 on an H100), and a backlog would be waited for at the end of the shard
+        _HOST_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                                        thread_name_prefix="medaudit-spectral")
     host = torch.empty(gram.shape, dtype=gram.dtype, pin_memory=True)
     host.copy_(gram, non_blocking=True)
     ready = torch.cuda.Event()

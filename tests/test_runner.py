@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,24 @@ def test_plan_scenarios_by_modality_suite_and_name() -> None:
     cfg.audit.suites = ["nosuch"]
     with pytest.raises(ConfigError, match=r"unknown suite\(s\) \['nosuch'\]"):
         plan_scenarios(cfg, catalogue)
+
+
+def test_prefetched_yields_in_order_and_reraises_in_the_consumer() -> None:
+    from medaudit.runner import prefetched
+
+    items = [(torch.full((2,), float(i)), torch.tensor([i])) for i in range(7)]
+    assert [int(b[1]) for b in prefetched(iter(items))] == list(range(7))
+
+    def broken() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield items[0]
+        raise ValueError("sample 3 of data.npz is corrupt")
+
+    got = []
+    with pytest.raises(ValueError, match="sample 3 of data.npz is corrupt"):
+        for batch in prefetched(broken()):
+            got.append(int(batch[1]))
+    assert got == [0]
+    # a consumer that stops early does not leave the producer blocked on a full queue
+    gen = prefetched(iter(items), depth=1)
+    next(gen)
+    gen.close()
