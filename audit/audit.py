@@ -25,7 +25,7 @@ from .config import Config
 from .data import AuditDataset, DatasetIdentity
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, PluginError
-from .evaluate import ExternalSet, PhaseClock, build_results
+from .evaluate import ExternalSet, build_results
 from .features import make_extractor
 from .metric import Metric
 from .model import LoadedModel
@@ -35,6 +35,7 @@ from .plugin_manager import PluginManager
 from .results import Results, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device
+from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
 
@@ -191,6 +192,9 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     """Run a whole audit and write its outputs; returns the results (checks included)."""
     started = time.perf_counter()
     phases = PhaseClock()
+    age = process_age()
+    if age is not None:
+        phases.seconds["startup"] = age
     prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
     phases.lap("prepare")
     cfg = prep.config
@@ -220,6 +224,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     from .report import render_report
 
     html = render_report(results, pm)
+    if results.timing is not None:  # results.json only: the report cannot time its own rendering
+        results.timing.phases["report"] = time.perf_counter() - phases.last
     with AtomicOutputDir(cfg.output.dir) as stage:
         (stage / "results.json").write_text(dumps(results), encoding="utf-8")
         if cfg.output.report:

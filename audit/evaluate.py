@@ -33,19 +33,7 @@ from .rng import stream_key
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .temperature import temperature_report
-
-
-class PhaseClock:
-    """Wall seconds between successive :meth:`lap` calls, by phase name (``timing.phases``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
-        self._last = now
+from .timing import PhaseClock
 
 
 @dataclass

@@ -122,10 +122,11 @@ class Timing(_Model):
     samples_per_second: float
     phases: dict[str, float] = Field(
         default_factory=dict,
-        description="wall seconds of the run's phases, in order: prepare (loading, dry run), forward (perturbing "
+        description="wall seconds of the run's phases, in order: startup (process start to the audit: interpreter, "
+                    "imports, arguments; Linux only), prepare (loading, dry run), forward (perturbing "
                     "and the model, detector embeddings), external (--reference / --ood-data: forward and scoring), preview (the "
                     "example grid), detectors, metrics (with bootstrap), analyses (subgroups and other analysis "
-                    "plugins), calibration (temperature scaling)")
+                    "plugins), calibration (temperature scaling), and, in results.json only, report (rendering the report)")
 
 
 class Results(_Model):
