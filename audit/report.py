@@ -286,7 +286,9 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         t = r["timing"]
         identity.append(("Run time", f"{t['total_seconds']:.1f} s ({t['samples_per_second']:,.0f} forward passes/s)"))
         if t.get("phases"):
-            identity.append(("Run time by phase", " · ".join(f"{k} {v:.1f} s" for k, v in t["phases"].items())))
+            # "report" (results.json only) is left out, so a report re-rendered from results.json is identical
+            shown = {k: v for k, v in t["phases"].items() if k != "report"}
+            identity.append(("Run time by phase", " · ".join(f"{k} {v:.1f} s" for k, v in shown.items())))
     for lab, key in (("Intended use", "intended_use"), ("Model description", "description"), ("Model name", "name")):
         if m.get(key):
             identity.insert(0, (lab, m[key]))
