@@ -236,5 +236,6 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             (stage / "predictions.npz").write_bytes(buf.getvalue())
     if junit is not None:
         write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
+    cache.flush()
     shutil.rmtree(cache_root, ignore_errors=True)
     return results

@@ -416,11 +416,14 @@ class ShardCache:
 
     Keyed by a fingerprint of everything that determines the outputs (model and data hashes,
     the input spec, seed, scenarios, shard layout): a cache from another configuration is never
-    reused. Files are ``.npz`` (no pickle) written atomically.
+    reused. Files are ``.npz`` (no pickle) written atomically, on a background thread: the
+    write (hundreds of MB with feature embeddings) overlaps the next shard or the evaluation;
+    :meth:`flush` waits for it.
     """
 
     def __init__(self, root: Path, fingerprint: str) -> None:
         self.dir = root / fingerprint  # created by the first save, so a run that fails early leaves nothing
+        self._writes: list[threading.Thread] = []
 
     @staticmethod
     def fingerprint(parts: dict[str, object]) -> str:
@@ -472,8 +475,21 @@ class ShardCache:
             arrays[f"faildet|{det}"] = np.asarray(msg)
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._path(shard.start).with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(self._path(shard.start))
+        final = self._path(shard.start)
+
+        def write() -> None:  # the arrays share memory with tensors nobody modifies any more
+            np.savez(tmp, **arrays)
+            tmp.replace(final)
+
+        # not a daemon: an interpreter that exits (even on an error) finishes the write first
+        thread = threading.Thread(target=write, name="medaudit-shard-cache")
+        thread.start()
+        self._writes.append(thread)
+
+    def flush(self) -> None:
+        """Wait until every saved shard is on disk."""
+        while self._writes:
+            self._writes.pop().join()
 
 
 @dataclass

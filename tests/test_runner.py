@@ -122,6 +122,7 @@ def test_resume_reuses_completed_shards(tmp_path: Path) -> None:
     cfg, ds, model = _setup()
     cache = ShardCache(tmp_path, "fp")
     first = _run(cfg, ds, model, shard_size=10, cache=cache)
+    cache.flush()
     assert sorted(p.name for p in cache.dir.iterdir()) == ["shard-000000000.npz", "shard-000000010.npz", "shard-000000020.npz"]
     (cache.dir / "shard-000000010.npz").unlink()  # as if interrupted during the second shard
     again = _run(cfg, ds, model, shard_size=10, cache=cache)
