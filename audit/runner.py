@@ -555,22 +555,29 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)
-    for start in range(0, n, shard_size):
-        stop = min(start + shard_size, n)
-        cached = cache.load(start, stop) if cache is not None else None
-        if cached is not None:
-            shards.append(cached)
-            resumed += 1
-            bar.advance(stop - start)
-            continue
-        batches = iterate_batches(dataset, start, stop, batch_size, workers, pin)
-        if workers == 0 and device.type != "cpu":
-            batches = prefetched(batches)
-        with torch.inference_mode():
-            shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
+    try:
+        for start in range(0, n, shard_size):
+            stop = min(start + shard_size, n)
+            cached = cache.load(start, stop) if cache is not None else None
+            if cached is not None:
+                shards.append(cached)
+                resumed += 1
+                bar.advance(stop - start)
+                continue
+            batches = iterate_batches(dataset, start, stop, batch_size, workers, pin)
+            if workers == 0 and device.type != "cpu":
+                batches = prefetched(batches)
+            with torch.inference_mode():
+                shard = run_shard(batches, start, stop, scenarios, perturbations, spec, on_batch=bar.advance)
+            # The last shard is not cached: nothing after it could be resumed, and writing it (hundreds
+            # of MB with feature embeddings) would only delay the end of the audit.
+            if cache is not None and stop < n:
+                cache.save(shard)
+            shards.append(shard)
+    except BaseException:
         if cache is not None:
-            cache.save(shard)
-        shards.append(shard)
+            cache.flush()  # the completed shards are on disk when the error reaches the caller
+        raise
     bar.close()
     failures = {sid: msg for sh in shards for sid, msg in sh.failed.items()}
     failed_detectors = {d: msg for sh in shards for d, msg in sh.failed_detectors.items()}
