@@ -183,11 +183,14 @@ def evaluate_detectors(
             continue
         result.scores[name] = scores.float()
         scores = scores.to(dev)
-        for s, sid in enumerate(scenario_ids):
-            if s != clean:
-                measures = detection_measures(scores[s], scores[clean], weights, weights)
-                result.ood.setdefault(sid, {})[name] = {k: interval(v, confidence) for k, v in measures.items()}
-            if not multilabel:
+        # every scenario against the same clean scores: one batched call shares their sort
+        shifted = [s for s in range(len(scenario_ids)) if s != clean]
+        if shifted:
+            measures = detection_measures(scores[shifted], scores[clean], weights, weights)
+            for j, s in enumerate(shifted):
+                result.ood.setdefault(scenario_ids[s], {})[name] = {k: interval(v[j], confidence) for k, v in measures.items()}
+        if not multilabel:
+            for s, sid in enumerate(scenario_ids):
                 result.failure_detection.setdefault(sid, {})[name] = interval(
                     _failure_auroc(scores[s], probs[s].to(dev), labels.to(dev), weights), confidence)
     return result

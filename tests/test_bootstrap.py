@@ -157,3 +157,12 @@ def test_batched_intervals_and_drops_equal_the_single_versions() -> None:
     assert drops["a"] == pytest.approx(paired_drop(clean["a"], pert["a"], True, 0.95))
     assert drops["b"] == pytest.approx(paired_drop(clean["b"], pert["b"], False, 0.95))
     assert drops["a"]["significant"] is True
+
+
+def test_bootstrap_weights_do_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunk bounds memory only: the same seed draws the same resamples whatever it is."""
+    from medaudit import bootstrap as b
+
+    reference = b.bootstrap_weights(300, 50, 9)
+    monkeypatch.setattr(b, "_CHUNK_ELEMENTS", 1000)
+    assert torch.equal(b.bootstrap_weights(300, 50, 9), reference)

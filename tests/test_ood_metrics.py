@@ -106,3 +106,27 @@ def test_zero_weight_side_is_nan_and_bad_input_raises() -> None:
         auroc(pos, neg, torch.ones(1, 3), torch.ones(1, 2))
     with pytest.raises(ValueError, match="NaN"):
         auroc(torch.tensor([float("nan"), 1.0]), neg, torch.ones(1, 2), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("chunk", [None, 3000])
+def test_several_positive_sets_equal_separate_calls_and_sklearn(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """detection_measures on [S, Npos] (scenarios against one clean set) gives each set's own
+    results, with ties inside and across sets, bootstrap rows, and row chunks."""
+    from medaudit import ood_metrics
+    from medaudit.ood_metrics import detection_measures
+
+    if chunk is not None:
+        monkeypatch.setattr(ood_metrics, "_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(5)
+    neg = torch.randint(0, 40, (150,), generator=g).double()
+    pos = torch.stack([torch.randint(lo, lo + 40, (150,), generator=g).double() for lo in (0, 5, 20, 60)])
+    w = bootstrap_weights(150, 30, 1).double()
+    together = detection_measures(pos, neg, w, w)
+    for s in range(pos.shape[0]):
+        alone = detection_measures(pos[s], neg, w, w)
+        for key in ("auroc", "aupr", "fpr95"):
+            assert together[key].shape == (4, 31)
+            torch.testing.assert_close(together[key][s], alone[key], rtol=1e-12, atol=1e-12, equal_nan=True)
+        reference = _sk(pos[s].numpy(), neg.numpy())
+        for key, value in zip(("auroc", "aupr", "fpr95"), reference):
+            assert together[key][s, 0].item() == pytest.approx(value, abs=1e-12)
