@@ -27,12 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .bootstrap import chunk_elements
+
 __all__ = ["auroc", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
 
-# Rows evaluated at once: bounds the [rows, (S,) N] float64 temporaries to 4 MiB. Small enough to
-# stay in cache and to be reused from the heap: with 32 MiB (a fresh page-faulting mmap on every
-# allocation) the measures of 18 scenarios took 3x as long on a CPU (benchmarks/README.md).
-_CHUNK_ELEMENTS = 1 << 19
 
 
 def _check(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> None:
@@ -132,7 +130,9 @@ def _chunked_many(fns: dict[str, Callable[[tuple[Tensor, ...]], Tensor]], scores
     pos = scores_pos[None] if single else scores_pos
     srt = _Sorted(pos, scores_neg, w_pos.device)
     n = pos.shape[0] * pos.shape[1] + scores_neg.shape[0]
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    # rows evaluated at once: [rows, S, N] temporaries sized for the device (see chunk_elements);
+    # on a CPU 32 MiB chunks made the measures of 18 scenarios 3x slower than cache-sized ones
+    step = max(1, chunk_elements(w_pos.device) // max(n, 1))
     out: dict[str, list[Tensor]] = {k: [] for k in fns}
     for s in range(0, w_pos.shape[0], step):
         c = _curves(srt, w_pos[s : s + step], w_neg[s : s + step].to(w_pos.device))

@@ -166,3 +166,6 @@ def test_bootstrap_weights_do_not_depend_on_the_chunk_size(monkeypatch: pytest.M
     reference = b.bootstrap_weights(300, 50, 9)
     monkeypatch.setattr(b, "_CHUNK_ELEMENTS", 1000)
     assert torch.equal(b.bootstrap_weights(300, 50, 9), reference)
+    # cache-sized chunks on a CPU, large ones (fewer kernel launches) on an accelerator
+    assert b.chunk_elements(torch.device("cpu")) == 1000
+    assert b.chunk_elements(torch.device("cuda")) > 1000

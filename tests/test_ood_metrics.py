@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from medaudit import bootstrap
 from medaudit.bootstrap import bootstrap_weights
 from medaudit.ood_metrics import aupr, auroc, fpr95, fpr_at_tpr
 
@@ -85,9 +86,7 @@ def test_fractional_weights_match_sklearn_sample_weight() -> None:
 
 
 def test_other_tpr_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medaudit.ood_metrics as om
-
-    monkeypatch.setattr(om, "_CHUNK_ELEMENTS", 50)  # force several row chunks
+    monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", 50)  # force several row chunks
     g = torch.Generator().manual_seed(4)
     pos, neg = torch.randn(30, generator=g) + 0.5, torch.randn(30, generator=g)
     w = bootstrap_weights(30, 9, seed=0)
@@ -112,11 +111,10 @@ def test_zero_weight_side_is_nan_and_bad_input_raises() -> None:
 def test_several_positive_sets_equal_separate_calls_and_sklearn(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """detection_measures on [S, Npos] (scenarios against one clean set) gives each set's own
     results, with ties inside and across sets, bootstrap rows, and row chunks."""
-    from medaudit import ood_metrics
     from medaudit.ood_metrics import detection_measures
 
     if chunk is not None:
-        monkeypatch.setattr(ood_metrics, "_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(5)
     neg = torch.randint(0, 40, (150,), generator=g).double()
     pos = torch.stack([torch.randint(lo, lo + 40, (150,), generator=g).double() for lo in (0, 5, 20, 60)])
