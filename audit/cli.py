@@ -314,15 +314,17 @@ def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: f
 @click.option("-s", "--severity", type=click.IntRange(0, 5), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--dims", type=click.IntRange(2, 3),
+              help="Spatial dimensions of the image; needed for a (D, H, W) .npy volume, which is otherwise read as (C, H, W).")
 @handle_errors
-def perturb(input_path: Path, perturbation: str, severity: int, seed: int, output: Path) -> None:
+def perturb(input_path: Path, perturbation: str, severity: int, seed: int, output: Path, dims: int | None) -> None:
     """Apply one perturbation to one image or volume (.npy, .png, .nii/.nii.gz)."""
     from .imagefile import perturb_file
 
     catalogue = plugin_manager().perturbations()
     if perturbation not in catalogue:
         raise MedauditError(f"unknown perturbation {perturbation!r}; `medaudit perturbations` lists them")
-    perturb_file(input_path, output, catalogue[perturbation][1], severity, seed)
+    perturb_file(input_path, output, catalogue[perturbation][1], severity, seed, dims)
     click.echo(f"wrote {output}")
 
 

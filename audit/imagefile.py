@@ -139,20 +139,29 @@ def read_nifti(path: Path, dims: int) -> np.ndarray:
     return np.moveaxis(arr.reshape(*spatial, channels), -1, 0)
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read one image as a channel-first float32 array plus the metadata needed to write it back."""
+def read_image(path: str | Path, dims: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one image as a channel-first float32 array plus the metadata needed to write it back.
+
+    ``dims`` (2 or 3) says how many spatial axes a ``.npy`` array has, which its shape alone
+    cannot: by default a 3-axis array is ``(C, H, W)``; with ``dims=3`` it is a ``(D, H, W)``
+    volume. Other formats say it themselves, and ``dims`` must agree with them.
+    """
     path = Path(path)
     kind = _kind(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if dims not in (None, 2, 3):
+        raise DataError(f"{path}: dims must be 2 or 3, got {dims}")
     meta: dict[str, Any] = {"format": kind, "source": str(path)}
     try:
         if kind == ".npy":
             ndim = np.load(path, allow_pickle=False, mmap_mode="r").ndim
-            if ndim not in (2, 3, 4):
-                raise DataError(f"{path}: expected a (H, W), (C, H, W) or (C, D, H, W) array, got {ndim} dimensions")
-            meta["squeezed"] = ndim == 2
-            arr = read_npy(path, 2 if ndim <= 3 else 3)
+            nd = dims if dims is not None else (2 if ndim <= 3 else 3)
+            if ndim not in (nd, nd + 1):
+                want = "(H, W) or (C, H, W)" if nd == 2 else "(D, H, W) or (C, D, H, W)"
+                raise DataError(f"{path}: expected a {want} array for {nd}-D images, got {ndim} dimensions")
+            meta["squeezed"] = ndim == nd  # no channel axis: written back without one
+            arr = read_npy(path, nd)
         elif kind == ".png":
             from PIL import Image
 
@@ -176,6 +185,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     except Exception as exc:  # corrupt or truncated file, unusable layout: name it instead of a bare traceback
         raise DataError(f"{path}: cannot read {kind} image: {type(exc).__name__}: {exc}") from exc
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dims is not None and arr.ndim - 1 != dims:
+        raise DataError(f"{path}: is a {arr.ndim - 1}-D image (channel-first shape {arr.shape}), not {dims}-D")
     if not np.isfinite(arr).all():
         raise DataError(f"{path}: image contains NaN or Inf values")
     return arr, meta
@@ -192,7 +203,7 @@ def write_image(path: str | Path, array: np.ndarray, like_meta: dict[str, Any] |
         raise DataError(f"{path}: expected a channel-first (C, H, W) or (C, D, H, W) array to write, got shape {arr.shape}")
     try:
         if kind == ".npy":
-            np.save(path, arr[0] if meta.get("squeezed") and arr.shape[0] == 1 and arr.ndim == 3 else arr)
+            np.save(path, arr[0] if meta.get("squeezed") and arr.shape[0] == 1 else arr)
         elif kind == ".png":
             from PIL import Image
 
@@ -253,9 +264,10 @@ def perturb_array(array: np.ndarray, perturbation_cls: type[Perturbation], sever
 
 
 def perturb_file(input: str | Path, output: str | Path, perturbation_cls: type[Perturbation], severity: int,
-                 seed: int) -> dict[str, Any]:
-    """Read ``input``, perturb it (see :func:`perturb_array`) and write ``output``; returns the record."""
-    array, meta = read_image(input)
+                 seed: int, dims: int | None = None) -> dict[str, Any]:
+    """Read ``input`` (``dims`` as in :func:`read_image`), perturb it (see :func:`perturb_array`)
+    and write ``output``; returns the record."""
+    array, meta = read_image(input, dims)
     out, record = perturb_array(array, perturbation_cls, severity, seed)
     if meta.get("bit_depth") and Path(output).name.lower().endswith(".png"):
         out = np.rint(out)  # back to the integer grid of the source PNG

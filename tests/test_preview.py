@@ -12,6 +12,7 @@ from PIL import Image
 
 from medaudit.errors import DataError
 from medaudit.imagefile import perturb_array, perturb_file, read_image, single_sample_rng, write_image
+from medaudit.plugins import mri
 from medaudit.plugins.geometry import FlipLR, Rotation
 from medaudit.plugins.intensity import Gamma
 from medaudit.plugins.xray import Grid, Noise
@@ -149,6 +150,34 @@ def test_perturb_png(tmp_path, slice_u8: np.ndarray) -> None:
     assert out.dtype == np.uint8 and out.shape == slice_u8.shape and not np.array_equal(out, slice_u8)
     perturb_file(tmp_path / "in.png", tmp_path / "same.png", Gamma, 0, seed=0)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "same.png")), slice_u8)
+
+
+def test_perturb_npy_volume_with_dims(tmp_path, mni_volumes: torch.Tensor) -> None:
+    """A (D, H, W) .npy is a single-channel volume with --dims 3 (3-D motion, written back 3-D);
+    without it the same array is read as (C, H, W) slices; a wrong --dims is named."""
+    from click.testing import CliRunner
+
+    from medaudit.cli import cli
+
+    vol = mni_volumes[0, 0].numpy()
+    np.save(tmp_path / "vol.npy", vol)
+    res = CliRunner().invoke(cli, ["perturb", str(tmp_path / "vol.npy"), "-p", "mri.motion", "-s", "5", "--seed", "1",
+                                   "--dims", "3", "-o", str(tmp_path / "out.npy")])
+    assert res.exit_code == 0, res.output
+    out = np.load(tmp_path / "out.npy")
+    assert out.shape == vol.shape and not np.allclose(out, vol)
+    # the same as perturbing the [1, 1, D, H, W] volume directly (min-max scaled, sample 0 of the stream)
+    lo, hi = float(vol.min()), float(vol.max())
+    y, _ = mri.Motion()(torch.from_numpy((vol - lo) / (hi - lo)).float()[None, None], 5, single_sample_rng(1, "mri.motion", 5))
+    np.testing.assert_allclose(out, y[0, 0].numpy() * (hi - lo) + lo, atol=1e-4)
+    as_slices, meta = read_image(tmp_path / "vol.npy")
+    assert as_slices.shape == vol.shape and not meta["squeezed"]  # (C, H, W): 48 channels of 2-D slices
+    np.save(tmp_path / "vol4.npy", vol[None])
+    with pytest.raises(DataError, match=r"vol4\.npy: expected a \(H, W\) or \(C, H, W\) array for 2-D images, got 4 dimensions"):
+        read_image(tmp_path / "vol4.npy", dims=2)
+    Image.fromarray((vol[24] * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    with pytest.raises(DataError, match=r"slice\.png: is a 2-D image \(channel-first shape \(1, 48, 48\)\), not 3-D"):
+        read_image(tmp_path / "slice.png", dims=3)
 
 
 def test_io_errors_name_the_file(tmp_path, mni_volumes: torch.Tensor) -> None:
