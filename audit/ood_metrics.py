@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .bootstrap import chunk_elements
 
-__all__ = ["auroc", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
+__all__ = ["auroc", "auroc_within", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
 
 
 
@@ -204,3 +204,44 @@ def detection_measures(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_
     """
     return _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda c: _fpr_at(c, 0.95)},
                          scores_pos, scores_neg, w_pos, w_neg)
+
+
+def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
+    """:func:`auroc` of the positives against the other samples of the same set, for ``S`` sets at once.
+
+    ``scores`` ``[S, N]`` and the mask ``positive`` ``[S, N]`` (e.g. one detector's scores in
+    every scenario and which predictions were wrong: failure detection), one weight row per
+    estimate ``weights`` ``[R, N]`` shared by the sets. Returns float64 ``[S, R]``; set ``s``, row
+    ``r`` equals ``auroc(scores[s][pos], scores[s][~pos], weights[r, pos], weights[r, ~pos])``
+    (Mann–Whitney, ties ½), NaN where a side carries zero weight. Each set is sorted once and
+    the samples of both sides are read in that order, so nothing is copied per side or per set.
+    """
+    if scores.ndim != 2 or positive.shape != scores.shape:
+        raise ValueError(f"scores and positive must both be [S, N], got {tuple(scores.shape)} and {tuple(positive.shape)}")
+    if weights.ndim != 2 or weights.shape[1] != scores.shape[1]:
+        raise ValueError(f"weights must be [R, {scores.shape[1]}], got {tuple(weights.shape)}")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; drop undefined samples (and their weights) first")
+    dev = weights.device
+    x = scores.to(device=dev, dtype=torch.float64)
+    ordered, order = torch.sort(x, dim=-1, stable=True)  # ascending within each set
+    start = torch.searchsorted(ordered, ordered, right=False)  # first sample of each tie group
+    end = torch.searchsorted(ordered, ordered, right=True)  # one past its last
+    pos = positive.to(dev).gather(-1, order).to(torch.float64)  # [S, N] in sorted order
+    s, n = x.shape
+    step = max(1, chunk_elements(dev) // max(s * n, 1))
+    out = []
+    for r0 in range(0, weights.shape[0], step):
+        w = weights[r0 : r0 + step].to(torch.float64)[:, order]  # [R', S, N]
+        wp = w * pos
+        cn = torch.nn.functional.pad((w - wp).cumsum(-1), (1, 0))  # negative mass before each index
+        below = torch.gather(cn, -1, start.expand(w.shape))
+        tied = torch.gather(cn, -1, end.expand(w.shape)) - below
+        mass_p = wp.sum(-1)
+        mass_n = cn[..., -1]
+        num = (wp * (below + 0.5 * tied)).sum(-1)
+        out.append(_undefined(mass_p, mass_n, num / (mass_p * mass_n).clamp_min(1e-300)))
+    if not out:
+        return torch.empty(s, 0, dtype=torch.float64, device=dev)
+    return torch.cat(out).T
+

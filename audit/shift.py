@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .bootstrap import interval
 from .detector import Detector
-from .ood_metrics import auroc, detection_measures
+from .ood_metrics import auroc_within, detection_measures
 
 __all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors", "evaluate_external"]
 
@@ -87,8 +87,9 @@ def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed:
 
 
 def _failure_auroc(score: Tensor, probs: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-    wrong = probs.argmax(dim=1) != labels
-    return auroc(score[wrong], score[~wrong], weights[:, wrong], weights[:, ~wrong])
+    """AUROC of ``score`` ``[S, N]`` at separating wrong predictions from right ones, per scenario: ``[S, R]``."""
+    wrong = probs.argmax(dim=-1) != labels
+    return auroc_within(score, wrong, weights)
 
 
 def evaluate_detectors(
@@ -190,9 +191,9 @@ def evaluate_detectors(
             for j, s in enumerate(shifted):
                 result.ood.setdefault(scenario_ids[s], {})[name] = {k: interval(v[j], confidence) for k, v in measures.items()}
         if not multilabel:
+            failure = _failure_auroc(scores, probs.to(dev), labels.to(dev), weights)
             for s, sid in enumerate(scenario_ids):
-                result.failure_detection.setdefault(sid, {})[name] = interval(
-                    _failure_auroc(scores[s], probs[s].to(dev), labels.to(dev), weights), confidence)
+                result.failure_detection.setdefault(sid, {})[name] = interval(failure[s], confidence)
     return result
 
 

@@ -128,3 +128,28 @@ def test_several_positive_sets_equal_separate_calls_and_sklearn(chunk: int | Non
         reference = _sk(pos[s].numpy(), neg.numpy())
         for key, value in zip(("auroc", "aupr", "fpr95"), reference):
             assert together[key][s, 0].item() == pytest.approx(value, abs=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 500])
+def test_auroc_within_sets_equals_auroc_of_the_split(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failure-detection AUROC of several scenarios at once (positives = a mask within each set)
+    equals auroc() on the explicitly split scores and weights, with ties, bootstrap rows (some
+    leaving a side empty: NaN) and row chunks; and sklearn on the point row."""
+    from medaudit.ood_metrics import auroc_within
+
+    if chunk is not None:
+        monkeypatch.setattr(bootstrap, "_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randint(0, 12, (3, 40), generator=g).double()
+    positive = torch.rand(3, 40, generator=g) < torch.tensor([[0.3], [0.5], [0.0]])
+    positive[2, :2] = True  # two positives: some resamples leave that side empty
+    w = bootstrap_weights(40, 25, 2).double()
+    got = auroc_within(scores, positive, w)
+    assert got.shape == (3, 26)
+    for s in range(3):
+        p = positive[s]
+        want = auroc(scores[s][p], scores[s][~p], w[:, p], w[:, ~p])
+        torch.testing.assert_close(got[s], want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        y = p.numpy().astype(int)
+        assert got[s, 0].item() == pytest.approx(roc_auc_score(y, scores[s].numpy()), abs=1e-12)
+    assert torch.isnan(got[2]).any() and not torch.isnan(got[2]).all()
