@@ -20,9 +20,10 @@ from .perturbation import SEVERITY_LEVELS, Perturbation
 
 #: Pixel geometry of the grid: square cells, a label column on the left, a title row on top.
 CELL_PX = 160
-LABEL_PX = 170
-TITLE_PX = 28
+LABEL_PX = 250  # room for the longest built-in name, "intensity.histogram_shift", at FONT_PX
+TITLE_PX = 32
 MARGIN_PX = 4
+FONT_PX = 18
 
 
 def _panel(image: Tensor) -> np.ndarray:
@@ -69,7 +70,7 @@ def preview_grid(image: Tensor, perturbations: Sequence[type[Perturbation]], see
     ncols = 1 + len(SEVERITY_LEVELS)
     canvas = Image.new("RGB", (LABEL_PX + CELL_PX * ncols, TITLE_PX + CELL_PX * len(perturbations)), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=13)
+    font = ImageFont.load_default(size=FONT_PX)
     inner = CELL_PX - 2 * MARGIN_PX
     for c in range(ncols):
         centre = (LABEL_PX + c * CELL_PX + CELL_PX // 2, TITLE_PX // 2)
