@@ -17,25 +17,10 @@ from torch import Tensor
 
 from medaudit.perturbation import Perturbation
 from medaudit.plugins import ct, mri
-from medaudit.rng import SampleRNG, sample_keys, stream_key
+from test_perturbations_mri import SHAPES, check_contract, make_rng, synthetic
 
 PERTURBATIONS = ct.CT_PERTURBATIONS
 NAMES = {"ct.noise", "ct.streak", "ct.ring", "ct.cupping", "ct.slice_thickness"}
-SHAPES = {2: (3, 2, 32, 24), 3: (2, 1, 12, 16, 10)}
-
-
-def make_rng(name: str, severity: int, seed: int, n: int) -> SampleRNG:
-    """The runner's keying: one stream per (seed, perturbation, severity), one key per sample index."""
-    return SampleRNG(sample_keys(stream_key(seed, name, severity), torch.arange(n)))
-
-
-def synthetic(shape: tuple[int, ...], seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    axes = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape[2:]], indexing="ij")
-    blob = (1 - sum(a * a for a in axes)).clamp(min=0)
-    return (blob * (0.5 + 0.5 * torch.rand(shape, generator=g))).clamp(0, 1)
-
-
 def cases() -> list:
     return [pytest.param(cls, nd, id=f"{cls.name}-{nd}d") for cls in PERTURBATIONS for nd in (2, 3) if nd in cls.dims]
 
@@ -66,15 +51,7 @@ def test_class_metadata_and_docs(cls: type[Perturbation]) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("cls", "nd"), cases())
 def test_contract_shape_dtype_range(cls: type[Perturbation], nd: int, dtype: torch.dtype) -> None:
-    x = synthetic(SHAPES[nd]).to(dtype)
-    p = cls()
-    for severity in (1, 5):
-        y, params = p(x, severity, make_rng(cls.name, severity, 0, x.shape[0]))
-        assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
-        assert torch.isfinite(y.float()).all() and y.min() >= 0 and y.max() <= 1
-        assert not torch.equal(y, x)
-        for key, value in params.items():
-            assert value.shape[0] == x.shape[0] and value[0].numel() <= 64, key
+    check_contract(cls, nd, dtype)
 
 
 def _monotone(cls: type[Perturbation], x: Tensor, seeds: range) -> None:

@@ -89,9 +89,10 @@ def test_physics_text_not_duplicated() -> None:
 # --- contract --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("cls", "nd"), cases())
-def test_contract_shape_dtype_range(cls: type[Perturbation], nd: int, dtype: torch.dtype) -> None:
+def check_contract(cls: type[Perturbation], nd: int, dtype: torch.dtype) -> None:
+    """Shape, dtype, device and range kept; the image changes; parameters are small per-sample
+    tensors (never dense fields); low-precision input gives the float32 result (shared with the
+    CT suite's tests)."""
     x = synthetic(SHAPES[nd]).to(dtype)
     p = cls()
     for severity in (1, 5):
@@ -100,12 +101,17 @@ def test_contract_shape_dtype_range(cls: type[Perturbation], nd: int, dtype: tor
         assert torch.isfinite(y.float()).all() and y.min() >= 0 and y.max() <= 1
         assert not torch.equal(y, x)
         for key, value in params.items():
-            # parameters are small per-sample tensors, never dense fields
             assert value.shape[0] == x.shape[0] and value[0].numel() <= 64, key
     if dtype != torch.float32:  # low precision input is computed in float32
         y32, _ = p(x.float(), 3, make_rng(cls.name, 3, 0, x.shape[0]))
         y16, _ = p(x, 3, make_rng(cls.name, 3, 0, x.shape[0]))
         torch.testing.assert_close(y16.float(), y32.to(dtype).float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("cls", "nd"), cases())
+def test_contract_shape_dtype_range(cls: type[Perturbation], nd: int, dtype: torch.dtype) -> None:
+    check_contract(cls, nd, dtype)
 
 
 # --- severity -------------------------------------------------------------------------------------
