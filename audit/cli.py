@@ -21,6 +21,7 @@ import click
 from . import __version__
 from .config import STARTER_CONFIG, Config, load_config
 from .errors import MedauditError
+from .host_memory import tune_malloc
 from .plugin_manager import PluginManager, get_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -364,6 +365,8 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
 
 
 def main() -> None:
+    # the process is ours: keep torch's megabyte-sized temporaries on the heap (see host_memory)
+    tune_malloc()
     cli(prog_name="medaudit")
 
 

@@ -23,6 +23,7 @@ A row where the positives or the negatives carry zero total weight yields NaN (u
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,20 +54,34 @@ class _Sorted:
     ``S`` sets of positives ``[S, Npos]`` share one set of negatives (the scenarios of a detector
     against its clean scores), so the negatives are sorted once. Positives are ordered by
     descending score, negatives by ascending score. For positive ``i`` of set ``s`` (in that
-    order): ``lt[s, i]``/``le[s, i]`` count the negatives scoring below / at most ``s_i``, and
-    ``end[s, i]`` is the last positive of its tie group, so prefix sums read at these indices
-    give, for every row at once, the masses the ROC and PR curves need at threshold ``s_i``.
+    order) ``lt[s, i]`` counts the negatives scoring below ``s_i`` and ``end[s, i]`` is the last
+    positive of its tie group, so prefix sums read at these indices give, for every row at
+    once, the masses the ROC and PR curves need at threshold ``s_i``.
+
+    Ties cost passes over every weight row, and continuous scores rarely tie, so they are kept
+    sparse: ``end`` is ``None`` when no two positives of a set tie, and the positives that tie a
+    negative (the only ones where AUROC's ½-credit is non-zero) are listed in ``tie_*``.
     """
 
     def __init__(self, scores_pos: Tensor, scores_neg: Tensor, device: torch.device) -> None:
         sp = scores_pos.to(device=device, dtype=torch.float64)
         sn = scores_neg.to(device=device, dtype=torch.float64)
-        self.neg_sorted, self.neg_order = torch.sort(sn, stable=True)
+        neg_sorted, self.neg_order = torch.sort(sn, stable=True)
         pos_desc, self.pos_order = torch.sort(sp, dim=-1, descending=True, stable=True)
-        self.lt = torch.searchsorted(self.neg_sorted, pos_desc, right=False)
-        self.le = torch.searchsorted(self.neg_sorted, pos_desc, right=True)
+        self.lt = torch.searchsorted(neg_sorted, pos_desc, right=False)
+        le = torch.searchsorted(neg_sorted, pos_desc, right=True)
+        # positives tying a negative, in set-major order: set, position, and negatives below / at most
+        self.tie_set, tie_i = (le != self.lt).nonzero(as_tuple=True)
+        self.tie_flat = self.tie_set * pos_desc.shape[-1] + tie_i
+        self.tie_lt, self.tie_le = self.lt[self.tie_set, tie_i], le[self.tie_set, tie_i]
+        # each set's slice [first, last) of the tie list, for segment sums without scatter (deterministic on GPUs)
+        sets = torch.arange(pos_desc.shape[0], device=device)
+        self.tie_first = torch.searchsorted(self.tie_set, sets, right=False)
+        self.tie_last = torch.searchsorted(self.tie_set, sets, right=True)
         neg_pos = -pos_desc  # ascending within each set, for the tie-group ends among positives
-        self.end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
+        end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
+        own = torch.arange(end.shape[-1], device=device)
+        self.end: Tensor | None = end if bool((end != own).any()) else None
 
 
 def _prefix(w: Tensor) -> Tensor:
@@ -74,52 +89,63 @@ def _prefix(w: Tensor) -> Tensor:
     return torch.nn.functional.pad(w.cumsum(1), (1, 0))
 
 
-def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per row, set and positive ``i`` (``[R, S, Npos]``): weight ``Wp``, TP and FP masses at
-    threshold ``s_i``, below/tied negative mass; and the negative mass per row ``[R, 1]``.
+class _Curves(NamedTuple):
+    """Per row, set and positive ``i`` (``[R, S, Npos]``) at threshold ``s_i``."""
 
-    The negatives' prefix sums are computed once per row and read by every set of positives.
-    """
+    Wp: Tensor  # the positive's weight
+    tp: Tensor  # positive mass scoring >= s_i (ties included); non-decreasing in i
+    fp: Tensor  # negative mass scoring >= s_i
+    wn: Tensor  # negative mass per row, [R, 1]
+    tied: Tensor  # [R, S]: Σ_i Wp_i × negative mass tying s_i
+
+
+def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
+    """The masses of :class:`_Curves`; the negatives' prefix sums are computed once per row and
+    read by every set of positives."""
     Wp = w_pos.to(torch.float64)[:, srt.pos_order]
     Cn = _prefix(w_neg.to(torch.float64)[:, srt.neg_order])
     wn = Cn[:, -1:]
-    below = Cn[:, srt.lt]
-    tied = Cn[:, srt.le] - below
-    tp = torch.gather(Wp.cumsum(-1), -1, srt.end.expand(Wp.shape))  # positive mass scoring >= s_i (ties included)
-    fp = wn[..., None] - below  # negative mass scoring >= s_i
-    return Wp, tp, fp, below, tied, wn
+    tp = Wp.cumsum(-1)
+    if srt.end is not None:
+        tp = torch.gather(tp, -1, srt.end.expand(Wp.shape))
+    tie_mass = Wp.flatten(1)[:, srt.tie_flat] * (Cn[:, srt.tie_le] - Cn[:, srt.tie_lt])
+    tie_sums = _prefix(tie_mass)
+    tied = tie_sums[:, srt.tie_last] - tie_sums[:, srt.tie_first]
+    return _Curves(Wp, tp, (wn - Cn)[:, srt.lt], wn, tied)
 
 
 def _undefined(wp: Tensor, wn: Tensor, value: Tensor) -> Tensor:
     return torch.where((wp > 0) & (wn > 0), value, torch.full_like(value, float("nan")))
 
 
-def _auroc(c: tuple[Tensor, ...]) -> Tensor:
-    Wp, _tp, _fp, below, tied, wn = c
-    wp = Wp.sum(-1)
-    num = (Wp * (below + 0.5 * tied)).sum(-1)
-    return _undefined(wp, wn, num / (wp * wn).clamp_min(1e-300))
+def _auroc(c: _Curves) -> Tensor:
+    wp = c.tp[..., -1]
+    # Σ_i Wp_i (below_i + ½ tied_i) with below_i = wn - fp_i
+    num = wp * c.wn - torch.linalg.vecdot(c.Wp, c.fp) + 0.5 * c.tied
+    return _undefined(wp, c.wn, num / (wp * c.wn).clamp_min(1e-300))
 
 
-def _aupr(c: tuple[Tensor, ...]) -> Tensor:
-    Wp, tp, fp, _below, _tied, wn = c
-    wp = Wp.sum(-1)
-    flagged = tp + fp
-    precision = torch.where(flagged > 0, tp / flagged.clamp_min(1e-300), torch.zeros_like(tp))
-    return _undefined(wp, wn, (Wp * precision).sum(-1) / wp.clamp_min(1e-300))
+def _aupr(c: _Curves) -> Tensor:
+    wp = c.tp[..., -1]
+    # precision at s_i = tp / (tp + fp); a positive with zero weight adds nothing, and one with
+    # weight has tp > 0, so clamping an empty flagged set cannot change the sum
+    flagged = torch.add(c.tp, c.fp).clamp_min_(1e-300)
+    precision = torch.div(c.tp, flagged, out=flagged)
+    return _undefined(wp, c.wn, torch.linalg.vecdot(c.Wp, precision) / wp.clamp_min(1e-300))
 
 
-def _fpr_at(c: tuple[Tensor, ...], tpr: float) -> Tensor:
-    Wp, tp, fp, _below, _tied, wn = c
-    wp = Wp.sum(-1, keepdim=True)
-    reached = tp >= tpr * wp - 1e-12 * wp
-    # The first positive (highest score) whose threshold flags >= tpr of the positive mass.
-    first = reached.to(torch.int8).argmax(-1, keepdim=True)
-    value = fp.gather(-1, first).squeeze(-1) / wn.clamp_min(1e-300)
-    return torch.where(reached.any(-1), _undefined(wp.squeeze(-1), wn, value), torch.full_like(value, float("nan")))
+def _fpr_at(c: _Curves, tpr: float) -> Tensor:
+    wp = c.tp[..., -1:]
+    # tp is non-decreasing, so the first positive (highest score) whose threshold flags >= tpr
+    # of the positive mass is a binary search
+    first = torch.searchsorted(c.tp, tpr * wp - 1e-12 * wp)
+    n = c.tp.shape[-1]
+    value = c.fp.gather(-1, first.clamp_max(n - 1)).squeeze(-1) / c.wn.clamp_min(1e-300)
+    reached = first.squeeze(-1) < n
+    return torch.where(reached, _undefined(wp.squeeze(-1), c.wn, value), torch.full_like(value, float("nan")))
 
 
-def _chunked_many(fns: dict[str, Callable[[tuple[Tensor, ...]], Tensor]], scores_pos: Tensor, scores_neg: Tensor,
+def _chunked_many(fns: dict[str, Callable[[_Curves], Tensor]], scores_pos: Tensor, scores_neg: Tensor,
                   w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
     """Evaluate several metrics from one sort, in chunks of rows that bound the temporaries.
 
@@ -145,7 +171,7 @@ def _chunked_many(fns: dict[str, Callable[[tuple[Tensor, ...]], Tensor]], scores
     return result
 
 
-def _chunked(fn: Callable[[tuple[Tensor, ...]], Tensor], scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor,
+def _chunked(fn: Callable[[_Curves], Tensor], scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor,
              w_neg: Tensor) -> Tensor:
     return _chunked_many({"v": fn}, scores_pos, scores_neg, w_pos, w_neg)["v"]
 
@@ -227,6 +253,10 @@ def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     ordered, order = torch.sort(x, dim=-1, stable=True)  # ascending within each set
     start = torch.searchsorted(ordered, ordered, right=False)  # first sample of each tie group
     end = torch.searchsorted(ordered, ordered, right=True)  # one past its last
+    # Without ties a sample's tie group is itself; a sample is either positive or negative, so
+    # the negative mass before and at a positive's index are equal: the plain inclusive prefix
+    # sums give "below" and "tied" is zero, which saves two passes over every weight row
+    ties = bool((end - start != 1).any())
     pos = positive.to(dev).gather(-1, order).to(torch.float64)  # [S, N] in sorted order
     s, n = x.shape
     step = max(1, chunk_elements(dev) // max(s * n, 1))
@@ -234,14 +264,17 @@ def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     for r0 in range(0, weights.shape[0], step):
         w = weights[r0 : r0 + step].to(torch.float64)[:, order]  # [R', S, N]
         wp = w * pos
-        cn = torch.nn.functional.pad((w - wp).cumsum(-1), (1, 0))  # negative mass before each index
-        below = torch.gather(cn, -1, start.expand(w.shape))
-        tied = torch.gather(cn, -1, end.expand(w.shape)) - below
+        cn = (w - wp).cumsum(-1)  # negative mass up to and including each index
         mass_p = wp.sum(-1)
         mass_n = cn[..., -1]
-        num = (wp * (below + 0.5 * tied)).sum(-1)
+        if ties:
+            # Σ wp_i (below_i + ½ tied_i) = ½ Σ wp_i (mass before the group + mass through it)
+            cn = torch.nn.functional.pad(cn, (1, 0))
+            num = 0.5 * (torch.linalg.vecdot(wp, torch.gather(cn, -1, start.expand(w.shape)))
+                         + torch.linalg.vecdot(wp, torch.gather(cn, -1, end.expand(w.shape))))
+        else:
+            num = torch.linalg.vecdot(wp, cn)
         out.append(_undefined(mass_p, mass_n, num / (mass_p * mass_n).clamp_min(1e-300)))
     if not out:
         return torch.empty(s, 0, dtype=torch.float64, device=dev)
     return torch.cat(out).T
-

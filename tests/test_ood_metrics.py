@@ -153,3 +153,52 @@ def test_auroc_within_sets_equals_auroc_of_the_split(chunk: int | None, monkeypa
         y = p.numpy().astype(int)
         assert got[s, 0].item() == pytest.approx(roc_auc_score(y, scores[s].numpy()), abs=1e-12)
     assert torch.isnan(got[2]).any() and not torch.isnan(got[2]).all()
+
+
+def _sk_weighted(pos: np.ndarray, neg: np.ndarray, wp: np.ndarray, wn: np.ndarray) -> tuple[float, float, float]:
+    y, s, w = np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg], np.r_[wp, wn]
+    fpr, tprs, _ = roc_curve(y, s, sample_weight=w, drop_intermediate=False)
+    return (roc_auc_score(y, s, sample_weight=w), average_precision_score(y, s, sample_weight=w),
+            float(fpr[np.argmax(tprs >= 0.95 - 1e-12)]))
+
+
+@pytest.mark.parametrize("ties", ["none", "within", "across", "both"])
+def test_each_tie_structure_matches_weighted_sklearn(ties: str) -> None:
+    """Ties are handled sparsely (only the positives that tie a negative get AUROC's half credit,
+    the tie-group ends only when positives tie each other): every combination, on bootstrap rows,
+    against scikit-learn with the same sample weights."""
+    from medaudit.ood_metrics import detection_measures
+
+    g = torch.Generator().manual_seed(11)
+    neg = torch.randn(120, generator=g).double()
+    pos = torch.randn(3, 90, generator=g).double() + torch.tensor([[0.0], [0.7], [2.0]])
+    if ties in ("within", "both"):  # repeat positives within each set
+        pos[:, 1::3] = pos[:, 0::3][:, : pos[:, 1::3].shape[1]]
+    if ties in ("across", "both"):  # some positives equal a negative exactly
+        pos[:, 5:60:7] = neg[torch.arange(5, 60, 7) % 120]
+    w = bootstrap_weights(90, 12, 3).double()[:, :90]
+    wn = bootstrap_weights(120, 12, 4).double()
+    got = detection_measures(pos, neg, w, wn)
+    for s in range(3):
+        for r in range(w.shape[0]):
+            want = _sk_weighted(pos[s].numpy(), neg.numpy(), w[r].numpy(), wn[r].numpy())
+            for key, value in zip(("auroc", "aupr", "fpr95"), want):
+                assert got[key][s, r].item() == pytest.approx(value, abs=1e-12), (key, s, r)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_auroc_within_with_and_without_ties_matches_weighted_sklearn(tied: bool) -> None:
+    from medaudit.ood_metrics import auroc_within
+
+    g = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 200, generator=g).double()
+    if tied:
+        scores = torch.round(scores * 3) / 3
+    positive = torch.rand(2, 200, generator=g) < 0.3
+    w = bootstrap_weights(200, 10, 5).double()
+    got = auroc_within(scores, positive, w)
+    for s in range(2):
+        y = positive[s].numpy().astype(int)
+        for r in range(w.shape[0]):
+            want = roc_auc_score(y, scores[s].numpy(), sample_weight=w[r].numpy())
+            assert got[s, r].item() == pytest.approx(want, abs=1e-12)
