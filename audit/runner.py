@@ -8,11 +8,13 @@ Outputs do not depend on the batch size, the shard size or the order in which sh
 
 * randomness is keyed by (seed, perturbation, severity, sample index) through :mod:`medaudit.rng`;
 * the model is called on fixed-size chunks of ``audit.model_batch_size`` samples aligned to the
-  sample index (the last chunk zero-padded), because convolution kernels pick different
-  algorithms — and round differently — for different batch shapes. Sample ``i`` is therefore
-  always computed at position ``i % M`` of a chunk holding the same neighbours, and its
-  outputs are bit-identical whatever ``--batch-size`` (which only sets how many samples are
-  loaded and perturbed at once, rounded up to a multiple of the chunk).
+  sample index, because convolution kernels pick different algorithms — and round
+  differently — for different batch shapes. Sample ``i`` is therefore always computed at
+  position ``i % M`` of a chunk holding the same neighbours, and its outputs are bit-identical
+  whatever ``--batch-size`` (which only sets how many samples are loaded and perturbed at once,
+  rounded up to a multiple of the chunk). Only the dataset's last chunk can be shorter; it
+  always holds the same samples, so it runs at its own size, and is zero-padded to the full
+  size only for a model that accepts no other batch size (found by the dry run).
 
 A completed shard can be cached and reused by ``--resume`` without changing the results.
 No report or results I/O happens here.
@@ -132,6 +134,7 @@ class ForwardSpec:
     owners: dict[object, str] = field(default_factory=dict)
     model_path: str = "the model"
     memory_format: torch.memory_format | None = None
+    pad_last: bool = False  # zero-pad a short last chunk (a model with a fixed batch size)
 
 
 def _autocast(spec: ForwardSpec) -> contextlib.AbstractContextManager:
@@ -150,11 +153,12 @@ def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: 
     return perturbation(x, scenario.severity, SampleRNG(keys))
 
 
-def chunked_forward(extract: Extractor, x: Tensor, chunk: int) -> tuple[Tensor, Tensor | None]:
-    """Call the model on fixed-size chunks of ``x`` (zero-padding the last) and concatenate."""
+def chunked_forward(extract: Extractor, x: Tensor, chunk: int, pad_last: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Call the model on chunks of ``chunk`` samples of ``x`` and concatenate; a shorter last
+    chunk runs at its own size, or zero-padded to ``chunk`` with ``pad_last``."""
     n = x.shape[0]
     pad = (-n) % chunk
-    if pad:
+    if pad and pad_last:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
     outs, feats = [], []
     for i in range(0, x.shape[0], chunk):
@@ -237,7 +241,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 xn = xn.contiguous(memory_format=spec.memory_format)
             try:
                 with _autocast(spec):
-                    out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size)
+                    out, feats = chunked_forward(spec.extract, xn, spec.model_batch_size, spec.pad_last)
             except Exception as exc:  # the model's fault, not a plugin's: stop, naming where
                 raise ModelError(f"model {spec.model_path} raised in scenario {scenario.id} on samples {int(idx[0])}–{int(idx[-1])} "
                                  f"({type(exc).__name__}: {exception_line(exc)}); the dry run on the first batch "
@@ -411,6 +415,17 @@ def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, m
     return kind
 
 
+def accepts_batch(extract: Extractor, x: Tensor, mean: Tensor, std: Tensor) -> bool:
+    """Whether the model takes a batch of ``len(x)`` samples (after the dry run took a full
+    chunk): models exported or converted with a fixed batch dimension raise or return the
+    wrong number of rows, and get their last chunk zero-padded instead."""
+    try:
+        out, _ = extract((x - mean) / std)
+    except Exception:  # whatever a fixed-shape runtime raises; the full chunk already ran
+        return False
+    return isinstance(out, Tensor) and out.ndim >= 1 and out.shape[0] == x.shape[0]
+
+
 class ShardCache:
     """Completed shards on disk, so an interrupted audit can ``--resume``.
 
@@ -543,6 +558,10 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     with torch.inference_mode():
         output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
+        # The short last chunk at its own size: one small call now instead of a padded full
+        # chunk in every scenario (up to 17 % more model work where the chunk is large).
+        rest = n % chunk
+        pad_last = n > chunk and rest > 0 and not accepts_batch(extract, first_x[:rest].to(device), mean, std)
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     memory_format = None
     if config.audit.channels_last:
@@ -551,7 +570,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             model.module = model.module.to(memory_format=memory_format)
     spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
                        config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {},
-                       str(model.path), memory_format)
+                       str(model.path), memory_format, pad_last)
     shards: list[ShardOutputs] = []
     resumed = 0
     bar = Progress(n, len(scenarios), progress)

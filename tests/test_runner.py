@@ -114,8 +114,49 @@ def test_model_is_called_on_aligned_fixed_chunks() -> None:
     net = model.module
     model.module = lambda x: (shapes.append(x.shape[0]), net(x))[1]
     cfg.audit.batch_size = 7  # rounded up to 10 (two chunks of 5)
-    _run(cfg, ds, model)
-    assert set(shapes) == {5}  # every call, including the zero-padded last chunk and the dry run
+    res = _run(cfg, ds, model)
+    n_scenarios = len(res.scenarios)
+    # the dry run, the check that a 3-sample chunk is accepted, then batch by batch every
+    # scenario: two chunks of 5 per batch of 10, and the last 3 samples (23 = 4 x 5 + 3) at
+    # their own size
+    assert shapes[:2] == [5, 3]
+    assert shapes[2:] == [5, 5] * n_scenarios + [5, 5] * n_scenarios + [3] * n_scenarios
+
+
+class FixedBatch(nn.Module):
+    """A model exported with a fixed batch dimension: any other batch size raises."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.shapes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(x.shape[0])
+        if x.shape[0] != 5:
+            raise RuntimeError(f"Got invalid dimensions for input: index 0 got {x.shape[0]}, expected 5")
+        return self.net(x)
+
+
+def test_a_fixed_batch_model_gets_its_last_chunk_zero_padded() -> None:
+    cfg, ds, model = _setup()
+    ref = _run(cfg, ds, model)
+    fixed = FixedBatch(model.module)
+    model.module = fixed
+    res = _run(cfg, ds, model)
+    assert fixed.shapes[:2] == [5, 3]  # the dry run, then the refused short batch
+    assert set(fixed.shapes[2:]) == {5}
+    torch.testing.assert_close(res.probs, ref.probs, rtol=0, atol=1e-6)
+    assert res.probs.shape[1] == 23
+
+
+def test_results_do_not_depend_on_the_batch_size_with_a_short_last_chunk() -> None:
+    outs = []
+    for batch_size in (5, 10, 25):
+        cfg, ds, model = _setup(batch_size=batch_size)
+        outs.append(_run(cfg, ds, model).probs)
+    for other in outs[1:]:
+        assert torch.equal(other, outs[0])
 
 
 def test_resume_reuses_completed_shards(tmp_path: Path) -> None:
@@ -145,8 +186,9 @@ def test_wrong_number_of_outputs_is_explained() -> None:
         _run(cfg, ds, model)
 
 
-class NaNOnFourthCall(nn.Module):
-    """Calls (chunks of 5, batches of 10): 1 dry run, 2-3 clean batch, 4 first perturbed chunk -> NaN."""
+class NaNOnFifthCall(nn.Module):
+    """Calls (chunks of 5, batches of 10): 1 dry run, 2 the short-chunk check, 3-4 clean batch,
+    5 first perturbed chunk -> NaN."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,12 +197,12 @@ class NaNOnFourthCall(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         out = x.mean(dim=(1, 2, 3))[:, None].repeat(1, 3)
-        return out * float("nan") if self.calls == 4 else out
+        return out * float("nan") if self.calls == 5 else out
 
 
 def test_nan_output_names_the_scenario() -> None:
     cfg, ds, model = _setup()
-    model.module = NaNOnFourthCall()
+    model.module = NaNOnFifthCall()
     with pytest.raises(ModelOutputError, match=r"NaN or Inf outputs in scenario intensity\.gamma@1"):
         _run(cfg, ds, model)
 
