@@ -54,13 +54,13 @@ class _Sorted:
     ``S`` sets of positives ``[S, Npos]`` share one set of negatives (the scenarios of a detector
     against its clean scores), so the negatives are sorted once. Positives are ordered by
     descending score, negatives by ascending score. For positive ``i`` of set ``s`` (in that
-    order) ``lt[s, i]`` counts the negatives scoring below ``s_i`` and ``end[s, i]`` is the last
-    positive of its tie group, so prefix sums read at these indices give, for every row at
-    once, the masses the ROC and PR curves need at threshold ``s_i``.
+    order) ``lt[s, i]`` counts the negatives scoring below ``s_i``, so the negatives' prefix sums
+    read there give, for every row at once, the masses the ROC and PR curves need at ``s_i``.
 
-    Ties cost passes over every weight row, and continuous scores rarely tie, so they are kept
-    sparse: ``end`` is ``None`` when no two positives of a set tie, and the positives that tie a
-    negative (the only ones where AUROC's ½-credit is non-zero) are listed in ``tie_*``.
+    Continuous scores rarely tie, so ties are kept sparse rather than costing passes over every
+    weight row: the positives that tie a negative (the only ones where AUROC's ½ credit is
+    non-zero) are listed in ``tie_*``, and the positives before the end of their tie group
+    (whose TP mass is the group end's) in ``early``/``early_end``, as flat ``[S * Npos]`` indices.
     """
 
     def __init__(self, scores_pos: Tensor, scores_neg: Tensor, device: torch.device) -> None:
@@ -80,8 +80,10 @@ class _Sorted:
         self.tie_last = torch.searchsorted(self.tie_set, sets, right=True)
         neg_pos = -pos_desc  # ascending within each set, for the tie-group ends among positives
         end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
-        own = torch.arange(end.shape[-1], device=device)
-        self.end: Tensor | None = end if bool((end != own).any()) else None
+        # positives before the last of their tie group: their TP mass is the group end's
+        early_set, early_i = (end != torch.arange(end.shape[-1], device=device)).nonzero(as_tuple=True)
+        self.early = early_set * end.shape[-1] + early_i
+        self.early_end = early_set * end.shape[-1] + end[early_set, early_i]
 
 
 def _take(rows: Tensor, index: Tensor) -> Tensor:
@@ -113,8 +115,9 @@ def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
     Cn = _prefix(w_neg.to(torch.float64)[:, srt.neg_order])
     wn = Cn[:, -1:]
     tp = Wp.cumsum(-1)
-    if srt.end is not None:
-        tp = torch.gather(tp, -1, srt.end.expand(Wp.shape))
+    if srt.early.numel():
+        flat = tp.view(tp.shape[0], -1)
+        flat[:, srt.early] = flat[:, srt.early_end]
     tie_mass = Wp.flatten(1)[:, srt.tie_flat] * (Cn[:, srt.tie_le] - Cn[:, srt.tie_lt])
     tie_sums = _prefix(tie_mass)
     tied = tie_sums[:, srt.tie_last] - tie_sums[:, srt.tie_first]
@@ -260,27 +263,39 @@ def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     ordered, order = torch.sort(x, dim=-1, stable=True)  # ascending within each set
     start = torch.searchsorted(ordered, ordered, right=False)  # first sample of each tie group
     end = torch.searchsorted(ordered, ordered, right=True)  # one past its last
-    # Without ties a sample's tie group is itself; a sample is either positive or negative, so
-    # the negative mass before and at a positive's index are equal: the plain inclusive prefix
-    # sums give "below" and "tied" is zero, which saves two passes over every weight row
-    ties = bool((end - start != 1).any())
     pos = positive.to(dev).gather(-1, order).to(torch.float64)  # [S, N] in sorted order
     s, n = x.shape
+    # Σ_i wp_i (below_i + ½ tied_i) over the positives. A sample is either positive or negative,
+    # so without ties this is Σ_i wp_i · (negative mass up to and including i), one dot product
+    # with the inclusive prefix sums. Samples in a tie group of two or more (few, for continuous
+    # scores) get a sparse correction to ½ (mass before their group + mass through it):
+    # wp_i (½ (P[start_i] + P[end_i]) − P[i + 1]), P the prefix sums with a leading zero.
+    tie_set, tie_i = ((end - start) > 1).nonzero(as_tuple=True)  # set-major
+    base = tie_set * n
+    at_i = base + tie_i
+    tie_start, tie_end = start[tie_set, tie_i], end[tie_set, tie_i]
+    at_end = base + tie_end - 1  # P[end] = inclusive sum at end - 1 (end >= 1)
+    at_start = base + (tie_start - 1).clamp_min(0)  # P[start], zero when the group starts the set
+    start_inside = (tie_start > 0).to(torch.float64)
+    sets = torch.arange(s, device=dev)
+    tie_first = torch.searchsorted(tie_set, sets, right=False)
+    tie_last = torch.searchsorted(tie_set, sets, right=True)
     step = max(1, chunk_elements(dev) // max(s * n, 1))
     out = []
     for r0 in range(0, weights.shape[0], step):
         w = _take(weights[r0 : r0 + step].to(torch.float64), order)  # [R', S, N]
         wp = w * pos
         cn = (w - wp).cumsum(-1)  # negative mass up to and including each index
+        num = torch.linalg.vecdot(wp, cn)
+        if tie_i.numel():
+            flat_p, flat_c = wp.flatten(1), cn.flatten(1)
+            at = lambda idx: torch.gather(flat_c, 1, idx.expand(flat_c.shape[0], -1))  # noqa: E731
+            corr = torch.gather(flat_p, 1, at_i.expand(flat_p.shape[0], -1)) * (
+                0.5 * (at(at_start) * start_inside + at(at_end)) - at(at_i))
+            sums = torch.nn.functional.pad(corr.cumsum(1), (1, 0))
+            num = num + (sums[:, tie_last] - sums[:, tie_first])
         mass_p = wp.sum(-1)
         mass_n = cn[..., -1]
-        if ties:
-            # Σ wp_i (below_i + ½ tied_i) = ½ Σ wp_i (mass before the group + mass through it)
-            cn = torch.nn.functional.pad(cn, (1, 0))
-            num = 0.5 * (torch.linalg.vecdot(wp, torch.gather(cn, -1, start.expand(w.shape)))
-                         + torch.linalg.vecdot(wp, torch.gather(cn, -1, end.expand(w.shape))))
-        else:
-            num = torch.linalg.vecdot(wp, cn)
         out.append(_undefined(mass_p, mass_n, num / (mass_p * mass_n).clamp_min(1e-300)))
     if not out:
         return torch.empty(s, 0, dtype=torch.float64, device=dev)

@@ -186,13 +186,19 @@ def test_each_tie_structure_matches_weighted_sklearn(ties: str) -> None:
                 assert got[key][s, r].item() == pytest.approx(value, abs=1e-12), (key, s, r)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_auroc_within_with_and_without_ties_matches_weighted_sklearn(tied: bool) -> None:
+@pytest.mark.parametrize("ties", ["none", "few", "many"])
+def test_auroc_within_with_and_without_ties_matches_weighted_sklearn(ties: str) -> None:
+    """Tie groups get a sparse correction: none, a few (one set only, a group at the lowest
+    score included) and many (coarse scores) all match scikit-learn."""
     from medaudit.ood_metrics import auroc_within
 
     g = torch.Generator().manual_seed(12)
     scores = torch.randn(2, 200, generator=g).double()
-    if tied:
+    if ties == "few":
+        lowest = int(scores[1].argmin())
+        scores[1, [3, 7, 11]] = scores[1, 5].item()
+        scores[1, [0, 1]] = scores[1, lowest].item()
+    elif ties == "many":
         scores = torch.round(scores * 3) / 3
     positive = torch.rand(2, 200, generator=g) < 0.3
     w = bootstrap_weights(200, 10, 5).double()
