@@ -306,16 +306,34 @@ def spectral_signature(features: Tensor) -> Tensor | Future[Tensor]:
     gram = mats @ mats.transpose(1, 2) if mats.shape[1] <= mats.shape[2] else mats.transpose(1, 2) @ mats
     if gram.is_cuda:
         return _signature_on_host(gram)
-    return _signature(gram)
+    return _signature(gram, split=True)
 
 
-def _signature(gram: Tensor) -> Tensor:
-    s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0).sqrt().float()
+def _signature(gram: Tensor, split: bool = False) -> Tensor:
+    s = _eigvalsh_split(gram) if split else torch.linalg.eigvalsh(gram)
+    s = s.flip(-1).clamp_min(0.0).sqrt().float()
     s = s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
     return torch.log(s.clamp_min(_SPECTRAL_FLOOR))
 
 
 _HOST_POOL: ThreadPoolExecutor | None = None
+_SPLIT_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _eigvalsh_split(gram: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh`` of a CPU batch, split over torch's intra-op thread count.
+
+    The batched CPU eigensolver solves one matrix after another on a single thread while the
+    other cores idle: on 2 cores a batch of 200 64×64 Gram matrices took 17.5 ms whole and
+    9.2 ms in two halves. Each matrix is solved alone either way, so the values are identical.
+    """
+    global _SPLIT_POOL
+    workers = torch.get_num_threads()
+    if workers < 2 or gram.shape[0] < 2 * workers:
+        return torch.linalg.eigvalsh(gram)
+    if _SPLIT_POOL is None or _SPLIT_POOL[0] != workers:  # torch.set_num_threads may have changed it
+        _SPLIT_POOL = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medaudit-eigvalsh"))
+    return torch.cat(list(_SPLIT_POOL[1].map(torch.linalg.eigvalsh, gram.chunk(workers))))
 
 
 def _signature_on_host(gram: Tensor) -> Future[Tensor]:

@@ -169,3 +169,45 @@ def test_bootstrap_weights_do_not_depend_on_the_chunk_size(monkeypatch: pytest.M
     # cache-sized chunks on a CPU, large ones (fewer kernel launches) on an accelerator
     assert b.chunk_elements(torch.device("cpu")) == 1000
     assert b.chunk_elements(torch.device("cuda")) > 1000
+
+
+def test_evaluate_validates_its_inputs_once_but_metrics_still_check_other_tensors(monkeypatch):
+    """Inside evaluate() a metric's check of evaluate's own inputs (and of chunks of its weight
+    rows) returns at once; a check of any other tensor, or of the same ones afterwards, runs."""
+    from medaudit.metric import Metric
+
+    p, y = data(60, 0.7, 1)
+    w = bootstrap_weights(60, 20, seed=0)
+    ctx = MetricContext("multiclass", ("a", "b", "c"))
+    full_checks = []
+    original_isfinite = torch.isfinite
+
+    def counting_isfinite(x):
+        if x is p:
+            full_checks.append(1)
+        return original_isfinite(x)
+
+    bad = p.clone()
+    bad[0, 0] = float("nan")
+
+    class Probe(Metric):
+        name = "probe"
+        tasks = ("multiclass",)
+        higher_is_better = True
+        seen_error: list[str] = []
+
+        def compute(self, probs, labels, weights, ctx):
+            bs.check_predictions(probs, labels, ctx.task, weights)  # trusted: returns at once
+            try:
+                bs.check_predictions(bad, labels, ctx.task, weights)  # another tensor: checked
+            except ValueError as exc:
+                self.seen_error.append(str(exc))
+            return {"probe": weights.sum(dim=1).double()}
+
+    monkeypatch.setattr(bs, "_CHUNK_ELEMENTS", 5 * 60)  # 21 rows in chunks of 5: 5 compute calls
+    monkeypatch.setattr(torch, "isfinite", counting_isfinite)
+    evaluate([Probe()], p, y, w, ctx)
+    assert len(full_checks) == 1  # evaluate's own validation only, not one per chunk
+    assert len(Probe.seen_error) == 5 and "NaN" in Probe.seen_error[0]
+    bs.check_predictions(p, y, "multiclass", w)  # outside evaluate: checked again
+    assert len(full_checks) == 2

@@ -113,6 +113,21 @@ def test_spectral_signature_definition() -> None:
     assert torch.isnan(spectral_signature(torch.randn(3, 8))).all()  # no spatial extent
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_spectral_eigensolves_split_over_threads_give_identical_values(threads: int) -> None:
+    """On a CPU the batch's eigensolves are split over torch's threads: the same bits as one call."""
+    from medaudit.plugins.ood import _eigvalsh_split
+
+    a = torch.randn(23, 9, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gram = a @ a.transpose(1, 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.equal(_eigvalsh_split(gram), torch.linalg.eigvalsh(gram))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("scoring", ["whitened", "knn"])
 def test_spectral_separates_low_rank_from_full_rank(scoring: str) -> None:
     g = torch.Generator().manual_seed(0)
