@@ -307,7 +307,6 @@ def evaluate(
     if validate:
         check_predictions(probs, labels, ctx.task, weights)
     n = probs.shape[0]
-    rows = weights.shape[0]
     chunk = max(1, chunk_elements(weights.device) // max(n, 1))
     raw: dict[str, Tensor] = {}
     token = _VALIDATED.set((probs, labels, ctx.task, weights))
