@@ -124,8 +124,21 @@ def test_spectral_eigensolves_split_over_threads_give_identical_values(threads: 
     try:
         torch.set_num_threads(threads)
         assert torch.equal(_eigvalsh_split(gram), torch.linalg.eigvalsh(gram))
+        assert torch.get_num_threads() == threads  # the main thread keeps its intra-op threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_spectral_pool_threads_run_torch_single_threaded() -> None:
+    """Pool threads with torch's default parallelism would start OpenMP teams that slow the main
+    thread's later work; each runs with one intra-op thread."""
+    from medaudit.plugins.ood import _torch_pool
+
+    pool = _torch_pool(2, "test")
+    try:
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(4))) == {1}
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.parametrize("scoring", ["whitened", "knn"])
