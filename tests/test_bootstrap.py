@@ -211,3 +211,27 @@ def test_evaluate_validates_its_inputs_once_but_metrics_still_check_other_tensor
     assert len(Probe.seen_error) == 5 and "NaN" in Probe.seen_error[0]
     bs.check_predictions(p, y, "multiclass", w)  # outside evaluate: checked again
     assert len(full_checks) == 2
+
+
+@pytest.mark.parametrize("fault", ["short", "missing_later"])
+def test_evaluate_names_a_metric_returning_the_wrong_number_of_values(monkeypatch, fault):
+    from medaudit.metric import Metric
+
+    p, y = data(30, 0.7, 2)
+    w = bootstrap_weights(30, 9, seed=0)  # 10 rows, in chunks of 4: 4, 4, 2
+
+    class Faulty(Metric):
+        name = "faulty"
+        tasks = ("multiclass",)
+        higher_is_better = True
+        calls = 0
+
+        def compute(self, probs, labels, weights, ctx):
+            Faulty.calls += 1
+            if fault == "short":
+                return {"v": weights.sum(dim=1)[:-1].double()}
+            return {"v": weights.sum(dim=1).double()} if Faulty.calls == 1 else {}
+
+    monkeypatch.setattr(bs, "_CHUNK_ELEMENTS", 4 * 30)
+    with pytest.raises(ValueError, match=r"metric 'faulty' returned \d+ values for 'v', expected 10"):
+        evaluate([Faulty()], p, y, w, MetricContext("multiclass", ("a", "b", "c")))
