@@ -21,7 +21,6 @@ import click
 from . import __version__
 from .config import STARTER_CONFIG, Config, load_config
 from .errors import MedauditError
-from .host_memory import tune_malloc
 from .plugin_manager import PluginManager, get_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,7 +175,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
-                        progress=not quiet, log=log)
+                        progress=not quiet, log=log, tune_allocator=True)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
@@ -365,8 +364,6 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
 
 
 def main() -> None:
-    # the process is ours: keep torch's megabyte-sized temporaries on the heap (see host_memory)
-    tune_malloc()
     cli(prog_name="medaudit")
 
 

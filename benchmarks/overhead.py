@@ -79,30 +79,20 @@ def make_model(out: Path, name: str) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str, float]:
+def timed(cmd: list[str]) -> tuple[float, str, float]:
     """Wall seconds, stdout, and this child's peak RSS in MiB (fresh process per call)."""
     wrapper = ("import resource, subprocess, sys, time; t=time.perf_counter(); "
                "r=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                "sys.stderr.write(r.stderr); print(r.stdout, end=''); "
                "print('__WALL__', time.perf_counter()-t); "
                "print('__RSS__', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(r.returncode)")
-    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"command failed (exit {res.returncode}): {' '.join(cmd)}\n{res.stdout[-1000:]}\n{res.stderr[-2000:]}")
     lines = res.stdout.splitlines()
     wall = float(next(line for line in lines if line.startswith("__WALL__")).split()[1])
     rss = float(next(line for line in lines if line.startswith("__RSS__")).split()[1])
     return wall, "\n".join(line for line in lines if not line.startswith("__")), rss
-
-
-def baseline_env(malloc: str) -> dict[str, str] | None:
-    """The baseline's environment: by default glibc's malloc set as ``medaudit``'s CLI sets it for
-    itself (:mod:`medaudit.host_memory`), so the ratio measures medaudit, not the allocator."""
-    from medaudit.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD, malloc_tunable
-
-    if malloc == "default" or not malloc_tunable():
-        return None
-    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def main() -> None:
@@ -117,17 +107,12 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeats", type=int, default=1, help="time each side this many times and keep the fastest")
-    ap.add_argument("--baseline-malloc", choices=["same", "default"], default="same",
-                    help="same: the baseline gets the malloc settings medaudit's CLI applies to itself (fair); "
-                         "default: glibc's defaults (what a plain script gets)")
     ap.add_argument("--profile", type=Path, help="also run medaudit once under cProfile and write the top functions here")
     args = ap.parse_args()
     sizes = args.n or [600]
     env_note = f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}"
     if args.device.startswith("cuda"):
         env_note += f" ({torch.cuda.get_device_name(0)})"
-    base_env = baseline_env(args.baseline_malloc)
-    env_note += ", baseline malloc " + ("as medaudit's CLI sets it" if base_env else "glibc defaults")
     print(f"# medaudit overhead benchmark — {env_note}")
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
@@ -151,7 +136,7 @@ def main() -> None:
         for n in sizes:
             data = make_data(tmpdir, n, args.size)
             base_wall, _, base_rss = min(timed([sys.executable, "-c", BASELINE, str(model), str(data), str(n_scenarios),
-                                                str(args.batch_size), args.device], base_env)
+                                                str(args.batch_size), args.device])
                                           for _ in range(args.repeats))
             out = tmpdir / f"out-{n}"
             cmd = [sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(data), "--config", str(cfg),

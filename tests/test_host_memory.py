@@ -61,12 +61,25 @@ def test_tuned_malloc_reuses_memory_instead_of_faulting_it_in() -> None:
     assert tuned < default / 5  # 10-100x fewer in practice
 
 
-def test_cli_entry_point_tunes_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medaudit.cli as cli
+def test_the_cli_tunes_malloc_after_the_forward_passes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``medaudit run`` asks for the settings once the forward passes are done (they keep glibc's
+    defaults, see the module docstring); the library API does not ask at all."""
+    from pathlib import Path
 
-    calls = []
-    monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append(True) or True)
-    monkeypatch.setattr(sys, "argv", ["medaudit", "--version"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    assert exc.value.code == 0 and calls == [True]
+    from click.testing import CliRunner
+
+    import medaudit.audit as audit
+    from medaudit.cli import cli
+
+    events: list[str] = []
+    real_forward = audit.run_forward
+    monkeypatch.setattr(audit, "run_forward", lambda *a, **k: (events.append("forward"), real_forward(*a, **k))[1])
+    monkeypatch.setattr(audit, "tune_malloc", lambda: events.append("tune") or True)
+    root = Path(__file__).resolve().parents[1]
+    args = ["run", str(root / "examples" / "model.pt"), "--data", str(root / "examples" / "mni-patches" / "test.npz"),
+            "--config", str(root / "examples" / "mni-patches.yaml"), "--out", str(tmp_path / "out"), "--quiet",
+            "--perturbation", "intensity.gamma", "--severities", "1", "--bootstrap", "20"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code in (0, 1), result.output
+    assert events == ["forward", "tune"]
+    assert "tune_allocator" in audit.run_audit.__kwdefaults__ and audit.run_audit.__kwdefaults__["tune_allocator"] is False
