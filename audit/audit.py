@@ -34,7 +34,6 @@ from .perturbation import Perturbation
 from .plugin_manager import PluginManager
 from .results import Results, dumps
 from .rng import RNG_VERSION
-from .host_memory import tune_malloc
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
@@ -189,13 +188,8 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
 def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Config, *, command: str,
               trust_pickle: bool = False, resume: bool = False, junit: Path | None = None,
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
-              shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
-              tune_allocator: bool = False) -> Results:
-    """Run a whole audit and write its outputs; returns the results (checks included).
-
-    ``tune_allocator`` (the command line sets it) applies :func:`medaudit.host_memory.tune_malloc`
-    once the forward passes are done, for the evaluation's bootstrap loops.
-    """
+              shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None) -> Results:
+    """Run a whole audit and write its outputs; returns the results (checks included)."""
     started = time.perf_counter()
     phases = PhaseClock()
     age = process_age()
@@ -219,8 +213,6 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
     ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
     phases.lap("external")
-    if tune_allocator:
-        tune_malloc()
     assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
     phases.lap("preview")
     catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]

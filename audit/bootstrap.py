@@ -323,27 +323,18 @@ def _evaluate_rows(metrics: Iterable[Metric], probs: Tensor, labels: Tensor, wei
     for metric in metrics:
         if ctx.task not in metric.tasks:
             continue
-        # each key's rows are written into one preallocated vector: small per-chunk results kept
-        # until the end would be carved out of the chunk's freed temporaries and fragment the heap
-        values: dict[str, Tensor] = {}
-        filled: dict[str, int] = {}
+        parts: dict[str, list[Tensor]] = {}
         for start in range(0, rows, chunk):
             out = metric.compute(probs, labels, weights[start : start + chunk], ctx)
             for key, val in out.items():
-                flat = val.detach().reshape(-1)
-                if key not in values:
-                    values[key] = torch.empty(rows, dtype=torch.float64)
-                    filled[key] = 0
-                got = flat.numel()
-                if got == min(chunk, rows - start):
-                    values[key][start : start + got] = flat
-                filled[key] += got
-        for key, vals in values.items():
+                parts.setdefault(key, []).append(val.detach().double().reshape(-1).cpu())
+        for key, vals in parts.items():
             if key in raw:
                 raise ValueError(f"metric key {key!r} is emitted by more than one metric (last: {metric.name!r})")
-            if filled[key] != rows:
-                raise ValueError(f"metric {metric.name!r} returned {filled[key]} values for {key!r}, expected {rows}")
-            raw[key] = vals
+            joined = torch.cat(vals)
+            if joined.numel() != rows:
+                raise ValueError(f"metric {metric.name!r} returned {joined.numel()} values for {key!r}, expected {rows}")
+            raw[key] = joined
 
 
 def paired_drop(

@@ -175,7 +175,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
-                        progress=not quiet, log=log, tune_allocator=True)
+                        progress=not quiet, log=log)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
