@@ -298,3 +298,25 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
         s.pop("throughput")
     assert a == b
     assert not (out / ".medaudit-cache").exists()  # removed after success
+
+
+def test_entry_point_fast_exit_keeps_exit_code_output_and_later_atexit_handlers() -> None:
+    # main() ends the process with os._exit after Python's exit work; a command's exit code, its
+    # buffered output (more than a pipe holds) and atexit handlers it registered must survive that.
+    script = (
+        "import atexit, sys\n"
+        "import medaudit.cli as c\n"
+        "@c.cli.command('late')\n"
+        "def late():\n"
+        "    atexit.register(lambda: print('late handler ran'))\n"
+        "    print('x' * 200000)\n"
+        "    sys.exit(5)\n"
+        "sys.argv = ['medaudit', 'late']\n"
+        "c.main()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 5, res.stderr
+    assert res.stdout == "x" * 200000 + "\nlate handler ran\n"
+    # An exception escaping a command is not a recorded exit: the usual exit (traceback, code 1).
+    crash = script.replace("sys.exit(5)", "raise RuntimeError('boom')")
+    res = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
+    assert res.returncode == 1 and "RuntimeError: boom" in res.stderr and res.stdout.endswith("late handler ran\n")
