@@ -156,7 +156,7 @@ def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
         "medaudit": __version__, "rng": RNG_VERSION, "model": prep.model.sha256, "data": prep.identity.sha256,
         "input": cfg.input.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"),
         "model_cfg": cfg.model.model_dump(mode="json"), "seed": cfg.audit.seed, "precision": cfg.audit.precision,
-        "model_batch_size": cfg.audit.model_batch_size,
+        "model_batch_size": cfg.audit.model_batch_size, "channels_last": cfg.audit.channels_last,
         "scenarios": [s.id for s in prep.scenarios], "detectors": [d.name for d in prep.detectors],
         "shard_size": shard_size,
     })

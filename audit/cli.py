@@ -123,8 +123,9 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--bootstrap", type=int, help="Bootstrap resamples for confidence intervals.")
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
-@click.option("--channels-last", "channels_last", is_flag=True, default=None,
-              help="Channels-last memory format for the model and its inputs.")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="Channels-last memory format for the model and its inputs (default: audit.channels_last, "
+                   "auto: on a CPU when the model gives the same outputs in it).")
 @click.option("--save-predictions", is_flag=True, default=None, help="Also write predictions.npz.")
 @click.option("--fail-on", "fail_on", multiple=True, help="Check that fails the audit, e.g. 'clean.accuracy<0.8'.")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Write checks as JUnit XML.")

@@ -124,7 +124,9 @@ class AuditConfig(_Section):
     energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector")
     knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = Field(False, description="channels-last memory format for model and inputs (faster convolutions on many GPUs)")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels-last memory format for model and inputs: true, false, or auto (on a CPU when "
+                            "the model runs in it with the same outputs; its convolutions are faster there)")
 
     @field_validator("severities")
     @classmethod

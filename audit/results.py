@@ -97,6 +97,7 @@ class Environment(_Model):
     platform: str = ""
     device_name: str = ""
     precision: str = "fp32"
+    memory_format: str = Field("contiguous", description="memory format of the forward passes: contiguous or channels_last")
 
 
 class Check(_Model):

@@ -3,7 +3,9 @@
 Both sides run as fresh processes (imports included) on the same model, data, device and batch
 size, doing the same number of forward passes (clean + every perturbation × severity):
 
-* baseline: ``torch.jit.load`` + ``np.load`` + one ``torch.inference_mode()`` loop per scenario;
+* baseline: ``torch.jit.load`` + ``np.load`` + one ``torch.inference_mode()`` loop per scenario
+  (contiguous tensors; ``--baseline-channels-last`` converts model and inputs to channels-last,
+  the format ``medaudit run`` picks by default on a CPU, to isolate medaudit's own overhead);
 * medaudit: ``medaudit run`` — loading, dry run, perturbing on the device, metrics with the
   bootstrap, temperature scaling, OOD detectors, analyses, report and results.
 
@@ -36,11 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = r"""
 import sys, time, numpy as np, torch
 model_path, data_path, scenarios, batch, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+channels_last = sys.argv[6] == "channels_last"
 t0 = time.perf_counter()
 model = torch.jit.load(model_path, map_location=device).eval()
 with np.load(data_path) as d:
     x = torch.from_numpy(d["images"].astype(np.float32) / 255.0)[:, None]
 x = ((x - 0.5) / 0.25)
+if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
 with torch.inference_mode():
     for _ in range(scenarios):
         for i in range(0, len(x), batch):
@@ -108,6 +114,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeats", type=int, default=1, help="time each side this many times and keep the fastest")
     ap.add_argument("--profile", type=Path, help="also run medaudit once under cProfile and write the top functions here")
+    ap.add_argument("--baseline-channels-last", action="store_true",
+                    help="run the baseline loop in channels-last memory format too (medaudit's own overhead when it "
+                         "chose that format; without this flag the baseline is the plain loop of the issue's target)")
     args = ap.parse_args()
     sizes = args.n or [600]
     env_note = f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}"
@@ -136,7 +145,8 @@ def main() -> None:
         for n in sizes:
             data = make_data(tmpdir, n, args.size)
             base_wall, _, base_rss = min(timed([sys.executable, "-c", BASELINE, str(model), str(data), str(n_scenarios),
-                                                str(args.batch_size), args.device])
+                                                str(args.batch_size), args.device,
+                                                "channels_last" if args.baseline_channels_last else "contiguous"])
                                           for _ in range(args.repeats))
             out = tmpdir / f"out-{n}"
             cmd = [sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(data), "--config", str(cfg),
@@ -148,14 +158,17 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):  # keep the phases of the fastest run with its wall time
                 wall, _, rss = timed(cmd)
-                runs.append((wall, rss, json.loads((out / "results.json").read_text())["timing"]))
-            audit_wall, audit_rss, t = min(runs, key=lambda r: r[0])
+                res = json.loads((out / "results.json").read_text())
+                runs.append((wall, rss, res["timing"], res["environment"].get("memory_format", "contiguous")))
+            audit_wall, audit_rss, t, memory_format = min(runs, key=lambda r: r[0])
             print(f"{n:>7} {base_wall:>11.1f} {audit_wall:>11.1f} {audit_wall / base_wall:>6.2f} "
                   f"{t['forward_seconds']:>14.1f} {audit_wall - t['forward_seconds']:>7.1f} {base_rss:>9.0f} {audit_rss:>10.0f}")
             phases = dict(t.get("phases", {}))
             # the rest: writing the outputs and the interpreter's exit (and start-up where /proc is missing)
             phases["other"] = audit_wall - sum(phases.values())
             print("        phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+            print(f"        memory format: medaudit {memory_format}, baseline "
+                  f"{'channels_last' if args.baseline_channels_last else 'contiguous'}")
             if args.profile:  # a separate, untimed run: the profiler slows Python-heavy code down
                 prof = tmpdir / "medaudit.prof"
                 idx = cmd.index("medaudit.cli")

@@ -99,6 +99,63 @@ def test_channels_last_gives_the_same_predictions() -> None:
     torch.testing.assert_close(other.probs, ref.probs, rtol=0, atol=1e-6)
 
 
+class FlattensActivations(nn.Module):
+    """``view`` of a conv output: needs contiguous activations, so it raises in channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_memory_format_auto_uses_channels_last_on_cpu_with_the_same_predictions() -> None:
+    cfg, ds, model = _setup()
+    cfg.audit.channels_last = False
+    ref = _run(cfg, ds, model)
+    assert ref.memory_format == "contiguous"
+    assert model.module.conv.weight.is_contiguous()
+    cfg.audit.channels_last = "auto"
+    auto = _run(cfg, ds, model)
+    assert auto.memory_format == "channels_last"
+    assert model.module.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(auto.probs, ref.probs, rtol=0, atol=1e-6)
+
+
+def test_memory_format_auto_keeps_a_model_that_cannot_run_channels_last_contiguous() -> None:
+    cfg, ds, model = _setup()
+    model.module = FlattensActivations().eval()
+    with pytest.raises(RuntimeError, match="view"):  # the premise: this model fails in channels-last
+        model.module.to(memory_format=torch.channels_last)(torch.rand(2, 1, 16, 16).contiguous(memory_format=torch.channels_last))
+    model.module.to(memory_format=torch.contiguous_format)
+    res = _run(cfg, ds, model)  # auto (the default)
+    assert res.memory_format == "contiguous" and model.module.conv.weight.is_contiguous()
+    cfg.audit.channels_last = True  # asked for explicitly, the model's error is reported
+    with pytest.raises(ModelError, match="view"):
+        _run(cfg, ds, model)
+
+
+def test_memory_format_auto_leaves_gpu_and_non_module_models_alone() -> None:
+    from medaudit.runner import choose_memory_format
+
+    cfg, ds, model = _setup()
+
+    def never(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        raise AssertionError("no probe expected")
+
+    x, mean, std = torch.rand(4, 1, 16, 16), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    assert choose_memory_format(model, never, x, cfg, torch.device("cuda"), mean, std) is None
+    assert model.module.conv.weight.is_contiguous()
+    cfg.audit.channels_last = True
+    assert choose_memory_format(model, never, x, cfg, torch.device("cuda"), mean, std) is torch.channels_last
+    model.module = lambda t: t  # not a torch module (e.g. an ONNX session): nothing to convert
+    assert choose_memory_format(model, never, x, cfg, torch.device("cpu"), mean, std) is None
+
+
 def test_seed_changes_the_perturbation() -> None:
     cfg, ds, model = _setup()
     a = _run(cfg, ds, model)
@@ -202,6 +259,7 @@ class NaNOnFifthCall(nn.Module):
 
 def test_nan_output_names_the_scenario() -> None:
     cfg, ds, model = _setup()
+    cfg.audit.channels_last = False  # the model counts its calls: no memory-format probe
     model.module = NaNOnFifthCall()
     with pytest.raises(ModelOutputError, match=r"NaN or Inf outputs in scenario intensity\.gamma@1"):
         _run(cfg, ds, model)
