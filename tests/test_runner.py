@@ -152,7 +152,10 @@ def test_memory_format_auto_leaves_gpu_and_non_module_models_alone() -> None:
     assert model.module.conv.weight.is_contiguous()
     cfg.audit.channels_last = True
     assert choose_memory_format(model, never, x, cfg, torch.device("cuda"), mean, std) is torch.channels_last
-    model.module = lambda t: t  # not a torch module (e.g. an ONNX session): nothing to convert
+    model.module = lambda t: t  # not a torch module: nothing to convert
+    assert choose_memory_format(model, never, x, cfg, torch.device("cpu"), mean, std) is None
+    cfg.audit.channels_last = "auto"
+    model.module = nn.Sequential(nn.Flatten(), nn.Linear(256, 3))  # no convolution weights: no probe
     assert choose_memory_format(model, never, x, cfg, torch.device("cpu"), mean, std) is None
 
 
