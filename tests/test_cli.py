@@ -61,6 +61,9 @@ def test_results_match_schema_and_contract(audit_out: Path) -> None:
         {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None},
         {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None}]
     assert "intensity" in results["environment"]["plugins"]
+    # a CPU run of a convolutional model: channels-last by default (audit.channels_last: auto)
+    assert results["environment"]["memory_format"] == "channels_last"
+    assert "fp32, channels-last memory format" in (audit_out / "report.html").read_text()
 
 
 def test_predictions_npz(audit_out: Path) -> None:
