@@ -167,11 +167,8 @@ def build_results(
         ext_weights = bootstrap_weights(m, cfg.audit.bootstrap, stream_key(cfg.audit.seed, "ood-data", ext.name))
         clean_idx = ids.index("clean")
         measures, scores = evaluate_external(
-            detectors, {k: v[clean_idx] for k, v in fwd.embeddings.items()}, labels,
-            {k: v[clean_idx] for k, v in shift.scores.items()}, {k: v[0] for k, v in ext.forward.embeddings.items()},
-            weights_d, ext_weights, cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
-            reference_labels=reference.labels if reference is not None else None, output_kind=fwd.output_kind,
-            device=dev)
+            shift.fitted, {k: v[clean_idx] for k, v in shift.scores.items()},
+            {k: v[0] for k, v in ext.forward.embeddings.items()}, weights_d, ext_weights, cfg.audit.confidence, device=dev)
         seconds = sum(ext.forward.seconds.values())
         scenario_results.append({
             "id": f"ood:{ext.name}", "suite": "ood", "perturbation": None, "severity": 0, "n_samples": m,

@@ -46,6 +46,9 @@ class ShiftResult:
     scores: dict[str, Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     fitting: str = "cross-fitted"
+    # Detector name -> its fitted copies: [fitted on the reference], or [fitted on half A,
+    # fitted on half B]; :func:`evaluate_external` scores external sets with them.
+    fitted: dict[str, list[Detector]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready part (scores stay out: they go to predictions.npz)."""
@@ -69,21 +72,25 @@ def _score_all(det: Detector, emb: Tensor, device: torch.device) -> Tensor:
 
 
 def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed: int,
-                   reference: Tensor | None, reference_labels: Tensor | None, device: torch.device) -> Tensor:
+                   reference: Tensor | None, reference_labels: Tensor | None,
+                   device: torch.device) -> tuple[Tensor, list[Detector]]:
+    """Scores ``[S, n]`` of every scenario, and the fitted copies of ``det`` that gave them."""
     if reference is not None:
         fitted = copy.deepcopy(det)
         ref_labels = reference_labels if reference_labels is not None else torch.zeros(reference.shape[0], dtype=torch.long)
         fitted.fit(reference.to(device), ref_labels.to(device))
-        return _score_all(fitted, emb, device)
+        return _score_all(fitted, emb, device), [fitted]
     n = emb.shape[1]
     a, b = cross_fit_halves(n, seed)
     scores = torch.full((emb.shape[0], n), float("nan"), dtype=torch.float64)
+    fits = []
     for fit_idx, score_idx in ((a, b), (b, a)):
         # A fresh copy per half: detectors keep fitted state on themselves.
         fitted = copy.deepcopy(det)
         fitted.fit(emb[clean, fit_idx].to(device), labels[fit_idx].to(device))
         scores[:, score_idx] = _score_all(fitted, emb[:, score_idx], device)
-    return scores
+        fits.append(fitted)
+    return scores, fits
 
 
 def _failure_auroc(score: Tensor, probs: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
@@ -175,7 +182,7 @@ def evaluate_detectors(
             result.warnings.append(f"ood: detector {name!r} skipped: cross-fitting needs at least 4 samples, got {n}")
             continue
         try:
-            scores = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels, device)
+            scores, fits = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels, device)
         except Exception as exc:  # e.g. spectral on a layer without spatial extent, or a broken plugin
             result.warnings.append(f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}")
             continue
@@ -183,6 +190,7 @@ def evaluate_detectors(
             result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")
             continue
         result.scores[name] = scores.float()
+        result.fitted[name] = fits
         scores = scores.to(dev)
         # every scenario against the same clean scores: one batched call shares their sort
         shifted = [s for s in range(len(scenario_ids)) if s != clean]
@@ -198,36 +206,30 @@ def evaluate_detectors(
 
 
 def evaluate_external(
-    detectors: Sequence[Detector],
-    embeddings: dict[str, Tensor],
-    labels: Tensor,
+    fitted: dict[str, list[Detector]],
     clean_scores: dict[str, Tensor],
     external: dict[str, Tensor],
     weights: Tensor,
     external_weights: Tensor,
     confidence: float,
-    seed: int,
-    reference: dict[str, Tensor] | None = None,
-    reference_labels: Tensor | None = None,
-    output_kind: str = "logits",
     device: torch.device | None = None,
 ) -> tuple[dict[str, dict[str, Interval]], dict[str, Tensor]]:
     """OOD measures of an external data set (``--ood-data``): its samples against the clean ones.
 
-    Every score comes from a detector fitted on half the clean data, as in
-    :func:`evaluate_detectors`: external sample ``j`` is scored by the detector fitted on half A
-    when ``j`` is even and on half B when odd, so positives and negatives are scored by the same
-    two fitted detectors (or, with ``reference``, by the one detector fitted on it). The two sets
-    are resampled independently (``weights`` ``[1 + R, N]`` for clean, ``external_weights``
+    The external samples are scored by the detectors :func:`evaluate_detectors` fitted
+    (``ShiftResult.fitted``), so positives and negatives are scored by the same fitted copies:
+    cross-fitted, external sample ``j`` by the copy fitted on half A when ``j`` is even and on
+    half B when odd; with a reference set, by the one copy fitted on it. The two sets are
+    resampled independently (``weights`` ``[1 + R, N]`` for clean, ``external_weights``
     ``[1 + R, M]`` for the external set).
 
     Parameters
     ----------
-    embeddings : detector name -> clean embeddings ``[N, D]``
-    clean_scores : detector name -> clean scores ``[N]`` (cross-fitted, from :func:`evaluate_detectors`);
-        only detectors present here are evaluated.
+    fitted : detector name -> fitted copies (``ShiftResult.fitted``)
+    clean_scores : detector name -> clean scores ``[N]`` (from :func:`evaluate_detectors`);
+        only detectors present here, in ``fitted`` and in ``external`` are evaluated.
     external : detector name -> external embeddings ``[M, D]``
-    device : where detectors are fitted and score, as in :func:`evaluate_detectors`
+    device : where the detectors score, as in :func:`evaluate_detectors`
 
     Returns
     -------
@@ -238,26 +240,13 @@ def evaluate_external(
     scores: dict[str, Tensor] = {}
     weights, external_weights = weights.double(), external_weights.double().to(weights.device)
     device = device or torch.device("cpu")
-    for det in detectors:
-        name = det.name
+    for name, fits in fitted.items():
         if name not in clean_scores or name not in external:
             continue
         ext = external[name]
-        det = copy.deepcopy(det)
-        if hasattr(det, "output_kind"):
-            det.output_kind = output_kind  # type: ignore[attr-defined]
-        if reference is not None and name in reference:
-            fitted = copy.deepcopy(det)
-            ref_labels = reference_labels if reference_labels is not None else torch.zeros(reference[name].shape[0], dtype=torch.long)
-            fitted.fit(reference[name].to(device), ref_labels.to(device))
-            pos = fitted.score(ext.to(device)).double().cpu()
-        else:
-            a, b = cross_fit_halves(embeddings[name].shape[0], seed)
-            pos = torch.empty(ext.shape[0], dtype=torch.float64)
-            for parity, fit_idx in ((0, a), (1, b)):
-                fitted = copy.deepcopy(det)
-                fitted.fit(embeddings[name][fit_idx].to(device), labels[fit_idx].to(device))
-                pos[parity::2] = fitted.score(ext[parity::2].to(device)).double().cpu()
+        pos = torch.empty(ext.shape[0], dtype=torch.float64)
+        for parity, det in enumerate(fits):  # one copy: every sample; two: alternate samples
+            pos[parity::len(fits)] = det.score(ext[parity::len(fits)].to(device)).reshape(-1).double().cpu()
         neg = clean_scores[name].double()
         values = detection_measures(pos.to(weights.device), neg.to(weights.device), external_weights, weights)
         measures[name] = {k: interval(v, confidence) for k, v in values.items()}

@@ -139,3 +139,39 @@ def test_feature_detector_end_to_end_detects_shift() -> None:
     assert res.ood["noise@5"]["mahalanobis"]["auroc"]["value"] > 0.9
     assert res.ood["noise@5"]["mahalanobis"]["fpr95"]["value"] < 0.5
     assert det.means is None  # the caller's instance is never fitted
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_external_set_is_scored_by_the_detectors_fitted_for_the_audit(with_reference: bool) -> None:
+    from medaudit.ood_metrics import detection_measures
+    from medaudit.shift import evaluate_external
+
+    g = torch.Generator().manual_seed(4)
+    n, m = 40, 15
+    labels = torch.randint(0, 2, (n,), generator=g)
+    clean = torch.randn(n, 5, generator=g) + labels[:, None] * 2.0
+    emb = torch.stack([clean, clean + torch.randn(n, 5, generator=g)])
+    external = torch.randn(m, 5, generator=g) * 3.0
+    reference = torch.randn(30, 5, generator=g) if with_reference else None
+    ref_labels = torch.randint(0, 2, (30,), generator=g) if with_reference else None
+    w, w_ext = bootstrap_weights(n, 20, 0), bootstrap_weights(m, 20, 1)
+    res = evaluate_detectors([Mahalanobis()], {"mahalanobis": emb}, labels, _probs(2, n, 2), ["clean", "noise@1"], w,
+                             0.9, seed=7, reference={"mahalanobis": reference} if with_reference else None,
+                             reference_labels=ref_labels)
+    assert len(res.fitted["mahalanobis"]) == (1 if with_reference else 2)
+    measures, scores = evaluate_external(res.fitted, {"mahalanobis": res.scores["mahalanobis"][0]},
+                                         {"mahalanobis": external}, w, w_ext, 0.9)
+    # by hand: the same fits (reference, or halves A/B of the seeded split, A scoring even samples)
+    expected = torch.empty(m, dtype=torch.float64)
+    if with_reference:
+        det = Mahalanobis()
+        det.fit(reference, ref_labels)
+        expected[:] = det.score(external)
+    else:
+        for parity, half in enumerate(cross_fit_halves(n, 7)):
+            det = Mahalanobis()
+            det.fit(clean[half], labels[half])
+            expected[parity::2] = det.score(external[parity::2])
+    torch.testing.assert_close(scores["mahalanobis"], expected.float())
+    ref_measures = detection_measures(expected, res.scores["mahalanobis"][0].double(), w_ext.double(), w.double())
+    assert measures["mahalanobis"]["auroc"]["value"] == pytest.approx(float(ref_measures["auroc"][0]))
