@@ -186,8 +186,15 @@ def _sq_mahalanobis(x: Tensor, means: Tensor, chol: Tensor) -> Tensor:
     return torch.cdist(wx, wm).pow(2)
 
 
-def kth_nn_distance(queries: Tensor, bank: Tensor, k: int, chunk: int = 4096) -> Tensor:
-    """Euclidean distance from every query to its ``k``-th nearest row of ``bank``."""
+def kth_nn_distance(queries: Tensor, bank: Tensor, k: int, block: int = 1 << 24) -> Tensor:
+    """Euclidean distance from every query to its ``k``-th nearest row of ``bank``.
+
+    Queries are taken in chunks whose distance block has at most ``block`` entries (128 MiB in
+    float64), so the memory stays bounded as the bank grows with the data set: with a fixed
+    4096-query chunk, a 30,000-sample audit's cross-fitted bank of 15,000 made each block
+    0.5 GB and the audit's peak memory 2.9 GB.
+    """
+    chunk = max(1, min(4096, block // max(1, bank.shape[0])))
     out = []
     for s in range(0, queries.shape[0], chunk):
         d = torch.cdist(queries[s : s + chunk], bank)

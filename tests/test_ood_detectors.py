@@ -188,3 +188,26 @@ def test_detectors_run_on_cuda() -> None:
         assert s.device.type == "cuda" and s.shape == (10,) and torch.isfinite(s).all()
         det.fit(emb_cpu[:30], labels[:30])
         torch.testing.assert_close(s.cpu(), det.score(emb_cpu[30:]), atol=1e-3, rtol=1e-3)
+
+
+def test_kth_nn_distance_in_bounded_blocks_matches_brute_force() -> None:
+    from medaudit.plugins.ood import kth_nn_distance
+
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    brute = torch.cdist(queries, bank).kthvalue(3, dim=1).values
+    seen: list[int] = []
+    real = torch.cdist
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(a.shape[0] * b.shape[0])
+        return real(a, b)
+
+    torch.cdist = spy
+    try:
+        blocked = kth_nn_distance(queries, bank, 3, block=100)  # 2 queries x 40 bank entries per block
+    finally:
+        torch.cdist = real
+    assert max(seen) <= 100 and len(seen) == 25
+    torch.testing.assert_close(blocked, brute, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kth_nn_distance(queries, bank, 3), brute, rtol=1e-12, atol=1e-12)
