@@ -152,7 +152,8 @@ def evaluate_detectors(
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must be [1 + R, {n}], got {tuple(weights.shape)}")
     # Measures run where the weights are (the GPU for large audits); fitting and scoring on `device`.
-    weights = weights.double()
+    # The weights stay as given (float32 counts): the measures convert each chunk of rows to
+    # float64, exactly, so a float64 copy of the whole [1 + R, N] matrix is not needed.
     dev = weights.device
     device = device or torch.device("cpu")
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
@@ -238,7 +239,7 @@ def evaluate_external(
     """
     measures: dict[str, dict[str, Interval]] = {}
     scores: dict[str, Tensor] = {}
-    weights, external_weights = weights.double(), external_weights.double().to(weights.device)
+    external_weights = external_weights.to(weights.device)
     device = device or torch.device("cpu")
     for name, fits in fitted.items():
         if name not in clean_scores or name not in external:
