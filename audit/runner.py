@@ -648,7 +648,9 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     embeddings: dict[str, Tensor] = {}
     for d in detectors:
         if all(d.name in sh.embeddings.get(sid, {}) for sh in shards for sid in ids):
-            embeddings[d.name] = torch.stack([torch.cat([sh.embeddings[sid][d.name] for sh in shards]) for sid in ids])
+            # pop: each shard's part is freed once merged, so the merge holds one detector's
+            # embeddings twice at most instead of every detector's
+            embeddings[d.name] = torch.stack([torch.cat([sh.embeddings[sid].pop(d.name) for sh in shards]) for sid in ids])
     params = {sid: {k: torch.cat([sh.params[sid][k] for sh in shards]) for k in shards[0].params.get(sid, {})} for sid in ids}
     seconds = {sid: sum(sh.seconds.get(sid, 0.0) for sh in shards) for sid in ids}
     return ForwardResult(scenarios, probs, embeddings, params, seconds, output_kind, resumed, failures,
