@@ -303,12 +303,13 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
     assert not (out / ".medaudit-cache").exists()  # removed after success
 
 
-def test_entry_point_fast_exit_keeps_exit_code_output_and_later_atexit_handlers() -> None:
+def test_entry_point_fast_exit_keeps_exit_code_output_and_every_atexit_handler() -> None:
     # main() ends the process with os._exit after Python's exit work; a command's exit code, its
     # buffered output (more than a pipe holds) and atexit handlers it registered must survive that.
     script = (
         "import atexit, sys\n"
         "import medaudit.cli as c\n"
+        "atexit.register(lambda: print('import-time handler ran'))\n"  # as torch, logging, multiprocessing do
         "@c.cli.command('late')\n"
         "def late():\n"
         "    atexit.register(lambda: print('late handler ran'))\n"
@@ -318,8 +319,8 @@ def test_entry_point_fast_exit_keeps_exit_code_output_and_later_atexit_handlers(
         "c.main()\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 5, res.stderr
-    assert res.stdout == "x" * 200000 + "\nlate handler ran\n"
+    assert res.stdout == "x" * 200000 + "\nlate handler ran\nimport-time handler ran\n"
     # An exception escaping a command is not a recorded exit: the usual exit (traceback, code 1).
     crash = script.replace("sys.exit(5)", "raise RuntimeError('boom')")
     res = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
-    assert res.returncode == 1 and "RuntimeError: boom" in res.stderr and res.stdout.endswith("late handler ran\n")
+    assert res.returncode == 1 and "RuntimeError: boom" in res.stderr and res.stdout.endswith("late handler ran\nimport-time handler ran\n")
