@@ -157,6 +157,8 @@ def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
         "input": cfg.input.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"),
         "model_cfg": cfg.model.model_dump(mode="json"), "seed": cfg.audit.seed, "precision": cfg.audit.precision,
         "model_batch_size": cfg.audit.model_batch_size, "channels_last": cfg.audit.channels_last,
+        # outputs differ in the last bits between device kinds (and "auto" picks the memory format by device)
+        "device": prep.device.type,
         "scenarios": [s.id for s in prep.scenarios], "detectors": [d.name for d in prep.detectors],
         "shard_size": shard_size,
     })

@@ -324,3 +324,22 @@ def test_entry_point_fast_exit_keeps_exit_code_output_and_every_atexit_handler()
     crash = script.replace("sys.exit(5)", "raise RuntimeError('boom')")
     res = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
     assert res.returncode == 1 and "RuntimeError: boom" in res.stderr and res.stdout.endswith("late handler ran\nimport-time handler ran\n")
+
+
+def test_resume_fingerprint_separates_device_kinds_and_memory_format_settings() -> None:
+    # Outputs differ in the last bits between device kinds and memory formats: shards of one must
+    # not be resumed into an audit run with another.
+    import dataclasses
+
+    import torch
+
+    from medaudit.audit import cache_fingerprint, prepare
+    from medaudit.config import load_config
+    from medaudit.plugin_manager import get_plugin_manager
+
+    prep = prepare(get_plugin_manager(warn=lambda m: None), MODEL, DATA, load_config(CONFIG))
+    base = cache_fingerprint(prep, 2048)
+    assert cache_fingerprint(prep, 2048) == base
+    assert cache_fingerprint(dataclasses.replace(prep, device=torch.device("cuda")), 2048) != base
+    prep.config.audit.channels_last = False
+    assert cache_fingerprint(prep, 2048) != base
