@@ -434,10 +434,11 @@ def choose_memory_format(model: LoadedModel, extract: Extractor, x: Tensor, conf
     ``"auto"`` uses it on a CPU when the model is a torch module with convolution weights whose
     output on the dry-run samples agrees with the contiguous one: oneDNN's CPU convolutions
     measured 1.1-1.6x faster in that format (MONAI DenseNet121 and ResNet-18 at 32² and 224², a
-    3-D ResNet-18 at 64³; equal at 64² and 128², see ``benchmarks/README.md``). A model that raises in it (e.g. a ``view`` that
-    needs contiguous activations) or disagrees stays contiguous. GPUs stay contiguous under
-    ``"auto"``: fp32 cuDNN convolutions there were not measured in this format. The choice
-    depends on the model and device only, never on a timing, so the same audit always makes it.
+    3-D ResNet-18 at 64³; equal at 64² and 128², see ``benchmarks/README.md``). A model that
+    raises in it (e.g. a ``view`` that needs contiguous activations) or disagrees stays
+    contiguous. GPUs stay contiguous under ``"auto"``: fp32 cuDNN convolutions there were not
+    measured in this format. The choice depends on the model and device only, never on a
+    timing, so the same audit always makes it.
     """
     setting = config.audit.channels_last
     module = model.module
