@@ -22,6 +22,7 @@ from . import __version__
 from .config import STARTER_CONFIG, Config, load_config
 from .errors import MedauditError
 from .fastexit import exit_when_done
+from .memory import tune_allocator
 from .plugin_manager import PluginManager, get_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -366,8 +367,13 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
 
 
 def main() -> None:
-    """The console entry point (``medaudit`` and ``python -m medaudit.cli``); a finished command
-    ends the process without the interpreter's teardown (:mod:`medaudit.fastexit`)."""
+    """The console entry point (``medaudit`` and ``python -m medaudit.cli``).
+
+    The process is the command's own, so the C allocator is tuned for an audit
+    (:func:`medaudit.memory.tune_allocator`), and a finished command ends the process without the
+    interpreter's teardown (:mod:`medaudit.fastexit`).
+    """
+    tune_allocator()
     try:
         cli(prog_name="medaudit")
     except SystemExit as exc:

@@ -23,6 +23,7 @@ from .config import Config
 from .data import DatasetIdentity
 from .detector import Detector
 from .errors import ModelOutputError, PluginError
+from .memory import release_free_memory
 from .metric import Metric, MetricContext
 from .model import LoadedModel
 from .outputs import AuditOutputs
@@ -139,6 +140,7 @@ def build_results(
                                output_kind=fwd.output_kind, device=dev)
     warnings += shift.warnings
     phases.lap("detectors")
+    release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
 
     directions: dict[str, bool] = {}
     raw: dict[str, dict[str, Tensor]] = {}
@@ -161,6 +163,7 @@ def build_results(
         })
 
     phases.lap("metrics")
+    release_free_memory()
     external_arrays: dict[str, dict[str, Tensor]] = {}
     for ext in ood_sets or []:
         m = ext.labels.shape[0]

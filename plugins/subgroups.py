@@ -547,7 +547,9 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     ctx = outputs.ctx
     probs_all = outputs.probs.detach().cpu()
     labels = outputs.labels.detach().cpu()
-    weights = outputs.bootstrap_weights.detach().cpu().to(torch.float64)
+    # float32 counts as given: every path converts its chunk of rows (a float64 copy of the whole
+    # [1 + R, N] matrix was the analysis phase's peak memory at 30,000 samples)
+    weights = outputs.bootstrap_weights.detach().cpu()
     k = probs_all.shape[-1]
     names = class_names(ctx, k)
     # rounded so that 0.95 gives exactly 0.05 and an adjusted p of 0.05 is not "significant"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 
 from medaudit.config import Config
 from medaudit.data import AuditDataset
+from medaudit.detector import Detector
 from medaudit.errors import ConfigError, ModelError, ModelOutputError
 from medaudit.model import LoadedModel
 from medaudit.outputs import Scenario
@@ -306,3 +308,45 @@ def test_prefetched_yields_in_order_and_reraises_in_the_consumer() -> None:
     gen = prefetched(iter(items), depth=1)
     next(gen)
     gen.close()
+
+
+class _LogitDetector(Detector):
+    """Embeds the logits, optionally as futures resolved later or with a width that changes."""
+
+    needs = "logits"
+
+    def __init__(self, name: str, as_future: bool = False, widen_after: int | None = None) -> None:
+        self.name, self.as_future, self.widen_after, self.calls = name, as_future, widen_after, 0
+
+    def embed(self, logits: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor | Future[torch.Tensor]:
+        self.calls += 1
+        emb = logits * 2.0
+        if self.widen_after is not None and self.calls > self.widen_after:
+            emb = torch.cat([emb, emb], dim=1)
+        if self.as_future:
+            fut: Future[torch.Tensor] = Future()
+            fut.set_result(emb)
+            return fut
+        return emb
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings[:, 0]
+
+
+def test_shard_outputs_are_whole_per_sample_arrays_from_tensors_and_futures() -> None:
+    cfg, ds, model = _setup(n=23, batch_size=10)
+    scenarios = [Scenario.clean(), Scenario.perturbed("intensity.gamma", "intensity", 3)]
+    dets = [_LogitDetector("plain"), _LogitDetector("later", as_future=True), _LogitDetector("widens", widen_after=2)]
+    fwd = run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, {"intensity.gamma": Gamma()},
+                      torch.device("cpu"), detectors=dets, shard_size=20)
+    with torch.inference_mode():
+        logits = model.module(torch.as_tensor(ds.images)[:, None])
+    # Row i of every output is sample i, across batches (10) and shards (20).
+    assert torch.allclose(fwd.embeddings["plain"][0], logits * 2.0, atol=1e-6)
+    assert torch.equal(fwd.embeddings["later"], fwd.embeddings["plain"])
+    assert torch.allclose(fwd.probs[0], torch.softmax(logits, dim=1), atol=1e-6)
+    assert fwd.params["intensity.gamma@3"]["log_gamma"].shape == (23,)
+    assert not torch.isnan(fwd.params["intensity.gamma@3"]["log_gamma"]).any()
+    # An embedding whose width changes between batches drops that detector, named, not the audit.
+    assert "widens" not in fwd.embeddings
+    assert "per-sample shape (6,) differs from the earlier batches' (3,)" in fwd.failed_detectors["widens"]
