@@ -245,7 +245,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     # Embeddings a detector computes off the device's critical path arrive as futures, resolved at
     # the end of the shard: (scenario, detector) -> [(row offset, future)].
     pending: dict[tuple[str, str], list[tuple[int, Future[Tensor]]]] = {}
-    param_keys: dict[str, set[str]] = {s.id: set() for s in scenarios}
+    param_keys: dict[str, dict[str, None]] = {s.id: {} for s in scenarios}  # in the order a perturbation gives them
     clock = _ScenarioClock(spec.device, [s.id for s in scenarios])
     # NaN/Inf outputs are flagged on the device and checked once per shard: a per-batch check
     # would stall the GPU queue at every scenario.
@@ -303,7 +303,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
             for k, v in p.items():
                 # Scalar per-sample parameters are kept for the results; keys and vectors are not.
                 if v.ndim == 1 and not k.endswith("key"):
-                    param_keys[scenario.id].add(k)
+                    param_keys[scenario.id][k] = None
                     rows.put(("params", scenario.id, k), offset, v.float())
             clock.stop(scenario.id)
         offset += x.shape[0]
@@ -329,7 +329,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
         probs={sid: rows.pop(("probs", sid)) for sid in kept},
         embeddings={sid: {name: rows.pop(key) for name in detector_names if (key := ("embeddings", sid, name)) in rows.rows}
                     for sid in kept},
-        params={sid: {k: rows.pop(("params", sid, k)) for k in sorted(param_keys[sid])} for sid in kept},
+        params={sid: {k: rows.pop(("params", sid, k)) for k in param_keys[sid]} for sid in kept},
         seconds=seconds, failed=failed, failed_detectors=failed_detectors,
     )
 
