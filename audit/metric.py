@@ -69,6 +69,12 @@ class Metric(ABC):
         -------
         dict mapping result key to a float tensor ``[R]``; NaN where undefined for that row
         (e.g. AUROC of a resample that holds one class only).
+
+        Notes
+        -----
+        :func:`medaudit.bootstrap.evaluate` calls this once per chunk of weight rows; wrap work
+        that does not depend on ``weights`` in :func:`medaudit.bootstrap.row_invariant` so that
+        it runs once per call.
         """
 
     def curves(self, probs: Tensor, labels: Tensor, ctx: MetricContext) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from medaudit.bootstrap import check_predictions
+from medaudit.bootstrap import check_predictions, row_invariant
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 
@@ -82,9 +82,13 @@ def group_sums(weights: Tensor, group: Tensor, n_groups: int, mask: Tensor | Non
     return torch.zeros(weights.shape[0], n_groups, dtype=weights.dtype, device=weights.device).index_add_(1, group, w)
 
 
-def binary_roc_sums(scores: Tensor, positive: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Weighted positives and negatives per tie group, ascending score: two ``[R, G]`` tensors."""
-    group, g = tie_groups(scores)
+def binary_roc_sums(scores: Tensor, positive: Tensor, weights: Tensor,
+                    groups: tuple[Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Weighted positives and negatives per tie group, ascending score: two ``[R, G]`` tensors.
+
+    ``groups``: ``tie_groups(scores)`` when the caller already has it.
+    """
+    group, g = groups if groups is not None else tie_groups(scores)
     pos = group_sums(weights, group, g, positive)
     neg = group_sums(weights, group, g, ~positive)
     return pos, neg
@@ -196,7 +200,7 @@ class ClassificationMetrics(Metric):
             return self._multilabel(probs, labels, w, ctx)
         k = probs.shape[1]
         names = class_names(ctx, k)
-        labels = labels.to(probs.device, torch.int64)
+        labels_in, labels = labels, labels.to(probs.device, torch.int64)
         if ctx.task == "binary":
             pred = (probs[:, 1] >= ctx.threshold).to(torch.int64)
         else:
@@ -211,8 +215,13 @@ class ClassificationMetrics(Metric):
             "balanced_accuracy": _nanmean_rows(sens),
             "f1_macro": _nanmean_rows(safe_div(2 * tp, 2 * tp + fp + fn)),
         }
+        def roc_sums(c: int) -> tuple[Tensor, Tensor]:
+            scores = probs[:, c].double()
+            groups = row_invariant(probs, labels_in, ("classification", "tie_groups", c), lambda: tie_groups(scores))
+            return binary_roc_sums(scores, labels == c, w, groups)
+
         if ctx.task == "binary":
-            pos, neg = binary_roc_sums(probs[:, 1].double(), labels == 1, w)
+            pos, neg = roc_sums(1)
             out["auroc"] = auroc_from_sums(pos, neg)
             out["sensitivity"] = sens[:, 1]
             out["specificity"] = spec[:, 1]
@@ -220,7 +229,7 @@ class ClassificationMetrics(Metric):
         else:
             per_class = []
             for c in range(k):  # a loop over classes (K is small), never over resamples
-                pos, neg = binary_roc_sums(probs[:, c].double(), labels == c, w)
+                pos, neg = roc_sums(c)
                 per_class.append(auroc_from_sums(pos, neg))
             # strict macro: NaN propagates (a class without positives makes OvR AUROC undefined)
             out["auroc"] = torch.stack(per_class, dim=1).mean(dim=1)
@@ -245,7 +254,9 @@ class ClassificationMetrics(Metric):
         per["balanced_accuracy"] = (per["sensitivity"] + per["specificity"]) / 2
         aurocs, sas = [], []
         for c in range(k):
-            pos, neg = binary_roc_sums(probs[:, c].double(), y[:, c], w)
+            scores = probs[:, c].double()
+            groups = row_invariant(probs, labels, ("classification", "tie_groups", c), lambda: tie_groups(scores))
+            pos, neg = binary_roc_sums(scores, y[:, c], w, groups)
             aurocs.append(auroc_from_sums(pos, neg))
             sas.append(sensitivity_at_specificity_from_sums(pos, neg, ctx.target_specificity))
         per["auroc"] = torch.stack(aurocs, dim=1)
@@ -328,7 +339,8 @@ class SelectivePredictionMetrics(Metric):
         w = _as_weights(weights, probs)
         conf, pred = probs.double().max(dim=1)
         wrong = pred != labels.to(probs.device, torch.int64)
-        group, g = tie_groups(conf, descending=True)
+        group, g = row_invariant(probs, labels, ("selective_prediction", "tie_groups"),
+                                 lambda: tie_groups(conf, descending=True))
         aurc, optimal = aurc_from_sorted_groups(group_sums(w, group, g), group_sums(w, group, g, wrong))
         confident_wrong = (conf >= CONFIDENT_ERROR_THRESHOLD) & wrong
         return {

@@ -8,7 +8,7 @@ import torch
 
 from medaudit import bootstrap as bs
 from medaudit.bootstrap import bootstrap_weights, evaluate, interval, paired_drop, small_n_warnings
-from medaudit.metric import MetricContext
+from medaudit.metric import Metric, MetricContext
 from medaudit.plugins.calibration import CalibrationMetrics
 from medaudit.plugins.classification import ClassificationMetrics, SelectivePredictionMetrics
 
@@ -235,3 +235,79 @@ def test_evaluate_names_a_metric_returning_the_wrong_number_of_values(monkeypatc
     monkeypatch.setattr(bs, "_CHUNK_ELEMENTS", 4 * 30)
     with pytest.raises(ValueError, match=r"metric 'faulty' returned \d+ values for 'v', expected 10"):
         evaluate([Faulty()], p, y, w, MetricContext("multiclass", ("a", "b", "c")))
+
+
+class _CountingMetric(Metric):
+    """Mean of p_0 per weight row; its row-invariant work counts how often it really runs."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.computed = 0
+        self.calls = 0
+
+    def compute(self, probs, labels, weights, ctx):  # type: ignore[no-untyped-def]
+        self.calls += 1
+
+        def work() -> torch.Tensor:
+            self.computed += 1
+            return probs[:, 0].double()
+
+        p0 = bs.row_invariant(probs, labels, ("counting", "p0"), work)
+        w = weights.double()
+        return {"mean_p0": (w @ p0) / w.sum(dim=1)}
+
+
+def test_row_invariant_work_runs_once_per_evaluate_call_and_only_for_its_inputs() -> None:
+    n = 40_000  # 2**18 // n = 6 weight rows per chunk: 13 rows are three chunks
+    probs = torch.softmax(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1))
+    weights = bootstrap_weights(n, 12, seed=0)
+    ctx = MetricContext("multiclass", ("a", "b", "c"))
+    metric = _CountingMetric()
+    _, raw = evaluate([metric], probs, labels, weights, ctx)
+    assert (metric.calls, metric.computed) == (3, 1)
+    expected = (weights.double() @ probs[:, 0].double()) / weights.double().sum(dim=1)
+    assert torch.allclose(raw["mean_p0"], expected, rtol=1e-12)
+    evaluate([metric], probs, labels, weights, ctx)  # a new call computes it anew
+    assert metric.computed == 2
+    metric.compute(probs, labels, weights, ctx)  # outside evaluate: no cache
+    metric.compute(probs, labels, weights, ctx)
+    assert metric.computed == 4
+
+
+def test_row_invariant_is_not_used_for_other_predictions_inside_evaluate() -> None:
+    n = 40_000
+    probs = torch.softmax(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(1))
+    other = probs.flip(0)
+    seen: list[torch.Tensor] = []
+
+    class Nested(Metric):
+        name = "nested"
+
+        def compute(self, probs, labels, weights, ctx):  # type: ignore[no-untyped-def]
+            for p in (probs, other):  # the same key, different predictions: never each other's value
+                seen.append(bs.row_invariant(p, labels, ("nested",), lambda: p[:, 0].clone()))
+            return {"x": weights.double().sum(dim=1)}
+
+    evaluate([Nested()], probs, labels, bootstrap_weights(n, 12, seed=0), MetricContext("multiclass", ("a", "b", "c")))
+    assert all(torch.equal(s, (probs if i % 2 == 0 else other)[:, 0]) for i, s in enumerate(seen))
+
+
+@pytest.mark.parametrize("task,k", [("binary", 2), ("multiclass", 4), ("multilabel", 3)])
+def test_builtin_metrics_with_row_invariant_work_equal_one_whole_call(task: str, k: int) -> None:
+    n = 40_000  # three chunks of rows in evaluate, one call with every row here
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(n, k, generator=gen).round(decimals=1)  # ties in every score
+    if task == "multilabel":
+        probs, labels = torch.sigmoid(logits), torch.randint(0, 2, (n, k), generator=gen)
+    else:
+        probs, labels = torch.softmax(logits, dim=1), torch.randint(0, k, (n,), generator=gen)
+    weights = bootstrap_weights(n, 12, seed=3)
+    ctx = MetricContext(task, tuple("abcd"[:k]))
+    metrics = [ClassificationMetrics(), CalibrationMetrics()] + ([SelectivePredictionMetrics()] if task != "multilabel" else [])
+    _, raw = evaluate(metrics, probs, labels, weights, ctx)
+    for metric in metrics:
+        for key, val in metric.compute(probs, labels, weights, ctx).items():
+            assert torch.allclose(raw[key], val.double(), rtol=1e-12, atol=1e-15, equal_nan=True), key
