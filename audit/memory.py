@@ -1,4 +1,4 @@
-"""Handing the C heap's free pages back to the operating system between phases of an audit.
+"""The C heap during an audit: freed pages kept for reuse within a phase, returned after it.
 
 glibc's ``malloc`` keeps memory that was freed inside its heaps for reuse, and it can only shrink a
 heap from the top: a few long-lived tensors allocated late (the merged outputs of a shard, the
