@@ -88,7 +88,7 @@ def row_invariant(probs: Tensor, labels: Tensor, key: tuple[Any, ...], compute: 
     key : tuple
         Names the work among everything the metrics of one call keep: start it with the
         metric's name, then what the work depends on besides ``probs`` and ``labels``
-        (e.g. ``("auroc", class_index)``).
+        (e.g. ``("classification", "tie_groups", class_index)``).
     compute : callable
         The work; called at most once per :func:`evaluate` call and key.
     """

@@ -147,7 +147,7 @@ def _sorted_bin_sums(prefix: Tensor, bounds: Tensor) -> Tensor:
 
 
 def calibration_errors(conf: Tensor, hit: Tensor, weights: Tensor, n_bins: int,
-                       sorted_conf: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+                       presorted: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """``ece``, ``mce`` (equal-width bins) and ``ace`` (equal-mass bins) of one confidence/hit pair.
 
     Both binnings are read from the same prefix sums: in confidence order every bin, of either
@@ -162,7 +162,7 @@ def calibration_errors(conf: Tensor, hit: Tensor, weights: Tensor, n_bins: int,
     hit : Tensor ``[N]`` float64 in {0, 1}.
     weights : Tensor ``[R, N]`` float64.
     n_bins : int
-    sorted_conf : (Tensor, Tensor), optional
+    presorted : (Tensor, Tensor), optional
         ``torch.sort(conf)`` when the caller already has it.
 
     Returns
@@ -170,7 +170,7 @@ def calibration_errors(conf: Tensor, hit: Tensor, weights: Tensor, n_bins: int,
     dict of ``[R]`` tensors.
     """
     r, n = weights.shape
-    sorted_conf, order = sorted_conf if sorted_conf is not None else torch.sort(conf)
+    sorted_conf, order = presorted if presorted is not None else torch.sort(conf)
     w = torch.gather(weights, 1, order.expand(r, n))  # 3x faster than weights[:, order] on a CPU
     # prefix sums with a leading zero column: count, confidence and hit mass of the first k samples
     sums = weights.new_zeros(3, r, n + 1)
@@ -286,7 +286,7 @@ class CalibrationMetrics(Metric):
         conf, hit = top_label(probs, labels)
         order = row_invariant(probs, labels_in, ("calibration", "sorted_conf"), lambda: torch.sort(conf))
         out = calibration_errors(conf, hit, w, ctx.n_bins, order)
-        columns = row_invariant(probs, labels_in, ("calibration", "classwise_columns", ctx.n_bins),
+        columns = row_invariant(probs, labels_in, ("calibration", "classwise_columns"),
                                 lambda: classwise_columns(probs, onehot, ctx.n_bins))
         out["classwise_ece"] = classwise_ece(probs, onehot, w, ctx.n_bins, columns).mean(dim=1)
         out["brier"] = safe_div(w @ ((p - onehot) ** 2).sum(dim=1), total)

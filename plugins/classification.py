@@ -94,6 +94,14 @@ def binary_roc_sums(scores: Tensor, positive: Tensor, weights: Tensor,
     return pos, neg
 
 
+def _class_roc_sums(probs: Tensor, labels: Tensor, c: int, positive: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`binary_roc_sums` of class ``c``'s probabilities; their tie groups are computed once
+    per :func:`medaudit.bootstrap.evaluate` call (``labels``: as the metric received them)."""
+    scores = probs[:, c].double()
+    groups = row_invariant(probs, labels, ("classification", "tie_groups", c), lambda: tie_groups(scores))
+    return binary_roc_sums(scores, positive, weights, groups)
+
+
 def auroc_from_sums(pos: Tensor, neg: Tensor) -> Tensor:
     r"""Weighted AUROC from per-group sums (ascending score), ``[R]``.
 
@@ -215,13 +223,8 @@ class ClassificationMetrics(Metric):
             "balanced_accuracy": _nanmean_rows(sens),
             "f1_macro": _nanmean_rows(safe_div(2 * tp, 2 * tp + fp + fn)),
         }
-        def roc_sums(c: int) -> tuple[Tensor, Tensor]:
-            scores = probs[:, c].double()
-            groups = row_invariant(probs, labels_in, ("classification", "tie_groups", c), lambda: tie_groups(scores))
-            return binary_roc_sums(scores, labels == c, w, groups)
-
         if ctx.task == "binary":
-            pos, neg = roc_sums(1)
+            pos, neg = _class_roc_sums(probs, labels_in, 1, labels == 1, w)
             out["auroc"] = auroc_from_sums(pos, neg)
             out["sensitivity"] = sens[:, 1]
             out["specificity"] = spec[:, 1]
@@ -229,7 +232,7 @@ class ClassificationMetrics(Metric):
         else:
             per_class = []
             for c in range(k):  # a loop over classes (K is small), never over resamples
-                pos, neg = roc_sums(c)
+                pos, neg = _class_roc_sums(probs, labels_in, c, labels == c, w)
                 per_class.append(auroc_from_sums(pos, neg))
             # strict macro: NaN propagates (a class without positives makes OvR AUROC undefined)
             out["auroc"] = torch.stack(per_class, dim=1).mean(dim=1)
@@ -254,9 +257,7 @@ class ClassificationMetrics(Metric):
         per["balanced_accuracy"] = (per["sensitivity"] + per["specificity"]) / 2
         aurocs, sas = [], []
         for c in range(k):
-            scores = probs[:, c].double()
-            groups = row_invariant(probs, labels, ("classification", "tie_groups", c), lambda: tie_groups(scores))
-            pos, neg = binary_roc_sums(scores, y[:, c], w, groups)
+            pos, neg = _class_roc_sums(probs, labels, c, y[:, c], w)
             aurocs.append(auroc_from_sums(pos, neg))
             sas.append(sensitivity_at_specificity_from_sums(pos, neg, ctx.target_specificity))
         per["auroc"] = torch.stack(aurocs, dim=1)
