@@ -622,6 +622,25 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _merged(shards: list[ShardOutputs], ids: list[str], take: Callable[[ShardOutputs, str], Tensor]) -> Tensor:
+    """``[S, N, ...]`` from every shard's ``[n, ...]`` part of every scenario, in index order.
+
+    The result is allocated once and ``take`` pops each part from its shard, so a part is freed as
+    soon as it is copied: the merge holds the result and one part. Stacking concatenations held
+    the parts, the concatenations and the result at once (at N = 20,000 on the example audit the
+    merge raised the forward phase's peak by 84 MB).
+    """
+    out: Tensor | None = None
+    for s, sid in enumerate(ids):
+        for sh in shards:
+            part = take(sh, sid)
+            if out is None:
+                out = part.new_empty((len(ids), shards[-1].stop, *part.shape[1:]))
+            out[s, sh.start : sh.stop] = part
+    assert out is not None  # callers pass at least one shard and one scenario
+    return out
+
+
 def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, config: Config,
                 scenarios: list[Scenario], perturbations: dict[str, Perturbation], device: torch.device,
                 detectors: Sequence[Detector] = (), cache: ShardCache | None = None, shard_size: int = 2048,
@@ -684,13 +703,11 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     scenarios = [s for s in scenarios if s.id not in failures]
     detectors = [d for d in detectors if d.name not in failed_detectors]
     ids = [s.id for s in scenarios]
-    probs = torch.stack([torch.cat([sh.probs[sid] for sh in shards]) for sid in ids])
+    probs = _merged(shards, ids, lambda sh, sid: sh.probs.pop(sid))
     embeddings: dict[str, Tensor] = {}
     for d in detectors:
         if all(d.name in sh.embeddings.get(sid, {}) for sh in shards for sid in ids):
-            # pop: each shard's part is freed once merged, so the merge holds one detector's
-            # embeddings twice at most instead of every detector's
-            embeddings[d.name] = torch.stack([torch.cat([sh.embeddings[sid].pop(d.name) for sh in shards]) for sid in ids])
+            embeddings[d.name] = _merged(shards, ids, lambda sh, sid, name=d.name: sh.embeddings[sid].pop(name))
     params = {sid: {k: torch.cat([sh.params[sid][k] for sh in shards]) for k in shards[0].params.get(sid, {})} for sid in ids}
     seconds = {sid: sum(sh.seconds.get(sid, 0.0) for sh in shards) for sid in ids}
     del shards

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .bootstrap import interval
 from .detector import Detector
+from .memory import release_free_memory
 from .ood_metrics import auroc_within, detection_measures
 
 __all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors", "evaluate_external"]
@@ -62,13 +63,15 @@ def cross_fit_halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[: n // 2].sort().values, perm[n // 2 :].sort().values
 
 
-def _score_all(det: Detector, emb: Tensor, device: torch.device) -> Tensor:
-    """Score ``[S, n, D]`` embeddings on ``device`` one scenario at a time, returning ``[S, n]`` on the CPU.
+def _score_all(det: Detector, emb: Tensor, device: torch.device, rows: Tensor | None = None) -> Tensor:
+    """Score ``[S, N, D]`` embeddings (only ``rows`` of each scenario, when given) on ``device``,
+    one scenario at a time, returning ``[S, n]`` on the CPU.
 
-    Moving one scenario at a time bounds the device memory to one ``[n, D]`` block whatever the
-    number of scenarios.
+    One scenario at a time bounds the device memory, and the host memory of selecting ``rows``,
+    to one ``[n, D]`` block whatever the number of scenarios.
     """
-    return torch.stack([det.score(emb[s].to(device)).reshape(-1).double().cpu() for s in range(emb.shape[0])])
+    return torch.stack([det.score((emb[s] if rows is None else emb[s, rows]).to(device)).reshape(-1).double().cpu()
+                        for s in range(emb.shape[0])])
 
 
 def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed: int,
@@ -88,7 +91,7 @@ def _fit_and_score(det: Detector, emb: Tensor, labels: Tensor, clean: int, seed:
         # A fresh copy per half: detectors keep fitted state on themselves.
         fitted = copy.deepcopy(det)
         fitted.fit(emb[clean, fit_idx].to(device), labels[fit_idx].to(device))
-        scores[:, score_idx] = _score_all(fitted, emb[:, score_idx], device)
+        scores[:, score_idx] = _score_all(fitted, emb, device, score_idx)
         fits.append(fitted)
     return scores, fits
 
@@ -187,6 +190,10 @@ def evaluate_detectors(
         except Exception as exc:  # e.g. spectral on a layer without spatial extent, or a broken plugin
             result.warnings.append(f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}")
             continue
+        finally:
+            # Scoring's transients (knn distance blocks, index copies) are freed; return their pages
+            # before the next detector, or each detector's fragments add to the phase's peak.
+            release_free_memory()
         if bool(torch.isnan(scores).any()) or bool(torch.isinf(scores).any()):
             result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -190,24 +191,46 @@ def test_detectors_run_on_cuda() -> None:
         torch.testing.assert_close(s.cpu(), det.score(emb_cpu[30:]), atol=1e-3, rtol=1e-3)
 
 
+def _blocks_seen(call: Callable[[], object]) -> list[int]:
+    """Run ``call``; the size of every distance block ``kth_nn_distance`` wrote meanwhile."""
+    seen: list[int] = []
+    real = torch.addmm
+
+    def spy(*args: object, out: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append(out.shape[0] * out.shape[1])
+        return real(*args, out=out, **kwargs)
+
+    torch.addmm = spy
+    try:
+        call()
+    finally:
+        torch.addmm = real
+    return seen
+
+
 def test_kth_nn_distance_in_bounded_blocks_matches_brute_force() -> None:
     from medaudit.plugins.ood import kth_nn_distance
 
     g = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
-    brute = torch.cdist(queries, bank).kthvalue(3, dim=1).values
-    seen: list[int] = []
-    real = torch.cdist
-
-    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        seen.append(a.shape[0] * b.shape[0])
-        return real(a, b)
-
-    torch.cdist = spy
-    try:
-        blocked = kth_nn_distance(queries, bank, 3, block=100)  # 2 queries x 40 bank entries per block
-    finally:
-        torch.cdist = real
+    distances = ((queries[:, None, :] - bank[None]) ** 2).sum(-1).sqrt()  # by definition, no expansion
+    blocked: list[torch.Tensor] = []
+    seen = _blocks_seen(lambda: blocked.append(kth_nn_distance(queries, bank, 3, block=100)))  # 2 queries x 40
     assert max(seen) <= 100 and len(seen) == 25
-    torch.testing.assert_close(blocked, brute, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kth_nn_distance(queries, bank, 3), brute, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked[0], distances.kthvalue(3, dim=1).values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kth_nn_distance(queries, bank, 3), distances.kthvalue(3, dim=1).values,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kth_nn_distance(queries, bank, 40), distances.max(dim=1).values, rtol=1e-12, atol=1e-12)
+    # a query in the bank is at distance zero (not NaN from the root of a rounding error below zero)
+    assert float(kth_nn_distance(bank[:5].clone(), bank, 1).max()) < 1e-7
+    assert kth_nn_distance(queries[:0], bank, 3).shape == (0,)
+
+
+def test_kth_nn_distance_default_blocks_on_a_cpu_stay_small() -> None:
+    """2**21 distances (16 MiB) per block on a CPU, whatever the bank: the peak does not grow with N."""
+    from medaudit.plugins.ood import kth_nn_distance
+
+    g = torch.Generator().manual_seed(1)
+    queries, bank = torch.randn(3000, 4, generator=g, dtype=torch.float64), torch.randn(5000, 4, generator=g, dtype=torch.float64)
+    seen = _blocks_seen(lambda: kth_nn_distance(queries, bank, 5))
+    assert max(seen) <= 1 << 21 and len(seen) == -(-3000 // ((1 << 21) // 5000))
