@@ -34,7 +34,7 @@ from .perturbation import Perturbation
 from .plugin_manager import PluginManager
 from .results import Results, dumps
 from .rng import RNG_VERSION
-from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device
+from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -197,47 +197,48 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     age = process_age()
     if age is not None:
         phases.seconds["startup"] = age
-    prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
-    phases.lap("prepare")
-    cfg = prep.config
-    log(f"medaudit {__version__}: {len(prep.scenarios)} scenarios × {len(prep.dataset)} samples on {prep.device}")
-    cache_root = cfg.output.dir / ".medaudit-cache"
-    cache = ShardCache(cache_root, cache_fingerprint(prep, shard_size))
-    if not resume:
-        shutil.rmtree(cache.dir, ignore_errors=True)
-    fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
-                      prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners)
-    prep.warnings.extend([*fwd.failures.values(), *fwd.failed_detectors.values()])
-    prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
-    if fwd.resumed_shards:
-        log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
-    phases.lap("forward")
-    reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
-    ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
-    phases.lap("external")
-    assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
-    phases.lap("preview")
-    catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
-    evaluation = build_results(
-        pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
-        prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
-        prep.warnings, reference, ood_sets, assets, phases)
-    results = evaluation.results
-    from .report import render_report
+    with torch_threads(config.audit.threads):  # the user's choice, for this audit only
+        prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
+        phases.lap("prepare")
+        cfg = prep.config
+        log(f"medaudit {__version__}: {len(prep.scenarios)} scenarios × {len(prep.dataset)} samples on {prep.device}")
+        cache_root = cfg.output.dir / ".medaudit-cache"
+        cache = ShardCache(cache_root, cache_fingerprint(prep, shard_size))
+        if not resume:
+            shutil.rmtree(cache.dir, ignore_errors=True)
+        fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
+                          prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners)
+        prep.warnings.extend([*fwd.failures.values(), *fwd.failed_detectors.values()])
+        prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
+        if fwd.resumed_shards:
+            log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
+        phases.lap("forward")
+        reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
+        ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
+        phases.lap("external")
+        assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
+        phases.lap("preview")
+        catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
+        evaluation = build_results(
+            pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
+            prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
+            prep.warnings, reference, ood_sets, assets, phases)
+        results = evaluation.results
+        from .report import render_report
 
-    html = render_report(results, pm)
-    if results.timing is not None:  # results.json only: the report cannot time its own rendering
-        results.timing.phases["report"] = time.perf_counter() - phases.last
-    with AtomicOutputDir(cfg.output.dir) as stage:
-        (stage / "results.json").write_text(dumps(results), encoding="utf-8")
-        if cfg.output.report:
-            (stage / "report.html").write_text(html, encoding="utf-8")
-        if cfg.output.save_predictions:
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))
-            (stage / "predictions.npz").write_bytes(buf.getvalue())
-    if junit is not None:
-        write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
-    cache.flush()
-    shutil.rmtree(cache_root, ignore_errors=True)
-    return results
+        html = render_report(results, pm)
+        if results.timing is not None:  # results.json only: the report cannot time its own rendering
+            results.timing.phases["report"] = time.perf_counter() - phases.last
+        with AtomicOutputDir(cfg.output.dir) as stage:
+            (stage / "results.json").write_text(dumps(results), encoding="utf-8")
+            if cfg.output.report:
+                (stage / "report.html").write_text(html, encoding="utf-8")
+            if cfg.output.save_predictions:
+                buf = io.BytesIO()
+                np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))
+                (stage / "predictions.npz").write_bytes(buf.getvalue())
+        if junit is not None:
+            write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
+        cache.flush()
+        shutil.rmtree(cache_root, ignore_errors=True)
+        return results

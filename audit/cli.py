@@ -123,6 +123,7 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--bootstrap", type=int, help="Bootstrap resamples for confidence intervals.")
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
+@click.option("--threads", type=int, help="CPU threads for torch (default: one per core; on a shared machine, the free cores).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Channels-last memory format for the model and its inputs (default: audit.channels_last, "
                    "auto: on a CPU when the model gives the same outputs in it).")
@@ -141,7 +142,7 @@ def _severities(value: str | None) -> list[int] | None:
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
         batch_size: int | None, model_batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
-        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None,
+        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: int | None,
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
@@ -162,7 +163,8 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         "output.dir": str(out) if out else None, "audit.device": device, "audit.batch_size": batch_size,
         "audit.model_batch_size": model_batch_size,
         "audit.seed": seed, "audit.severities": _severities(severities), "audit.bootstrap": bootstrap,
-        "audit.num_workers": workers, "audit.precision": precision, "audit.channels_last": channels_last, "output.save_predictions": save_predictions,
+        "audit.num_workers": workers, "audit.precision": precision, "audit.threads": threads,
+        "audit.channels_last": channels_last, "output.save_predictions": save_predictions,
         "checks": list(file_checks) + list(fail_on) if fail_on else None,
     }
     if suites:

@@ -124,6 +124,12 @@ class AuditConfig(_Section):
     energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector")
     knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads torch uses for the model and the statistics (torch.set_num_threads); "
+                                "None: torch's default, one per core. On a machine shared with other CPU-heavy jobs "
+                                "set it to the cores that are free: with more threads than free cores every parallel "
+                                "operation waits for a descheduled thread (one busy process on 2 cores made a 2-thread "
+                                "audit 6-21x slower, a 1-thread one was unaffected)")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format for model and inputs: true, false, or auto (on a CPU when "
                             "the model runs in it with the same outputs; its convolutions are faster there)")
@@ -251,6 +257,7 @@ audit:
   severities: [1, 2, 3, 4, 5]
   seed: 0
   device: auto            # auto | cpu | cuda | cuda:N
+  # threads: 2            # CPU threads for torch (default: one per core; fewer on a shared machine)
   batch_size: 32
   bootstrap: 1000         # resamples for 95% confidence intervals
   n_bins: 15

@@ -216,7 +216,7 @@ def build_results(
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
         "plugins": {i.name: f"{i.distribution} {i.version}".strip() for i in pm.infos.values()},
         "platform": platform.platform(), "precision": cfg.audit.precision,
-        "memory_format": fwd.memory_format,
+        "memory_format": fwd.memory_format, "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
     }
     results: dict[str, Any] = {

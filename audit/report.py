@@ -279,7 +279,8 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("Metadata columns", ", ".join(d["metadata_columns"]) or "none"),
         ("medaudit", r["medaudit_version"]), ("Python / torch", f"{e['python']} / {e['torch']}"),
         ("Platform", e.get("platform") or "–"),
-        ("Device", f"{e['device']} ({e['device_name']})"),
+        ("Device", f"{e['device']} ({e['device_name']})"
+                   + (f", {e['threads']} CPU thread{'s' if e['threads'] != 1 else ''}" if e.get("threads") else "")),
         ("Precision", e["precision"] + (", channels-last memory format" if e.get("memory_format") == "channels_last" else "")),
         ("Seed", str(r["seed"])),
         ("Command", r["command"]), ("Created", r["created_at"]),

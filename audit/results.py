@@ -98,6 +98,7 @@ class Environment(_Model):
     device_name: str = ""
     precision: str = "fp32"
     memory_format: str = Field("contiguous", description="memory format of the forward passes: contiguous or channels_last")
+    threads: int | None = Field(None, description="CPU threads torch used (torch.get_num_threads())")
 
 
 class Check(_Model):

@@ -63,6 +63,19 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` CPU threads for torch's operators (None: leave them as they
+    are), and restore the previous number afterwards: the setting is process-wide."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def plan_scenarios(config: Config, catalogue: dict[str, tuple[str, type[Perturbation]]]) -> tuple[list[Scenario], dict[str, Perturbation]]:
     """Choose perturbations from the config and expand them to scenarios (clean first).
 

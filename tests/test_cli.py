@@ -343,3 +343,34 @@ def test_resume_fingerprint_separates_device_kinds_and_memory_format_settings() 
     assert cache_fingerprint(dataclasses.replace(prep, device=torch.device("cuda")), 2048) != base
     prep.config.audit.channels_last = False
     assert cache_fingerprint(prep, 2048) != base
+
+
+def test_threads_option_applies_to_the_audit_only_and_is_recorded(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    want = before + 1  # differs from the process's setting, whatever the machine
+    seen: list[int] = []
+    from medaudit import evaluate
+
+    original = evaluate.evaluate_detectors
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    evaluate.evaluate_detectors = spy
+    try:
+        res = CliRunner().invoke(cli, ["run", str(MODEL), "--data", str(DATA), "--config", str(CONFIG), "--out",
+                                       str(tmp_path / "o"), "--quiet", "--threads", str(want), "--fail-on",
+                                       "clean.accuracy<0.5", *FAST])
+    finally:
+        evaluate.evaluate_detectors = original
+    assert res.exit_code == 0, res.output
+    assert seen == [want] and torch.get_num_threads() == before  # set for the audit, restored after it
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["environment"]["threads"] == want and results["config"]["audit"]["threads"] == want
+    assert f"{want} CPU threads" in (tmp_path / "o" / "report.html").read_text()
+    bad = run(["run", str(MODEL), "--data", str(DATA), "--config", str(CONFIG), "--out", str(tmp_path / "b"),
+               "--threads", "0"])
+    assert bad.returncode == 2 and "audit.threads" in bad.stderr and not (tmp_path / "b").exists()
