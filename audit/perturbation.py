@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextvars
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -118,6 +118,39 @@ class Perturbation(ABC):
             return rng.uniform(1, low=spec[0], high=spec[1])[:, 0]
         return torch.full((rng.batch_size,), float(spec), device=rng.device)
 
+    @classmethod
+    def draw_signed(cls, rng: SampleRNG, severity: int, param: str, *shape: int) -> Tensor:
+        """Draw ``param``'s magnitude from its severity range, then a fair random sign per value.
+
+        Parameters
+        ----------
+        rng : SampleRNG
+            The per-sample stream given to :meth:`sample`.
+        severity : int
+            Level 1..5 whose documented value or ``(low, high)`` range gives the magnitude.
+        param : str
+            A key of ``severities[severity]``.
+        *shape : int
+            Extra dimensions: one independent signed draw per entry (e.g. ``k`` streak amplitudes).
+
+        Returns
+        -------
+        Tensor
+            float32 ``[B, *shape]`` on ``rng.device``.
+
+        Drawing the magnitude from the documented range (instead of ``U(-high, high)``) keeps
+        every draw of a severity stronger than every draw of the level below it, in either
+        direction. A range takes one uniform per value, then one more for the sign; a constant
+        takes only the sign's, as :meth:`draw` takes none for it.
+        """
+        spec = cls.spec(severity, param)
+        if isinstance(spec, tuple):
+            magnitude = rng.uniform(*shape, low=spec[0], high=spec[1])
+        else:
+            magnitude = torch.full((rng.batch_size, *shape), float(spec), device=rng.device)
+        sign = torch.where(rng.uniform(*shape) < 0.5, -1.0, 1.0)
+        return magnitude * sign
+
     @staticmethod
     def spatial_dims(x: Tensor) -> int:
         """2 for ``[B, C, H, W]``, 3 for ``[B, C, D, H, W]``."""
@@ -147,14 +180,133 @@ def check_severity(name: str, severity: int) -> None:
         raise ValueError(f"severity of '{name}' must be an integer 0..5, got {severity!r}")
 
 
+_LAYOUTS = {2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}
+
+
+def check_input(name: str, dims: tuple[int, ...], x: Tensor) -> int:
+    """Check that ``apply``'s image ``x`` is a batch of a dimensionality in ``dims``.
+
+    Parameters
+    ----------
+    name : str
+        The perturbation (or functional op) named in the error.
+    dims : tuple[int, ...]
+        The supported spatial dimensionalities, usually the class's ``dims``.
+    x : Tensor
+        The image batch, ``[B, C, H, W]`` (2) or ``[B, C, D, H, W]`` (3).
+
+    Returns
+    -------
+    int
+        The number of spatial dimensions of ``x``. Raises ValueError naming ``name``, the
+        layout it needs and the shape it got otherwise.
+    """
+    nd = x.ndim - 2
+    if nd not in dims:
+        want = " or ".join(_LAYOUTS[d] for d in dims)
+        raise ValueError(f"{name}: x must be {want}, got x of shape {tuple(x.shape)} "
+                         f"('{name}' supports {dims}-D batches only, got a {nd}-D batch)")
+    return nd
+
+
+def check_shape(name: str, dims: tuple[int, ...], rng: SampleRNG, shape: Sequence[int]) -> int:
+    """Check ``sample``'s arguments: ``shape`` is a batch of a dimensionality in ``dims`` whose
+    size is ``rng``'s.
+
+    Parameters
+    ----------
+    name : str
+        The perturbation named in the error.
+    dims : tuple[int, ...]
+        The supported spatial dimensionalities, usually the class's ``dims``.
+    rng : SampleRNG
+        The stream given to ``sample``; one key per sample.
+    shape : Sequence[int]
+        The batch shape given to ``sample``, ``[B, C, H, W]`` or ``[B, C, D, H, W]``.
+
+    Returns
+    -------
+    int
+        The number of spatial dimensions. Raises ValueError naming ``name`` and the mismatch.
+    """
+    nd = len(shape) - 2
+    if nd not in dims:
+        want = " or ".join(_LAYOUTS[d] for d in dims)
+        raise ValueError(f"{name}: shape must be {want}, got shape={tuple(shape)}")
+    if rng.batch_size != shape[0]:
+        raise ValueError(f"{name}: rng has batch size {rng.batch_size} but shape[0]={shape[0]}")
+    return nd
+
+
 def per_sample(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample ``[B]`` parameter to broadcast against ``x`` ``[B, ...]``."""
     return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def batch_param(value: float | Tensor, name: str, x: Tensor, low: float | None = None,
+                high: float | None = None) -> Tensor:
+    """A per-sample parameter of a functional op, from a number or a per-sample tensor.
+
+    Parameters
+    ----------
+    value : float or Tensor
+        One number for the whole batch, or a tensor ``[B]`` (e.g. ``params["sigma"]``).
+    name : str
+        The parameter's name, used in errors.
+    x : Tensor
+        The image batch ``[B, C, H, W]`` or ``[B, C, D, H, W]`` (checked first, so every op
+        using this rejects other shapes).
+    low, high : float, optional
+        The valid range of a Python number (inclusive; None is unbounded).
+
+    Returns
+    -------
+    Tensor
+        float32 ``[B]`` on ``x.device``.
+
+    Python numbers are validated against ``[low, high]`` (the error names ``name`` and the
+    value). Tensors are only checked for shape: checking their values would need a host round
+    trip, so the functional ops clamp tensor parameters into their valid range instead.
+    """
+    Perturbation.spatial_dims(x)
+    batch = x.shape[0]
+    if isinstance(value, Tensor):
+        if value.ndim != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name} must be a number or a tensor of shape [{batch}], got shape {tuple(value.shape)}")
+        return value.to(device=x.device, dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return torch.full((batch,), float(value), device=x.device)
+
+
 def finish(x: Tensor, like: Tensor) -> Tensor:
     """Clamp to ``[0, 1]``, replace non-finite values, and restore the input dtype."""
     return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0).to(like.dtype)
+
+
+def finish_(y: Tensor, like: Tensor) -> Tensor:
+    """:func:`finish` in place on a float32 ``y`` the caller owns (a fresh result of its own ops).
+
+    Parameters
+    ----------
+    y : Tensor
+        float32, any shape; overwritten.
+    like : Tensor
+        The perturbation's input, whose dtype the result takes.
+
+    Returns
+    -------
+    Tensor
+        ``y`` clamped to ``[0, 1]`` with NaN -> 0, +Inf -> 1, -Inf -> 0, in ``like.dtype``: the
+        same values as ``finish(y, like)``, with one full-size temporary fewer (``finish`` copies
+        in ``nan_to_num``); on a 3D batch that copy is a pass over memory plus fresh-page faults.
+        Never pass the input ``x`` itself: it would be modified.
+    """
+    return y.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0).to(like.dtype)
 
 
 #: Voxels per block in :func:`in_blocks`: one 128³ volume, or 32 images of 256².

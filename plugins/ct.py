@@ -11,7 +11,7 @@ Conventions of this module:
 * All models are image-domain approximations of projection-domain effects: no sinogram is
   simulated, which keeps every perturbation a few batched tensor ops. Each docstring says what
   the approximation keeps and what it drops.
-* k-space/Fourier helpers come from :mod:`medaudit.plugins.mri` (one copy of each helper).
+* k-space/Fourier helpers come from :mod:`medaudit.kspace`, in the same convention as ``mri.*``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,8 @@ import torch
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, host_constant, per_sample
-from medaudit.plugins.mri import (
-    centred_fft,
-    centred_ifft_real,
-    check_input,
-    check_shape,
-    draw_signed,
-    kspace_coordinates,
-)
+from medaudit.kspace import centred_fft, centred_ifft_real, kspace_coordinates
+from medaudit.perturbation import Perturbation, check_input, check_shape, finish, host_constant, per_sample
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -146,7 +139,7 @@ class Streak(Perturbation):
         check_shape(self.name, self.dims, rng, shape)
         k = int(self.spec(severity, "num_streaks"))
         return {
-            "amplitude": draw_signed(type(self), rng, severity, "amplitude", k),
+            "amplitude": self.draw_signed(rng, severity, "amplitude", k),
             "angle": rng.uniform(k, low=0.0, high=math.pi),
             "centre": rng.uniform(2, low=-0.25, high=0.25),  # fraction of (H, W) from the centre
         }
@@ -201,7 +194,7 @@ class Ring(Perturbation):
         check_shape(self.name, self.dims, rng, shape)
         k = int(self.spec(severity, "num_rings"))
         return {
-            "amplitude": draw_signed(type(self), rng, severity, "amplitude", k),
+            "amplitude": self.draw_signed(rng, severity, "amplitude", k),
             "radius": rng.uniform(k, low=0.05, high=0.95),  # fraction of R
         }
 

@@ -10,15 +10,15 @@ matmul per axis, see :func:`_axis_aligned_warp`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, host_constant
-from medaudit.plugins.intensity import MATRIX_MAX_SIZE, along_axis, batch_param, draw_signed, finish_, matrices_allowed
+from medaudit.perturbation import Perturbation, batch_param, finish_, host_constant
+from medaudit.resample import MATRIX_MAX_SIZE, affine_grid, along_axis, matrices_allowed
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -27,91 +27,6 @@ MEDAUDIT_API_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 # Functional ops
 # ---------------------------------------------------------------------------------------------
-
-
-def affine_grid(theta: Tensor, shape: Sequence[int]) -> Tensor:
-    """``F.affine_grid(theta, shape, align_corners=False)``, built as a broadcast sum.
-
-    The grid is affine in each coordinate, so it is the sum of one small term per spatial axis;
-    one broadcasting add writes it, where ``affine_grid`` runs a ``[B, N, n + 1] @ [B, n + 1, n]``
-    matmul over every voxel (as slow as ``grid_sample`` itself on a CPU). Elementwise, so a
-    sample's grid does not depend on its batch.
-    """
-    sizes = list(shape[2:])  # tensor order (D,) H, W; theta's columns are in (x, y[, z]) = (W, H[, D])
-    nd = len(sizes)
-    b = theta.shape[0]
-    grid = theta[:, :, nd].reshape(b, *([1] * nd), nd)  # translation column
-    for col, size in enumerate(reversed(sizes)):
-        axis = nd - 1 - col  # tensor spatial axis of this column
-        c = (torch.arange(size, device=theta.device, dtype=torch.float32) * 2.0 + 1.0) / size - 1.0
-        view = [1] * nd
-        view[axis] = size
-        term = c.reshape(1, *view, 1) * theta[:, :, col].reshape(b, *([1] * nd), nd)
-        grid = grid + term  # stays small until the last term broadcasts it to the full grid
-    return grid
-
-
-def _normalised(size: int, device: torch.device) -> Tensor:
-    """Voxel centres of an axis in ``grid_sample`` coordinates (``align_corners=False``)."""
-    return (torch.arange(size, device=device, dtype=torch.float32) * 2.0 + 1.0) / size - 1.0
-
-
-def two_pass_resample(x: Tensor, theta: Tensor, out: Tensor | None = None) -> Tensor:
-    r"""Resample a volume with several affine maps each, as two passes of 2-D bilinear sampling.
-
-    ``x`` is ``[B, C, D, H, W]``, ``theta`` ``[B, K, 3, 4]`` in ``F.affine_grid``'s normalised
-    ``(x, y, z) = (W, H, D)`` convention (output point ``p`` reads the input at ``L p + s``);
-    returns ``[K, B, C, D, H, W]`` (written into ``out`` when given), zero outside the field of
-    view.
-
-    A 3-D affine map factors into a 1-D resampling along D followed by a 2-D affine warp of each
-    D-slice (Catmull & Smith, "3-D transformations of images in scanline order", SIGGRAPH 1980):
-    with :math:`(w, v) = (q_x(p), q_y(p))`, the output is :math:`n(z, v, w)` where
-    :math:`n(z, v, w) = x(Q_z(z, v, w), v, w)` and :math:`Q_z` is :math:`q_z` re-expressed in
-    :math:`(z, v, w)` by inverting the in-slice 2×2 block of :math:`L` (invertible for rotations
-    well below 90°, as all of this package's are). Both passes run as ``grid_sample`` on 2-D
-    planes, whose CPU kernel is vectorised; the 3-D kernel is scalar, and this is about 5× faster
-    on 128³ volumes. Each output is still a linear interpolation of its input neighbourhood
-    (along a line through the exact source point instead of along the D axis), so the result
-    differs from trilinear ``grid_sample`` by interpolation error only, and each voxel's value
-    does not depend on the batch.
-    """
-    b, c, d, h, w = x.shape
-    k = theta.shape[1]
-    t = theta.to(torch.float32)
-    lin, s = t[..., :3], t[..., 3]  # [B, K, 3, 3], [B, K, 3]; rows and columns in (x, y, z) order
-    # r = [L_zx, L_zy] @ M^-1 with M the in-slice block [[L_xx, L_xy], [L_yx, L_yy]]
-    det = lin[..., 0, 0] * lin[..., 1, 1] - lin[..., 0, 1] * lin[..., 1, 0]
-    r0 = (lin[..., 2, 0] * lin[..., 1, 1] - lin[..., 2, 1] * lin[..., 1, 0]) / det
-    r1 = (lin[..., 2, 1] * lin[..., 0, 0] - lin[..., 2, 0] * lin[..., 0, 1]) / det
-    q_z = lin[..., 2, 2] - r0 * lin[..., 0, 2] - r1 * lin[..., 1, 2]
-    q_0 = s[..., 2] - r0 * s[..., 0] - r1 * s[..., 1]
-    zn, vn, wn = (_normalised(n, x.device) for n in (d, h, w))
-    planes = x.float().permute(0, 3, 1, 2, 4).reshape(b * h, c, d, w)  # (z, w) planes, one per v
-    if out is None:
-        out = torch.empty(k, b, c, d, h, w, device=x.device)
-    # One map at a time, reusing the grids: fresh multi-hundred-MB grids for all K maps cost more
-    # in page faults than the sampling itself (measured 2.7x slower on 128³, K = 6).
-    grid_a = torch.empty(b, h, d, w, 2, device=x.device)
-    grid_a[..., 0] = wn
-    grid_b = torch.empty(b, d, h, w, 2, device=x.device)
-    for j in range(k):  # loop over maps (K <= 10), not samples
-        def at(v: Tensor, *view: int) -> Tensor:
-            return v[:, j].reshape(b, *view)
-
-        # Pass A: sample each (z, w) plane at row Q_z(z, v, w), column w (exact).
-        rows = at(r1, 1, 1, 1) * vn.reshape(1, h, 1, 1) + (at(q_z, 1, 1, 1) * zn.reshape(1, 1, d, 1) + at(q_0, 1, 1, 1))
-        torch.add(rows, at(r0, 1, 1, 1) * wn, out=grid_a[..., 1])
-        n = F.grid_sample(planes, grid_a.reshape(b * h, d, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
-        # Pass B: each z-slice of n, warped in (v, w) to (q_x(p), q_y(p)).
-        slices = n.reshape(b, h, c, d, w).permute(0, 3, 2, 1, 4).reshape(b * d, c, h, w)
-        for col in range(2):  # grid component x (col 0) and y (col 1)
-            base = at(lin[..., col, 2], 1, 1, 1) * zn.reshape(1, d, 1, 1) + at(s[..., col], 1, 1, 1)
-            base = base + at(lin[..., col, 1], 1, 1, 1) * vn.reshape(1, 1, h, 1)
-            torch.add(base, at(lin[..., col, 0], 1, 1, 1) * wn, out=grid_b[..., col])
-        moved = F.grid_sample(slices, grid_b.reshape(b * d, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
-        out[j] = moved.reshape(b, d, c, h, w).transpose(1, 2)
-    return out
 
 
 def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
@@ -283,7 +198,7 @@ class Rotation(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        params = {"angle_deg": draw_signed(type(self), rng, severity, "angle_deg")}
+        params = {"angle_deg": self.draw_signed(rng, severity, "angle_deg")}
         if len(shape) == 5:
             g = rng.normal(3)
             params["axis"] = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
@@ -356,7 +271,7 @@ class Scale(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        return {"log_scale": draw_signed(type(self), rng, severity, "log_scale")}
+        return {"log_scale": self.draw_signed(rng, severity, "log_scale")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return zoom(x, params["log_scale"])

@@ -2,112 +2,21 @@
 
 Each perturbation is a thin sampling layer over a functional op of the same module
 (:func:`adjust_contrast`, :func:`rewindow`, ...), so a single corruption can be reproduced from its
-recorded parameters. The module also holds the small helpers every built-in suite shares
-(:func:`batch_param`, :func:`draw_signed`, :func:`check_dims`, :func:`finish_`, and the dense
-per-axis resampling helpers :func:`matrices_allowed` and :func:`along_axis`), so ``xray`` and
-``geometry`` import them from here instead of repeating them.
+recorded parameters.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, per_sample
+from medaudit.perturbation import Perturbation, batch_param, finish, per_sample
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared helpers (also used by medaudit.plugins.xray and medaudit.plugins.geometry)
-# ---------------------------------------------------------------------------------------------
-
-
-def batch_param(value: float | Tensor, name: str, x: Tensor, low: float | None = None,
-                high: float | None = None) -> Tensor:
-    """A per-sample float32 parameter ``[B]`` on ``x.device`` from a number or a ``[B]`` tensor.
-
-    Python numbers are validated against ``[low, high]`` (the error names ``name`` and the value).
-    Tensors are only checked for shape: checking their values would need a host round trip, so
-    the functional ops clamp tensor parameters into their valid range instead. ``x`` must be a
-    ``[B, C, H, W]`` or ``[B, C, D, H, W]`` batch (checked first, so every op rejects other shapes).
-    """
-    Perturbation.spatial_dims(x)
-    batch = x.shape[0]
-    if isinstance(value, Tensor):
-        if value.ndim != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a number or a tensor of shape [{batch}], got shape {tuple(value.shape)}")
-        return value.to(device=x.device, dtype=torch.float32)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a tensor, got {value!r}")
-    if value != value or (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return torch.full((batch,), float(value), device=x.device)
-
-
-def draw_signed(cls: type[Perturbation], rng: SampleRNG, severity: int, param: str) -> Tensor:
-    """Draw the magnitude of ``param`` from its severity range, then a fair random sign (``[B]``)."""
-    magnitude = cls.draw(rng, severity, param)
-    sign = torch.where(rng.uniform(1)[:, 0] < 0.5, -1.0, 1.0)
-    return magnitude * sign
-
-
-def finish_(y: Tensor, like: Tensor) -> Tensor:
-    """:func:`~medaudit.perturbation.finish` in place on a float32 ``y`` the caller owns.
-
-    Same result as ``finish(y, like)`` with one full-size temporary fewer (``finish`` copies in
-    ``nan_to_num``); on a 3D batch that copy is a pass over memory plus fresh-page faults.
-    """
-    return y.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0).to(like.dtype)
-
-
-#: Longest axis that the CPU paths of blur, resolution loss, translation and scaling resample with
-#: a dense per-sample ``[n, n]`` matrix (one batched matmul per axis, see :func:`along_axis`).
-#: The matmul costs ``n`` multiply-adds per voxel, the fallbacks (an elementwise tap loop,
-#: gathers, ``grid_sample``) a few memory passes per tap or corner; measured on 2 cores, the
-#: matmul wins up to 256-pixel axes (5-20x on 128³ volumes) and loses on 512 and beyond.
-MATRIX_MAX_SIZE = 256
-
-
-def matrices_allowed(x: Tensor) -> bool:
-    """Whether ``x`` may be resampled with dense per-sample matrices: CPU, exact float32 matmuls.
-
-    ``torch.set_float32_matmul_precision("high"/"medium")`` lets oneDNN run float32 matmuls in
-    TF32/bfloat16 (a 1e-3 error), and a perturbation must not change with a global speed flag,
-    so then (and on CUDA, where TF32 is a common setting and the fallbacks are fast anyway) the
-    callers use their elementwise fallback. Both paths agree to float rounding (about 1e-6).
-    """
-    if x.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
-        return False
-    onednn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return getattr(onednn, "fp32_precision", "none") in ("none", "ieee")
-
-
-def along_axis(y: Tensor, mats: Tensor, dim: int) -> Tensor:
-    """``y`` with axis ``dim`` multiplied by the per-sample matrices ``mats`` ``[B, n, n]``
-    (output index first), as one batched matmul: each sample's product has the same shape
-    whatever the batch, so its result does not depend on its batch-mates."""
-    b, n = y.shape[0], y.shape[dim]
-    pre = math.prod(y.shape[1:dim])
-    if dim == y.ndim - 1:
-        return torch.matmul(y.reshape(b, pre, n), mats.transpose(1, 2)).reshape(y.shape)
-    post = math.prod(y.shape[dim + 1:])
-    return torch.matmul(mats[:, None], y.reshape(b, pre, n, post)).reshape(y.shape)
-
-
-def check_dims(name: str, dims: tuple[int, ...], x: Tensor) -> int:
-    """The number of spatial dims of ``x``; a ValueError naming ``name`` if it is not supported."""
-    nd = Perturbation.spatial_dims(x)
-    if nd not in dims:
-        raise ValueError(f"'{name}' supports {dims}-D batches only, got a {nd}-D batch of shape {tuple(x.shape)}")
-    return nd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +122,7 @@ class Gamma(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        return {"log_gamma": draw_signed(type(self), rng, severity, "log_gamma")}
+        return {"log_gamma": self.draw_signed(rng, severity, "log_gamma")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return adjust_gamma(x, params["log_gamma"])
@@ -245,7 +154,7 @@ class Contrast(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        return {"log_contrast": draw_signed(type(self), rng, severity, "log_contrast")}
+        return {"log_contrast": self.draw_signed(rng, severity, "log_contrast")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return adjust_contrast(x, params["log_contrast"])
@@ -274,7 +183,7 @@ class Brightness(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        return {"shift": draw_signed(type(self), rng, severity, "shift")}
+        return {"shift": self.draw_signed(rng, severity, "shift")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return adjust_brightness(x, params["shift"])
@@ -354,9 +263,8 @@ class Window(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        cls = type(self)
-        return {"level_shift": draw_signed(cls, rng, severity, "level_shift"),
-                "log_width": draw_signed(cls, rng, severity, "log_width")}
+        return {"level_shift": self.draw_signed(rng, severity, "level_shift"),
+                "log_width": self.draw_signed(rng, severity, "log_width")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return rewindow(x, params["level_shift"], params["log_width"])

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medaudit.hookspecs import hookimpl
-from medaudit.perturbation import Perturbation, finish, host_constant, per_sample
-from medaudit.plugins.intensity import MATRIX_MAX_SIZE, along_axis, batch_param, check_dims, draw_signed, finish_, matrices_allowed
+from medaudit.perturbation import Perturbation, batch_param, check_input, finish, finish_, host_constant, per_sample
+from medaudit.resample import MATRIX_MAX_SIZE, along_axis, matrices_allowed
 from medaudit.rng import SampleRNG
 
 MEDAUDIT_API_VERSION = 1
@@ -215,7 +215,7 @@ def grid_lines(x: Tensor, depth: float | Tensor, frequency: float | Tensor, phas
                orientation: float | Tensor) -> Tensor:
     """Multiply by a cosine line pattern ``1 - depth * (1 + cos(2 pi f u + phase)) / 2`` where
     ``u`` is the column index (``orientation`` 0: vertical lines) or the row index (1: horizontal)."""
-    check_dims("grid_lines", (2,), x)
+    check_input("grid_lines", (2,), x)
     xf = x.float()
     d = per_sample(batch_param(depth, "depth", x, 0.0, 1.0).clamp(0.0, 1.0), xf)
     f = per_sample(batch_param(frequency, "frequency", x, 0.0, 0.5), xf)
@@ -345,7 +345,7 @@ class Exposure(Perturbation):
     }
 
     def sample(self, severity: int, rng: SampleRNG, shape: torch.Size) -> dict[str, Tensor]:
-        return {"log_exposure": draw_signed(type(self), rng, severity, "log_exposure")}
+        return {"log_exposure": self.draw_signed(rng, severity, "log_exposure")}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return expose(x, params["log_exposure"])
@@ -482,7 +482,7 @@ class Grid(Perturbation):
                 "orientation": (rng.uniform(1)[:, 0] < 0.5).float()}
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-        check_dims(self.name, self.dims, x)
+        check_input(self.name, self.dims, x)
         return grid_lines(x, params["depth"], params["frequency"], params["phase"], params["orientation"])
 
 

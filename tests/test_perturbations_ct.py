@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from medaudit import kspace, perturbation
 from medaudit.perturbation import Perturbation
-from medaudit.plugins import ct, mri
+from medaudit.plugins import ct
 from test_perturbations_mri import SHAPES, check_contract, make_rng, synthetic
 
 PERTURBATIONS = ct.CT_PERTURBATIONS
@@ -33,7 +34,7 @@ def test_registration_names_and_api_version() -> None:
 
 
 def test_shared_helpers_are_not_copied() -> None:
-    assert ct.centred_fft is mri.centred_fft and ct.check_shape is mri.check_shape
+    assert ct.centred_fft is kspace.centred_fft and ct.check_shape is perturbation.check_shape
 
 
 @pytest.mark.parametrize("cls", PERTURBATIONS, ids=lambda c: c.name)
@@ -118,8 +119,8 @@ def test_low_dose_noise_has_ramp_texture() -> None:
     """Noise power rises with in-plane frequency (filtered back-projection), unlike white noise."""
     x = torch.full((1, 1, 128, 128), 0.5)
     y = ct.LowDoseNoise().apply(x, {"dose": torch.tensor([0.1]), "noise_key": torch.tensor([5])})
-    power = mri.centred_fft(y - x, 2).abs().pow(2)[0, 0]
-    fy, fx = mri.kspace_coordinates((128, 128), x.device)
+    power = kspace.centred_fft(y - x, 2).abs().pow(2)[0, 0]
+    fy, fx = kspace.kspace_coordinates((128, 128), x.device)
     radius = torch.sqrt(fy * fy + fx * fx)
     low = power[(radius > 0.05) & (radius < 0.25)].mean()
     high = power[(radius > 0.6) & (radius < 0.9)].mean()

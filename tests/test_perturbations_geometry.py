@@ -11,6 +11,7 @@ import torchio as tio
 
 from medaudit.perturbation import Perturbation
 from medaudit.plugins import geometry as G
+from medaudit.resample import two_pass_resample
 from test_perturbations_intensity import check_registered, check_suite, rng_for
 
 NAMES = {"geometry.rotation", "geometry.translation", "geometry.scale", "geometry.flip_lr"}
@@ -151,7 +152,7 @@ def test_invalid_arguments(mni_slices: torch.Tensor, mni_volumes: torch.Tensor) 
 def _theta(degrees: torch.Tensor, shift: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """``[B, K, 3, 4]`` affine_grid matrices: rigid rotation (Euler degrees about x, y, z in
     normalised (W, H, D) order, conjugated by the half sizes) and a shift in [-1, 1] units."""
-    from medaudit.plugins.mri import _rotation
+    from medaudit.plugins.mri.motion import _rotation
 
     half = torch.tensor(spatial[::-1], dtype=torch.float32) / 2
     linear = _rotation(degrees, 3) * half[None, :] / half[:, None]
@@ -172,9 +173,9 @@ def test_two_pass_resample_equals_trilinear_when_slices_do_not_mix(mni_volumes: 
     degrees = torch.tensor([[[0.0, 0.0, 7.0], [0.0, 0.0, -11.0]], [[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]])
     shift = torch.tensor([[[0.05, -0.03, 0.1], [0.0, 0.02, -0.05]], [[-0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]])
     theta = _theta(degrees, shift, tuple(x.shape[2:]))
-    torch.testing.assert_close(G.two_pass_resample(x, theta), _trilinear(x, theta), atol=2e-5, rtol=0)
+    torch.testing.assert_close(two_pass_resample(x, theta), _trilinear(x, theta), atol=2e-5, rtol=0)
     # the identity map (last one) returns the input
-    torch.testing.assert_close(G.two_pass_resample(x, theta)[1, 1], x[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(two_pass_resample(x, theta)[1, 1], x[1], atol=1e-5, rtol=0)
 
 
 def test_two_pass_resample_is_a_linear_interpolation_of_the_rigid_map(mni_volumes: torch.Tensor) -> None:
@@ -185,22 +186,22 @@ def test_two_pass_resample_is_a_linear_interpolation_of_the_rigid_map(mni_volume
     degrees = (torch.rand(2, 3, 3, generator=g) - 0.5) * 24  # up to 12 degrees about every axis
     shift = (torch.rand(2, 3, 3, generator=g) - 0.5) * 0.14
     theta = _theta(degrees, shift, tuple(x.shape[2:]))
-    ours = G.two_pass_resample(x, theta)
+    ours = two_pass_resample(x, theta)
     ref = _trilinear(x, theta)
     wrong = _trilinear(x, _theta(-degrees, shift, tuple(x.shape[2:])))
     assert (ours - ref).abs().mean() < 2e-3
     assert (wrong - ref).abs().mean() > 20 * (ours - ref).abs().mean()
     # zero outside the field of view, like grid_sample's zero padding
     far = _theta(torch.zeros(1, 1, 3), torch.tensor([[[0.0, 0.0, 2.5]]]), tuple(x.shape[2:]))
-    assert G.two_pass_resample(x[:1], far).abs().max() == 0
+    assert two_pass_resample(x[:1], far).abs().max() == 0
 
 
 def test_two_pass_resample_batch_invariant_and_writes_out(mni_volumes: torch.Tensor) -> None:
     x = mni_volumes
     theta = _theta(torch.tensor([[[3.0, -5.0, 2.0]], [[-8.0, 1.0, 4.0]]]), torch.full((2, 1, 3), 0.02), (48, 48, 48))
-    whole = G.two_pass_resample(x, theta)
-    parts = torch.cat([G.two_pass_resample(x[i:i + 1], theta[i:i + 1]) for i in range(2)], dim=1)
+    whole = two_pass_resample(x, theta)
+    parts = torch.cat([two_pass_resample(x[i:i + 1], theta[i:i + 1]) for i in range(2)], dim=1)
     assert torch.equal(whole, parts)
     out = torch.full((1, 2, 1, 48, 48, 48), float("nan"))
-    assert G.two_pass_resample(x, theta, out=out) is out
+    assert two_pass_resample(x, theta, out=out) is out
     assert torch.equal(out, whole)

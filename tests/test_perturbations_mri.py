@@ -17,6 +17,7 @@ import torch
 import torchio as tio
 from torch import Tensor
 
+from medaudit.kspace import centred_fft
 from medaudit.perturbation import Perturbation
 from medaudit.plugins import mri
 from medaudit.rng import SampleRNG, sample_keys, stream_key
@@ -186,7 +187,7 @@ def test_motion_without_moves_in_centre_segment_keeps_k_space_centre() -> None:
         "pe_axis": torch.tensor([0]),
     }
     y = mri.Motion().apply(x, params)
-    kx, ky = mri.centred_fft(x, 2), mri.centred_fft(y.float(), 2)
+    kx, ky = centred_fft(x, 2), centred_fft(y.float(), 2)
     assert not torch.allclose(y, x, atol=1e-3)
     # lines below floor(0.9 * 32) = 28 come from the unmoved image (up to the [0, 1] clamp)
     torch.testing.assert_close(ky[..., 14:18, 14:18], kx[..., 14:18, 14:18], atol=0.05 * kx.abs().max().item(), rtol=0)
@@ -272,11 +273,12 @@ def _motion_nd_reference(x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     """mri.motion's definition, built the direct way: the n-D spectrum of every position,
     k-space lines gathered along the PE axis from the position acquiring them, n-D inverse."""
     from medaudit.perturbation import finish
-    from medaudit.plugins.geometry import two_pass_resample
+    from medaudit.plugins.mri.motion import _motion_lines, _rotation
+    from medaudit.resample import two_pass_resample
 
     nd, b, c, spatial = x.ndim - 2, x.shape[0], x.shape[1], tuple(x.shape[2:])
     half = torch.tensor(spatial[::-1], dtype=torch.float32) / 2
-    linear = mri._rotation(params["degrees"], nd) * half[None, :] / half[:, None]
+    linear = _rotation(params["degrees"], nd) * half[None, :] / half[:, None]
     theta = torch.cat([linear, 2.0 * params["translation"].flip(-1)[..., None]], dim=-1)
     if nd == 3:
         moved = two_pass_resample(x, theta)
@@ -290,7 +292,7 @@ def _motion_nd_reference(x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     for i in range(b):
         axis = int(params["pe_axis"][i])
         size = spatial[axis]
-        lines = mri._motion_lines(params["times"][i:i + 1], size)[0]  # uncentred line -> position
+        lines = _motion_lines(params["times"][i:i + 1], size)[0]  # uncentred line -> position
         view = [size if a == axis else 1 for a in range(nd)]
         index = lines.reshape(1, 1, *view).expand(1, c, *spatial)
         kspace = torch.gather(spectra[:, i], 0, index)[0]
