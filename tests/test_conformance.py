@@ -545,13 +545,13 @@ def test_check_entry_point_passes_a_sound_plugin_and_the_builtins(tmp_path: Path
 @pytest.mark.parametrize(("source", "message"), [
     (_GOOD_PLUGIN.replace("def medaudit_perturbations", "def medaudit_perturbation"),
      'function "medaudit_perturbation" implements no medaudit hook (did you mean "medaudit_perturbations"?)'),
-    (_GOOD_PLUGIN.replace("@hookimpl\n", ""), 'function "medaudit_perturbations" is not decorated with @medaudit.hookimpl'),
+    (_GOOD_PLUGIN.replace("    @hookimpl\n", ""), 'function "medaudit_perturbations" is not decorated with @medaudit.hookimpl'),
     (_GOOD_PLUGIN.replace('"tint.gamma"', '"mri.zipper"').replace('"tint"', '"mri"'),
      'perturbation "mri.zipper" of plugin "tint" joins suite "mri" of plugin "mri"'),
     (_GOOD_PLUGIN.replace('"tint.gamma"', '"intensity.gamma"').replace('"tint"', '"intensity"'),
      'perturbation "intensity.gamma" is provided by two plugins'),
     (_GOOD_PLUGIN.replace("MEDAUDIT_API_VERSION = 1", "MEDAUDIT_API_VERSION = 2"), "targets medaudit hook API 2"),
-    (_GOOD_PLUGIN + "\nimport not_installed_anywhere\n", "ModuleNotFoundError"),
+    (_GOOD_PLUGIN.replace("MEDAUDIT_API_VERSION = 1", "import not_installed_anywhere"), "ModuleNotFoundError"),
 ], ids=["misspelt-hook", "no-hookimpl", "joins-builtin-suite", "name-clash", "api-version", "import-error"])
 def test_check_entry_point_names_what_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
                                                message: str) -> None:
