@@ -1,4 +1,8 @@
-"""medaudit: robustness auditor for PyTorch medical-imaging classifiers."""
+"""medaudit: robustness auditor for PyTorch medical-imaging classifiers.
+
+Plugin authors mark hook implementations with :data:`medaudit.hookimpl` (the same marker as
+``medaudit.hookspecs.hookimpl``); docs/plugins.md is their guide.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -10,6 +14,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
+from .hookspecs import hookimpl, hookspec  # after fastexit, see above
+
 del fastexit  # imported for its exit handler only
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "hookimpl", "hookspec"]

@@ -31,7 +31,7 @@ from .metric import Metric
 from .model import LoadedModel
 from .outputs import Scenario
 from .perturbation import Perturbation
-from .plugin_manager import PluginManager
+from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
@@ -101,11 +101,14 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
             raise ConfigError(f"audit.detectors: unknown detector(s) {unknown}; available: {sorted(known)}")
         detectors = [d for d in detectors if d.name in config.audit.detectors]
     if not feature_ok:
-        skipped = [d.name for d in detectors if d.needs == "features"]
-        if skipped:
-            why = ("model.feature_layer is not set" if config.model.feature_layer is None
-                   else f"layer {config.model.feature_layer!r} could not be captured")
-            warnings.append(f"feature-based detectors {skipped} did not run: {why}")
+        why = ("model.feature_layer is not set" if config.model.feature_layer is None
+               else f"layer {config.model.feature_layer!r} could not be captured")
+        skipped: dict[str, list[str]] = {}
+        for d in detectors:
+            if d.needs == "features":
+                skipped.setdefault(owners[id(d)], []).append(d.name)
+        for plugin, names in skipped.items():
+            warnings.append(f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')
         detectors = [d for d in detectors if d.needs != "features"]
     return detectors
 
@@ -113,7 +116,7 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
 def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config, trust_pickle: bool = False,
             reference_path: Path | None = None, ood_paths: tuple[Path, ...] = ()) -> Prepared:
     """Resolve everything an audit needs; every input error is raised here, before any output."""
-    warnings = [f.message for f in pm.failures]
+    warnings = [f.message for f in [*pm.failures, *pm.problems]]
     for expr in config.checks:
         parse_check(expr)  # syntax errors before any work
     device = select_device(config.audit.device)
@@ -133,6 +136,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
         warnings.append(feature_warning)
     feature_ok = config.model.feature_layer is not None and feature_warning is None
     catalogue = pm.perturbations()
+    warnings += pm.suite_warnings(catalogue)
     scenarios, perturbations = plan_scenarios(config, catalogue)
     validate_check_scenarios(config.checks, [s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets])
     # Which plugin contributed each object, so a failure during the audit can name it.
@@ -187,11 +191,25 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
     return ExternalSet(name, dataset.identity(), torch.as_tensor(dataset.labels), fwd)
 
 
+def _grouped_failures(failures: dict[str, str]) -> list[str]:
+    """The runner's perturbation failures (one per scenario), one message per perturbation."""
+    by_perturbation: dict[str, list[str]] = {}
+    for sid in failures:
+        by_perturbation.setdefault(sid.split("@")[0], []).append(sid)
+    return [failures[sids[0]] + (f"; it also failed in {', '.join(sids[1:])}" if len(sids) > 1 else "")
+            for sids in by_perturbation.values()]
+
+
 def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Config, *, command: str,
               trust_pickle: bool = False, resume: bool = False, junit: Path | None = None,
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
-              shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None) -> Results:
-    """Run a whole audit and write its outputs; returns the results (checks included)."""
+              shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
+              warn: Callable[[str], None] = lambda msg: None) -> Results:
+    """Run a whole audit and write its outputs; returns the results (checks included).
+
+    ``warn`` receives every isolated plugin failure once, grouped per perturbation, after the
+    outputs are written (``medaudit run`` prints them on stderr).
+    """
     started = time.perf_counter()
     phases = PhaseClock()
     age = process_age()
@@ -218,7 +236,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         phases.lap("external")
         assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
         phases.lap("preview")
-        catalogue = [prep.perturbations[name].describe() for name in sorted(prep.perturbations)]
+        catalogue = [catalogue_entry(prep.owners[name], type(prep.perturbations[name])) for name in sorted(prep.perturbations)]
         evaluation = build_results(
             pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
             prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
@@ -241,4 +259,6 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
         cache.flush()
         shutil.rmtree(cache_root, ignore_errors=True)
+        for message in [*_grouped_failures(fwd.failures), *fwd.failed_detectors.values(), *evaluation.plugin_failures]:
+            warn(message)
         return results

@@ -18,6 +18,9 @@ A wildcard scenario takes the *worst* value over the matching scenarios (the low
 higher-is-better metric, the highest otherwise; for ``drop`` the largest drop). The expression
 states the failure condition: ``clean.accuracy<0.8`` fails the audit when clean accuracy is
 below 0.8. A check whose value is undefined (e.g. AUROC with one class) fails, with the reason.
+
+Besides the configured checks, the audit adds a failed ``perturbation:NAME ran`` check for each
+perturbation the user named (``--perturbation``) whose plugin failed in all its scenarios.
 """
 
 from __future__ import annotations
@@ -142,6 +145,28 @@ def evaluate_checks(exprs: list[str], results: dict[str, Any]) -> list[dict[str,
             continue
         failed = _OPS[parsed.op](value, parsed.threshold)
         out.append({"expr": parsed.expr, "value": value, "passed": not failed, "threshold": parsed.threshold, "error": None})
+    return out
+
+
+def requested_perturbation_checks(requested: list[str], scenario_ids: list[str],
+                                  failures: dict[str, str]) -> list[dict[str, Any]]:
+    """A failed check ``perturbation:NAME ran`` for each perturbation named in
+    ``audit.perturbations`` (``--perturbation``) that produced no scenario.
+
+    Its plugin failed in every scenario (the failures are isolated, so the audit went on): an
+    audit of what the user asked for did not happen, and exit code 1, "a check failed", must say
+    so to CI. ``failures`` maps scenario ids to why they were left out (the runner's).
+    """
+    out = []
+    for name in dict.fromkeys(requested):
+        if any(sid.split("@")[0] == name for sid in scenario_ids):
+            continue
+        reasons = [msg for sid, msg in failures.items() if sid.split("@")[0] == name]
+        error = reasons[0] if reasons else f"perturbation {name!r} produced no scenario"
+        if len(reasons) > 1:
+            error += f" (and {len(reasons) - 1} more of its scenarios)"
+        out.append({"expr": f"perturbation:{name} ran", "value": 0.0, "passed": False, "threshold": None,
+                    "error": error})
     return out
 
 

@@ -1,6 +1,7 @@
 """The ``medaudit`` command line: a thin click layer over :mod:`medaudit.audit`.
 
-Exit codes: 0 success; 1 a ``--fail-on`` check failed; 2 usage, config or input error; 3 an
+Exit codes: 0 success; 1 a check failed (a ``--fail-on`` check, or ``perturbation:NAME ran`` for a
+``--perturbation`` whose plugin failed in every scenario); 2 usage, config or input error; 3 an
 internal error (a bug: please report it with ``--debug`` output). Errors are one line naming the
 file, field or plugin; ``--debug`` adds the traceback.
 """
@@ -20,10 +21,10 @@ import click
 
 from . import __version__
 from .config import STARTER_CONFIG, Config, load_config
-from .errors import MedauditError
+from .errors import MedauditError, PluginError
 from .fastexit import exit_when_done
 from .memory import tune_allocator
-from .plugin_manager import PluginManager, get_plugin_manager
+from .plugin_manager import PluginManager, catalogue_entry, get_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -180,7 +181,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
-                        progress=not quiet, log=log)
+                        progress=not quiet, log=log, warn=_warn)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
@@ -206,8 +207,13 @@ def plugins(as_json: bool) -> None:
     rows = [{"name": i.name, "distribution": i.distribution, "version": i.version, "api_version": i.api_version,
              "module": i.module, "contributes": contrib.get(i.name, {})} for i in pm.infos.values()]
     failures = [{"name": f.name, "distribution": f.distribution, "error": f.error} for f in pm.failures]
+    problems = [p.message for p in pm.problems]
+    try:
+        problems += pm.suite_warnings(pm.perturbations())
+    except PluginError as exc:  # two plugins providing one name: this listing is where to find out
+        problems.append(str(exc))
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "failed": failures}, indent=2))
+        click.echo(json.dumps({"plugins": rows, "failed": failures, "warnings": problems}, indent=2))
         return
     for r in rows:
         click.echo(f"{r['name']}  ({r['distribution']} {r['version']}, hook API {r['api_version']})")
@@ -215,21 +221,27 @@ def plugins(as_json: bool) -> None:
             click.echo(f"    {kind}: {', '.join(names)}")
     for f in failures:
         click.echo(f"FAILED {f['name']} ({f['distribution']}): {f['error']}")
+    for message in problems:
+        click.echo(f"WARNING {message}")
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def perturbations(as_json: bool) -> None:
-    """List every perturbation: name, suite, modalities, dims and severity parameters."""
-    catalogue = plugin_manager().perturbations()
-    items = [dict(cls.describe(), plugin=plugin) for name, (plugin, cls) in sorted(catalogue.items())]
+    """List every perturbation: name, suite, modalities, dims, severity parameters and providing plugin."""
+    pm = plugin_manager()
+    catalogue = pm.perturbations()
+    items = [catalogue_entry(plugin, cls) for name, (plugin, cls) in sorted(catalogue.items())]
+    for message in pm.suite_warnings(catalogue):
+        _warn(message)
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
     for it in items:
         dims = "/".join(f"{d}D" for d in it["dims"])
-        click.echo(f"{it['name']:<28} {it['suite']:<10} {','.join(it['modalities']):<22} {dims:<6} {it['summary']}")
+        click.echo(f"{it['name']:<28} {it['suite']:<10} {','.join(it['modalities']):<22} {dims:<6} {it['summary']} "
+                   f"[plugin {it['plugin']}]")
         for level, params in it["severities"].items():
             click.echo(f"    {level}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
 

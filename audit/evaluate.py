@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import __version__
 from .bootstrap import bootstrap_weights, check_predictions, evaluate as evaluate_metrics, paired_drops, small_n_warnings
-from .checks import evaluate_checks
+from .checks import evaluate_checks, requested_perturbation_checks
 from .config import Config
 from .data import DatasetIdentity
 from .detector import Detector
@@ -52,6 +52,26 @@ class Evaluation:
     results: Results
     outputs: AuditOutputs
     external_arrays: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    #: This phase's warnings about plugin objects that failed or were left out (detectors,
+    #: metrics, analyses), also in ``results.warnings``: the CLI repeats them on stderr, where a
+    #: warning list in a file would go unseen.
+    plugin_failures: list[str] = field(default_factory=list)
+
+
+def _name_detector_plugins(messages: list[str], detectors: list[Detector], owners: dict[int, str]) -> tuple[list[str], list[str]]:
+    """Add the providing plugin to :mod:`medaudit.shift`'s warnings, which name only the detector.
+
+    Returns every message, and those about a detector (now naming its plugin). The plugin goes
+    at the end, so the message still starts as shift.py wrote it.
+    """
+    out, named = [], []
+    for message in messages:
+        owner = next((owners[id(d)] for d in detectors if id(d) in owners and repr(d.name) in message), None)
+        if owner is not None:
+            message = f'{message} (detector of plugin "{owner}")'
+            named.append(message)
+        out.append(message)
+    return out, named
 
 
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -138,7 +158,8 @@ def build_results(
                                cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
                                output_kind=fwd.output_kind, device=dev)
-    warnings += shift.warnings
+    shift_warnings, detector_warnings = _name_detector_plugins(shift.warnings, detectors, owners)
+    warnings += shift_warnings
     phases.lap("detectors")
     release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
 
@@ -189,7 +210,13 @@ def build_results(
                            cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
-    for _plugin, extra in pm.call_each("medaudit_analyze", on_error=warnings.append, outputs=outputs, config=cfg):
+    plugin_failures = [*detector_warnings, *metric_failures.values()]
+
+    def analysis_failed(message: str) -> None:
+        warnings.append(message)
+        plugin_failures.append(message)
+
+    for _plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):
         for key, value in extra.items():
             if key == "warnings":
                 warnings.extend(value)
@@ -250,5 +277,6 @@ def build_results(
                    "phases": phases.seconds},
         "assets": assets or {},
     }
-    results["checks"] = evaluate_checks(cfg.checks, results)
-    return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays)
+    results["checks"] = evaluate_checks(cfg.checks, results) + requested_perturbation_checks(
+        cfg.audit.perturbations, ids, fwd.failures)
+    return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays, plugin_failures)

@@ -1,12 +1,18 @@
 """Hook specifications: the plugin author's reference.
 
 A plugin is a module (or object) with functions named like the specs below and decorated with
-``medaudit.hookimpl``, registered through the ``medaudit`` entry-point group::
+``medaudit.hookimpl`` (the :data:`hookimpl` below, also exported by ``medaudit`` itself),
+registered through the ``medaudit`` entry-point group::
 
     [project.entry-points.medaudit]
     my_plugin = "my_package.my_plugin"
 
 medaudit's own built-ins (``medaudit.plugins.*``) are registered the same way.
+
+A ``medaudit_*`` function without ``@hookimpl``, or an implementation whose name is none of the
+specs below (a misspelling), is never called; medaudit reports both as load warnings naming the
+plugin and the function. Mark an implementation of a hook that only a newer medaudit has with
+``@hookimpl(optionalhook=True)``.
 
 A plugin module may declare ``MEDAUDIT_API_VERSION = 1``; medaudit refuses to load a plugin that
 targets another major hook API version (a change to any spec below is a breaking change and
@@ -59,7 +65,10 @@ def medaudit_perturbations() -> list[type[Perturbation]]:
 
     Called once when the catalogue is built (``medaudit run``, ``perturbations``, ``plugins``).
     Each class subclasses :class:`medaudit.perturbation.Perturbation`; its ``name`` must be
-    unique across all plugins (a duplicate is an error naming both plugins).
+    unique across all plugins (a duplicate is an error naming both plugins). A suite belongs to
+    the plugin whose perturbations first declare it (the built-ins own theirs): declaring
+    another plugin's suite is a warning unless that plugin's module sets
+    ``MEDAUDIT_OPEN_SUITES = {"suite", ...}``.
 
     :return: a list of classes (not instances); they are instantiated without arguments.
     """

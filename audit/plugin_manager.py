@@ -3,12 +3,15 @@
 Built-ins and third-party plugins take the same path: every entry point of the ``medaudit``
 group is imported under a guard, so a broken package becomes a named load failure (reported by
 ``medaudit plugins`` and in the report's limitations) instead of a traceback, and the audit goes
-on without it. Set ``MEDAUDIT_TRACE=1`` to print every hook call to stderr, and
+on without it. A plugin that loads but looks wrong (a ``medaudit_*`` function medaudit will never
+call, a perturbation in another plugin's suite) is registered and reported as a warning, in the
+same places. Set ``MEDAUDIT_TRACE=1`` to print every hook call to stderr, and
 ``MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD=1`` to load only plugins passed explicitly (tests).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -46,6 +49,56 @@ class LoadFailure:
         return f'Error importing plugin "{self.name}" (from {self.distribution}): {self.error}'
 
 
+@dataclass(frozen=True)
+class LoadProblem:
+    """A plugin that loaded, with something medaudit will silently not do as its author meant.
+
+    A warning, not a :class:`LoadFailure`: the plugin's other contributions are sound and the
+    audit keeps them. Refusing the whole plugin for a misspelt report hook would drop its
+    perturbations too, and a hook that a newer medaudit adds (new hooks do not bump the hook API
+    version) would make every plugin implementing it unloadable here.
+    """
+
+    name: str
+    distribution: str
+    problem: str
+
+    @property
+    def message(self) -> str:
+        return f'plugin "{self.name}" (from {self.distribution}): {self.problem}'
+
+
+def hook_problems(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """What of ``plugin`` looks like a hook implementation that medaudit will never call.
+
+    Two mistakes vanish silently in pluggy: an implementation of a hook no spec declares (a
+    misspelt name; pluggy's ``check_pending`` finds these, but stops at the first and names no
+    function), and a ``medaudit_*`` function without ``@hookimpl`` (not an implementation at all).
+    ``@hookimpl(optionalhook=True)`` marks a hook of a newer medaudit on purpose.
+    """
+    problems = []
+    specs = sorted(name for name in vars(hookspecs) if name.startswith(f"{hookspecs.PROJECT}_"))
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.has_spec() or all(impl.optionalhook for impl in caller.get_hookimpls() if impl.plugin is plugin):
+            continue
+        close = difflib.get_close_matches(caller.name, specs, n=1)
+        hint = f'did you mean "{close[0]}"?' if close else "the hooks are listed by docs/plugins.md"
+        problems.append(f'function "{caller.name}" implements no medaudit hook ({hint}); it is never called')
+    for attr in sorted(dir(plugin)):
+        if not attr.startswith(f"{hookspecs.PROJECT}_") or pm.parse_hookimpl_opts(plugin, attr) is not None:
+            continue
+        value = getattr(plugin, attr, None)
+        if callable(value) and not hasattr(value, f"{hookspecs.PROJECT}_spec"):  # an imported spec is no mistake
+            problems.append(f'function "{attr}" is not decorated with @medaudit.hookimpl; it is never called')
+    return problems
+
+
+def catalogue_entry(plugin: str, cls: type[Perturbation]) -> dict[str, Any]:
+    """A perturbation's entry in ``medaudit perturbations`` and results.json ``perturbation_catalogue``:
+    its description plus the plugin that provides it."""
+    return {**cls.describe(), "plugin": plugin}
+
+
 @dataclass
 class PluginManager:
     """A pluggy manager plus what medaudit knows about each registered plugin."""
@@ -53,6 +106,7 @@ class PluginManager:
     pm: pluggy.PluginManager
     infos: dict[str, PluginInfo] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
+    problems: list[LoadProblem] = field(default_factory=list)
 
     @property
     def hook(self) -> Any:
@@ -72,6 +126,7 @@ class PluginManager:
             return
         module = getattr(plugin, "__name__", type(plugin).__name__)
         self.infos[name] = PluginInfo(name, distribution, version, api, module)
+        self.problems.extend(LoadProblem(name, distribution, p) for p in hook_problems(self.pm, plugin))
 
     def call_each(self, hook_name: str, on_error: Callable[[str], None] | None = None,
                   **kwargs: Any) -> list[tuple[str, Any]]:
@@ -112,6 +167,41 @@ class PluginManager:
                 found[cls.name] = (plugin, cls)
         return found
 
+    def suite_owners(self, catalogue: dict[str, tuple[str, type[Perturbation]]]) -> dict[str, str]:
+        """The plugin that owns each suite: the first whose perturbations declare it.
+
+        medaudit's own plugins come first, so a third-party plugin that happens to register
+        before them (entry points load in name order) cannot take over ``mri`` or ``ct``.
+        """
+        def third_party(entry: tuple[str, type[Perturbation]]) -> bool:
+            info = self.infos.get(entry[0])
+            return info is None or info.distribution != hookspecs.PROJECT
+
+        owners: dict[str, str] = {}
+        for plugin, cls in sorted(catalogue.values(), key=third_party):  # stable: registration order otherwise
+            owners.setdefault(cls.suite, plugin)
+        return owners
+
+    def suite_warnings(self, catalogue: dict[str, tuple[str, type[Perturbation]]], plugin: str | None = None) -> list[str]:
+        """A warning for each perturbation that joins another plugin's suite without its leave.
+
+        Such a perturbation runs whenever its suite is chosen (by modality or ``--suite``) and
+        counts in that suite's mCE, which would silently change what a built-in suite measures.
+        A suite's owner opens it with a module-level ``MEDAUDIT_OPEN_SUITES = {"suite", ...}``.
+        ``plugin`` keeps only the warnings about that plugin's perturbations.
+        """
+        owners = self.suite_owners(catalogue)
+        out = []
+        for name, (provider, cls) in sorted(catalogue.items()):
+            owner = owners[cls.suite]
+            if provider == owner or plugin not in (None, provider) or \
+                    cls.suite in getattr(self.pm.get_plugin(owner), "MEDAUDIT_OPEN_SUITES", ()):
+                continue
+            out.append(f'perturbation "{name}" of plugin "{provider}" joins suite "{cls.suite}" of plugin "{owner}", '
+                       f"which does not open it to other plugins: it runs with that suite and counts in its mCE; "
+                       f'give it a suite of its own (e.g. "{provider}.{name.split(".", 1)[1]}")')
+        return out
+
     def contributions(self, config: Any) -> dict[str, dict[str, list[str]]]:
         """For ``medaudit plugins``: what each plugin contributes, by kind."""
         out: dict[str, dict[str, list[str]]] = {name: {} for name in self.infos}
@@ -146,7 +236,7 @@ def get_plugin_manager(extra: Iterable[tuple[str, object]] = (), autoload: bool 
     :param extra: ``(name, plugin)`` pairs registered after the entry points (tests, scripts).
     :param autoload: load the ``medaudit`` entry-point group; default unless
         ``MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD`` is set.
-    :param warn: where load failures are reported (default: ``warnings.warn``).
+    :param warn: where load failures and problems are reported (default: ``warnings.warn``).
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -168,7 +258,7 @@ def get_plugin_manager(extra: Iterable[tuple[str, object]] = (), autoload: bool 
     for name, plugin in extra:
         manager.register(plugin, name)
     report = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=2))
-    for failure in manager.failures:
+    for failure in [*manager.failures, *manager.problems]:
         report(failure.message)
     if os.environ.get("MEDAUDIT_TRACE"):
         pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import medaudit.cli
 from medaudit.cli import cli
+from medaudit.hookspecs import hookimpl
+from medaudit.plugins.intensity import Gamma
 from medaudit.results import SCHEMA_PATH, VOLATILE_KEYS, json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +64,9 @@ def test_results_match_schema_and_contract(audit_out: Path) -> None:
         {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None},
         {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None}]
     assert "intensity" in results["environment"]["plugins"]
+    # every catalogue entry names the plugin that provides it
+    assert {p["name"]: p["plugin"] for p in results["perturbation_catalogue"]} == {
+        "intensity.gamma": "intensity", "mri.noise": "mri"}
     # a CPU run of a convolutional model: channels-last by default (audit.channels_last: auto)
     assert results["environment"]["memory_format"] == "channels_last"
     assert "fp32, channels-last memory format" in (audit_out / "report.html").read_text()
@@ -183,6 +189,39 @@ def test_plugins_and_perturbations_listing() -> None:
     perts = json.loads(runner.invoke(cli, ["perturbations", "--json"]).output)
     gamma = next(p for p in perts if p["name"] == "intensity.gamma")
     assert gamma["suite"] == "intensity" and set(gamma["severities"]) == {"1", "2", "3", "4", "5"}
+    assert gamma["plugin"] == "intensity"
+    assert listing["warnings"] == []  # the built-ins have no load problems and keep to their suites
+    text = runner.invoke(cli, ["perturbations"]).stdout
+    assert next(line for line in text.splitlines() if line.startswith("intensity.gamma ")).endswith("[plugin intensity]")
+
+
+class _Sloppy:
+    @hookimpl
+    def medaudit_perturbations(self):  # type: ignore[no-untyped-def]
+        class Zipper(Gamma):
+            name = "mri.zipper"
+            suite = "mri"
+        return [Zipper]
+
+    def medaudit_metrics(self, config):  # type: ignore[no-untyped-def]  # @hookimpl forgotten
+        return []
+
+
+def test_plugins_and_perturbations_show_load_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = medaudit.cli.get_plugin_manager
+    monkeypatch.setattr(medaudit.cli, "get_plugin_manager", lambda **kw: real(extra=[("sloppy", _Sloppy())], **kw))
+    runner = CliRunner()
+    unmarked = ('plugin "sloppy" (from (local)): function "medaudit_metrics" is not decorated with @medaudit.hookimpl; '
+                "it is never called")
+    joins = 'perturbation "mri.zipper" of plugin "sloppy" joins suite "mri" of plugin "mri"'
+    listing = runner.invoke(cli, ["plugins", "--json"])
+    assert [w[:len(joins)] if w.startswith("perturbation") else w for w in json.loads(listing.stdout)["warnings"]] == [
+        unmarked, joins]
+    text = runner.invoke(cli, ["plugins"]).stdout
+    assert f"WARNING {unmarked}" in text and f"WARNING {joins}" in text
+    perts = runner.invoke(cli, ["perturbations", "--json"])
+    assert perts.exit_code == 0 and f"medaudit: warning: {joins}" in perts.stderr
+    assert next(p for p in json.loads(perts.stdout) if p["name"] == "mri.zipper")["plugin"] == "sloppy"
 
 
 def test_ood_data_reference_and_subgroups(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from medaudit.config import Config
 from medaudit.detector import Detector
 from medaudit.errors import DataError
+from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.perturbation import Perturbation, finish, per_sample
 from medaudit.plugin_manager import get_plugin_manager
@@ -490,3 +493,131 @@ def test_report_records_name_object_and_check() -> None:
     report: CheckReport = check_plugin_object(_GoodNoise)
     assert all(r.object == "kit.good_noise" for r in report.records)
     assert len({r.check for r in report.records}) == len(report.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin as installed: its entry point, and its report sections against real results
+# ---------------------------------------------------------------------------------------------
+
+RESULTS_SMALL = Path(__file__).resolve().parent / "fixtures" / "results-small.json"
+
+
+def _installed(root: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+    """A distribution ``medaudit-<name>`` with entry point ``name`` = module ``medaudit_<name>_mod``."""
+    import sys
+    import textwrap
+
+    module = f"medaudit_{name}_mod"
+    dist = root / f"medaudit_{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: medaudit-{name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[medaudit]\n{name} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+_GOOD_PLUGIN = """
+    from medaudit import hookimpl
+    from medaudit.plugins.intensity import Gamma
+
+    MEDAUDIT_API_VERSION = 1
+
+    class Tint(Gamma):
+        name = "tint.gamma"
+        suite = "tint"
+
+    @hookimpl
+    def medaudit_perturbations():
+        return [Tint]
+    """
+
+
+def test_check_entry_point_passes_a_sound_plugin_and_the_builtins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medaudit.testing import check_entry_point
+
+    _installed(tmp_path, monkeypatch, "tint", _GOOD_PLUGIN)
+    info = check_entry_point("tint")
+    assert (info.name, info.distribution, info.module) == ("tint", "medaudit-tint", "medaudit_tint_mod")
+    assert check_entry_point("intensity").distribution == "medaudit"
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    (_GOOD_PLUGIN.replace("def medaudit_perturbations", "def medaudit_perturbation"),
+     'function "medaudit_perturbation" implements no medaudit hook (did you mean "medaudit_perturbations"?)'),
+    (_GOOD_PLUGIN.replace("    @hookimpl\n", ""), 'function "medaudit_perturbations" is not decorated with @medaudit.hookimpl'),
+    (_GOOD_PLUGIN.replace('"tint.gamma"', '"mri.zipper"').replace('"tint"', '"mri"'),
+     'perturbation "mri.zipper" of plugin "tint" joins suite "mri" of plugin "mri"'),
+    (_GOOD_PLUGIN.replace('"tint.gamma"', '"intensity.gamma"').replace('"tint"', '"intensity"'),
+     'perturbation "intensity.gamma" is provided by two plugins'),
+    (_GOOD_PLUGIN.replace("MEDAUDIT_API_VERSION = 1", "MEDAUDIT_API_VERSION = 2"), "targets medaudit hook API 2"),
+    (_GOOD_PLUGIN.replace("MEDAUDIT_API_VERSION = 1", "import not_installed_anywhere"), "ModuleNotFoundError"),
+], ids=["misspelt-hook", "no-hookimpl", "joins-builtin-suite", "name-clash", "api-version", "import-error"])
+def test_check_entry_point_names_what_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                                               message: str) -> None:
+    from medaudit.errors import PluginError
+    from medaudit.testing import check_entry_point
+
+    _installed(tmp_path, monkeypatch, "tint", source)
+    with pytest.raises((AssertionError, PluginError), match=re.escape(message)):
+        check_entry_point("tint")
+
+
+def test_check_entry_point_without_the_entry_point() -> None:
+    from medaudit.testing import check_entry_point
+
+    with pytest.raises(AssertionError, match=r'no entry point "not-installed" in the "medaudit" group'):
+        check_entry_point("not-installed")
+
+
+class _SectionPlugin:
+    """A section listing the audited scenarios and the model's name; ``template`` is swapped per test."""
+
+    template = "<p>{{ results.model.name }}: {% for s in scenarios %}{{ s }} {% endfor %}</p>"
+
+    @hookimpl
+    def medaudit_report_sections(self, results: dict[str, Any]) -> list[Any]:
+        from medaudit.sections import ReportSection
+
+        ids = [s["id"] for s in results["scenarios"]]
+        return [ReportSection("tint-scenarios", "Scenarios", self.template, context={"scenarios": ids})]
+
+
+def test_check_report_section_renders_on_real_results() -> None:
+    from medaudit.testing import check_report_section
+
+    [html] = check_report_section(_SectionPlugin(), RESULTS_SMALL)
+    assert "clean intensity.gamma@1 intensity.gamma@5 mri.noise@1 mri.noise@5" in html
+
+
+class _Unescaped(_SectionPlugin):
+    template = "<p>{{ results.model.name | safe }}</p>"
+
+
+class _Broken(_SectionPlugin):
+    template = "<p>{{ results.no_such_key.deeper }}</p>"
+
+
+class _Nothing:
+    @hookimpl
+    def medaudit_report_sections(self, results: dict[str, Any]) -> list[Any]:
+        return []
+
+
+class _NotMarked:
+    def medaudit_report_sections(self, results: dict[str, Any]) -> list[Any]:
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize(("plugin", "message"), [
+    (_Unescaped(), "section 'tint-scenarios' puts text from results.json into the HTML unescaped"),
+    (_Broken(), "section 'tint-scenarios' does not render on these results: UndefinedError"),
+    (_Nothing(), "returned no section for these results"),
+    (_NotMarked(), 'implements no medaudit_report_sections hook (is it decorated with @medaudit.hookimpl?); '
+                   'function "medaudit_report_sections" is not decorated'),
+], ids=["unescaped", "template-error", "no-section", "no-hookimpl"])
+def test_check_report_section_names_what_is_wrong(plugin: object, message: str) -> None:
+    from medaudit.testing import check_report_section
+
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_report_section(plugin, json.loads(RESULTS_SMALL.read_text()))

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from click.testing import CliRunner
 
-from medaudit.audit import run_audit
+import medaudit.cli
+from medaudit.audit import _detectors, run_audit
 from medaudit.config import load_config
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric
 from medaudit.perturbation import Perturbation
 from medaudit.plugin_manager import get_plugin_manager
+from medaudit.results import SCHEMA_PATH
 from medaudit.sections import ReportSection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +92,10 @@ def test_failing_plugin_is_named_and_the_rest_is_kept(tmp_path: Path) -> None:
     assert 'metric "bad_metric" of plugin "exploding" raised' in warnings
     assert 'ood: detector "bad_detector" of plugin "exploding" raised in embed' in warnings
     assert 'plugin "exploding" failed in medaudit_analyze: KeyError' in warnings
+    # named by the user and left without a scenario: a failed check, so the audit exits 1
+    [check] = [c for c in results.checks if c.expr == "perturbation:boom.explode ran"]
+    assert not check.passed and "kaboom in apply" in (check.error or "")
+    assert not any(c.expr == "perturbation:intensity.gamma ran" for c in results.checks)  # it ran
     clean = results.scenarios[0]
     assert "accuracy" in clean.metrics and "bad_metric" not in clean.metrics
     assert "msp" in results.scenarios[1].ood and "bad_detector" not in results.scenarios[1].ood
@@ -94,3 +103,77 @@ def test_failing_plugin_is_named_and_the_rest_is_kept(tmp_path: Path) -> None:
     report = (out / "report.html").read_text()
     assert "kaboom in apply" in report
     assert 'report section &#34;broken&#34; of plugin &#34;exploding&#34; could not be rendered' in report
+
+
+class FitFails(Detector):
+    name = "fit_fails"
+
+    def fit(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        raise ValueError("fit bug")
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings[:, 0]
+
+
+class FeatureDetector(Detector):
+    name = "needs_features"
+    needs = "features"
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings[:, 0]
+
+
+class OnlyExploding:
+    @hookimpl
+    def medaudit_perturbations(self) -> list[type[Perturbation]]:
+        return [Exploding]
+
+    @hookimpl
+    def medaudit_detectors(self, config: Any) -> list[Detector]:
+        return [FitFails()]
+
+
+def test_cli_prints_isolated_failures_once_and_exits_1_when_a_named_perturbation_never_ran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jsonschema
+
+    real = get_plugin_manager
+    monkeypatch.setattr(medaudit.cli, "get_plugin_manager",
+                        lambda **kw: real(extra=[("exploding", OnlyExploding())], **kw))
+    out = tmp_path / "o"
+    res = CliRunner().invoke(medaudit.cli.cli, [
+        "run", str(ROOT / "examples" / "model.pt"), "--data", str(ROOT / "examples" / "mni-patches" / "test.npz"),
+        "--config", str(ROOT / "examples" / "mni-patches.yaml"), "--out", str(out), "--perturbation", "boom.explode",
+        "--severities", "1,3", "--bootstrap", "20", "--quiet"])
+    assert res.exit_code == 1, res.output
+    assert "check FAIL: perturbation:boom.explode ran" in res.stdout
+    # one line for the perturbation, its two scenarios grouped
+    lines = [line for line in res.stderr.splitlines() if "boom.explode" in line]
+    assert lines == ['medaudit: warning: perturbation "boom.explode" of plugin "exploding" raised in scenario '
+                     "boom.explode@1 (RuntimeError: kaboom in apply); the scenario is left out; it also failed in "
+                     "boom.explode@3"]
+    fit = [line for line in res.stderr.splitlines() if "fit_fails" in line]
+    assert fit == ["medaudit: warning: ood: detector 'fit_fails' skipped: ValueError: fit bug "
+                   '(detector of plugin "exploding")']
+    results = json.loads((out / "results.json").read_text())
+    jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
+    assert [s["id"] for s in results["scenarios"]] == ["clean"]
+    failed = [c for c in results["checks"] if not c["passed"]]
+    assert [c["expr"] for c in failed] == ["perturbation:boom.explode ran"]
+    assert failed[0]["value"] == 0 and failed[0]["error"].endswith("(and 1 more of its scenarios)")
+    assert fit[0].removeprefix("medaudit: warning: ") in results["warnings"]
+
+
+def test_skipped_feature_detectors_name_their_plugin() -> None:
+    class Features:
+        @hookimpl
+        def medaudit_detectors(self, config: Any) -> list[Detector]:
+            return [FeatureDetector()]
+
+    pm = get_plugin_manager(extra=[("featureful", Features())], autoload=False, warn=lambda m: None)
+    warnings: list[str] = []
+    owners: dict[object, str] = {}
+    cfg = load_config(None, {})
+    assert _detectors(pm, cfg, False, warnings, owners) == []
+    assert warnings == ["feature-based detectors ['needs_features'] of plugin \"featureful\" did not run: "
+                        "model.feature_layer is not set"]

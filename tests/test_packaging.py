@@ -31,7 +31,8 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     for needed in ("medaudit/cli.py", "medaudit/plugins/intensity.py", "medaudit/templates/report.html",
                    "medaudit/templates/sections/summary.html", "medaudit/templates/report.css",
-                   "medaudit/schemas/results.schema.json"):
+                   "medaudit/schemas/results.schema.json", "medaudit/testing/__init__.py",
+                   "medaudit/testing/entry_points.py"):
         assert needed in files, needed
     # PYTHONPATH precedes site-packages, so the wheel's copy wins over the editable install.
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
