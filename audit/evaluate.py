@@ -28,7 +28,7 @@ from .metric import Metric, MetricContext
 from .model import LoadedModel
 from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
-from .results import Results, clean_floats
+from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
 from .rng import stream_key
 from .runner import ForwardResult
@@ -60,8 +60,8 @@ def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
 
 def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext,
                       confidence: float, scenario_id: str, owners: dict[int, str],
-                      failures: dict[int, str]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bool], dict[str, Any]]:
-    """Estimates, raw per-row values, direction per key and plot data of one scenario.
+                      failures: dict[int, WarningRecord]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Metric], dict[str, Any]]:
+    """Estimates, raw per-row values, the family that emitted each key, and plot data of one scenario.
 
     Bad predictions (NaN, rows not summing to 1) are the model's fault and stop the audit, naming
     the scenario. A metric plugin that raises is the plugin's fault: it is recorded in
@@ -73,7 +73,7 @@ def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weig
         raise ModelOutputError(f"unusable model outputs in scenario {scenario_id}: {exc}") from None
     estimates: dict[str, Any] = {}
     raw: dict[str, Tensor] = {}
-    directions: dict[str, bool] = {}
+    families: dict[str, Metric] = {}
     curves: dict[str, Any] = {}
     for m in metrics:
         if id(m) in failures:
@@ -83,18 +83,41 @@ def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weig
             est, r = evaluate_metrics([m], probs, labels, weights, ctx, confidence, validate=False)  # checked above
             extra = m.curves(probs, labels, ctx)
         except Exception as exc:
-            failures[id(m)] = (f'metric "{m.name}" of plugin "{owners.get(id(m), type(m).__module__)}" raised in '
-                               f"scenario {scenario_id} ({type(exc).__name__}: {exc}); its results are left out")
+            plugin = owners.get(id(m), type(m).__module__)
+            failures[id(m)] = WarningRecord(
+                code="metric-failed", plugin=plugin, scenario=scenario_id, subject=m.name,
+                message=(f'metric "{m.name}" of plugin "{plugin}" raised in scenario {scenario_id} '
+                         f"({type(exc).__name__}: {exc}); its results are left out"))
             continue
         clash = sorted(set(est) & set(estimates))
         if clash:
             raise PluginError(f"metric {m.name!r} emits result keys {clash} that another metric already emits")
         estimates.update(est)
         raw.update(r)
-        directions.update(dict.fromkeys(est, m.higher_is_better))
+        families.update(dict.fromkeys(est, m))
         if extra:
             curves.update(extra)
-    return estimates, raw, directions, curves
+    return estimates, raw, families, curves
+
+
+def analysis_warnings(plugin: str, value: Any) -> list[WarningRecord]:
+    """An analysis plugin's ``warnings``: strings (wrapped, code ``analysis``) or records.
+
+    A record given as a dict or :class:`WarningRecord` keeps its own code; its plugin defaults
+    to the analysis plugin that returned it.
+    """
+    out = []
+    for w in value:
+        if isinstance(w, str):
+            out.append(WarningRecord(code="analysis", plugin=plugin, message=w))
+            continue
+        try:
+            record = WarningRecord.model_validate(w.model_dump() if isinstance(w, WarningRecord) else w)
+        except ValueError as exc:
+            raise PluginError(f'plugin "{plugin}" returned a warning that is neither a string nor a warning record '
+                              f"(code, message, plugin, scenario, subject): {w!r} ({exc})") from None
+        out.append(record if record.plugin else record.model_copy(update={"plugin": plugin}))
+    return out
 
 
 def build_results(
@@ -113,7 +136,7 @@ def build_results(
     device: torch.device,
     command: str,
     started: float,
-    warnings: list[str],
+    warnings: list[WarningRecord],
     reference: ExternalSet | None = None,
     ood_sets: list[ExternalSet] | None = None,
     assets: dict[str, str] | None = None,
@@ -126,7 +149,8 @@ def build_results(
     ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, cfg.audit.n_bins,
                         cfg.task.target_specificity)
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
-    warnings = list(warnings) + small_n_warnings(labels, list(cfg.task.classes), "clean")
+    records = list(warnings) + [WarningRecord(code="small-sample", scenario="clean", message=w)
+                                for w in small_n_warnings(labels, list(cfg.task.classes), "clean")]
     ids = [s.id for s in fwd.scenarios]
     # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
     # The same weights (drawn on the CPU from the seed) are used wherever they run.
@@ -138,18 +162,23 @@ def build_results(
                                cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
                                output_kind=fwd.output_kind, device=dev)
-    warnings += shift.warnings
+    # shift.py knows detectors by name only; which plugin provides each is known here
+    detector_plugin = {d.name: owners.get(id(d)) for d in detectors}
+    records += [w if w.plugin or w.subject not in detector_plugin else
+                w.model_copy(update={"plugin": detector_plugin[w.subject]}) for w in shift.records]
     phases.lap("detectors")
     release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
 
     directions: dict[str, bool] = {}
+    families: dict[str, Metric] = {}
     raw: dict[str, dict[str, Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
-    metric_failures: dict[int, str] = {}
+    metric_failures: dict[int, WarningRecord] = {}
     for i, sc in enumerate(fwd.scenarios):
-        estimates, raw[sc.id], dirs, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
+        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
                                                                cfg.audit.confidence, sc.id, owners, metric_failures)
-        directions.update(dirs)
+        families.update(fams)
+        directions.update({k: m.higher_is_better for k, m in fams.items()})
         drop = {}
         if sc.id != "clean":
             drop = paired_drops(raw["clean"], raw[sc.id], directions, cfg.audit.confidence)
@@ -178,21 +207,28 @@ def build_results(
             "metrics": {}, "ood": measures, "throughput": m / seconds if seconds > 0 else None,
         })
         external_arrays[ext.name] = {"probs": ext.forward.probs[0], **{f"ood_{k}": v for k, v in scores.items()}}
-        warnings.append(f"ood:{ext.name}: external set {ext.identity.path} ({m} samples, SHA-256 "
-                        f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
-                        "are not computed for it")
+        records.append(WarningRecord(
+            code="external-set", scenario=f"ood:{ext.name}", subject=ext.name,
+            message=(f"ood:{ext.name}: external set {ext.identity.path} ({m} samples, SHA-256 "
+                     f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
+                     "are not computed for it")))
 
     phases.lap("external")
-    warnings += list(metric_failures.values())
+    records += list(metric_failures.values())
     working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
     outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, working, ctx, weights,
                            cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
-    for _plugin, extra in pm.call_each("medaudit_analyze", on_error=warnings.append, outputs=outputs, config=cfg):
+
+    def analysis_failed(message: str) -> None:
+        # call_each names the failing plugin in the message only, so the record's plugin stays empty
+        records.append(WarningRecord(code="analysis-failed", message=message))
+
+    for plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):
         for key, value in extra.items():
             if key == "warnings":
-                warnings.extend(value)
+                records.extend(analysis_warnings(plugin, value))
             elif key == "subgroups":
                 subgroups.extend(value)
             else:
@@ -240,11 +276,13 @@ def build_results(
         "subgroups": subgroups,
         "config": cfg.model_dump(mode="json"),
         "metric_directions": directions,
+        "metric_info": {k: v.model_dump() for k, v in metric_info(families, owners).items()},
         "perturbation_catalogue": catalogue,
         "robustness": robustness,
         "calibration": calibration,
         "analyses": analyses,
-        "warnings": warnings,
+        "warnings": [w.message for w in records],
+        "warning_records": [w.model_dump() for w in records],
         "timing": {"total_seconds": time.perf_counter() - started, "forward_seconds": forward_s,
                    "samples_per_second": n * len(ids) / forward_s if forward_s > 0 else 0.0,
                    "phases": phases.seconds},
