@@ -36,7 +36,7 @@ def fmt_p(p: float | None) -> str:
 
 
 def label(key: str) -> str:
-    """A metric key as a column header: ``balanced_accuracy`` → ``balanced accuracy``."""
+    """A metric key as a column header: ``false_positive_rate`` → ``false positive rate``."""
     return key.replace("_", " ")
 
 

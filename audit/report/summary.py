@@ -15,7 +15,7 @@ def verdict(r: dict[str, Any]) -> str:
 
 
 def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
-    # rank by the primary metric only: mixing metrics would let F1 and accuracy of one scenario
+    # rank by the primary metric only: mixing metrics would let two metrics of one scenario
     # compete, and readers compare findings against the primary metric's curves
     primary = primary_metric(r)
     info = metric_info(r).get(primary or "")

@@ -111,6 +111,6 @@ def primary_metric(r: dict[str, Any]) -> str | None:
 
 
 def lead_keys(r: dict[str, Any]) -> list[str]:
-    """Each metric family's first headline key (e.g. accuracy, ECE): drawn in the degradation curves."""
+    """Each metric family's first headline key, in headline order: drawn in the degradation curves."""
     info = metric_info(r)
     return [k for k in headline_keys(r) if info[k].get("lead")]
