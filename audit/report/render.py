@@ -166,8 +166,11 @@ def render_report(results: Results, pm: PluginManager | None = None) -> str:
         if not results.metric_info and results.metric_directions:
             results = results.model_copy(update={"metric_info": declared_metric_info(pm, results, problems)})
         data = results.model_dump(mode="json")
-        on_error = lambda msg: problems.append(_problem("report-section-failed", msg))  # noqa: E731
-        for plugin, secs in pm.call_each("medaudit_report_sections", on_error=on_error, results=data):
+
+        def section_failed(message: str) -> None:
+            problems.append(_problem("report-section-failed", message))
+
+        for plugin, secs in pm.call_each("medaudit_report_sections", on_error=section_failed, results=data):
             for sec in secs:
                 if isinstance(sec, ReportSection):
                     sections.append((plugin, sec))
