@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from . import __version__
@@ -104,7 +105,8 @@ def analysis_warnings(plugin: str, value: Any) -> list[WarningRecord]:
     """An analysis plugin's ``warnings``: strings (wrapped, code ``analysis``) or records.
 
     A record given as a dict or :class:`WarningRecord` keeps its own code; its plugin defaults
-    to the analysis plugin that returned it.
+    to the analysis plugin that returned it. An entry that is neither is the plugin's fault, not
+    the audit's: it becomes an ``analysis-failed`` record naming the plugin.
     """
     out = []
     for w in value:
@@ -114,8 +116,13 @@ def analysis_warnings(plugin: str, value: Any) -> list[WarningRecord]:
         try:
             record = WarningRecord.model_validate(w.model_dump() if isinstance(w, WarningRecord) else w)
         except ValueError as exc:
-            raise PluginError(f'plugin "{plugin}" returned a warning that is neither a string nor a warning record '
-                              f"(code, message, plugin, scenario, subject): {w!r} ({exc})") from None
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+            out.append(WarningRecord(
+                code="analysis-failed", plugin=plugin,
+                message=(f'plugin "{plugin}" returned a warning that is neither a string nor a warning record '
+                         f"(code, message, optional scenario, subject): {w!r} "
+                         f"({'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']})")))
+            continue
         out.append(record if record.plugin else record.model_copy(update={"plugin": plugin}))
     return out
 

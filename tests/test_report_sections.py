@@ -16,13 +16,14 @@ import pytest
 import torch
 from medaudit.audit import run_audit
 from medaudit.config import Config, load_config
+from medaudit.evaluate import analysis_warnings
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.outputs import AuditOutputs
 from medaudit.plugin_manager import get_plugin_manager
 from medaudit.report import fmt_metric, render_report
 from medaudit.report.views import Row, Table, headline_keys, lead_keys, metric_info, primary_metric
-from medaudit.results import Results, json_schema, metric_info as declare
+from medaudit.results import Results, WarningRecord, json_schema, metric_info as declare
 from medaudit.sections import ReportSection
 from torch import Tensor
 
@@ -209,3 +210,15 @@ def test_fmt_metric() -> None:
     assert fmt_metric(0.5, {"digits": 0, "percent": True}) == "50%"
     assert fmt_metric(torch.tensor(0.5).item(), {"digits": 1}) == "0.5"
     assert metric_info({"metric_info": {"x": {"headline": True}}}) == {"x": {"headline": True}}
+
+
+def test_analysis_warnings_strings_records_and_garbage() -> None:
+    out = analysis_warnings("p", ["plain", {"code": "c1", "message": "m1", "subject": "s"},
+                                  WarningRecord(code="c2", message="m2", plugin="other"), {"message": "no code"}, 3])
+    assert [(w.code, w.plugin, w.message) for w in out[:3]] == [("analysis", "p", "plain"), ("c1", "p", "m1"),
+                                                                ("c2", "other", "m2")]
+    assert out[1].subject == "s"
+    # entries that are no record are the plugin's fault: recorded, naming it, and the audit goes on
+    assert [w.code for w in out[3:]] == ["analysis-failed", "analysis-failed"]
+    assert 'plugin "p"' in out[3].message and "code: Field required" in out[3].message
+    assert "3" in out[4].message
