@@ -32,7 +32,7 @@ from .model import LoadedModel
 from .outputs import Scenario
 from .perturbation import Perturbation
 from .plugin_manager import PluginManager, catalogue_entry
-from .results import Results, dumps
+from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
 from .timing import PhaseClock, process_age
@@ -53,7 +53,7 @@ class Prepared:
     detectors: list[Detector]
     owners: dict[object, str]
     device: torch.device
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[WarningRecord] = field(default_factory=list)
     reference: AuditDataset | None = None
     ood_sets: dict[str, AuditDataset] = field(default_factory=dict)
 
@@ -87,7 +87,7 @@ def _set_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: list[str],
+def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: list[WarningRecord],
                owners: dict[object, str]) -> list[Detector]:
     detectors = []
     for plugin, ds in pm.call_each("medaudit_detectors", config=config):
@@ -108,7 +108,8 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
             if d.needs == "features":
                 skipped.setdefault(owners[id(d)], []).append(d.name)
         for plugin, names in skipped.items():
-            warnings.append(f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')
+            warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
+                f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
         detectors = [d for d in detectors if d.needs != "features"]
     return detectors
 
@@ -116,7 +117,10 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
 def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config, trust_pickle: bool = False,
             reference_path: Path | None = None, ood_paths: tuple[Path, ...] = ()) -> Prepared:
     """Resolve everything an audit needs; every input error is raised here, before any output."""
-    warnings = [f.message for f in [*pm.failures, *pm.problems]]
+    warnings = [WarningRecord(code="plugin-load-failed", plugin=f.name, subject=f.name, message=f.message)
+                for f in pm.failures]
+    warnings += [WarningRecord(code="plugin-hook-problem", plugin=p.name, subject=p.name, message=p.message)
+                 for p in pm.problems]
     for expr in config.checks:
         parse_check(expr)  # syntax errors before any work
     device = select_device(config.audit.device)
@@ -124,7 +128,8 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     if not config.task.classes:
         classes = list(getattr(dataset, "classes", None) or dataset.task.classes)
         config.task = config.task.model_copy(update={"classes": classes})
-        warnings.append(f"task.classes not configured; inferred from the labels: {classes}")
+        warnings.append(WarningRecord(code="classes-inferred",
+                                      message=f"task.classes not configured; inferred from the labels: {classes}"))
     if len(config.task.classes) < 2:
         raise ConfigError(f"task.classes must name at least 2 classes, got {config.task.classes}")
     reference = open_dataset(pm, reference_path, config) if reference_path is not None else None
@@ -133,10 +138,12 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     model = load_model(pm, model_path, config, trust_pickle).to(device)
     extract, feature_warning = make_extractor(model, config.model.feature_layer)
     if feature_warning:
-        warnings.append(feature_warning)
+        warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning))
     feature_ok = config.model.feature_layer is not None and feature_warning is None
     catalogue = pm.perturbations()
-    warnings += pm.suite_warnings(catalogue)
+    for provider in sorted({plugin for plugin, _cls in catalogue.values()}):
+        warnings += [WarningRecord(code="suite-joined", plugin=provider, message=m)
+                     for m in pm.suite_warnings(catalogue, plugin=provider)]
     scenarios, perturbations = plan_scenarios(config, catalogue)
     validate_check_scenarios(config.checks, [s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets])
     # Which plugin contributed each object, so a failure during the audit can name it.
@@ -180,8 +187,14 @@ def preview_for(prep: Prepared, left_out: set[str]) -> dict[str, str]:
     try:
         return {"preview_png": base64.b64encode(grid_png_bytes(image, classes, prep.config.audit.seed)).decode()}
     except Exception as exc:  # a figure must not cost the audit its results
-        prep.warnings.append(f"the perturbation preview grid could not be drawn ({type(exc).__name__}: {exc})")
+        prep.warnings.append(WarningRecord(
+            code="preview-failed",
+            message=f"the perturbation preview grid could not be drawn ({type(exc).__name__}: {exc})"))
         return {}
+
+
+def _owner(prep: Prepared, detector: str) -> str | None:
+    return next((prep.owners.get(id(d)) for d in prep.detectors if d.name == detector), None)
 
 
 def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool) -> ExternalSet:
@@ -226,7 +239,11 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             shutil.rmtree(cache.dir, ignore_errors=True)
         fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
                           prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners)
-        prep.warnings.extend([*fwd.failures.values(), *fwd.failed_detectors.values()])
+        prep.warnings.extend([
+            *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
+                            plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
+            *(WarningRecord(code="detector-failed", subject=name, plugin=_owner(prep, name), message=msg)
+              for name, msg in fwd.failed_detectors.items())])
         prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
         if fwd.resumed_shards:
             log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")

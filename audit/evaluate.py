@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from . import __version__
@@ -28,7 +29,7 @@ from .metric import Metric, MetricContext
 from .model import LoadedModel
 from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
-from .results import Results, clean_floats
+from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
 from .rng import stream_key
 from .runner import ForwardResult
@@ -58,30 +59,14 @@ class Evaluation:
     plugin_failures: list[str] = field(default_factory=list)
 
 
-def _name_detector_plugins(messages: list[str], detectors: list[Detector], owners: dict[int, str]) -> tuple[list[str], list[str]]:
-    """Add the providing plugin to :mod:`medaudit.shift`'s warnings, which name only the detector.
-
-    Returns every message, and those about a detector (now naming its plugin). The plugin goes
-    at the end, so the message still starts as shift.py wrote it.
-    """
-    out, named = [], []
-    for message in messages:
-        owner = next((owners[id(d)] for d in detectors if id(d) in owners and repr(d.name) in message), None)
-        if owner is not None:
-            message = f'{message} (detector of plugin "{owner}")'
-            named.append(message)
-        out.append(message)
-    return out, named
-
-
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     return {k: {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())} for k, v in params.items() if v.numel()}
 
 
 def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext,
                       confidence: float, scenario_id: str, owners: dict[int, str],
-                      failures: dict[int, str]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, bool], dict[str, Any]]:
-    """Estimates, raw per-row values, direction per key and plot data of one scenario.
+                      failures: dict[int, WarningRecord]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Metric], dict[str, Any]]:
+    """Estimates, raw per-row values, the family that emitted each key, and plot data of one scenario.
 
     Bad predictions (NaN, rows not summing to 1) are the model's fault and stop the audit, naming
     the scenario. A metric plugin that raises is the plugin's fault: it is recorded in
@@ -93,7 +78,7 @@ def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weig
         raise ModelOutputError(f"unusable model outputs in scenario {scenario_id}: {exc}") from None
     estimates: dict[str, Any] = {}
     raw: dict[str, Tensor] = {}
-    directions: dict[str, bool] = {}
+    families: dict[str, Metric] = {}
     curves: dict[str, Any] = {}
     for m in metrics:
         if id(m) in failures:
@@ -103,18 +88,47 @@ def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weig
             est, r = evaluate_metrics([m], probs, labels, weights, ctx, confidence, validate=False)  # checked above
             extra = m.curves(probs, labels, ctx)
         except Exception as exc:
-            failures[id(m)] = (f'metric "{m.name}" of plugin "{owners.get(id(m), type(m).__module__)}" raised in '
-                               f"scenario {scenario_id} ({type(exc).__name__}: {exc}); its results are left out")
+            plugin = owners.get(id(m), type(m).__module__)
+            failures[id(m)] = WarningRecord(
+                code="metric-failed", plugin=plugin, scenario=scenario_id, subject=m.name,
+                message=(f'metric "{m.name}" of plugin "{plugin}" raised in scenario {scenario_id} '
+                         f"({type(exc).__name__}: {exc}); its results are left out"))
             continue
         clash = sorted(set(est) & set(estimates))
         if clash:
             raise PluginError(f"metric {m.name!r} emits result keys {clash} that another metric already emits")
         estimates.update(est)
         raw.update(r)
-        directions.update(dict.fromkeys(est, m.higher_is_better))
+        families.update(dict.fromkeys(est, m))
         if extra:
             curves.update(extra)
-    return estimates, raw, directions, curves
+    return estimates, raw, families, curves
+
+
+def analysis_warnings(plugin: str, value: Any) -> list[WarningRecord]:
+    """An analysis plugin's ``warnings``: strings (wrapped, code ``analysis``) or records.
+
+    A record given as a dict or :class:`WarningRecord` keeps its own code; its plugin defaults
+    to the analysis plugin that returned it. An entry that is neither is the plugin's fault, not
+    the audit's: it becomes an ``analysis-failed`` record naming the plugin.
+    """
+    out = []
+    for w in value:
+        if isinstance(w, str):
+            out.append(WarningRecord(code="analysis", plugin=plugin, message=w))
+            continue
+        try:
+            record = WarningRecord.model_validate(w.model_dump() if isinstance(w, WarningRecord) else w)
+        except ValueError as exc:
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else {"loc": (), "msg": str(exc)}
+            out.append(WarningRecord(
+                code="analysis-failed", plugin=plugin,
+                message=(f'plugin "{plugin}" returned a warning that is neither a string nor a warning record '
+                         f"(code, message, optional scenario, subject): {w!r} "
+                         f"({'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']})")))
+            continue
+        out.append(record if record.plugin else record.model_copy(update={"plugin": plugin}))
+    return out
 
 
 def build_results(
@@ -133,7 +147,7 @@ def build_results(
     device: torch.device,
     command: str,
     started: float,
-    warnings: list[str],
+    warnings: list[WarningRecord],
     reference: ExternalSet | None = None,
     ood_sets: list[ExternalSet] | None = None,
     assets: dict[str, str] | None = None,
@@ -146,7 +160,8 @@ def build_results(
     ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, cfg.audit.n_bins,
                         cfg.task.target_specificity)
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
-    warnings = list(warnings) + small_n_warnings(labels, list(cfg.task.classes), "clean")
+    records = list(warnings) + [WarningRecord(code="small-sample", scenario="clean", message=w)
+                                for w in small_n_warnings(labels, list(cfg.task.classes), "clean")]
     ids = [s.id for s in fwd.scenarios]
     # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
     # The same weights (drawn on the CPU from the seed) are used wherever they run.
@@ -158,19 +173,29 @@ def build_results(
                                cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
                                output_kind=fwd.output_kind, device=dev)
-    shift_warnings, detector_warnings = _name_detector_plugins(shift.warnings, detectors, owners)
-    warnings += shift_warnings
+    # shift.py knows detectors by name only; which plugin provides each is known here, and the
+    # message names it too, since the console and the string list show the message alone
+    detector_plugin = {d.name: owners.get(id(d)) for d in detectors}
+    detector_records = []
+    for w in shift.records:
+        owner = None if w.plugin else detector_plugin.get(w.subject)
+        if owner:
+            w = w.model_copy(update={"plugin": owner, "message": f'{w.message} (detector of plugin "{owner}")'})
+            detector_records.append(w)
+        records.append(w)
     phases.lap("detectors")
     release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
 
     directions: dict[str, bool] = {}
+    families: dict[str, Metric] = {}
     raw: dict[str, dict[str, Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
-    metric_failures: dict[int, str] = {}
+    metric_failures: dict[int, WarningRecord] = {}
     for i, sc in enumerate(fwd.scenarios):
-        estimates, raw[sc.id], dirs, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
+        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
                                                                cfg.audit.confidence, sc.id, owners, metric_failures)
-        directions.update(dirs)
+        families.update(fams)
+        directions.update({k: m.higher_is_better for k, m in fams.items()})
         drop = {}
         if sc.id != "clean":
             drop = paired_drops(raw["clean"], raw[sc.id], directions, cfg.audit.confidence)
@@ -199,27 +224,30 @@ def build_results(
             "metrics": {}, "ood": measures, "throughput": m / seconds if seconds > 0 else None,
         })
         external_arrays[ext.name] = {"probs": ext.forward.probs[0], **{f"ood_{k}": v for k, v in scores.items()}}
-        warnings.append(f"ood:{ext.name}: external set {ext.identity.path} ({m} samples, SHA-256 "
-                        f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
-                        "are not computed for it")
+        records.append(WarningRecord(
+            code="external-set", scenario=f"ood:{ext.name}", subject=ext.name,
+            message=(f"ood:{ext.name}: external set {ext.identity.path} ({m} samples, SHA-256 "
+                     f"{ext.identity.sha256[:12]}…) scored against the clean audit data; classification metrics "
+                     "are not computed for it")))
 
     phases.lap("external")
-    warnings += list(metric_failures.values())
+    records += list(metric_failures.values())
     working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
     outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, working, ctx, weights,
                            cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
-    plugin_failures = [*detector_warnings, *metric_failures.values()]
+    plugin_failures = [w.message for w in detector_records] + [w.message for w in metric_failures.values()]
 
     def analysis_failed(message: str) -> None:
-        warnings.append(message)
+        # call_each names the failing plugin in the message only, so the record's plugin stays empty
+        records.append(WarningRecord(code="analysis-failed", message=message))
         plugin_failures.append(message)
 
-    for _plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):
+    for plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):
         for key, value in extra.items():
             if key == "warnings":
-                warnings.extend(value)
+                records.extend(analysis_warnings(plugin, value))
             elif key == "subgroups":
                 subgroups.extend(value)
             else:
@@ -267,11 +295,13 @@ def build_results(
         "subgroups": subgroups,
         "config": cfg.model_dump(mode="json"),
         "metric_directions": directions,
+        "metric_info": {k: v.model_dump() for k, v in metric_info(families, owners).items()},
         "perturbation_catalogue": catalogue,
         "robustness": robustness,
         "calibration": calibration,
         "analyses": analyses,
-        "warnings": warnings,
+        "warnings": [w.message for w in records],
+        "warning_records": [w.model_dump() for w in records],
         "timing": {"total_seconds": time.perf_counter() - started, "forward_seconds": forward_s,
                    "samples_per_second": n * len(ids) / forward_s if forward_s > 0 else 0.0,
                    "phases": phases.seconds},

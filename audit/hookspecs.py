@@ -147,8 +147,10 @@ def medaudit_analyze(outputs: AuditOutputs, config: Config) -> dict[str, Any] | 
 
     Called once after all forward passes; must not run the model again. The returned mapping is
     merged into results.json: entries under ``subgroups`` are appended to the top-level
-    ``subgroups`` list, ``warnings`` (a list of strings) are added to the report's limitations,
-    and every other key is stored as ``results["analyses"][key]``. An exception is caught, named
+    ``subgroups`` list, ``warnings`` are added to the report's limitations (each a string, recorded
+    in ``warning_records`` with code ``analysis`` and this plugin's name, or a record: a dict or
+    :class:`medaudit.results.WarningRecord` with ``code`` and ``message``, optionally ``scenario``
+    and ``subject``), and every other key is stored as ``results["analyses"][key]``. An exception is caught, named
     (plugin and hook) in the limitations, and the other plugins' analyses are kept.
 
     :param outputs: probabilities, labels, metadata and OOD scores of every scenario.
@@ -167,8 +169,12 @@ def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
     """Return extra sections for the HTML report.
 
     Called when a report is rendered (after ``run`` and by ``medaudit report``), so it may only
-    use what is in ``results`` (the parsed results.json). Templates are rendered with
-    autoescaping on; never mark user-supplied text as safe.
+    use what is in ``results`` (the parsed results.json). Templates are rendered with the
+    report's environment (autoescaping on, the ``sections/_table.html`` and
+    ``sections/_figure.html`` partials available); never mark user-supplied text as safe. Build
+    views with :mod:`medaudit.report.views`; a section's ``findings`` join the summary's key
+    findings, its ``limitations`` the report's limitations, and its ``order`` places it among the
+    core sections. The built-in calibration, OOD and subgroup views are sections of this hook.
 
     :param results: the results.json content as a dict.
     :return: a list of :class:`medaudit.sections.ReportSection`.

@@ -44,11 +44,30 @@ class Metric(ABC):
         Tasks it applies to (``"binary"``, ``"multiclass"``, ``"multilabel"``).
     higher_is_better : bool
         Direction of every key it returns (``*_score``-like metrics True, losses and errors False).
+    headline : tuple[str, ...]
+        Result keys shown in the report's standard tables (robustness, findings, subgroups), most
+        important first. The first is the family's *lead* key, drawn in the degradation curves
+        and the mCE table. Empty (the default): the keys are in results.json only.
+    headline_order : int
+        Where this family's headline keys go among other families' (lower first). The first
+        headline key overall is the audit's primary metric. The built-ins use 100
+        (classification) and 200 (calibration).
+    digits : int
+        Decimal digits the report shows for every key of the family.
+    percent : bool
+        Show values multiplied by 100 with a % sign (for shares in [0, 1]).
+
+    The display declarations go into results.json (``metric_info``), so a report re-rendered
+    from results.json alone shows the same tables.
     """
 
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("binary", "multiclass")
     higher_is_better: ClassVar[bool] = True
+    headline: ClassVar[tuple[str, ...]] = ()
+    headline_order: ClassVar[int] = 500
+    digits: ClassVar[int] = 3
+    percent: ClassVar[bool] = False
 
     @abstractmethod
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:

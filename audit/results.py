@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import MedauditError
+
+if TYPE_CHECKING:
+    from .metric import Metric
 
 SCHEMA_VERSION = "1.0"
 VOLATILE_KEYS = ("created_at", "command", "timing", "environment")
@@ -118,6 +121,55 @@ class SubgroupResult(BaseModel):
     metrics: dict[str, Estimate] = Field(default_factory=dict)
 
 
+class WarningRecord(_Model):
+    """One warning of the run, as data: the report groups and counts these, never parses ``message``.
+
+    ``message`` is the exact string also listed in ``Results.warnings`` (kept for readers of
+    older results files and for humans).
+    """
+
+    code: str = Field(description="stable kebab-case kind, e.g. detector-skipped, plugin-load-failed, small-sample")
+    message: str
+    plugin: str | None = Field(None, description="the plugin the warning is about or came from; None: medaudit itself")
+    scenario: str | None = Field(None, description="the scenario it concerns, if one")
+    subject: str | None = Field(None, description="what it concerns by name: a detector, metric, perturbation, "
+                                                  "plugin or metadata column")
+
+
+class MetricInfo(_Model):
+    """How one metric key is shown: declared by its :class:`~medaudit.metric.Metric` family."""
+
+    family: str = Field(description="name of the Metric family that emits the key")
+    plugin: str = Field(description="the plugin that provides the family")
+    higher_is_better: bool
+    headline: bool = Field(False, description="shown in the report's standard tables")
+    order: int | None = Field(None, description="rank among the headline keys (0 = primary metric); None if not headline")
+    lead: bool = Field(False, description="the family's first headline key: drawn in the degradation curves and mCE table")
+    digits: int = Field(3, description="decimal digits shown")
+    percent: bool = Field(False, description="shown multiplied by 100 with a % sign")
+
+
+def metric_info(families: dict[str, Metric], owners: dict[int, str]) -> dict[str, MetricInfo]:
+    """The display declaration of every key in ``families`` (key -> the Metric that emits it).
+
+    Headline keys are ranked by their family's ``headline_order``, then by the order of the
+    families, then by their place in the family's ``headline``; keys a family declares but did
+    not emit are skipped, so the primary metric (rank 0) is always one the results hold.
+    ``owners`` maps ``id(metric)`` to the plugin that provides it.
+    """
+    order = list(dict.fromkeys(families.values()))  # families in the order they first emitted
+    ranked = sorted((m.headline_order, order.index(m), m.headline.index(key), key)
+                    for key, m in families.items() if key in m.headline)
+    rank = {key: n for n, (*_, key) in enumerate(ranked)}
+    leads: dict[Metric, str] = {}
+    for *_, key in ranked:  # a family's first ranked key is its lead
+        leads.setdefault(families[key], key)
+    return {key: MetricInfo(family=m.name, plugin=owners.get(id(m), type(m).__module__),
+                            higher_is_better=m.higher_is_better, headline=key in rank, order=rank.get(key),
+                            lead=leads.get(m) == key, digits=m.digits, percent=m.percent)
+            for key, m in families.items()}
+
+
 class Timing(_Model):
     total_seconds: float = Field(description="from the start of the run to the finished results (report rendering excluded)")
     forward_seconds: float
@@ -150,6 +202,12 @@ class Results(_Model):
     calibration: dict[str, Any] = Field(default_factory=dict)
     analyses: dict[str, Any] = Field(default_factory=dict, description="results of analysis plugins by key")
     warnings: list[str] = Field(default_factory=list)
+    warning_records: list[WarningRecord] = Field(
+        default_factory=list, description="the warnings as records (code, plugin, scenario, subject, message), in the "
+                                          "order of warnings; absent from older results files")
+    metric_info: dict[str, MetricInfo] = Field(
+        default_factory=dict, description="metric key -> how it is shown (headline, order, format, direction, plugin); "
+                                          "absent from older results files")
     timing: Timing | None = None
     assets: dict[str, str] = Field(default_factory=dict, description="base64 images the report embeds")
 

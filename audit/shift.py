@@ -32,6 +32,7 @@ from .bootstrap import interval
 from .detector import Detector
 from .memory import release_free_memory
 from .ood_metrics import auroc_within, detection_measures
+from .results import WarningRecord
 
 __all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors", "evaluate_external"]
 
@@ -45,11 +46,15 @@ class ShiftResult:
     ood: dict[str, dict[str, dict[str, Interval]]] = field(default_factory=dict)
     failure_detection: dict[str, dict[str, Interval]] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    records: list[WarningRecord] = field(default_factory=list)  # results.json warning_records
     fitting: str = "cross-fitted"
     # Detector name -> its fitted copies: [fitted on the reference], or [fitted on half A,
     # fitted on half B]; :func:`evaluate_external` scores external sets with them.
     fitted: dict[str, list[Detector]] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w.message for w in self.records]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready part (scores stay out: they go to predictions.npz)."""
@@ -162,17 +167,22 @@ def evaluate_detectors(
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
     multilabel = labels.ndim == 2
     if multilabel:
-        result.warnings.append("ood: failure detection needs one true class per sample and is skipped for multilabel "
-                               "tasks; output-based detectors treat the outputs as one softmax over the labels")
+        result.records.append(WarningRecord(
+            code="failure-detection-skipped",
+            message="ood: failure detection needs one true class per sample and is skipped for multilabel "
+                    "tasks; output-based detectors treat the outputs as one softmax over the labels"))
     for det in detectors:
         name = det.name
         if getattr(det, "logits_only", False) and output_kind == "probabilities":
-            result.warnings.append(f"ood: detector {name!r} needs logits but the model outputs probabilities; skipped")
+            result.records.append(WarningRecord(
+                code="detector-skipped", subject=name,
+                message=f"ood: detector {name!r} needs logits but the model outputs probabilities; skipped"))
             continue
         emb = embeddings.get(name)
         if emb is None or emb.numel() == 0:
             why = "model.feature_layer is not set or could not be captured" if det.needs == "features" else "no outputs were kept"
-            result.warnings.append(f"ood: detector {name!r} skipped ({why})")
+            result.records.append(WarningRecord(code="detector-skipped", subject=name,
+                                                message=f"ood: detector {name!r} skipped ({why})"))
             continue
         if emb.shape[:2] != (len(scenario_ids), n):
             raise ValueError(f"embeddings[{name!r}] must be [S={len(scenario_ids)}, N={n}, D], got {tuple(emb.shape)}")
@@ -181,21 +191,27 @@ def evaluate_detectors(
             det.output_kind = output_kind  # type: ignore[attr-defined]
         ref = reference.get(name) if reference is not None else None
         if reference is not None and ref is None:
-            result.warnings.append(f"ood: no reference embeddings for {name!r}; it is cross-fitted on the clean data")
+            result.records.append(WarningRecord(
+                code="detector-cross-fitted", subject=name,
+                message=f"ood: no reference embeddings for {name!r}; it is cross-fitted on the clean data"))
         if ref is None and n < 4:
-            result.warnings.append(f"ood: detector {name!r} skipped: cross-fitting needs at least 4 samples, got {n}")
+            result.records.append(WarningRecord(
+                code="detector-skipped", subject=name,
+                message=f"ood: detector {name!r} skipped: cross-fitting needs at least 4 samples, got {n}"))
             continue
         try:
             scores, fits = _fit_and_score(det, emb, labels, clean, seed, ref, reference_labels, device)
         except Exception as exc:  # e.g. spectral on a layer without spatial extent, or a broken plugin
-            result.warnings.append(f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}")
+            result.records.append(WarningRecord(code="detector-skipped", subject=name,
+                                                message=f"ood: detector {name!r} skipped: {type(exc).__name__}: {exc}"))
             continue
         finally:
             # Scoring's transients (knn distance blocks, index copies) are freed; return their pages
             # before the next detector, or each detector's fragments add to the phase's peak.
             release_free_memory()
         if bool(torch.isnan(scores).any()) or bool(torch.isinf(scores).any()):
-            result.warnings.append(f"ood: detector {name!r} skipped: it produced non-finite scores")
+            result.records.append(WarningRecord(code="detector-skipped", subject=name,
+                                                message=f"ood: detector {name!r} skipped: it produced non-finite scores"))
             continue
         result.scores[name] = scores.float()
         result.fitted[name] = fits

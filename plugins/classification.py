@@ -200,6 +200,8 @@ class ClassificationMetrics(Metric):
     name: ClassVar[str] = "classification"
     tasks: ClassVar[tuple[str, ...]] = ("binary", "multiclass", "multilabel")
     higher_is_better: ClassVar[bool] = True
+    headline: ClassVar[tuple[str, ...]] = ("accuracy", "balanced_accuracy", "auroc", "f1_macro")
+    headline_order: ClassVar[int] = 100
 
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:
         check_predictions(probs, labels, ctx.task, weights)

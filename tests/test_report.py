@@ -1,7 +1,10 @@
 """The HTML report: sections, findings, escaping, accessibility, self-containment and determinism.
 
 Fixtures (tests/fixtures, see make_fixtures.py): ``results-small.json`` is a real tiny audit;
-``results-full.json`` adds synthetic OOD/failure-detection entries and a too-small group.
+``results-full.json`` adds synthetic OOD/failure-detection entries and a too-small group. Both
+predate ``metric_info`` and ``warning_records``, so they also exercise the fallbacks for old
+results files. Reports are rendered with the installed built-in plugins, whose sections
+(calibration, OOD, subgroups) are part of every report.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ from typing import Any
 import pytest
 from medaudit import figures
 from medaudit.errors import MedauditError
+from medaudit.hookspecs import hookimpl
+from medaudit.plugin_manager import get_plugin_manager
+from medaudit.plugins import calibration, ood, subgroups
 from medaudit.report import build_view, findings, render_report
 from medaudit.results import Results
 from medaudit.sections import ReportSection
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# the built-in metrics' display declarations for the fixtures' keys (their results.json predates metric_info)
+DECLARED = {k: {"family": f, "plugin": f, "higher_is_better": f == "classification", "headline": True, "order": i,
+                "lead": k in ("accuracy", "ece")}
+            for i, (k, f) in enumerate([("accuracy", "classification"), ("balanced_accuracy", "classification"),
+                                        ("auroc", "classification"), ("f1_macro", "classification"),
+                                        ("ece", "calibration"), ("brier", "calibration"), ("nll", "calibration")])}
 EVIL = "<script>alert(1)</script>"
 
 
@@ -31,22 +43,24 @@ def load(name: str) -> dict[str, Any]:
 
 
 def render(data: dict[str, Any], sections: list[ReportSection] | None = None) -> str:
-    results = Results.model_validate(data)
-    if sections is None:
-        return render_report(results)
-    pm = _FakePM(sections)
-    return render_report(results, pm)  # type: ignore[arg-type]
+    """The report as ``medaudit report`` renders it: built-in plugins, plus ``sections`` from a "fake" plugin."""
+    extra = [("fake", _SectionsPlugin(sections))] if sections is not None else []
+    return render_report(Results.model_validate(data), get_plugin_manager(extra=extra, warn=lambda m: None))
 
 
-class _FakePM:
-    """The one PluginManager method render_report uses."""
-
+class _SectionsPlugin:
     def __init__(self, sections: list[ReportSection]) -> None:
         self.sections = sections
 
-    def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, list[ReportSection]]]:
-        assert hook == "medaudit_report_sections"
-        return [("fake", self.sections)]
+    @hookimpl
+    def medaudit_report_sections(self, results: dict[str, Any]) -> list[ReportSection]:
+        return self.sections
+
+
+def section_findings(data: dict[str, Any]) -> list[str]:
+    """The built-in sections' findings, in section order, as render_report collects them."""
+    secs = [s for mod in (calibration, ood, subgroups) for s in mod.medaudit_report_sections(data)]
+    return [f for s in sorted(secs, key=lambda s: s.order) for f in s.findings]
 
 
 class _Tags(HTMLParser):
@@ -94,7 +108,8 @@ def test_summary_verdict_and_checks_table(full_html: str) -> None:
 
 def test_findings_are_computed_from_results() -> None:
     data = load("full")
-    out = findings(data)
+    data["metric_info"] = DECLARED
+    out = findings(data, section_findings(data))
     assert 3 <= len(out) <= 5
     assert out[0].startswith("1 of 3 configured checks failed: mri.noise@*.drop.accuracy>0.01")
     assert any(f.startswith("Accuracy drops from 0.988 to 0.657 under intensity.gamma@5") for f in out)
@@ -110,10 +125,11 @@ def test_findings_are_computed_from_results() -> None:
 
 def test_findings_without_drops_say_so() -> None:
     data = load("small")
+    data["metric_info"] = DECLARED
     for s in data["scenarios"]:
         for d in s["drop"].values():
             d["significant"] = False
-    assert "No perturbation caused a statistically significant drop in accuracy." in findings(data)
+    assert "No perturbation caused a statistically significant drop in accuracy." in findings(data, section_findings(data))
 
 
 def test_identity_and_metadata_counts(full_html: str) -> None:
@@ -136,7 +152,9 @@ def test_catalogue_preview_and_sampled_params(full_html: str) -> None:
 
 
 def test_robustness_figures_and_tables(full_html: str) -> None:
-    view = build_view(Results.model_validate(load("full")), [])
+    data = load("full")
+    data["metric_info"] = DECLARED
+    view = build_view(Results.model_validate(data), [])
     assert [s.name for s in view.suites] == ["intensity", "mri"]
     for suite in view.suites:
         assert suite.figure is not None and "<svg" in suite.figure.svg
@@ -147,19 +165,24 @@ def test_robustness_figures_and_tables(full_html: str) -> None:
 
 
 def test_calibration_section(full_html: str) -> None:
-    view = build_view(Results.model_validate(load("full")), [])
-    assert view.reliability is not None
+    data = load("full")
+    fig = calibration.reliability_figure(data)
+    assert fig is not None
     # clean plus the three scenarios with the highest ECE, worst first
-    assert "clean (ECE" in view.reliability.svg and "intensity.gamma@5 (ECE 0.301)" in view.reliability.svg
+    assert "clean (ECE" in fig.svg and "intensity.gamma@5 (ECE 0.301)" in fig.svg
+    assert fig.svg in full_html
     assert "Temperature scaling" in full_html and "Fitted temperature T = 0.877" in full_html
-    assert view.temperature.rows[0].cells[0] == "clean"
+    temperature, _ = calibration.temperature_table(data)
+    assert temperature.rows[0].cells[0] == "clean"
+    assert calibration.calibration_table(data).headers == ["Scenario", "ece", "ace", "mce", "brier", "nll"]
 
 
 def test_ood_section_with_detectors(full_html: str) -> None:
-    view = build_view(Results.model_validate(load("full")), [])
-    assert len(view.ood.rows) == 8  # 4 perturbed scenarios × 2 detectors
-    assert view.ood_figure is not None and "keeps no per-sample scores" in view.ood_figure.caption
-    assert view.failure.headers == ["Scenario", "energy", "msp"]
+    data = load("full")
+    assert len(ood.ood_table(data).rows) == 8  # 4 perturbed scenarios × 2 detectors
+    fig = ood.ood_figure(data)
+    assert fig is not None and "keeps no per-sample scores" in fig.caption and fig.svg in full_html
+    assert ood.failure_table(data).headers == ["Scenario", "energy", "msp"]
     assert "No detectors ran" not in full_html
 
 
@@ -176,22 +199,34 @@ def test_graceful_without_ood_and_subgroups() -> None:
 
 
 def test_subgroups_forest_gaps_and_small_groups(full_html: str) -> None:
-    view = build_view(Results.model_validate(load("full")), [])
-    assert len(view.subgroup_figures) == 2  # hemisphere, level
-    assert "inferior (n=129)" in view.subgroup_figures[1].svg
-    sig = [r for r in view.subgroup_gaps.rows if r.flag == "drop"]
+    data = load("full")
+    data["metric_info"] = DECLARED
+    figs = subgroups.forest_figures(data)
+    assert len(figs) == 2  # hemisphere, level
+    assert "inferior (n=129)" in figs[1].svg
+    gaps = subgroups.gap_table(data)
+    sig = [r for r in gaps.rows if r.flag == "drop"]
     assert sig and all(r.cells[-1] == "yes" for r in sig)
     # non-headline, non-significant gaps are summarised in the caption, not listed
-    assert "further non-significant gaps" in view.subgroup_gaps.caption
-    assert all(r.cells[2] in {"accuracy", "balanced accuracy", "auroc", "ece"} or r.flag for r in view.subgroup_gaps.rows)
+    assert "further non-significant gaps" in gaps.caption
+    assert all(r.cells[2] in {"accuracy", "balanced accuracy", "auroc", "ece"} or r.flag for r in gaps.rows)
     assert "level = (missing) (clean): 12 samples" in full_html
 
 
 def test_limitations_include_warnings_and_derived_notes() -> None:
     data = load("full")
-    data["warnings"].append('Error importing plugin "ood" (from medaudit): ModuleNotFoundError: boom')
-    data["warnings"].append("ood: detector 'knn' skipped: cross-fitting needs at least 4 samples, got 3")
-    data["warnings"].append("ood: detector 'energy' needs logits but the model outputs probabilities; skipped")
+    data["warning_records"] = [
+        {"code": "unclassified", "message": w} for w in data["warnings"]] + [
+        {"code": "plugin-load-failed", "plugin": "ood", "subject": "ood",
+         "message": 'Error importing plugin "ood" (from medaudit): ModuleNotFoundError: boom'},
+        {"code": "detector-skipped", "subject": "knn", "plugin": "ood",
+         "message": "ood: detector 'knn' skipped: cross-fitting needs at least 4 samples, got 3"},
+        {"code": "detector-skipped", "subject": "energy", "plugin": "ood",
+         "message": "ood: detector 'energy' needs logits but the model outputs probabilities; skipped"},
+        # the notes come from codes, not text: a reworded warning still counts, a look-alike does not
+        {"code": "detector-skipped", "subject": "mahalanobis", "message": "reworded"},
+        {"code": "analysis", "plugin": "x", "message": "ood: detector 'msp' skipped: planted look-alike"},
+    ]
     data["dataset"]["metadata_summary"]["level"]["(missing)"] = 12
     data["config"]["subgroups"]["attributes"].append("scanner")
     data["config"]["audit"]["bootstrap"] = 0
@@ -201,7 +236,10 @@ def test_limitations_include_warnings_and_derived_notes() -> None:
     assert "Metadata column level is missing for 12 of 600 samples." in html
     assert "absent from the data&#39;s metadata: scanner." in html
     assert "Bootstrap was off" in html
-    assert "OOD detectors that could not run (reasons in the warnings above): energy, knn." in html
+    assert "OOD detectors that could not run (reasons in the warnings above): energy, knn, mahalanobis." in html
+    # grouped by source: medaudit's own first, then each plugin
+    limitations = html[html.index('<section id="limitations">'):]
+    assert [h for h in re.findall(r"<h4>From (.*?) \(", limitations)] == ["medaudit", "plugin ood", "plugin x"]
 
 
 def test_appendix_definitions_and_reproducibility(full_html: str) -> None:
@@ -294,8 +332,9 @@ def test_rendering_is_deterministic(full_html: str) -> None:
 
 def test_rendering_is_deterministic_across_processes(full_html: str, tmp_path: Path) -> None:
     code = ("import json,sys; from pathlib import Path; from medaudit.results import Results; "
-            "from medaudit.report import render_report; "
-            "sys.stdout.write(render_report(Results.model_validate(json.loads(Path(sys.argv[1]).read_text()))))")
+            "from medaudit.report import render_report; from medaudit.plugin_manager import get_plugin_manager; "
+            "sys.stdout.write(render_report(Results.model_validate(json.loads(Path(sys.argv[1]).read_text())), "
+            "get_plugin_manager()))")
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "results-full.json")], capture_output=True,
                          check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "123"})
     assert out.stdout.decode() == full_html

@@ -18,15 +18,12 @@ CANARY = '<b class="medaudit-canary">x&y</b>'
 
 def render_section(section: ReportSection, results: Mapping[str, Any]) -> str:
     """Render a section exactly as the report does (autoescape on, undefined names are errors)."""
-    import jinja2
-
-    from ..report import fmt, fmt_ci
+    from ..report import render_section as render
 
     assert isinstance(section, ReportSection), f"{section!r} is not a medaudit.sections.ReportSection"
     assert section.id and " " not in section.id, f"section id {section.id!r} must be a non-empty HTML id without spaces"
     assert section.title.strip(), "section title is empty"
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(section.template).render(results=dict(results), fmt=fmt, fmt_ci=fmt_ci, **section.context)
+    return render(section, dict(results))
 
 
 def _poisoned(results: dict[str, Any]) -> dict[str, Any]:

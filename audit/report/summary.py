@@ -1,0 +1,57 @@
+"""The summary's verdict and key findings, computed from the results alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .views import clean_scenario, fmt, fmt_metric, label, metric_info, perturbed_scenarios, primary_metric, value
+
+
+def verdict(r: dict[str, Any]) -> str:
+    if not r["checks"]:
+        return "no checks configured"
+    return "PASS" if all(c["passed"] for c in r["checks"]) else "FAIL"
+
+
+def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
+    # rank by the primary metric only: mixing metrics would let two metrics of one scenario
+    # compete, and readers compare findings against the primary metric's curves
+    primary = primary_metric(r)
+    info = metric_info(r).get(primary or "")
+    drops = []
+    for s in r["scenarios"]:
+        for key in [primary] if primary else []:
+            d = s.get("drop", {}).get(key)
+            if d and d.get("significant") and d.get("value") is not None and d["value"] > 0:
+                drops.append((d["value"], key, s["id"], s.get("perturbation") or s["id"], d))
+    drops.sort(key=lambda t: (-t[0], t[1], t[2]))  # ties broken by name: same results, same text
+    out: list[str] = []
+    seen: set[str] = set()
+    for drop, key, sid, pert, d in drops:
+        if pert in seen:
+            continue
+        seen.add(pert)
+        clean = clean_scenario(r)
+        before = value(clean["metrics"].get(key)) if clean else None
+        after = value(next(s for s in r["scenarios"] if s["id"] == sid)["metrics"].get(key))
+        out.append(f"{label(key).capitalize()} drops from {fmt_metric(before, info)} to {fmt_metric(after, info)} "
+                   f"under {sid} (a drop of {drop:.3f}, CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])}).")
+        if len(out) >= limit:
+            break
+    if not drops and perturbed_scenarios(r):
+        out.append(f"No perturbation caused a statistically significant drop in {label(primary or 'the primary metric')}.")
+    return out
+
+
+def findings(r: dict[str, Any], sections: Sequence[str] = ()) -> list[str]:
+    """3–5 plain-language findings, most important first: failed checks, the largest significant
+    drops of the primary metric, then the plugin sections' findings (``sections``, in section order)."""
+    head: list[str] = []
+    failed = [c for c in r.get("checks", []) if not c["passed"]]
+    if failed:
+        head.append(f"{len(failed)} of {len(r['checks'])} configured checks failed: "
+                    + "; ".join(c["expr"] for c in failed[:3]) + ("; …" if len(failed) > 3 else "") + ".")
+    tail = list(sections)
+    drops = _drop_findings(r, max(1, 5 - len(head) - len(tail)))
+    return (head + drops + tail)[:5]
