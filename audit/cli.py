@@ -373,8 +373,8 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
         overrides["audit.perturbations"] = list(perturbations)
         if not suites:
             overrides["audit.suites"] = []
-    config = load_config(config_path, overrides)
     pm = plugin_manager()
+    config = resolve_settings(load_config(config_path, overrides), pm)
     dataset = open_dataset(pm, data, config)
     if not 0 <= sample < len(dataset):
         raise MedauditError(f"--sample {sample} is out of range; {data} has {len(dataset)} samples")
