@@ -162,6 +162,10 @@ def test_resolving_twice_changes_nothing(pm: PluginManager) -> None:
     first = config.model_dump(mode="json")
     assert resolve_settings(config, pm).model_dump(mode="json") == first
     assert first["plugins"]["subgroups"]["attributes"] == ["hemisphere", "level"]  # from the example's `subgroups:`
+    # a config rebuilt from its dump (results.json, or shipped to another process) resolves to the same
+    rebuilt = resolve_settings(Config.model_validate(first), pm)
+    assert rebuilt.model_dump(mode="json") == first
+    assert rebuilt.plugin_settings("subgroups") == config.plugin_settings("subgroups")
 
 
 # ---------------------------------------------------------------------------------------------
