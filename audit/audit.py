@@ -35,6 +35,7 @@ from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
+from .settings import resolve_settings
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -117,6 +118,7 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
 def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config, trust_pickle: bool = False,
             reference_path: Path | None = None, ood_paths: tuple[Path, ...] = ()) -> Prepared:
     """Resolve everything an audit needs; every input error is raised here, before any output."""
+    resolve_settings(config, pm)  # plugin sections and their aliases, before any hook reads them
     warnings = [WarningRecord(code="plugin-load-failed", plugin=f.name, subject=f.name, message=f.message)
                 for f in pm.failures]
     warnings += [WarningRecord(code="plugin-hook-problem", plugin=p.name, subject=p.name, message=p.message)

@@ -25,6 +25,8 @@ from .errors import MedauditError, PluginError
 from .fastexit import exit_when_done
 from .memory import tune_allocator
 from .plugin_manager import PluginManager, catalogue_entry, get_plugin_manager
+from .settings import config_schema as settings_schema
+from .settings import resolve_settings, starter_plugins_section
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,6 +102,14 @@ def cli(debug: bool) -> None:
     """Robustness audits of PyTorch medical-imaging classifiers."""
 
 
+def _dotted(data: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` in a parsed config file, None where a level is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _severities(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -159,7 +169,11 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
             raise MedauditError("--pdf needs Chromium or Google Chrome on PATH (or MEDAUDIT_CHROMIUM)")
     file_data = read_config_file(config_path) if config_path else {}
     file_checks = file_data.get("checks", [])
-    file_attributes = (file_data.get("subgroups") or {}).get("attributes", [])
+    # --subgroup extends the file's attributes, at the key the file sets them: the setting or its alias
+    attributes_key = "subgroups.attributes"
+    if _dotted(file_data, "plugins.subgroups.attributes") is not None:
+        attributes_key = "plugins.subgroups.attributes"
+    file_attributes = _dotted(file_data, attributes_key) or []
     overrides: dict[str, Any] = {
         "output.dir": str(out) if out else None, "audit.device": device, "audit.batch_size": batch_size,
         "audit.model_batch_size": model_batch_size,
@@ -175,11 +189,12 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         if not suites:
             overrides["audit.suites"] = []  # only what was named
     if subgroup:
-        overrides["subgroups.attributes"] = list(dict.fromkeys([*file_attributes, *subgroup]))
-    config = load_config(config_path, overrides)
+        overrides[attributes_key] = list(dict.fromkeys([*file_attributes, *subgroup]))
+    pm = plugin_manager()
+    config = resolve_settings(load_config(config_path, overrides), pm)
     command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    results = run_audit(plugin_manager(), model, data, config, command=command, trust_pickle=trust_pickle,
+    results = run_audit(pm, model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
                         progress=not quiet, log=log, warn=_warn)
     out_dir = config.output.dir
@@ -203,7 +218,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
 def plugins(as_json: bool) -> None:
     """List plugins: distribution, version, hook API and what each contributes."""
     pm = plugin_manager()
-    contrib = pm.contributions(Config())
+    contrib = pm.contributions(resolve_settings(Config(), pm))
     rows = [{"name": i.name, "distribution": i.distribution, "version": i.version, "api_version": i.api_version,
              "module": i.module, "contributes": contrib.get(i.name, {})} for i in pm.infos.values()]
     failures = [{"name": f.name, "distribution": f.distribution, "error": f.error} for f in pm.failures]
@@ -251,10 +266,10 @@ def perturbations(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @handle_errors
 def init(path: Path, force: bool) -> None:
-    """Write a commented starter config (default medaudit.yaml)."""
+    """Write a commented starter config (default medaudit.yaml), with every plugin's settings."""
     if path.exists() and not force:
         raise MedauditError(f"{path} already exists; use --force to overwrite")
-    path.write_text(STARTER_CONFIG, encoding="utf-8")
+    path.write_text(STARTER_CONFIG + "\n" + starter_plugins_section(plugin_manager()), encoding="utf-8")
     click.echo(f"wrote {path}")
 
 
@@ -273,9 +288,10 @@ def new_plugin(name: str, directory: Path) -> None:
 
 
 @cli.command("config-schema")
+@handle_errors
 def config_schema() -> None:
-    """Print the JSON Schema of the config file."""
-    click.echo(json.dumps(Config.model_json_schema(), indent=2))
+    """Print the JSON Schema of the config file, each installed plugin's settings under plugins."""
+    click.echo(json.dumps(settings_schema(plugin_manager()), indent=2))
 
 
 @cli.command()
@@ -369,8 +385,8 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
         overrides["audit.perturbations"] = list(perturbations)
         if not suites:
             overrides["audit.suites"] = []
-    config = load_config(config_path, overrides)
     pm = plugin_manager()
+    config = resolve_settings(load_config(config_path, overrides), pm)
     dataset = open_dataset(pm, data, config)
     if not 0 <= sample < len(dataset):
         raise MedauditError(f"--sample {sample} is out of range; {data} has {len(dataset)} samples")

@@ -2,16 +2,24 @@
 
 Every section forbids unknown keys, so a typo is an error that names the field instead of a
 setting silently ignored.
+
+Plugins own their settings: ``plugins.<entry-point name>`` holds a section per plugin, validated
+against the model the plugin declares (:mod:`medaudit.settings`) once plugins are loaded. A few
+core keys (``audit.n_bins``, ``audit.energy_temperature``, ``audit.knn_k``, the ``subgroups``
+section) were plugin settings before plugins had sections; they stay accepted as aliases that a
+plugin's settings model claims, and after resolution they mirror the value in use, so code and
+results.json that read them keep working.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -20,6 +28,15 @@ Modality = Literal["mri", "ct", "xray", "dermoscopy", "pathology", "generic"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+#: Marks a core key kept only as the alias of a plugin setting (see :mod:`medaudit.settings`):
+#: the core validates nothing in it, the plugin whose settings model names it as a
+#: ``legacy_key`` does, and only such keys may be claimed.
+PLUGIN_ALIAS: dict[str, Any] = {"plugin_alias": True}
+_ALIAS_READER = ("read by the plugin setting that names it as its legacy_key (`medaudit config-schema`, under "
+                 "plugins); after loading it holds the value in use")
+_ALIAS_HELP = "alias kept for existing config files, " + _ALIAS_READER
 
 
 class IntensityConfig(_Section):
@@ -119,10 +136,10 @@ class AuditConfig(_Section):
         None, ge=0, description="DataLoader worker processes; None: up to 4 for file-based data sets, 0 for in-memory arrays")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for confidence intervals (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1)
-    n_bins: int = Field(15, ge=2, description="bins of the calibration metrics")
+    n_bins: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     detectors: list[str] | None = Field(None, description="OOD detectors to run; None runs all that apply")
-    energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector")
-    knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)")
+    energy_temperature: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
+    knn_k: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int | None = Field(
         None, ge=1, description="CPU threads torch uses for the model and the statistics (torch.set_num_threads); "
@@ -150,14 +167,6 @@ class AuditConfig(_Section):
         raise ValueError(f"audit.device must be auto, cpu, cuda or cuda:N, got {v!r}")
 
 
-class SubgroupConfig(_Section):
-    attributes: list[str] = Field(default_factory=list, description="metadata columns to stratify by")
-    intersections: list[list[str]] = Field(default_factory=list)
-    bins: dict[str, list[float]] = Field(default_factory=dict, description="bin edges of continuous attributes")
-    min_group_size: int = Field(30, ge=1)
-    permutations: int = Field(1000, ge=0)
-
-
 class OutputConfig(_Section):
     dir: Path = Path("medaudit-out")
     save_predictions: bool = False
@@ -171,20 +180,55 @@ class Config(_Section):
     input: InputConfig = Field(default_factory=InputConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
-    subgroups: SubgroupConfig = Field(default_factory=SubgroupConfig)
+    subgroups: dict[str, Any] | None = Field(
+        None, description="aliases kept for existing config files, each key " + _ALIAS_READER, json_schema_extra=PLUGIN_ALIAS)
     checks: list[str] = Field(default_factory=list, description="--fail-on expressions")
     output: OutputConfig = Field(default_factory=OutputConfig)
+    plugins: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, description="each plugin's own settings, keyed by its entry-point name "
+                                          "(e.g. plugins.ood.knn_k); after loading, every section in use with its defaults")
+
+    #: The validated settings of every plugin that declares some, set by
+    #: :func:`medaudit.settings.resolve_settings`; read through :meth:`plugin_settings`.
+    _plugin_settings: dict[str, BaseModel] | None = PrivateAttr(None)
+    #: Where the config came from, for error messages raised after loading (plugin sections).
+    _source: str = PrivateAttr("the configuration")
+
+    def plugin_settings(self, name: str) -> BaseModel:
+        """The validated settings of plugin ``name`` (its entry-point name), defaults where unset.
+
+        The one way a hook reads its plugin's settings, e.g. ``config.plugin_settings("ood").knn_k``.
+        Available once :func:`medaudit.settings.resolve_settings` has run, which ``medaudit run``
+        and :func:`medaudit.audit.prepare` do before any hook sees the config.
+        """
+        if self._plugin_settings is None:
+            raise ConfigError(
+                f'plugin settings are not resolved yet, so plugin "{name}" cannot read them; call '
+                "medaudit.settings.resolve_settings(config, plugin_manager) first (medaudit run and prepare() do)")
+        if name not in self._plugin_settings:
+            raise ConfigError(f'plugin "{name}" declares no settings (plugins with settings: '
+                              f'{", ".join(sorted(self._plugin_settings)) or "none"})')
+        return self._plugin_settings[name]
+
+
+UNKNOWN_FIELD = "unknown field (check the spelling; `medaudit config-schema` lists every field)"
+
+
+def validation_error_lines(err: ValidationError, locate: Callable[[tuple[Any, ...]], str] | None = None) -> list[str]:
+    """One ``  <dotted key>: <message>`` line per error.
+
+    ``locate`` turns an error's location into the dotted key the user wrote (a plugin section's
+    keys sit under ``plugins.<name>``, or under the alias the value came from).
+    """
+    lines = []
+    for e in err.errors():
+        loc = locate(e["loc"]) if locate else ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {loc or '(top level)'}: {UNKNOWN_FIELD if e['type'] == 'extra_forbidden' else e['msg']}")
+    return lines
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `medaudit config-schema` lists every field)"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid configuration in {source}:", *validation_error_lines(err)])
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -222,9 +266,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             _deep_set(data, key, value)
     source = str(path) if path is not None else "command-line options"
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    config._source = source
+    return config
 
 
 STARTER_CONFIG = """\
@@ -260,11 +306,6 @@ audit:
   # threads: 2            # CPU threads for torch (default: one per core; fewer on a shared machine)
   batch_size: 32
   bootstrap: 1000         # resamples for 95% confidence intervals
-  n_bins: 15
-
-subgroups:
-  attributes: []          # metadata columns, e.g. [sex, site]
-  min_group_size: 30
 
 checks: []                # e.g. ["clean.accuracy<0.8", "mri.motion@3.ece>0.1"]
 

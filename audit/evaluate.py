@@ -157,7 +157,9 @@ def build_results(
     phases = phases or PhaseClock()
     labels = torch.as_tensor(labels_np)
     n = labels.shape[0]
-    ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, cfg.audit.n_bins,
+    # audit.n_bins holds the bin count the plugin owning it resolved (medaudit.settings); unset, the default
+    n_bins = MetricContext.n_bins if cfg.audit.n_bins is None else cfg.audit.n_bins
+    ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, n_bins,
                         cfg.task.target_specificity)
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
     records = list(warnings) + [WarningRecord(code="small-sample", scenario="clean", message=w)
@@ -261,7 +263,7 @@ def build_results(
                                                           "n_samples": reference.identity.n_samples},
             "detectors": sorted(shift.scores),
         }
-    calibration = {"temperature_scaling": temperature_report(fwd.probs, labels, ids, cfg.task.type, cfg.audit.n_bins,
+    calibration = {"temperature_scaling": temperature_report(fwd.probs, labels, ids, cfg.task.type, ctx.n_bins,
                                                              cfg.audit.seed)}
     phases.lap("calibration")
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},

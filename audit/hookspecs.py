@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import click
+    from pydantic import BaseModel
 
     from .config import Config
     from .data import AuditDataset
@@ -96,6 +97,20 @@ def medaudit_detectors(config: Config) -> list[Detector]:
 
     :param config: the validated audit configuration.
     :return: a list of :class:`medaudit.detector.Detector` instances.
+    """
+
+
+@hookspec
+def medaudit_settings() -> type[BaseModel]:
+    """Return the pydantic model of this plugin's settings.
+
+    Its section of the config file is ``plugins.<entry-point name>`` (``plugins.ood.knn_k``),
+    validated once plugins are loaded with the core's rule: an unknown key is an error naming
+    it. Hooks read the validated instance with ``config.plugin_settings("<entry-point name>")``
+    (defaults where the file sets nothing). A field may replace an older core key with
+    ``json_schema_extra=medaudit.settings.legacy_key("audit.n_bins")``; see docs/plugins.md.
+
+    :return: a model class, e.g. a subclass of :class:`medaudit.settings.PluginSettings`.
     """
 
 

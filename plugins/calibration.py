@@ -25,11 +25,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from medaudit.bootstrap import check_predictions, row_invariant
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
+from medaudit.settings import PluginSettings, legacy_key
 
 from .classification import class_names, safe_div
 
@@ -432,3 +434,20 @@ def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
         context={"reliability": reliability_figure(results), "table": calibration_table(results),
                  "temperature": temperature, "method": method},
         findings=[finding] if finding else [])]
+
+
+class CalibrationSettings(PluginSettings):
+    """``plugins.calibration`` (formerly ``audit.n_bins``).
+
+    The metrics read the bin count from ``MetricContext.n_bins``, which the core fills from
+    ``audit.n_bins``, the alias this setting keeps in step: the subgroup ECE and the
+    temperature-scaling report bin with the same count without naming this plugin.
+    """
+
+    n_bins: int = Field(15, ge=2, description="bins of the calibration metrics",
+                        json_schema_extra=legacy_key("audit.n_bins"))
+
+
+@hookimpl
+def medaudit_settings() -> type[PluginSettings]:
+    return CalibrationSettings

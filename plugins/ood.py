@@ -22,10 +22,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
+from medaudit.settings import PluginSettings, legacy_key
 
 if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
     from medaudit.config import Config
@@ -455,10 +457,10 @@ class Spectral(Detector):
 
 @hookimpl
 def medaudit_detectors(config: Config) -> list[Detector]:
-    """The built-in detectors, with ``audit.energy_temperature`` and ``audit.knn_k`` from the config."""
-    temperature = config.audit.energy_temperature
-    k = config.audit.knn_k
-    return [MSP(), MaxLogit(), Energy(temperature), Entropy(), Mahalanobis(), KNN(k), Spectral()]
+    """The built-in detectors, with ``plugins.ood.energy_temperature`` and ``plugins.ood.knn_k``."""
+    settings = config.plugin_settings("ood")
+    return [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy(), Mahalanobis(), KNN(settings.knn_k),
+            Spectral()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,3 +583,17 @@ def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
         id="ood", title="OOD and shift detection", template=OOD_TEMPLATE, order=420,
         context={"ood": ood_table(results), "figure": ood_figure(results), "failure": failure_table(results)},
         findings=[finding] if finding else [], limitations=ood_limitations(results))]
+
+
+class OodSettings(PluginSettings):
+    """``plugins.ood``: the detectors' parameters (formerly ``audit.energy_temperature``, ``audit.knn_k``)."""
+
+    energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector",
+                                      json_schema_extra=legacy_key("audit.energy_temperature"))
+    knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)",
+                       json_schema_extra=legacy_key("audit.knn_k"))
+
+
+@hookimpl
+def medaudit_settings() -> type[PluginSettings]:
+    return OodSettings

@@ -40,6 +40,8 @@ from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.settings import PluginSettings, legacy_key
+from pydantic import Field
 from torch import Tensor
 
 from .calibration import bin_index, ece_mce_ace_from_bins, equal_width_edges, top_label
@@ -541,7 +543,7 @@ class _Rows:
 
 
 def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
-    """The whole subgroup analysis; ``cfg`` is a :class:`medaudit.config.SubgroupConfig`."""
+    """The whole subgroup analysis; ``cfg`` is a :class:`SubgroupSettings`."""
     warnings: list[str] = []
     attrs = build_attributes(outputs.metadata, cfg, warnings)
     ctx = outputs.ctx
@@ -780,8 +782,8 @@ def _fairness_entries(base: dict[str, Any], rows: _Rows, confidence: float) -> l
 
 @hookimpl
 def medaudit_analyze(outputs: AuditOutputs, config: Any) -> dict[str, Any] | None:
-    """Subgroup metrics and gaps for ``config.subgroups``; None when no attribute is configured."""
-    cfg = config.subgroups
+    """Subgroup metrics and gaps for ``plugins.subgroups``; None when no attribute is configured."""
+    cfg = config.plugin_settings("subgroups")
     if not cfg.attributes and not cfg.intersections:
         return None
     return analyze(outputs, cfg)
@@ -917,3 +919,23 @@ def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
         id="subgroups", title="Subgroups", template=SUBGROUPS_TEMPLATE, order=430,
         context={"figures": forest_figures(results), "gaps": gap_table(results), "notes": small_group_notes(results)},
         findings=[finding] if finding else [], limitations=subgroup_limitations(results))]
+
+
+class SubgroupSettings(PluginSettings):
+    """``plugins.subgroups`` (formerly the ``subgroups`` section, still accepted key by key)."""
+
+    attributes: list[str] = Field(default_factory=list, description="metadata columns to stratify by",
+                                  json_schema_extra=legacy_key("subgroups.attributes"))
+    intersections: list[list[str]] = Field(default_factory=list, description="combinations of attributes to stratify by",
+                                           json_schema_extra=legacy_key("subgroups.intersections"))
+    bins: dict[str, list[float]] = Field(default_factory=dict, description="bin edges of continuous attributes",
+                                         json_schema_extra=legacy_key("subgroups.bins"))
+    min_group_size: int = Field(30, ge=1, description="smaller groups get no metrics or tests",
+                                json_schema_extra=legacy_key("subgroups.min_group_size"))
+    permutations: int = Field(1000, ge=0, description="permutations of each gap's test (0: none)",
+                              json_schema_extra=legacy_key("subgroups.permutations"))
+
+
+@hookimpl
+def medaudit_settings() -> type[PluginSettings]:
+    return SubgroupSettings

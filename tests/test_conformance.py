@@ -21,6 +21,7 @@ from medaudit.metric import Metric, MetricContext
 from medaudit.perturbation import Perturbation, finish, per_sample
 from medaudit.plugin_manager import get_plugin_manager
 from medaudit.rng import SampleRNG
+from medaudit.settings import resolve_settings
 from medaudit.testing import (
     CheckReport,
     DatasetLoader,
@@ -70,7 +71,7 @@ def _builtin_detectors() -> list[Any]:
         importlib.import_module("medaudit.plugins.ood")
     except ImportError:
         return []
-    config = Config()
+    config = resolve_settings(Config(), _PM)
     return [d for plugin, ds in _PM.call_each("medaudit_detectors", config=config)
             if _PM.infos[plugin].distribution == "medaudit" for d in ds]
 

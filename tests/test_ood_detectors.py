@@ -13,12 +13,20 @@ from sklearn.covariance import LedoitWolf, ledoit_wolf as sk_ledoit_wolf
 from sklearn.metrics import roc_auc_score
 
 from medaudit.config import Config
+from medaudit.plugin_manager import get_plugin_manager
+from medaudit.plugins import ood
 from medaudit.plugins.ood import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, Spectral, ledoit_wolf,
                                   medaudit_detectors, spectral_signature)
+from medaudit.settings import resolve_settings
+
+
+def default_config() -> Config:
+    """A config with the ood plugin's default settings resolved, as the hook receives it in an audit."""
+    return resolve_settings(Config(), get_plugin_manager(autoload=False, extra=[("ood", ood)]))
 
 
 def test_catalogue_names_and_needs() -> None:
-    dets = medaudit_detectors(Config())
+    dets = medaudit_detectors(default_config())
     assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "mahalanobis", "knn", "spectral"]
     assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "spectral"}
     assert all(d.summary and d.citation for d in dets)
@@ -177,7 +185,7 @@ def test_detectors_run_on_cuda() -> None:
     logits = torch.randn(40, 3, generator=g)
     feats = torch.randn(40, 16, 4, 4, generator=g)
     labels = torch.randint(0, 3, (40,), generator=g)
-    for det in medaudit_detectors(Config()):
+    for det in medaudit_detectors(default_config()):
         emb_cpu = det.embed(logits, feats)
         emb = det.embed(logits.to(dev), feats.to(dev))
         if isinstance(emb, Future):  # spectral solves on a host thread so the GPU queue never waits

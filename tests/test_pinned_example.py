@@ -31,6 +31,17 @@ VARYING_TOP = {"created_at", "command", "timing", "environment", "assets", "meda
 VARYING_ANYWHERE = {"throughput"}
 VARYING_PATHS = {("model", "path"), ("dataset", "path"), ("config", "output", "dir")}
 
+#: Settings that moved to a plugin's section (CHANGELOG: plugin-owned settings), old dotted path →
+#: new: the pinned value must also be found at the new place. results.json keeps the old keys too
+#: (they mirror the value in use), so the plain comparison still checks them.
+MOVED: dict[str, str] = {
+    "config.audit.n_bins": "config.plugins.calibration.n_bins",
+    "config.audit.energy_temperature": "config.plugins.ood.energy_temperature",
+    "config.audit.knn_k": "config.plugins.ood.knn_k",
+    **{f"config.subgroups.{k}": f"config.plugins.subgroups.{k}"
+       for k in ("attributes", "intersections", "bins", "min_group_size", "permutations")},
+}
+
 #: Regular expressions over dotted paths whose values depend on a random stream that a later,
 #: documented change re-derived (CHANGELOG names it). Empty while the streams are today's.
 STREAM_DEPENDENT: list[str] = []
@@ -80,6 +91,41 @@ def differences(pinned: Any, actual: Any, path: str = "") -> list[str]:
     return []
 
 
+def at(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def moved_differences(pinned: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Every :data:`MOVED` setting whose pinned value is not at its new place."""
+    out = []
+    for old, new in MOVED.items():
+        try:
+            value = at(actual, new)
+        except (KeyError, TypeError):
+            out.append(f"{new}: missing (moved from {old})")
+            continue
+        out.extend(differences(at(pinned, old), value, f"{new} (moved from {old})"))
+    return out
+
+
+def test_moved_differences_checks_the_new_place() -> None:
+    pinned = {"config": {"audit": {"n_bins": 15, "energy_temperature": 1.0, "knn_k": 50},
+                         "subgroups": {"attributes": ["a"], "intersections": [], "bins": {}, "min_group_size": 30,
+                                       "permutations": 1000}}}
+    moved = {"config": {"plugins": {"calibration": {"n_bins": 15}, "ood": {"energy_temperature": 1.0, "knn_k": 50},
+                                    "subgroups": {"attributes": ["a"], "intersections": [], "bins": {},
+                                                  "min_group_size": 30, "permutations": 1000}}}}
+    assert moved_differences(pinned, moved) == []
+    moved["config"]["plugins"]["ood"]["knn_k"] = 49
+    del moved["config"]["plugins"]["calibration"]
+    assert moved_differences(pinned, moved) == [
+        "config.plugins.calibration.n_bins: missing (moved from config.audit.n_bins)",
+        "config.plugins.ood.knn_k (moved from config.audit.knn_k): pinned 50, now 49",
+    ]
+
+
 def test_differences_finds_a_changed_number_and_a_missing_key() -> None:
     pinned = {"a": {"value": 0.5, "ci_low": 0.1}, "b": [1, 2]}
     assert differences(pinned, {"a": {"value": 0.5, "ci_low": 0.1, "new": 1}, "b": [1, 2]}) == []
@@ -109,5 +155,5 @@ def test_example_results_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     actual = pinned_view(json.loads((out / "results.json").read_text()))
     with gzip.open(PINNED, "rt") as f:
         pinned = json.load(f)
-    found = differences(pinned, actual)
+    found = differences(pinned, actual) + moved_differences(pinned, actual)
     assert not found, f"{len(found)} pinned values changed, first: " + "\n".join(found[:20])

@@ -16,13 +16,16 @@ from fairlearn.metrics import (
 )
 from medaudit.bootstrap import bootstrap_weights, evaluate
 from medaudit.checks import evaluate_checks
-from medaudit.config import Config, SubgroupConfig
+from medaudit.config import Config
 from medaudit.metric import MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.plugin_manager import get_plugin_manager
 from medaudit.plugins import subgroups as sg
+from medaudit.plugins.subgroups import SubgroupSettings
 from medaudit.plugins.calibration import CalibrationMetrics
 from medaudit.plugins.classification import ClassificationMetrics
 from medaudit.results import SubgroupResult, clean_floats
+from medaudit.settings import resolve_settings
 from scipy import stats
 from sklearn.metrics import accuracy_score, recall_score
 
@@ -107,7 +110,7 @@ def binary_audit() -> tuple[AuditOutputs, dict[str, Any], np.ndarray]:
     scenarios = [Scenario.clean(), Scenario.perturbed("blur", "s", 1), Scenario.perturbed("blur", "s", 3),
                  Scenario.perturbed("noise", "s", 2)]
     outputs = make_outputs([clean, blur1, blur3, noise2], labels, {"sex": sex, "site": site}, "binary", scenarios)
-    cfg = SubgroupConfig(attributes=["sex", "site"], intersections=[["sex", "site"]], min_group_size=30, permutations=199)
+    cfg = SubgroupSettings(attributes=["sex", "site"], intersections=[["sex", "site"]], min_group_size=30, permutations=199)
     return outputs, sg.analyze(outputs, cfg), clean
 
 
@@ -213,7 +216,7 @@ def test_multilabel_takes_the_generic_path():
     out = AuditOutputs(scen, [str(i) for i in range(n)], torch.from_numpy(y), torch.from_numpy(np.stack([p, p[::-1].copy()])).float(),
                        {"site": list(rng.choice(["A", "B"], n))}, [ClassificationMetrics(), CalibrationMetrics()], ctx,
                        bootstrap_weights(n, 20, 0), 0.95, 0)
-    res = sg.analyze(out, SubgroupConfig(attributes=["site"], permutations=19))
+    res = sg.analyze(out, SubgroupSettings(attributes=["site"], permutations=19))
     pert = entries(res, "noise@2")
     assert set(pert["A"]["metrics"]) == set(sg.HEADLINE)
     assert pert["A"]["class_counts"] == {name: int(v) for name, v in zip("abc", y[np.array(out.metadata["site"]) == "A"].sum(0))}
@@ -233,7 +236,7 @@ def test_perturbed_metrics_follow_the_audit_metrics_and_survive_untestable_attri
     meta = {"id": [str(i) for i in range(n)], "site": ["A", "B"] * (n // 2)}  # every id group is too small
     out = make_outputs([binary_probs(y, rng), binary_probs(y, rng, 0.5)], y, meta, scenarios=scen,
                        metrics=[ClassificationMetrics()])  # no calibration plugin: no ECE anywhere
-    res = sg.analyze(out, SubgroupConfig(attributes=["id", "site"], permutations=19))
+    res = sg.analyze(out, SubgroupSettings(attributes=["id", "site"], permutations=19))
     assert res["subgroup_settings"]["perturbed_metrics"] == ["accuracy", "balanced_accuracy", "auroc"]
     assert set(entries(res, "noise@4", "site")["A"]["metrics"]) == {"accuracy", "balanced_accuracy", "auroc"}
     assert all(e["too_small"] for e in res["subgroups"] if e["attribute"] == "id")
@@ -268,7 +271,7 @@ def test_a_perturbation_that_hurts_one_group_is_detected():
     flip = (grp == "b") & (rng.random(n) < 0.4)  # the artifact flips 40 % of group b only
     hurt[flip] = hurt[flip][:, ::-1]
     out = make_outputs([clean, hurt], y, {"g": list(grp)}, scenarios=[Scenario.clean(), Scenario.perturbed("art", "s", 5)])
-    res = sg.analyze(out, SubgroupConfig(attributes=["g"], min_group_size=10, permutations=999))
+    res = sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=10, permutations=999))
     g = gap(res, "accuracy", "art@5")
     assert g["drop_gap"]["most_affected_group"] == "b"
     assert g["drop_gap"]["p_value"] == pytest.approx(1 / 1000)
@@ -292,7 +295,7 @@ def test_permutation_p_values_are_uniform_under_the_null():
         probs = binary_probs(y, rng, strength=0.7)
         out = make_outputs(probs, y, {"g": list(rng.choice(["a", "b", "c"], n))}, n_boot=0, seed=s,
                            metrics=[ClassificationMetrics()])
-        res = sg.analyze(out, SubgroupConfig(attributes=["g"], min_group_size=5, permutations=199))
+        res = sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=5, permutations=199))
         pvals.append(gap(res, "auroc")["p_value"])
     pvals = np.array(pvals)
     # binomial(100, 0.05): mean 5, sd 2.2; 12 is ~3 sd above
@@ -309,7 +312,7 @@ def test_permutation_p_value_is_small_for_a_planted_gap():
     probs = binary_probs(y, rng, strength=2.0)
     bad = (grp == "b") & (rng.random(n) < 0.35)
     probs[bad] = probs[bad][:, ::-1]
-    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupConfig(attributes=["g"], permutations=999))
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupSettings(attributes=["g"], permutations=999))
     g = gap(res, "accuracy")
     assert g["worst_group"] == "b"
     assert g["p_value"] == pytest.approx(1 / 1000)
@@ -321,7 +324,7 @@ def test_too_few_permutations_for_the_correction_warn():
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 100)
     res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": ["a", "b"] * 50}),
-                     SubgroupConfig(attributes=["g"], permutations=99))
+                     SubgroupSettings(attributes=["g"], permutations=99))
     m = sum(e["p_value"] is not None for e in res["subgroup_gaps"])
     warning = [w for w in res["warnings"] if "permutations" in w]
     assert len(warning) == 1 and f"at least {math.ceil(m / 0.05)}" in warning[0]
@@ -358,11 +361,11 @@ def test_adjusted_p_values_are_holm_within_each_scenario(binary_audit):
 
 def test_permutations_are_seeded(binary_audit):
     outputs, res, _ = binary_audit
-    cfg = SubgroupConfig(attributes=["sex"], permutations=199)
+    cfg = SubgroupSettings(attributes=["sex"], permutations=199)
     again = sg.analyze(outputs, cfg)
     assert [e["p_value"] for e in again["subgroup_gaps"]] == [e["p_value"] for e in res["subgroup_gaps"]
                                                                if e["attribute"] == "sex"]
-    none = sg.analyze(outputs, SubgroupConfig(attributes=["sex"], permutations=0))
+    none = sg.analyze(outputs, SubgroupSettings(attributes=["sex"], permutations=0))
     assert all(e["p_value"] is None and e["significant"] is None for e in none["subgroup_gaps"])
 
 
@@ -435,7 +438,7 @@ def test_missing_attribute_is_a_warning_naming_it_and_the_columns():
     n = 80
     y = rng.integers(0, 2, n)
     out = make_outputs(binary_probs(y, rng), y, {"site": ["A", "B"] * 40, "scanner": ["x"] * n})
-    res = sg.analyze(out, SubgroupConfig(attributes=["sex", "site"], intersections=[["sex", "site"]], permutations=9))
+    res = sg.analyze(out, SubgroupSettings(attributes=["sex", "site"], intersections=[["sex", "site"]], permutations=9))
     missing = [w for w in res["warnings"] if "'sex'" in w]
     assert len(missing) == 1 and "scanner, site" in missing[0]
     assert {e["attribute"] for e in res["subgroups"]} == {"site"}
@@ -458,7 +461,7 @@ def test_single_group_attribute_warns_and_has_no_gaps():
     rng = np.random.default_rng(0)
     n = 60
     y = rng.integers(0, 2, n)
-    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"site": ["A"] * n}), SubgroupConfig(attributes=["site"]))
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"site": ["A"] * n}), SubgroupSettings(attributes=["site"]))
     assert res["subgroup_gaps"] == []
     assert any("'site' has 1 group(s)" in w for w in res["warnings"])
 
@@ -470,14 +473,15 @@ def test_single_group_attribute_warns_and_has_no_gaps():
 
 def test_hook_output_fits_results_json(binary_audit):
     outputs, _, _ = binary_audit
-    config = Config.model_validate({"subgroups": {"attributes": ["sex"], "permutations": 19}})
+    pm = get_plugin_manager(autoload=False, extra=[("subgroups", sg)])
+    config = resolve_settings(Config.model_validate({"subgroups": {"attributes": ["sex"], "permutations": 19}}), pm)
     res = sg.medaudit_analyze(outputs, config)
     assert set(res) == {"subgroups", "subgroup_gaps", "subgroup_settings", "warnings"}
     for e in res["subgroups"]:
         SubgroupResult.model_validate(clean_floats(e))
     text = json.dumps(clean_floats(res), allow_nan=False)
     assert "NaN" not in text
-    assert sg.medaudit_analyze(outputs, Config()) is None
+    assert sg.medaudit_analyze(outputs, resolve_settings(Config(), pm)) is None
 
 
 def test_example_sized_analysis_covers_highest_severities():
@@ -491,7 +495,7 @@ def test_example_sized_analysis_covers_highest_severities():
     probs = [multiclass_probs(y, k, rng)] * len(scen)
     meta = {"hemisphere": list(rng.choice(["left", "right"], n)), "level": list(rng.choice(["inf", "mid", "sup"], n))}
     out = make_outputs(probs, y, meta, "multiclass", scen, n_boot=200)
-    res = sg.analyze(out, SubgroupConfig(attributes=["hemisphere", "level"], permutations=200))
+    res = sg.analyze(out, SubgroupSettings(attributes=["hemisphere", "level"], permutations=200))
     assert len({e["scenario"] for e in res["subgroups"]}) == 19
     assert not math.isnan(gap(res, "auroc", "p17@5", "level")["gap"]["value"])
 
