@@ -22,7 +22,10 @@ from .rows import RATES, ScenarioRows
 
 
 def gap_entries(sc: Scenario, attr: Attribute, eligible: list[int], rows: ScenarioRows, clean: ScenarioRows | None,
-                 confidence: float, binary: bool) -> list[dict[str, Any]]:
+                confidence: float, binary: bool) -> list[dict[str, Any]]:
+    """The ``subgroup_gaps`` entries of one (scenario, attribute): one per metric over the
+    ``eligible`` groups, with the drop gap under a perturbed scenario (``clean`` given) and, for
+    binary tasks, the fairness differences. ``p_adjusted`` is left to the caller (Holm)."""
     groups = [attr.groups[g] for g in eligible]
     base = {"scenario": sc.id, "perturbation": sc.perturbation, "severity": sc.severity, "attribute": attr.name}
     out: list[dict[str, Any]] = []
@@ -55,7 +58,8 @@ def gap_entries(sc: Scenario, attr: Attribute, eligible: list[int], rows: Scenar
     return out
 
 
-def _drop_gap(clean: ScenarioRows, rows: ScenarioRows, key: str, higher: bool, groups: list[str], confidence: float) -> dict[str, Any]:
+def _drop_gap(clean: ScenarioRows, rows: ScenarioRows, key: str, higher: bool, groups: list[str],
+              confidence: float) -> dict[str, Any]:
     """Spread of the per-group drops from clean: does the perturbation hurt one group more?"""
 
     def drops(c: Tensor, p: Tensor) -> Tensor:
