@@ -16,7 +16,6 @@ The model's normalisation ``(x - mean) / std`` is *not* applied here: perturbati
 
 from __future__ import annotations
 
-import hashlib
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,10 @@ from torch.utils.data import Dataset
 from .config import InputConfig, IntensityConfig, TaskConfig
 from .errors import DataError
 
-MISSING = "(missing)"
+#: Key under which :func:`summarize_column` counts a column's absent (``None``) values, in
+#: results.json ``dataset.metadata_summary`` and the report. Not the subgroup analysis' label of
+#: the group of samples with a missing attribute, which that plugin names itself.
+MISSING_VALUE = "(missing)"
 
 
 @dataclass(frozen=True)
@@ -119,19 +121,8 @@ class AuditDataset(Dataset):
 
 def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
     """Counts of the most frequent values of a metadata column (missing values counted)."""
-    counts = Counter(MISSING if v is None else str(v) for v in values)
+    counts = Counter(MISSING_VALUE if v is None else str(v) for v in values)
     return dict(counts.most_common(limit))
-
-
-def sha256_files(paths: Iterable[Path], extra: bytes = b"", chunk: int = 1 << 20) -> str:
-    """SHA-256 over ``extra`` and then each file's name and bytes, streamed in chunks."""
-    h = hashlib.sha256(extra)
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def resolve_labels(raw: Sequence[Any], task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:

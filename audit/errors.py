@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class MedauditError(Exception):
     """Base class of every error medaudit reports to the user.
@@ -30,3 +32,26 @@ class PluginError(MedauditError):
 
 class ModelOutputError(MedauditError):
     """The model produced unusable outputs (NaN/Inf, wrong shape) in a scenario."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Exception text squeezed onto one line of at most ``limit`` characters.
+
+    Errors that reach the user are one line by convention (the CLI prints them as ``error: …``),
+    but an underlying library's message may span lines (pydicom, onnxruntime, zipfile) or run to
+    pages (a state dict's key list). Runs of white space become one space; a longer text is cut
+    and ends in ``…``.
+
+    Parameters
+    ----------
+    text : object
+        Usually an exception; formatted with ``str``.
+    limit : int
+        Largest length of the result, ``…`` included.
+
+    Returns
+    -------
+    str
+    """
+    s = re.sub(r"\s+", " ", str(text)).strip()
+    return s if len(s) <= limit else s[: limit - 1] + "…"

@@ -30,6 +30,23 @@ class MetricContext:
     target_specificity: float = 0.9
 
 
+def class_names(ctx: MetricContext, k: int) -> tuple[str, ...]:
+    """Names of the ``k`` classes (or labels) as they appear in result keys (``sensitivity/<name>``).
+
+    Parameters
+    ----------
+    ctx : MetricContext
+    k : int
+        Number of probability columns the metric received.
+
+    Returns
+    -------
+    ``ctx.classes`` when it names exactly ``k`` classes, else ``("0", ..., "k-1")`` (a context
+    built without class names, e.g. in a test, still gives distinct keys).
+    """
+    return tuple(ctx.classes) if len(ctx.classes) == k else tuple(str(i) for i in range(k))
+
+
 class Metric(ABC):
     """Base class of a metric family.
 

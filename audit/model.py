@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -38,14 +37,6 @@ class LoadedModel:
         if isinstance(self.module, nn.Module):
             self.module = self.module.to(device)
         return self
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_module(module: nn.Module) -> tuple[int, str, str]:

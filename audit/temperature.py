@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .binning import calibration_errors, clip_confidence, top_label
 from .bootstrap import check_predictions
-from .metric import MetricContext
+from .scoring import negative_log_likelihood
 
 __all__ = ["fit_inverse_temperature", "temperature_report"]
 
@@ -108,12 +109,18 @@ def _fit(probs: Tensor, labels: Tensor, task: str) -> list[float]:
 
 
 def _ece_nll(probs: Tensor, labels: Tensor, task: str, n_bins: int) -> tuple[float, float]:
-    from medaudit.plugins.calibration import CalibrationMetrics  # built-in plugin; lazy to avoid a cycle
-
-    ctx = MetricContext(task=task, classes=(), n_bins=n_bins)  # type: ignore[arg-type]
+    """ECE and NLL as the calibration metrics define ``ece`` and ``nll`` (same helpers, same bits):
+    top-label ECE, or for multilabel the mean over labels of each label's positive-class ECE."""
+    check_predictions(probs, labels, task)
     ones = torch.ones(1, probs.shape[0], dtype=torch.float64)
-    out = CalibrationMetrics().compute(probs, labels, ones, ctx)
-    return float(out["ece"][0]), float(out["nll"][0])
+    if task == "multilabel":
+        conf, y = clip_confidence(probs), labels.double()
+        per_label = [calibration_errors(conf[:, c], y[:, c], ones, n_bins)["ece"] for c in range(probs.shape[1])]
+        ece = torch.nanmean(torch.stack(per_label, dim=1), dim=1)
+    else:
+        conf, hit = top_label(probs, labels)
+        ece = calibration_errors(conf, hit, ones, n_bins)["ece"]
+    return float(ece[0]), float(negative_log_likelihood(probs, labels, ones, task)[0])
 
 
 def _none_if_nan(x: float) -> float | None:

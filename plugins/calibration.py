@@ -1,13 +1,9 @@
 """Calibration metrics, weighted and batched over resamples, binned exactly as netcal bins.
 
 Binned metrics follow ``netcal.metrics`` 1.x (``_Miscalibration``) so that values can be checked
-against it:
-
-* confidences are clipped to ``[eps, 1 - eps]`` with ``eps`` the machine epsilon of the input
-  dtype, so a confidence of exactly 1.0 falls in the last bin (and 0.0 in the first);
-* equal-width edges are ``numpy.linspace(0, 1, n_bins + 1)``; a value on an inner edge goes to
-  the bin above (``searchsorted(side="right")``, as ``numpy.histogramdd``);
-* empty bins are left out (netcal ``sample_threshold = 1``).
+against it; the binning conventions (clipping, edges, empty bins) are those of
+:mod:`medaudit.binning`, which holds the binning and the ECE/MCE/ACE computation, and the NLL is
+:func:`medaudit.scoring.negative_log_likelihood`.
 
 Where we differ from netcal, on purpose: netcal's ``measure(probs, labels)`` switches to its
 *binary* mode whenever at most two distinct labels occur in the data it is given. For a binary
@@ -23,175 +19,25 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from medaudit.binning import (bin_index, binned_sums, calibration_errors, clip_confidence, equal_width_edges,
+                              top_label)
 from medaudit.bootstrap import check_predictions, row_invariant
 from medaudit.hookspecs import hookimpl
-from medaudit.metric import Metric, MetricContext
+from medaudit.metric import Metric, MetricContext, class_names
+from medaudit.scoring import negative_log_likelihood
 from medaudit.settings import PluginSettings, legacy_key
-
-from .classification import class_names, safe_div
+from medaudit.weighted import safe_div
 
 MEDAUDIT_API_VERSION = 1
 
-_NAN = float("nan")
-
 
 # ---------------------------------------------------------------------------------------------
-# Binning helpers
+# Class-wise ECE (binning itself: medaudit.binning)
 # ---------------------------------------------------------------------------------------------
-
-
-def clip_confidence(x: Tensor) -> Tensor:
-    """Clip to ``[eps, 1 - eps]`` (eps of ``x``'s dtype, as netcal) and promote to float64."""
-    eps = torch.finfo(x.dtype).eps
-    return x.clamp(eps, 1.0 - eps).double()
-
-
-def equal_width_edges(n_bins: int, device: torch.device | None = None) -> Tensor:
-    """``numpy.linspace(0, 1, n_bins + 1)`` as float64, bit-identical to netcal's edges."""
-    return torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1)).to(device)
-
-
-def bin_index(values: Tensor, edges: Tensor) -> Tensor:
-    """Bin of each value: ``[lo, hi)`` bins, the last one closed (``numpy.histogramdd``).
-
-    ``edges`` is ``[B + 1]`` (shared) or ``[R, B + 1]`` (one set per row, with ``values`` ``[R, N]``).
-    """
-    n_bins = edges.shape[-1] - 1
-    return (torch.searchsorted(edges.contiguous(), values.contiguous(), right=True) - 1).clamp_(0, n_bins - 1)
-
-
-def binned_sums(
-    weights: Tensor, index: Tensor, n_bins: int, confidence: Tensor, hit: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted count, confidence sum and hit sum per bin, each ``[R, n_bins]``.
-
-    ``index`` is ``[N]`` (bins shared by every row) or ``[R, N]`` (per-row bins, ACE).
-    """
-    r = weights.shape[0]
-    zeros = torch.zeros(r, n_bins, dtype=torch.float64, device=weights.device)
-    wc, wh = weights * confidence, weights * hit
-    if index.ndim == 1:
-        return zeros.index_add(1, index, weights), zeros.index_add(1, index, wc), zeros.index_add(1, index, wh)
-    return zeros.scatter_add(1, index, weights), zeros.scatter_add(1, index, wc), zeros.scatter_add(1, index, wh)
-
-
-def ece_mce_ace_from_bins(count: Tensor, conf_sum: Tensor, hit_sum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""ECE, MCE and the mean bin gap from per-bin sums ``[R, B]``.
-
-    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{n}\,|\bar a_b - \bar c_b|, \quad
-              \mathrm{MCE} = \max_{b: n_b > 0} |\bar a_b - \bar c_b|, \quad
-              \text{gap} = \frac{1}{|\{b: n_b>0\}|}\sum_{b: n_b>0} |\bar a_b - \bar c_b|
-
-    (the last is ACE when the bins are equal-mass). All NaN on a row of total weight 0.
-    """
-    nonempty = count > 0
-    gap = torch.where(nonempty, (hit_sum - conf_sum).abs() / torch.where(nonempty, count, torch.ones_like(count)), torch.zeros_like(count))
-    total = count.sum(dim=1)
-    ece = safe_div((gap * count).sum(dim=1), total)
-    mce = torch.where(total > 0, gap.amax(dim=1), torch.full_like(total, _NAN))
-    mean_gap = safe_div(gap.sum(dim=1), nonempty.sum(dim=1).to(gap.dtype))
-    return ece, mce, mean_gap
-
-
-def weighted_quantile_edges(values: Tensor, weights: Tensor, n_bins: int) -> Tensor:
-    r"""Equal-mass bin edges per weight row, ``[R, n_bins + 1]``, first edge 0 and last 1.
-
-    For integer weights, row ``r`` equals ``numpy.quantile(np.repeat(values, w_r), q)`` at
-    ``q = linspace(0, 1, n_bins + 1)`` (linear interpolation between order statistics
-    :math:`x_{(\lfloor h\rfloor)}` and :math:`x_{(\lfloor h\rfloor + 1)}`, :math:`h = q (M-1)`),
-    with the outer edges set to 0 and 1 as netcal's ACE does. The values are sorted once;
-    order statistics of every row come from one batched ``searchsorted`` on cumulative counts.
-    """
-    order = torch.argsort(values)
-    return _quantile_edges_sorted(values[order], torch.cumsum(weights[:, order], dim=1), n_bins)
-
-
-def _quantile_edges_sorted(sorted_vals: Tensor, cum: Tensor, n_bins: int) -> Tensor:
-    """:func:`weighted_quantile_edges` from the sorted values and each row's cumulative weights in that order."""
-    m = cum[:, -1:]  # [R, 1]
-    q = torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1)).to(sorted_vals.device)
-    h = q[None, :] * (m - 1).clamp_min(0)
-    lo = torch.floor(h)
-    frac = h - lo
-    hi = torch.minimum(lo + 1, (m - 1).clamp_min(0))
-
-    def order_stat(j: Tensor) -> Tensor:
-        # j-th (0-based) value of the expanded sample: first sorted position whose cumulative count exceeds j
-        pos = torch.searchsorted(cum.contiguous(), j.contiguous(), right=True).clamp_(max=sorted_vals.numel() - 1)
-        return sorted_vals[pos]
-
-    a, b = order_stat(lo), order_stat(hi)
-    diff = b - a
-    # numpy's _lerp: interpolate from the nearer end, so edges hit sample values exactly as numpy's do
-    edges = torch.where(frac >= 0.5, b - diff * (1 - frac), a + diff * frac)
-    edges[:, 0] = 0.0
-    edges[:, -1] = 1.0
-    return edges
-
-
-def top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-label confidence (clipped, float64) and hit (1.0 when the arg-max is right)."""
-    clipped = clip_confidence(probs)
-    conf, pred = clipped.max(dim=1)
-    return conf, (pred == labels.to(probs.device, torch.int64)).double()
-
-
-def _sorted_bin_sums(prefix: Tensor, bounds: Tensor) -> Tensor:
-    """Per-bin sums ``[R, B]`` from prefix sums ``[R, N + 1]`` of values in sorted order and the
-    bins' sorted-position bounds ``[B + 1]`` (shared) or ``[R, B + 1]`` (per row)."""
-    at = prefix.gather(1, bounds.expand(prefix.shape[0], -1))
-    return at[:, 1:] - at[:, :-1]
-
-
-def calibration_errors(conf: Tensor, hit: Tensor, weights: Tensor, n_bins: int,
-                       presorted: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-    """``ece``, ``mce`` (equal-width bins) and ``ace`` (equal-mass bins) of one confidence/hit pair.
-
-    Both binnings are read from the same prefix sums: in confidence order every bin, of either
-    kind and of any weight row, is a run of consecutive samples, bounded by where its edges fall
-    among the sorted confidences (a value on an edge belongs to the bin above, as in
-    :func:`bin_index`), so its weighted count, confidence and hit sums are differences of prefix
-    sums. Each row costs three cumulative sums instead of a scatter per binning and sum.
-
-    Parameters
-    ----------
-    conf : Tensor ``[N]`` float64, already clipped (see :func:`clip_confidence`).
-    hit : Tensor ``[N]`` float64 in {0, 1}.
-    weights : Tensor ``[R, N]`` float64.
-    n_bins : int
-    presorted : (Tensor, Tensor), optional
-        ``torch.sort(conf)`` when the caller already has it.
-
-    Returns
-    -------
-    dict of ``[R]`` tensors.
-    """
-    r, n = weights.shape
-    sorted_conf, order = presorted if presorted is not None else torch.sort(conf)
-    w = torch.gather(weights, 1, order.expand(r, n))  # 3x faster than weights[:, order] on a CPU
-    # prefix sums with a leading zero column: count, confidence and hit mass of the first k samples
-    sums = weights.new_zeros(3, r, n + 1)
-    torch.cumsum(w, dim=1, out=sums[0, :, 1:])
-    torch.cumsum(w * sorted_conf, dim=1, out=sums[1, :, 1:])
-    torch.cumsum(w * hit[order], dim=1, out=sums[2, :, 1:])
-    cum = sums[0, :, 1:]
-
-    def bounds(edges: Tensor) -> Tensor:
-        # first sorted position at or above each inner edge; the outer edges 0 and 1 enclose every
-        # clipped confidence, and a value beyond them would be clamped into the outer bins anyway
-        inner = torch.searchsorted(sorted_conf, edges[..., 1:-1].contiguous(), right=False)
-        ends = inner.new_zeros(*inner.shape[:-1], 1)
-        return torch.cat([ends, inner, ends + n], dim=-1)
-
-    ece, mce, _ = ece_mce_ace_from_bins(*(_sorted_bin_sums(p, bounds(equal_width_edges(n_bins, conf.device))) for p in sums))
-    equal_mass = bounds(_quantile_edges_sorted(sorted_conf, cum, n_bins))
-    _, _, ace = ece_mce_ace_from_bins(*(_sorted_bin_sums(p, equal_mass) for p in sums))
-    return {"ece": ece, "mce": mce, "ace": ace}
 
 
 def classwise_columns(probs: Tensor, labels_onehot: Tensor, n_bins: int) -> Tensor:
@@ -264,7 +110,6 @@ class CalibrationMetrics(Metric):
         check_predictions(probs, labels, ctx.task, weights)
         w = weights.to(device=probs.device, dtype=torch.float64)
         total = w.sum(dim=1)
-        eps = torch.finfo(probs.dtype).eps
         p = probs.double()
         n, k = probs.shape
         if ctx.task == "multilabel":
@@ -281,9 +126,7 @@ class CalibrationMetrics(Metric):
             for key, vals in per.items():
                 out[key] = torch.nanmean(torch.stack(vals, dim=1), dim=1)
             out["brier"] = safe_div(w @ ((p - y) ** 2).sum(dim=1), total)
-            pc = p.clamp(eps, 1 - eps)
-            bce = -(y * torch.log(pc) + (1 - y) * torch.log1p(-pc)).sum(dim=1)
-            out["nll"] = safe_div(w @ bce, total)
+            out["nll"] = negative_log_likelihood(probs, labels, w, ctx.task)
             return out
         labels_in, labels = labels, labels.to(probs.device, torch.int64)
         onehot = torch.nn.functional.one_hot(labels, k).double()
@@ -294,8 +137,7 @@ class CalibrationMetrics(Metric):
                                 lambda: classwise_columns(probs, onehot, ctx.n_bins))
         out["classwise_ece"] = classwise_ece(probs, onehot, w, ctx.n_bins, columns).mean(dim=1)
         out["brier"] = safe_div(w @ ((p - onehot) ** 2).sum(dim=1), total)
-        p_true = p.gather(1, labels[:, None])[:, 0].clamp_min(eps)
-        out["nll"] = safe_div(w @ -torch.log(p_true), total)
+        out["nll"] = negative_log_likelihood(probs, labels, w, ctx.task)
         return out
 
     def curves(self, probs: Tensor, labels: Tensor, ctx: MetricContext) -> dict[str, Any] | None:

@@ -26,7 +26,9 @@ from torch import Tensor
 
 from medaudit.bootstrap import check_predictions, row_invariant
 from medaudit.hookspecs import hookimpl
-from medaudit.metric import Metric, MetricContext
+from medaudit.metric import Metric, MetricContext, class_names
+from medaudit.ranking import auroc_from_sums, binary_roc_sums, tie_groups
+from medaudit.weighted import group_sums, safe_div
 
 MEDAUDIT_API_VERSION = 1
 
@@ -41,81 +43,16 @@ _NAN = float("nan")
 # ---------------------------------------------------------------------------------------------
 
 
-def class_names(ctx: MetricContext, k: int) -> tuple[str, ...]:
-    """Names used in result keys: ``ctx.classes`` when it has ``k`` names, else ``"0".."k-1"``."""
-    return tuple(ctx.classes) if len(ctx.classes) == k else tuple(str(i) for i in range(k))
-
-
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` with NaN where ``den == 0`` (an undefined ratio, never a silent 0)."""
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, _NAN))
-
-
 def _as_weights(weights: Tensor, probs: Tensor) -> Tensor:
     return weights.to(device=probs.device, dtype=torch.float64)
 
 
-def tie_groups(scores: Tensor, descending: bool = False) -> tuple[Tensor, int]:
-    """Rank of each sample's tie group in sorted score order.
-
-    Parameters
-    ----------
-    scores : Tensor ``[N]``
-    descending : bool
-
-    Returns
-    -------
-    group : Tensor ``[N]`` int64, the index (0 = lowest score, or highest when ``descending``)
-        of the group of equal scores each sample belongs to.
-    n_groups : int
-    """
-    uniq, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    g = uniq.numel()
-    if descending:
-        inverse = g - 1 - inverse
-    return inverse, g
-
-
-def group_sums(weights: Tensor, group: Tensor, n_groups: int, mask: Tensor | None = None) -> Tensor:
-    """Per-row sums of weights by group, ``[R, G]``: ``out[r, g] = sum_{i in g, mask_i} W[r, i]``."""
-    w = weights if mask is None else weights * mask.to(weights.dtype)
-    return torch.zeros(weights.shape[0], n_groups, dtype=weights.dtype, device=weights.device).index_add_(1, group, w)
-
-
-def binary_roc_sums(scores: Tensor, positive: Tensor, weights: Tensor,
-                    groups: tuple[Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
-    """Weighted positives and negatives per tie group, ascending score: two ``[R, G]`` tensors.
-
-    ``groups``: ``tie_groups(scores)`` when the caller already has it.
-    """
-    group, g = groups if groups is not None else tie_groups(scores)
-    pos = group_sums(weights, group, g, positive)
-    neg = group_sums(weights, group, g, ~positive)
-    return pos, neg
-
-
 def _class_roc_sums(probs: Tensor, labels: Tensor, c: int, positive: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`binary_roc_sums` of class ``c``'s probabilities; their tie groups are computed once
+    """:func:`medaudit.ranking.binary_roc_sums` of class ``c``'s probabilities; their tie groups are computed once
     per :func:`medaudit.bootstrap.evaluate` call (``labels``: as the metric received them)."""
     scores = probs[:, c].double()
     groups = row_invariant(probs, labels, ("classification", "tie_groups", c), lambda: tie_groups(scores))
     return binary_roc_sums(scores, positive, weights, groups)
-
-
-def auroc_from_sums(pos: Tensor, neg: Tensor) -> Tensor:
-    r"""Weighted AUROC from per-group sums (ascending score), ``[R]``.
-
-    Notes
-    -----
-    .. math:: \mathrm{AUROC} = \frac{\sum_g P_g\,(N_{<g} + \tfrac12 N_g)}{P\,N}
-
-    the Mann-Whitney statistic with ties counted one half, which equals the trapezoidal area
-    under the ROC curve (``sklearn.metrics.roc_auc_score``). NaN when a row has no positives or
-    no negatives.
-    """
-    cum_neg = torch.cumsum(neg, dim=1)
-    num = (pos * (cum_neg - 0.5 * neg)).sum(dim=1)
-    return safe_div(num, pos.sum(dim=1) * neg.sum(dim=1))
 
 
 def sensitivity_at_specificity_from_sums(pos: Tensor, neg: Tensor, target: float) -> Tensor:

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from medaudit.config import Config
-from medaudit.errors import ModelError
+from medaudit.errors import ModelError, one_line
+from medaudit.hashing import sha256_file
 from medaudit.hookspecs import hookimpl
-from medaudit.model import LoadedModel, describe_module, fail_to_load, sha256_file
+from medaudit.model import LoadedModel, describe_module, fail_to_load
 
 MEDAUDIT_API_VERSION = 1
 
@@ -40,11 +41,6 @@ CONVERT_HINT = (
     "torch.jit.save(torch.jit.script(m) (or torch.jit.trace(m, example)), 'model.ts.pt'), or "
     "torch.export.save(torch.export.export(m, (example,)), 'model.pt2'), or save m.state_dict() and set model.arch"
 )
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    s = re.sub(r"\s+", " ", str(text)).strip()
-    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +136,7 @@ def load_torchscript(path: Path) -> LoadedModel:
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, OSError, ValueError for damaged archives
-        raise fail_to_load(path, f"not a readable TorchScript archive ({_one_line(exc)}); the file may be truncated, "
+        raise fail_to_load(path, f"not a readable TorchScript archive ({one_line(exc)}); the file may be truncated, "
                                  "re-save it with torch.jit.save") from None
     # Loaded ScriptModules reject register_forward_hook; the submodules are still listed so
     # medaudit.features can locate the layer's call in the TorchScript graph instead.
@@ -175,9 +171,9 @@ def _pt2_pickle_risk(path: Path) -> str | None:
                 except KeyError:
                     return f"{member} is referenced but missing"
                 except Exception as exc:
-                    return f"{member} is not weights-only ({_one_line(exc, 120)})"
+                    return f"{member} is not weights-only ({one_line(exc, 120)})"
     except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
-        raise fail_to_load(path, f"not a readable torch.export archive ({_one_line(exc)}); the file may be truncated, "
+        raise fail_to_load(path, f"not a readable torch.export archive ({one_line(exc)}); the file may be truncated, "
                                  "re-save it with torch.export.save") from None
     return None
 
@@ -190,7 +186,7 @@ def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise fail_to_load(path, f"not a readable torch.export program ({_one_line(exc)}); the file may be truncated, "
+        raise fail_to_load(path, f"not a readable torch.export program ({one_line(exc)}); the file may be truncated, "
                                  "re-save it with torch.export.save") from None
     # unflatten() rebuilds the submodule hierarchy as modules that are actually called, so forward
     # hooks on them fire (on program.module() the graph is flat and hooks on submodules never run).
@@ -201,7 +197,7 @@ def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
     except Exception as exc:
         module = program.module()
         features = {}
-        note = f"torch.export: layer hierarchy unavailable ({_one_line(exc, 120)})"
+        note = f"torch.export: layer hierarchy unavailable ({one_line(exc, 120)})"
     return _loaded(module, path, "export", features, note)
 
 
@@ -230,7 +226,7 @@ def _build_arch(path: Path, config: Config) -> nn.Module:
     try:
         factory: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise fail_to_load(path, f"cannot import {module_name!r} from model.arch ({_one_line(exc)}); install the package "
+        raise fail_to_load(path, f"cannot import {module_name!r} from model.arch ({one_line(exc)}); install the package "
                                  "that defines the architecture") from None
     for part in attr.split("."):
         try:
@@ -241,7 +237,7 @@ def _build_arch(path: Path, config: Config) -> nn.Module:
         module = factory(**config.model.arch_kwargs)
     except Exception as exc:
         raise fail_to_load(path, f"model.arch {arch!r} failed with model.arch_kwargs {config.model.arch_kwargs}: "
-                                 f"{type(exc).__name__}: {_one_line(exc)}") from None
+                                 f"{type(exc).__name__}: {one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise fail_to_load(path, f"model.arch {arch!r} returned a {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -265,7 +261,7 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], path: Path, arch: st
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise fail_to_load(path, f"load_state_dict failed: {_one_line(exc)}") from None
+        raise fail_to_load(path, f"load_state_dict failed: {one_line(exc)}") from None
 
 
 def _from_state_dict(state: dict[str, Tensor], path: Path, config: Config, fmt: str) -> LoadedModel:
@@ -281,7 +277,7 @@ def load_safetensors(path: Path, config: Config) -> LoadedModel:
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise fail_to_load(path, f"not a readable safetensors file ({_one_line(exc)}); the file may be truncated") from None
+        raise fail_to_load(path, f"not a readable safetensors file ({one_line(exc)}); the file may be truncated") from None
     return _from_state_dict(state, path, config, "state_dict")
 
 
@@ -307,7 +303,7 @@ def load_torch_file(path: Path, config: Config, trust_pickle: bool) -> LoadedMod
             raise _pickle_refusal(path, str(exc)) from None
         return load_pickle(path, config)
     except Exception as exc:
-        raise fail_to_load(path, f"not a readable torch.save file ({type(exc).__name__}: {_one_line(exc)}); the file may be "
+        raise fail_to_load(path, f"not a readable torch.save file ({type(exc).__name__}: {one_line(exc)}); the file may be "
                                  "truncated or corrupt, re-save or re-copy it") from None
     if isinstance(obj, nn.Module):  # cannot happen under weights_only, kept as a guard
         return _loaded(obj, path, "pickle", _named_submodules(obj))
@@ -319,11 +315,11 @@ def load_pickle(path: Path, config: Config) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
-        raise fail_to_load(path, f"the pickled model's class cannot be found ({_one_line(exc)}); import or install the "
+        raise fail_to_load(path, f"the pickled model's class cannot be found ({one_line(exc)}); import or install the "
                                  "code that defines it (classes defined in a training script's __main__ cannot be "
                                  f"found), or {CONVERT_HINT}") from None
     except Exception as exc:
-        raise fail_to_load(path, f"cannot unpickle ({type(exc).__name__}: {_one_line(exc)}); the file may be truncated") from None
+        raise fail_to_load(path, f"cannot unpickle ({type(exc).__name__}: {one_line(exc)}); the file may be truncated") from None
     if isinstance(obj, nn.Module):
         return _loaded(obj, path, "pickle", _named_submodules(obj))
     # A checkpoint with non-tensor extras (optimizer state, argparse Namespace) holding a state dict.
@@ -352,7 +348,7 @@ def load_onnx(path: Path) -> LoadedModel:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise fail_to_load(path, f"onnxruntime cannot open it ({_one_line(exc)}); the file may be truncated") from None
+        raise fail_to_load(path, f"onnxruntime cannot open it ({one_line(exc)}); the file may be truncated") from None
     n_params, note = 0, "parameter count needs the onnx package"
     if importlib.util.find_spec("onnx") is not None:
         import onnx

@@ -27,14 +27,13 @@ from torch import Tensor
 
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
+from medaudit.model import OutputKind
 from medaudit.settings import PluginSettings, legacy_key
 
 if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
     from medaudit.config import Config
 
 MEDAUDIT_API_VERSION = 1
-
-OutputKind = Literal["logits", "probabilities"]
 
 # Smallest normalised singular value kept before the log: a rank-deficient map has exact zeros.
 _SPECTRAL_FLOOR = 1e-12

@@ -115,7 +115,7 @@ def binary_audit() -> tuple[AuditOutputs, dict[str, Any], np.ndarray]:
 
 
 def group_labels(values: list[Any]) -> np.ndarray:
-    return np.array([sg.MISSING if sg.is_missing(v) else v for v in values], dtype=object)
+    return np.array([sg.MISSING_GROUP if sg.is_missing(v) else v for v in values], dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_group_metrics_match_fairlearn_metricframe(binary_audit):
     frame = MetricFrame(metrics={"accuracy": accuracy_score, "recall": recall_score}, y_true=y, y_pred=y_pred,
                         sensitive_features=sex)
     got = entries(res, attribute="sex")
-    assert set(got) == {"F", "M", sg.MISSING}
+    assert set(got) == {"F", "M", sg.MISSING_GROUP}
     for group in ("F", "M"):
         assert got[group]["metrics"]["accuracy"]["value"] == pytest.approx(frame.by_group.loc[group, "accuracy"], abs=ATOL)
         assert got[group]["metrics"]["sensitivity"]["value"] == pytest.approx(frame.by_group.loc[group, "recall"], abs=ATOL)
@@ -376,7 +376,7 @@ def test_permutations_are_seeded(binary_audit):
 
 def test_missing_values_form_their_own_group(binary_audit):
     _, res, _ = binary_audit
-    missing = entries(res, attribute="sex")[sg.MISSING]
+    missing = entries(res, attribute="sex")[sg.MISSING_GROUP]
     assert missing["n"] == 4 and missing["too_small"] is True
     assert sum(e["n"] for e in entries(res, attribute="sex").values()) == 400
     assert sg.is_missing(np.float32("nan")) and sg.is_missing(" ") and not sg.is_missing(0) and not sg.is_missing(False)
@@ -400,9 +400,9 @@ def test_binning_by_edges_and_labels():
     warnings: list[str] = []
     ages = [10, 39.9, 40, 59, 60, 85, None, float("nan")]
     attr = sg.column_attribute("age", ages, [40, 60], warnings)
-    assert attr.groups == ["(-inf, 40)", "[40, 60)", "[60, inf)", sg.MISSING]
+    assert attr.groups == ["(-inf, 40)", "[40, 60)", "[60, inf)", sg.MISSING_GROUP]
     assert [attr.groups[c] for c in attr.codes.tolist()] == [
-        "(-inf, 40)", "(-inf, 40)", "[40, 60)", "[40, 60)", "[60, inf)", "[60, inf)", sg.MISSING, sg.MISSING]
+        "(-inf, 40)", "(-inf, 40)", "[40, 60)", "[40, 60)", "[60, inf)", "[60, inf)", sg.MISSING_GROUP, sg.MISSING_GROUP]
     assert not warnings
     # empty interior bins are still listed (n = 0), unoccupied outer bins are not
     attr = sg.column_attribute("age", [45, 50, 85], [40, 60, 80], warnings)
@@ -430,7 +430,7 @@ def test_unbinned_continuous_column_warns_with_suggested_edges():
 
 def test_categories_are_ordered_numbers_then_text():
     attr = sg.column_attribute("x", [10, 2, 2.0, "b", "a", None, True], None, [])
-    assert attr.groups == ["2", "10", "True", "a", "b", sg.MISSING]
+    assert attr.groups == ["2", "10", "True", "a", "b", sg.MISSING_GROUP]
 
 
 def test_missing_attribute_is_a_warning_naming_it_and_the_columns():
@@ -450,10 +450,10 @@ def test_intersections(binary_audit):
     got = entries(res, attribute=name)
     sex = group_labels(outputs.metadata["sex"])
     site = np.array(outputs.metadata["site"])
-    expected = {f"{a}{sg.SEP}{b}": int(((sex == a) & (site == b)).sum()) for a in ("F", "M", sg.MISSING)
+    expected = {f"{a}{sg.SEP}{b}": int(((sex == a) & (site == b)).sum()) for a in ("F", "M", sg.MISSING_GROUP)
                 for b in ("A", "B", "C") if ((sex == a) & (site == b)).any()}
     assert {g: e["n"] for g, e in got.items()} == expected
-    assert list(got) == sorted(expected, key=lambda g: (("F", "M", sg.MISSING).index(g.split(sg.SEP)[0]), g))
+    assert list(got) == sorted(expected, key=lambda g: (("F", "M", sg.MISSING_GROUP).index(g.split(sg.SEP)[0]), g))
     assert gap(res, "accuracy", attribute=name)["n_groups"] == sum(v >= 30 for v in expected.values())
 
 

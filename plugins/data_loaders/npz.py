@@ -1,0 +1,209 @@
+"""MedMNIST-style ``.npz`` datasets: ``images`` and ``labels`` (or ``test_images`` / ``test_labels``)
+plus optional ``meta_<column>`` arrays.
+
+Loaded with ``allow_pickle=False`` always; uncompressed members are memory-mapped so DataLoader
+workers share the pages.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medaudit.config import Config, TaskConfig
+from medaudit.data import AuditDataset, to_channel_first
+from medaudit.errors import DataError, one_line
+from medaudit.hashing import sha256_files
+from medaudit.imagefile import looks_channels_last
+
+from .common import check_channel_count, finalize_labels
+
+
+def _python_value(v: Any) -> Any:
+    """A metadata cell as a plain Python value; NaN, empty strings and None become None (missing)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str):
+        v = v.strip()
+        return v or None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _npz_member_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of an array inside an npz, without reading its data."""
+    with zf.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fh)
+        return np.lib.format.read_array_header_2_0(fh)
+
+
+def _npz_memmap(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray | None:
+    """Memory-map an uncompressed (``np.savez``) npz member; None when it is compressed.
+
+    A stored zip member is a plain ``.npy`` at a fixed offset, so ``np.memmap`` can read it in
+    place: the OS pages images in on demand and DataLoader workers share those pages.
+    """
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+class NpzDataset(AuditDataset):
+    """Images, labels and ``meta_<column>`` arrays from one ``.npz`` file."""
+
+    format = "npz"
+
+    def __init__(self, path: Path, config: Config) -> None:
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{path}: not a readable .npz file ({one_line(exc)}); re-save it with np.savez") from None
+        with zf:
+            members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+            image_key, label_key, meta_prefix = self._choose_keys(path, members)
+            try:
+                shape, _, dtype = _npz_member_header(zf, members[image_key])
+            except (ValueError, OSError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{path}: array {image_key!r} is unreadable ({one_line(exc)}); re-save the file") from None
+            if dtype.hasobject:
+                raise DataError(f"{path}: array {image_key!r} holds Python objects, which medaudit never unpickles; "
+                                "save images as a numeric array")
+            self._memmap = _npz_memmap(path, zf, members[image_key])
+        self.image_key = image_key
+        self._images: np.ndarray | None = self._memmap
+        input_cfg, task = config.input, config.task
+        arrays = self._load_small(path, [label_key] + [k for k in members if k.startswith(meta_prefix)])
+        raw_labels = arrays[label_key]
+        n = shape[0] if shape else 0
+        if raw_labels.shape[:1] != (n,):
+            raise DataError(f"{path}: {image_key!r} has {n} images but {label_key!r} has shape {raw_labels.shape}; "
+                            "they must have the same first dimension")
+        if n == 0:
+            raise DataError(f"{path}: the dataset is empty: {image_key!r} holds no images (shape {tuple(shape)}); "
+                            "re-save the file with at least one image and its label")
+        sample_shape = tuple(shape[1:])
+        if len(sample_shape) not in (input_cfg.dims, input_cfg.dims + 1):
+            raise DataError(
+                f"{path}: {image_key!r} has shape {tuple(shape)}: {len(sample_shape)} dimensions per image, but input.dims "
+                f"is {input_cfg.dims} (expected [N, H, W], [N, C, H, W] or [N, H, W, C] in 2-D, [N, D, H, W] or "
+                "[N, C, D, H, W] in 3-D); set input.dims to match the data"
+            )
+        self.channels_last = len(sample_shape) == input_cfg.dims + 1 and looks_channels_last(sample_shape)
+        if len(sample_shape) == input_cfg.dims + 1:
+            c = sample_shape[-1] if self.channels_last else sample_shape[0]
+            check_channel_count((c, *sample_shape), input_cfg, f"{path} ({image_key!r})")
+        labels, task = self._labels(raw_labels, task, f"{path} ({label_key!r})")
+        metadata: dict[str, list[Any]] = {}
+        for key, arr in arrays.items():
+            if key == label_key:
+                continue
+            column = key[len(meta_prefix):]
+            if arr.ndim == 2 and arr.shape[1] == 1:
+                arr = arr[:, 0]
+            if arr.ndim != 1 or len(arr) != n:
+                raise DataError(f"{path}: metadata array {key!r} has shape {arr.shape}, expected ({n},) (one value per image)")
+            metadata[column] = [_python_value(v) for v in arr.tolist()]
+        super().__init__(path, [str(i) for i in range(n)], labels, metadata, input_cfg, task)
+        self.classes = list(task.classes)
+
+    @staticmethod
+    def _choose_keys(path: Path, members: dict[str, str]) -> tuple[str, str, str]:
+        if "images" in members and "labels" in members:
+            return "images", "labels", "meta_"
+        # MedMNIST files hold train_/val_/test_ splits; an audit evaluates the test split.
+        if "test_images" in members and "test_labels" in members:
+            return "test_images", "test_labels", "test_meta_" if any(k.startswith("test_meta_") for k in members) else "meta_"
+        raise DataError(
+            f"{path}: expected arrays 'images' and 'labels' (or MedMNIST's 'test_images' and 'test_labels'), "
+            f"found {sorted(members) or 'none'}; re-save with np.savez(path, images=..., labels=..., meta_<column>=...)"
+        )
+
+    @staticmethod
+    def _load_small(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+        """Labels and metadata arrays, loaded eagerly (they are small) and never unpickled."""
+        out: dict[str, np.ndarray] = {}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                for key in keys:
+                    try:
+                        out[key] = npz[key]
+                    except ValueError as exc:
+                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                            raise DataError(
+                                f"{path}: array {key!r} holds Python objects, which medaudit never unpickles "
+                                "(it could run arbitrary code); save it as a numeric or fixed-width string array "
+                                "(e.g. np.asarray(values, dtype=str))"
+                            ) from None
+                        raise
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: cannot read arrays {keys} ({one_line(exc)}); the file may be truncated, re-save it") from None
+        return out
+
+    @staticmethod
+    def _labels(raw: np.ndarray, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
+        if raw.ndim == 2 and raw.shape[1] == 1:
+            raw = raw[:, 0]
+        if raw.ndim == 2 and task.type != "multilabel":
+            raise DataError(f"{where}: labels have shape {raw.shape} (several per image) but task.type is "
+                            f"{task.type!r}; set task.type: multilabel, or store one label per image")
+        if raw.dtype.kind == "f":
+            if not np.isfinite(raw).all() or not np.equal(np.mod(raw, 1), 0).all():
+                raise DataError(f"{where}: labels must be integers or class names, found non-integer floats")
+            raw = raw.astype(np.int64)
+        if raw.dtype.kind == "b":
+            raw = raw.astype(np.int64)
+        return finalize_labels(raw if raw.ndim == 2 else raw.tolist(), task, where)
+
+    def _image_array(self) -> np.ndarray:
+        if self._images is None:
+            # Compressed member (np.savez_compressed, as MedMNIST ships): decompress once per process.
+            try:
+                with np.load(self.path, allow_pickle=False) as npz:
+                    self._images = npz[self.image_key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{self.path}: cannot read array {self.image_key!r} ({one_line(exc)}); "
+                                "the file may be truncated, re-save it") from None
+        return self._images
+
+    def read(self, index: int) -> np.ndarray:
+        # np.array copies one image out of the memory map: torch needs a writable array.
+        sample = np.array(self._image_array()[index])
+        return to_channel_first(sample, self.input_cfg.dims, self.channels_last)
+
+    def content_hash(self) -> str:
+        return sha256_files([self.path])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open the file: pickling a memmap would copy every image into the pickle.
+        state = self.__dict__.copy()
+        state["_images"] = None
+        state["_memmap"] = None
+        return state

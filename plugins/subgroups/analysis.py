@@ -1,0 +1,206 @@
+"""The subgroup analysis: which scenarios, per-group entries and gaps, Holm's correction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from medaudit.bootstrap import evaluate, interval, paired_drop
+from medaudit.metric import MetricContext, class_names
+from medaudit.outputs import AuditOutputs, Scenario
+
+from .attributes import Attribute, build_attributes
+from .gaps import gap_entries
+from .permutations import Permutations, _perm_seed, holm
+from .rows import HEADLINE, RATES, ScenarioRows, generic_rows, headline_rows
+
+
+def analysed_scenarios(scenarios: Sequence[Scenario]) -> list[tuple[int, Scenario]]:
+    """``clean`` and, per perturbation, the scenario of its highest severity run, in run order."""
+    chosen: list[tuple[int, Scenario]] = []
+    worst: dict[str, tuple[int, Scenario]] = {}
+    for i, sc in enumerate(scenarios):
+        if sc.perturbation is None:
+            if sc.id == "clean":
+                chosen.append((i, sc))
+        elif sc.perturbation not in worst or sc.severity > worst[sc.perturbation][1].severity:
+            worst[sc.perturbation] = (i, sc)
+    return chosen + sorted(worst.values(), key=lambda t: t[0])
+
+
+def measured_headline(outputs: AuditOutputs, scenario_index: int) -> list[str]:
+    """The :data:`HEADLINE` keys that the audit's metrics emit (one point-estimate evaluation).
+
+    Perturbed scenarios report only these, so a subgroup table never shows a metric that the
+    audit itself was not configured to compute (e.g. ECE without the calibration plugin).
+    """
+    n = outputs.probs.shape[1]
+    if n == 0:
+        return []
+    ones = torch.ones(1, n)
+    _, raw = evaluate(outputs.metrics, outputs.probs[scenario_index].detach().cpu(), outputs.labels.detach().cpu(),
+                      ones, outputs.ctx, outputs.confidence)
+    return [key for key in HEADLINE if key in raw]
+
+
+def _class_counts(labels: Tensor, names: Sequence[str]) -> dict[str, int]:
+    if labels.ndim == 2:  # multilabel: positives per label
+        return {names[c]: int(v) for c, v in enumerate(labels.to(torch.int64).sum(dim=0).tolist())}
+    counts = torch.bincount(labels.to(torch.int64), minlength=len(names)).tolist()
+    return {names[c]: int(v) for c, v in enumerate(counts)}
+
+
+def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
+    """The whole subgroup analysis; ``cfg`` is a :class:`~medaudit.plugins.subgroups.settings.SubgroupSettings`."""
+    warnings: list[str] = []
+    attrs = build_attributes(outputs.metadata, cfg, warnings)
+    ctx = outputs.ctx
+    probs_all = outputs.probs.detach().cpu()
+    labels = outputs.labels.detach().cpu()
+    # float32 counts as given: every path converts its chunk of rows (a float64 copy of the whole
+    # [1 + R, N] matrix was the analysis phase's peak memory at 30,000 samples)
+    weights = outputs.bootstrap_weights.detach().cpu()
+    k = probs_all.shape[-1]
+    names = class_names(ctx, k)
+    # rounded so that 0.95 gives exactly 0.05 and an adjusted p of 0.05 is not "significant"
+    alpha = round(1.0 - outputs.confidence, 12)
+    scenarios = analysed_scenarios(outputs.scenarios)
+    clean_i = next((i for i, sc in scenarios if sc.id == "clean"), None)
+    fast = ctx.task in ("binary", "multiclass")
+    headline = measured_headline(outputs, clean_i if clean_i is not None else 0)
+    subgroups: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
+    settings_attrs: list[dict[str, Any]] = []
+
+    for attr in attrs:
+        sizes = torch.bincount(attr.codes, minlength=len(attr.groups))
+        eligible = [g for g in range(len(attr.groups)) if int(sizes[g]) >= cfg.min_group_size]
+        settings_attrs.append({"name": attr.name, "columns": list(attr.columns), "groups": attr.groups,
+                               "tested_groups": [attr.groups[g] for g in eligible]})
+        remap = torch.full((len(attr.groups),), -1, dtype=torch.int64)
+        remap[eligible] = torch.arange(len(eligible))
+        sel = remap[attr.codes] >= 0
+        codes_e = remap[attr.codes][sel]  # [M] codes of eligible samples in 0..G_e-1
+        n_e = len(eligible)
+        testable = n_e >= 2
+        if not testable:
+            warnings.append(f"subgroups: attribute '{attr.name}' has {n_e} group(s) with at least "
+                            f"{cfg.min_group_size} samples (subgroups.min_group_size); no gaps are computed for it")
+        perms = Permutations(codes_e, cfg.permutations, _perm_seed(outputs.seed, attr.name)) \
+            if testable and cfg.permutations > 0 else None
+        w_e = weights[:, sel]
+        labels_e = labels[sel]
+        clean_rows: ScenarioRows | None = None
+        for s_index, sc in scenarios:
+            probs_e = probs_all[s_index][sel]
+            is_clean = s_index == clean_i
+            rows = _scenario_rows(outputs, probs_e, labels_e, w_e, codes_e, n_e, perms, is_clean, fast, set(headline))
+            if is_clean:
+                clean_rows = rows
+            for g, label in enumerate(attr.groups):
+                subgroups.append(_group_entry(sc, attr, g, label, int(sizes[g]), labels[attr.codes == g], names,
+                                              remap, rows, None if is_clean else clean_rows, outputs.confidence,
+                                              cfg.min_group_size))
+            if testable:
+                gaps.extend(gap_entries(sc, attr, eligible, rows, None if is_clean else clean_rows,
+                                         outputs.confidence, ctx.task == "binary"))
+
+    # Holm-Bonferroni within each scenario, over every (attribute, metric) gap tested there
+    # (including the drop gaps of a perturbed scenario): the family a reader scans at once.
+    family_sizes: dict[str, int] = {}
+    for sid in dict.fromkeys(e["scenario"] for e in gaps):
+        slots = [(e, None) for e in gaps if e["scenario"] == sid] + \
+                [(e, "drop_gap") for e in gaps if e["scenario"] == sid and e.get("drop_gap")]
+        raw = [(t[0] if t[1] is None else t[0][t[1]]).get("p_value") for t in slots]
+        family_sizes[sid] = sum(p is not None for p in raw)
+        for (entry, sub), adj in zip(slots, holm(raw)):
+            target = entry if sub is None else entry[sub]
+            target["p_adjusted"] = adj
+            target["significant"] = None if adj is None else bool(adj < alpha)
+
+    if cfg.permutations > 0 and family_sizes:
+        sid, m = max(family_sizes.items(), key=lambda t: t[1])
+        if m / (cfg.permutations + 1) >= alpha:
+            warnings.append(
+                f"subgroups: with {cfg.permutations} permutations the smallest possible p-value is "
+                f"1/{cfg.permutations + 1}, and Holm's correction over the {m} gaps tested in scenario '{sid}' "
+                f"multiplies it by {m}, so no gap can reach significance at {alpha:g}; "
+                f"set subgroups.permutations to at least {math.ceil(m / alpha)}")
+
+    settings = {
+        "attributes": settings_attrs,
+        "scenarios": [sc.id for _, sc in scenarios],
+        "min_group_size": cfg.min_group_size,
+        "permutations": cfg.permutations,
+        "alpha": alpha,
+        "clean_metrics": "every metric of the audit",
+        "perturbed_metrics": headline,
+        "correction": "holm-bonferroni per scenario",
+    }
+    return {"subgroups": subgroups, "subgroup_gaps": gaps, "subgroup_settings": settings, "warnings": warnings}
+
+
+def _scenario_rows(outputs: AuditOutputs, probs: Tensor, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,
+                   perms: Permutations | None, is_clean: bool, fast: bool, headline: set[str]) -> ScenarioRows:
+    """Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path)."""
+    ctx, conf = outputs.ctx, outputs.confidence
+    binary = ctx.task == "binary"
+    if n_groups == 0:
+        return ScenarioRows({}, None, {})
+    if is_clean or not fast:
+        keep = None if is_clean else headline
+        boot, dirs = generic_rows(outputs.metrics, probs, labels, w, codes, n_groups, ctx, conf, keep)
+        perm: dict[str, Tensor] | None = None
+        if perms is not None:
+            parts: dict[str, list[Tensor]] = {}
+            for chunk in perms:
+                got, _ = generic_rows(outputs.metrics, probs, labels, torch.ones(chunk.shape, dtype=torch.float64),
+                                      chunk, n_groups, ctx, conf, keep)
+                for key, val in got.items():
+                    parts.setdefault(key, []).append(val)
+            perm = {key: torch.cat(v) for key, v in parts.items()}
+        if binary:  # fairness rates always come from the group-sum path
+            boot.update(headline_rows(probs, labels, w, codes, n_groups, ctx, keys=(), rates=True))
+            if perms is not None and perm is not None:
+                for key, val in _perm_headline(probs, labels, perms, n_groups, ctx, (), True).items():
+                    perm[key] = val
+        return ScenarioRows(boot, perm, dirs)
+    keys = [key for key in HEADLINE if key in headline]
+    boot = headline_rows(probs, labels, w, codes, n_groups, ctx, keys, rates=binary)
+    perm = _perm_headline(probs, labels, perms, n_groups, ctx, keys, binary) if perms is not None else None
+    return ScenarioRows(boot, perm, {key: HEADLINE[key] for key in keys})
+
+
+def _perm_headline(probs: Tensor, labels: Tensor, perms: Permutations, n_groups: int, ctx: MetricContext,
+                   keys: Sequence[str], rates: bool) -> dict[str, Tensor]:
+    parts: dict[str, list[Tensor]] = {}
+    for chunk in perms:
+        ones = torch.ones(1, chunk.shape[1], dtype=torch.float64).expand(chunk.shape[0], -1)
+        for key, val in headline_rows(probs, labels, ones, chunk, n_groups, ctx, keys, rates).items():
+            parts.setdefault(key, []).append(val)
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def _group_entry(sc: Scenario, attr: Attribute, g: int, label: str, n: int, group_labels: Tensor,
+                 names: Sequence[str], remap: Tensor, rows: ScenarioRows, clean: ScenarioRows | None, confidence: float,
+                 min_size: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "scenario": sc.id, "perturbation": sc.perturbation, "severity": sc.severity,
+        "attribute": attr.name, "group": label, "n": n,
+        "class_counts": _class_counts(group_labels, names), "too_small": n < min_size, "metrics": {},
+    }
+    j = int(remap[g])
+    if j < 0:
+        return entry
+    rates = {key: interval(val[:, j], confidence) for key, val in rows.boot.items() if key in RATES}
+    entry["metrics"] = {key: interval(val[:, j], confidence) for key, val in rows.boot.items() if key not in RATES}
+    if rates:
+        entry["rates"] = rates
+    if clean is not None:
+        entry["drop"] = {key: paired_drop(clean.boot[key][:, j], rows.boot[key][:, j], rows.directions[key], confidence)
+                         for key in rows.directions if key in clean.boot}
+    return entry
