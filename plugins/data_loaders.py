@@ -30,6 +30,7 @@ import numpy as np
 
 from medaudit.config import Config, InputConfig, TaskConfig
 from medaudit.data import AuditDataset, resolve_labels, sha256_files, to_channel_first
+from medaudit.task import TARGET_CLASS_SET, task_of
 from medaudit.errors import DataError
 from medaudit.hookspecs import hookimpl
 from medaudit.imagefile import (ImageFormatError, looks_channels_last, read_nifti, read_npy,
@@ -113,11 +114,6 @@ def _check_channel_count(shape: Sequence[int], input_cfg: InputConfig, where: st
 def _finalize_labels(raw: Any, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
     """Class indices (or multi-hot rows) and a task config whose ``classes`` are filled in."""
     labels, classes = resolve_labels(raw, task, where)
-    if task.type == "binary" and len(classes) != 2:
-        raise DataError(
-            f"{where}: a binary task needs exactly 2 classes but the labels hold {len(classes)}: {classes}; "
-            "set task.classes or task.type: multiclass"
-        )
     return labels, task.model_copy(update={"classes": list(classes)})
 
 
@@ -260,7 +256,7 @@ class NpzDataset(AuditDataset):
     def _labels(raw: np.ndarray, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
         if raw.ndim == 2 and raw.shape[1] == 1:
             raw = raw[:, 0]
-        if raw.ndim == 2 and task.type != "multilabel":
+        if raw.ndim == 2 and task_of(task).targets != TARGET_CLASS_SET:
             raise DataError(f"{where}: labels have shape {raw.shape} (several per image) but task.type is "
                             f"{task.type!r}; set task.type: multilabel, or store one label per image")
         if raw.dtype.kind == "f":
@@ -571,7 +567,7 @@ class ManifestDataset(AuditDataset):
             cell = row["path"]
             if cell is None:
                 raise DataError(f"{csv_path}, row {i + 1}: empty 'path' cell; give the image path relative to {root}")
-            if row["label"] is None and task.type != "multilabel":
+            if row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
                 raise DataError(f"{csv_path}, row {i + 1} ({cell}): empty 'label' cell; give the class name or index")
             p = _resolve_row_path(root, cell)
             self.rel_paths.append(cell)
@@ -591,7 +587,7 @@ class ManifestDataset(AuditDataset):
                             "fix the path (relative to the manifest's folder) or remove the row")
         where = str(csv_path)
         label_cells = [row["label"] for row in rows]
-        if task.type == "multilabel":
+        if task_of(task).targets == TARGET_CLASS_SET:
             labels, task = _finalize_labels(_multilabel_cells(label_cells, task, where), task, where)
         else:
             labels, task = _finalize_labels(label_cells, task, where)

@@ -40,6 +40,7 @@ from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.task import SINGLE_LABEL, SUBGROUPS
 from torch import Tensor
 
 from .calibration import bin_index, ece_mce_ace_from_bins, equal_width_edges, top_label
@@ -335,10 +336,12 @@ def headline_rows(
     :class:`~medaudit.plugins.calibration.CalibrationMetrics` (binary prediction ``p_1 >=
     threshold``, multiclass arg-max, AUROC with half-counted ties, top-label equal-width ECE),
     but every group in one pass of group sums instead of one metric call per group: a group's
-    metric is the metric with weight ``w[r, i] 1[grp_i = g]``. Binary and multiclass only.
+    metric is the metric with weight ``w[r, i] 1[grp_i = g]``. Single-label tasks only (one class
+    index per sample: binary and multiclass).
     """
-    if ctx.task not in ("binary", "multiclass"):
-        raise ValueError(f"headline_rows supports binary and multiclass tasks, not {ctx.task!r}")
+    if labels.ndim != 1:
+        raise ValueError(f"headline_rows needs one class index per sample (labels [N]), not labels of shape "
+                         f"{tuple(labels.shape)} ({ctx.task!r} task)")
     m = probs.shape[0]
     t_max = m  # tie groups per AUROC call are at most M
     chunk = max(1, _CHUNK_ELEMENTS // max(1, n_groups * t_max))
@@ -556,7 +559,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     alpha = round(1.0 - outputs.confidence, 12)
     scenarios = analysed_scenarios(outputs.scenarios)
     clean_i = next((i for i, sc in scenarios if sc.id == "clean"), None)
-    fast = ctx.task in ("binary", "multiclass")
+    fast = SINGLE_LABEL in outputs.task.capabilities
     headline = measured_headline(outputs, clean_i if clean_i is not None else 0)
     subgroups: list[dict[str, Any]] = []
     gaps: list[dict[str, Any]] = []
@@ -784,4 +787,7 @@ def medaudit_analyze(outputs: AuditOutputs, config: Any) -> dict[str, Any] | Non
     cfg = config.subgroups
     if not cfg.attributes and not cfg.intersections:
         return None
+    if SUBGROUPS not in outputs.task.capabilities:
+        return {"warnings": [f"subgroups: the subgroup analysis does not apply to a {outputs.task.name} task; "
+                             "subgroups.attributes are ignored"]}
     return analyze(outputs, cfg)
