@@ -77,7 +77,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, extra: list[tuple[str, object]], args:
     return CliRunner().invoke(cli_mod.cli, args)
 
 
-def test_third_party_task_runs_end_to_end_and_lands_in_results(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_hook_medaudit_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = tmp_path / "ordinal.yaml"
     cfg.write_text(CONFIG.read_text().replace("type: multiclass", "type: ordinal")
                    .replace('  - "clean.accuracy<0.9"', '  - "clean.grade_mae>2"'))
