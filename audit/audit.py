@@ -36,6 +36,7 @@ from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
 from .settings import resolve_settings
+from .task import CLASS_PROBABILITIES, Task, bind_task
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -88,7 +89,7 @@ def _set_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: list[WarningRecord],
+def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, warnings: list[WarningRecord],
                owners: dict[object, str]) -> list[Detector]:
     detectors = []
     for plugin, ds in pm.call_each("medaudit_detectors", config=config):
@@ -112,6 +113,12 @@ def _detectors(pm: PluginManager, config: Config, feature_ok: bool, warnings: li
             warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
                 f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
         detectors = [d for d in detectors if d.needs != "features"]
+    if CLASS_PROBABILITIES not in task.capabilities:
+        skipped = [d.name for d in detectors if d.needs != "features"]
+        if skipped:
+            warnings.append(f"output-based detectors {skipped} did not run: the outputs of a {task.name} task are not "
+                            "class scores")
+        detectors = [d for d in detectors if d.needs == "features"]
     return detectors
 
 
@@ -125,6 +132,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                  for p in pm.problems]
     for expr in config.checks:
         parse_check(expr)  # syntax errors before any work
+    task = bind_task(config, pm.tasks())  # an unknown task.type is a config error before any data is read
     device = select_device(config.audit.device)
     dataset = open_dataset(pm, data_path, config)
     if not config.task.classes:
@@ -158,7 +166,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                 metrics.append(m)
     if not metrics:
         raise PluginError("no metric plugin is available for this task; is medaudit installed correctly? (`medaudit plugins`)")
-    detectors = _detectors(pm, config, feature_ok, warnings, owners)
+    detectors = _detectors(pm, config, task, feature_ok, warnings, owners)
     return Prepared(pm, config, model, extract, dataset, dataset.identity(), scenarios, perturbations, metrics,
                     detectors, owners, device, warnings, reference, ood_sets)
 

@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .metric import Metric, MetricContext
+from .task import PROB_SUM_ATOL, Task, task_named
 
 __all__ = [
     "PROB_SUM_ATOL",
@@ -32,11 +34,6 @@ __all__ = [
     "row_invariant",
     "small_n_warnings",
 ]
-
-#: Largest tolerated ``|sum_k p_k - 1|`` of a binary/multiclass probability row. Float32
-#: softmax rows are exact to ~1e-6; 1e-3 also admits outputs rounded through bf16/fp16 logits
-#: and then soft-maxed in float32, while still catching sigmoid outputs or unnormalised scores.
-PROB_SUM_ATOL = 1e-3
 
 # Rows of the bootstrap weight matrix evaluated (and drawn) at once on a CPU: rows x samples <=
 # 256K elements, so the float64 temporaries (2 MiB) stay in cache and are reused from the heap
@@ -111,20 +108,24 @@ def _already_validated(probs: Tensor, labels: Tensor, task: str, weights: Tensor
                                and weights.dtype == whole.dtype)
 
 
-def check_predictions(probs: Tensor, labels: Tensor, task: str, weights: Tensor | None = None) -> None:
+def check_predictions(probs: Tensor, labels: Tensor, task: str | Task, weights: Tensor | None = None) -> None:
     """Validate predictions, labels and weights before any metric is computed.
 
-    medaudit never renormalises probabilities: a row that does not sum to 1 almost always means
-    the model's outputs are logits or independent sigmoids and the configuration is wrong, and
-    silently renormalising would hide that and distort every calibration metric.
+    The task validates them (:meth:`medaudit.task.Task.check_outputs`); for the built-in tasks
+    that is :func:`medaudit.task.check_class_probabilities`. medaudit never renormalises
+    probabilities: a row that does not sum to 1 almost always means the model's outputs are
+    logits or independent sigmoids and the configuration is wrong.
 
     Parameters
     ----------
     probs : Tensor ``[N, K]`` float
-        Class probabilities. Binary/multiclass rows must sum to 1 within :data:`PROB_SUM_ATOL`;
-        multilabel entries are independent probabilities in ``[0, 1]``.
+        The task's metric input: class probabilities for the built-in tasks (binary/multiclass
+        rows must sum to 1 within :data:`PROB_SUM_ATOL`; multilabel entries are independent
+        probabilities in ``[0, 1]``).
     labels : Tensor ``[N]`` integer in ``[0, K)``, or ``[N, K]`` in {0, 1} for multilabel.
-    task : {"binary", "multiclass", "multilabel"}
+    task : str or Task
+        The task, or its name (``ctx.task``): the task an audit in this process bound, or an
+        installed one (:func:`medaudit.task.task_named`).
     weights : Tensor ``[R, N]``, optional
         Non-negative finite sample weights.
 
@@ -133,58 +134,15 @@ def check_predictions(probs: Tensor, labels: Tensor, task: str, weights: Tensor 
     ValueError
         Naming the problem, how large it is and the first offending row.
     """
-    if _already_validated(probs, labels, task, weights):
+    name = task if isinstance(task, str) else task.name
+    if _already_validated(probs, labels, name, weights):
         return
-    if probs.ndim != 2:
-        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
-    if not torch.is_floating_point(probs):
-        raise ValueError(f"probs must be floating point, got {probs.dtype}")
-    n, k = probs.shape
-    finite = torch.isfinite(probs).all(dim=1)
-    if not bool(finite.all()):
-        rows = torch.nonzero(~finite).flatten()
-        raise ValueError(
-            f"probs contain NaN or Inf in {rows.numel()} of {n} rows (first: row {int(rows[0])}); "
-            "the model produced non-finite outputs"
-        )
-    lo, hi = (float(probs.min()), float(probs.max())) if n else (0.0, 0.0)
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(
-            f"probs must lie in [0, 1], found values in [{lo:.4g}, {hi:.4g}]; "
-            "were logits passed instead of probabilities? (set model.output: logits)"
-        )
-    if task in ("binary", "multiclass"):
-        if task == "binary" and k != 2:
-            raise ValueError(f"a binary task needs probs [N, 2] (negative, positive), got K={k}")
-        if n:
-            deviation = (probs.double().sum(dim=1) - 1.0).abs()
-            worst = int(deviation.argmax())
-            if float(deviation[worst]) > PROB_SUM_ATOL:
-                n_bad = int((deviation > PROB_SUM_ATOL).sum())
-                raise ValueError(
-                    f"probability rows must sum to 1 for a {task} task: {n_bad} of {n} rows deviate by more "
-                    f"than {PROB_SUM_ATOL:g} (largest |sum - 1| = {float(deviation[worst]):.4g} at row {worst}). "
-                    "medaudit does not renormalise; pass softmax outputs, or set model.output: logits, "
-                    "or use task.type: multilabel for independent sigmoid outputs"
-                )
-        if labels.shape != (n,):
-            raise ValueError(f"labels must be [N] = [{n}] for a {task} task, got shape {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"labels must be class indices in [0, {k}), found [{int(labels.min())}, {int(labels.max())}]")
-    elif task == "multilabel":
-        if labels.shape != (n, k):
-            raise ValueError(f"labels must be [N, K] = [{n}, {k}] for a multilabel task, got {tuple(labels.shape)}")
-        if n and not bool(((labels == 0) | (labels == 1)).all()):
-            raise ValueError("multilabel labels must be 0 or 1")
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    if weights is not None:
-        if weights.ndim != 2 or weights.shape[1] != n:
-            raise ValueError(f"weights must be [R, N] with N = {n}, got {tuple(weights.shape)}")
-        if weights.numel() and (not bool(torch.isfinite(weights).all()) or float(weights.min()) < 0):
-            raise ValueError("weights must be finite and non-negative")
+    if isinstance(task, str):
+        try:
+            task = task_named(task)
+        except ConfigError:
+            raise ValueError(f"unknown task {name!r}") from None
+    task.check_outputs({task.metric_input: probs}, labels, weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -377,6 +377,7 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
     from .preview import grid_png_bytes
     from .writing import write_atomic
     from .runner import plan_scenarios
+    from .task import bind_task
 
     overrides: dict[str, Any] = {"audit.seed": seed}
     if suites:
@@ -387,6 +388,7 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
             overrides["audit.suites"] = []
     pm = plugin_manager()
     config = resolve_settings(load_config(config_path, overrides), pm)
+    bind_task(config, pm.tasks())
     dataset = open_dataset(pm, data, config)
     if not 0 <= sample < len(dataset):
         raise MedauditError(f"--sample {sample} is out of range; {data} has {len(dataset)} samples")

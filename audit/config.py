@@ -102,10 +102,14 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["binary", "multiclass", "multilabel"] = "multiclass"
+    type: str = Field(
+        "multiclass", description="the task type: binary | multiclass | multilabel (built-in), or a task a plugin "
+                                  "registers (`medaudit plugins` lists them); checked once plugins are loaded")
     classes: list[str] = Field(default_factory=list, description="class names in model-output order")
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for binary and multilabel tasks")
     target_specificity: float = Field(0.9, gt=0, lt=1)
+    # The task object of `type`, attached by medaudit.task.bind_task once plugins are loaded.
+    _task: Any = PrivateAttr(default=None)
 
     @field_validator("classes")
     @classmethod
@@ -114,12 +118,6 @@ class TaskConfig(_Section):
         if dupes:
             raise ValueError(f"task.classes must be unique, duplicated: {dupes}")
         return v
-
-    @model_validator(mode="after")
-    def _binary(self) -> "TaskConfig":
-        if self.type == "binary" and self.classes and len(self.classes) != 2:
-            raise ValueError(f"a binary task has 2 classes (negative, positive), got {len(self.classes)}")
-        return self
 
 
 class AuditConfig(_Section):

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from .config import InputConfig, IntensityConfig, TaskConfig
 from .errors import DataError
+from .task import task_of
 
 #: Key under which :func:`summarize_column` counts a column's absent (``None``) values, in
 #: results.json ``dataset.metadata_summary`` and the report. Not the subgroup analysis' label of
@@ -53,8 +54,8 @@ class AuditDataset(Dataset):
     """Base class of datasets returned by loader plugins.
 
     Subclasses call ``super().__init__`` with everything but the pixels and implement
-    :meth:`read`. ``labels`` are class indices ``[N]`` (binary/multiclass) or a multi-hot
-    ``[N, K]`` array (multilabel). ``metadata`` maps a column name to one value per sample
+    :meth:`read`. ``labels`` are the targets the task read (:func:`resolve_labels`): class
+    indices ``[N]`` (binary/multiclass) or a multi-hot ``[N, K]`` array (multilabel). ``metadata`` maps a column name to one value per sample
     (``None`` for missing).
     """
 
@@ -112,11 +113,7 @@ class AuditDataset(Dataset):
         )
 
     def class_counts(self) -> dict[str, int]:
-        classes = self.task.classes
-        if self.labels.ndim == 2:
-            return {classes[k]: int(self.labels[:, k].sum()) for k in range(self.labels.shape[1])}
-        counts = np.bincount(self.labels, minlength=len(classes))
-        return {classes[k]: int(counts[k]) for k in range(len(classes))}
+        return task_of(self.task).target_counts(self.labels, self.task.classes)
 
 
 def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
@@ -125,41 +122,13 @@ def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
     return dict(counts.most_common(limit))
 
 
-def resolve_labels(raw: Sequence[Any], task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
-    """Map raw labels (class names or indices) to indices; returns ``(labels, classes)``.
+def resolve_labels(raw: Any, task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
+    """Raw labels (class names or indices; multi-hot rows for a multilabel task) → ``(labels, classes)``.
 
-    When ``task.classes`` is empty the classes are inferred (sorted unique values) and
-    returned so the caller can record them.
+    The task reads them (:meth:`medaudit.task.Task.read_targets`). When ``task.classes`` is
+    empty the classes are inferred and returned so the caller can record them.
     """
-    if task.type == "multilabel":
-        arr = np.asarray(raw)
-        if arr.ndim != 2:
-            raise DataError(f"{where}: a multilabel task needs labels of shape [N, K], got {arr.shape}")
-        if not np.isin(arr, (0, 1)).all():
-            raise DataError(f"{where}: multilabel labels must be 0/1")
-        classes = task.classes or [f"label_{k}" for k in range(arr.shape[1])]
-        if len(classes) != arr.shape[1]:
-            raise DataError(f"{where}: labels have {arr.shape[1]} columns but task.classes names {len(classes)}")
-        return arr.astype(np.int64), list(classes)
-    values = [str(v).strip() for v in raw]
-    classes = list(task.classes)
-    if not classes:
-        uniq = sorted(set(values), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
-        if all(v.lstrip("-").isdigit() for v in uniq):
-            n = max(int(v) for v in uniq) + 1
-            classes = [str(k) for k in range(max(n, 2))]
-        else:
-            classes = uniq
-    index = {c: k for k, c in enumerate(classes)}
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        if v in index:
-            out[i] = index[v]
-        elif v.lstrip("-").isdigit() and 0 <= int(v) < len(classes):
-            out[i] = int(v)
-        else:
-            raise DataError(f"{where}, row {i + 1}: label {v!r} is not one of the classes {classes} (task.classes)")
-    return out, classes
+    return task_of(task).read_targets(raw, task, where)
 
 
 def to_channel_first(arr: np.ndarray, dims: int, channels_last: bool) -> np.ndarray:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from . import __version__
-from .bootstrap import bootstrap_weights, check_predictions, evaluate as evaluate_metrics, paired_drops, small_n_warnings
+from .bootstrap import bootstrap_weights, evaluate as evaluate_metrics, paired_drops, small_n_warnings
 from .checks import evaluate_checks, requested_perturbation_checks
 from .config import Config
 from .data import DatasetIdentity
@@ -34,6 +34,7 @@ from .robustness import summarize as summarize_robustness
 from .rng import stream_key
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
+from .task import FAILURE_DETECTION, TEMPERATURE_SCALING, Task, task_of
 from .temperature import temperature_report
 from .timing import PhaseClock
 
@@ -63,19 +64,21 @@ def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     return {k: {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())} for k, v in params.items() if v.numel()}
 
 
-def _scenario_metrics(metrics: list[Metric], probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext,
-                      confidence: float, scenario_id: str, owners: dict[int, str],
+def _scenario_metrics(metrics: list[Metric], task: Task, outputs: dict[str, Tensor], labels: Tensor, weights: Tensor,
+                      ctx: MetricContext, confidence: float, scenario_id: str, owners: dict[int, str],
                       failures: dict[int, WarningRecord]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Metric], dict[str, Any]]:
     """Estimates, raw per-row values, the family that emitted each key, and plot data of one scenario.
 
-    Bad predictions (NaN, rows not summing to 1) are the model's fault and stop the audit, naming
-    the scenario. A metric plugin that raises is the plugin's fault: it is recorded in
-    ``failures`` (named in the report's limitations) and the other metrics are kept.
+    Bad predictions (NaN, rows not summing to 1: what the task's check rejects) are the model's
+    fault and stop the audit, naming the scenario. A metric plugin that raises is the plugin's
+    fault: it is recorded in ``failures`` (named in the report's limitations) and the other
+    metrics are kept. Metrics receive the task's ``metric_input`` quantity.
     """
     try:
-        check_predictions(probs, labels, ctx.task, weights)
+        task.check_outputs(outputs, labels, weights)
     except ValueError as exc:
         raise ModelOutputError(f"unusable model outputs in scenario {scenario_id}: {exc}") from None
+    probs = outputs[task.metric_input]
     estimates: dict[str, Any] = {}
     raw: dict[str, Tensor] = {}
     families: dict[str, Metric] = {}
@@ -157,6 +160,7 @@ def build_results(
     phases = phases or PhaseClock()
     labels = torch.as_tensor(labels_np)
     n = labels.shape[0]
+    task = task_of(cfg.task)
     # audit.n_bins holds the bin count the plugin owning it resolved (medaudit.settings); unset, the default
     n_bins = MetricContext.n_bins if cfg.audit.n_bins is None else cfg.audit.n_bins
     ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, n_bins,
@@ -168,13 +172,15 @@ def build_results(
     # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
     # The same weights (drawn on the CPU from the seed) are used wherever they run.
     dev = device if device.type == "cuda" else torch.device("cpu")
-    probs_d, labels_d, weights_d = fwd.probs.to(dev), labels.to(dev), weights.to(dev)
+    outputs_d = {name: v.to(dev) for name, v in fwd.outputs.items()}
+    labels_d, weights_d = labels.to(dev), weights.to(dev)
 
     ref_emb = {k: v[0] for k, v in reference.forward.embeddings.items()} if reference is not None else None
-    shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.probs, ids, weights_d, cfg.audit.confidence,
-                               cfg.audit.seed, reference=ref_emb,
+    shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.outputs[task.metric_input], ids, weights_d,
+                               cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
                                reference_labels=reference.labels if reference is not None else None,
-                               output_kind=fwd.output_kind, device=dev)
+                               output_kind=fwd.output_kind, device=dev,
+                               failure_detection=FAILURE_DETECTION in task.capabilities, task_name=task.name)
     # shift.py knows detectors by name only; which plugin provides each is known here, and the
     # message names it too, since the console and the string list show the message alone
     detector_plugin = {d.name: owners.get(id(d)) for d in detectors}
@@ -194,8 +200,9 @@ def build_results(
     scenario_results: list[dict[str, Any]] = []
     metric_failures: dict[int, WarningRecord] = {}
     for i, sc in enumerate(fwd.scenarios):
-        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, probs_d[i], labels_d, weights_d, ctx,
-                                                               cfg.audit.confidence, sc.id, owners, metric_failures)
+        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, task, {k: v[i] for k, v in outputs_d.items()},
+                                                               labels_d, weights_d, ctx, cfg.audit.confidence, sc.id,
+                                                               owners, metric_failures)
         families.update(fams)
         directions.update({k: m.higher_is_better for k, m in fams.items()})
         drop = {}
@@ -225,7 +232,8 @@ def build_results(
             "id": f"ood:{ext.name}", "suite": "ood", "perturbation": None, "severity": 0, "n_samples": m,
             "metrics": {}, "ood": measures, "throughput": m / seconds if seconds > 0 else None,
         })
-        external_arrays[ext.name] = {"probs": ext.forward.probs[0], **{f"ood_{k}": v for k, v in scores.items()}}
+        external_arrays[ext.name] = {**{k: v[0] for k, v in ext.forward.outputs.items()},
+                                     **{f"ood_{k}": v for k, v in scores.items()}}
         records.append(WarningRecord(
             code="external-set", scenario=f"ood:{ext.name}", subject=ext.name,
             message=(f"ood:{ext.name}: external set {ext.identity.path} ({m} samples, SHA-256 "
@@ -235,8 +243,9 @@ def build_results(
     phases.lap("external")
     records += list(metric_failures.values())
     working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
-    outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, fwd.probs, metadata, working, ctx, weights,
-                           cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params)
+    outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, None, metadata, working, ctx, weights,
+                           cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params,
+                           quantities=fwd.outputs, task=task)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
     plugin_failures = [w.message for w in detector_records] + [w.message for w in metric_failures.values()]
@@ -263,8 +272,10 @@ def build_results(
                                                           "n_samples": reference.identity.n_samples},
             "detectors": sorted(shift.scores),
         }
-    calibration = {"temperature_scaling": temperature_report(fwd.probs, labels, ids, cfg.task.type, ctx.n_bins,
-                                                             cfg.audit.seed)}
+    calibration: dict[str, Any] = {}
+    if TEMPERATURE_SCALING in task.capabilities:
+        calibration["temperature_scaling"] = temperature_report(fwd.probs, labels, ids, task, ctx.n_bins,
+                                                                cfg.audit.seed)
     phases.lap("calibration")
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},
                                       fwd.scenarios, directions)

@@ -20,7 +20,7 @@ bumps :data:`HOOK_API_VERSION`).
 
 Hooks are grouped by the phase of an audit in which they are called:
 
-1. catalogue: what the plugin contributes (perturbations, metrics, detectors);
+1. catalogue: what the plugin contributes (tasks, perturbations, metrics, detectors);
 2. loading: turning a path into a model or a dataset;
 3. analysis: extra results computed from the per-sample predictions;
 4. report: extra sections of the HTML report;
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .outputs import AuditOutputs
     from .perturbation import Perturbation
     from .sections import ReportSection
+    from .task import Task
 
 PROJECT = "medaudit"
 HOOK_API_VERSION = 1
@@ -58,6 +59,20 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # ---------------------------------------------------------------------------------------------
 # 1. Catalogue
 # ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def medaudit_tasks() -> list[Task]:
+    """Return the task types this plugin provides.
+
+    Called once when the catalogue is built (``medaudit run`` resolves ``task.type`` among them
+    before it opens any data; ``medaudit plugins`` lists them). Each is an instance of a
+    :class:`medaudit.task.Task` subclass; its ``name`` is a value of ``task.type`` and must be
+    unique across all plugins (a duplicate is an error naming both plugins). The built-in
+    ``binary``, ``multiclass`` and ``multilabel`` come from the ``tasks`` plugin this way.
+
+    :return: a list of :class:`medaudit.task.Task` instances.
+    """
 
 
 @hookspec

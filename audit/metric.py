@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-Task = Literal["binary", "multiclass", "multilabel"]
+#: A task *name*: the value of ``task.type`` (built-ins ``"binary"``, ``"multiclass"``,
+#: ``"multilabel"``; plugins register more through ``medaudit_tasks``). The task object itself is
+#: a :class:`medaudit.task.Task`.
+Task = str
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Metric(ABC):
     name : str
         Family name; also the default result key.
     tasks : tuple[str, ...]
-        Tasks it applies to (``"binary"``, ``"multiclass"``, ``"multilabel"``).
+        Names of the tasks it applies to (built-ins ``"binary"``, ``"multiclass"``,
+        ``"multilabel"``, or a plugin's task, see :mod:`medaudit.task`).
     higher_is_better : bool
         Direction of every key it returns (``*_score``-like metrics True, losses and errors False).
     headline : tuple[str, ...]
@@ -93,8 +97,9 @@ class Metric(ABC):
         Parameters
         ----------
         probs : Tensor ``[N, K]`` float
-            Class probabilities (rows sum to 1 for binary/multiclass; independent sigmoid
-            outputs for multilabel). Binary tasks have ``K = 2``.
+            The task's ``metric_input`` quantity of every sample: for the built-in tasks class
+            probabilities (rows sum to 1 for binary/multiclass; independent sigmoid outputs for
+            multilabel; binary tasks have ``K = 2``).
         labels : Tensor ``[N]`` int64, or ``[N, K]`` {0, 1} for multilabel.
         weights : Tensor ``[R, N]`` float
             Non-negative sample weights, one row per estimate (ones for the point estimate,

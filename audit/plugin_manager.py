@@ -25,6 +25,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .perturbation import Perturbation
+from .task import Task, check_declaration
 
 T = TypeVar("T")
 
@@ -202,9 +203,24 @@ class PluginManager:
                        f'give it a suite of its own (e.g. "{provider}.{name.split(".", 1)[1]}")')
         return out
 
+    def tasks(self) -> dict[str, tuple[str, Task]]:
+        """Every task type by name (the values of ``task.type``), with the plugin that provides it."""
+        found: dict[str, tuple[str, Task]] = {}
+        for plugin, tasks in self.call_each("medaudit_tasks"):
+            for task in tasks:
+                check_declaration(task, plugin)
+                if task.name in found:
+                    raise PluginError(
+                        f'task "{task.name}" is provided by two plugins: "{found[task.name][0]}" and "{plugin}"; '
+                        "uninstall one or rename its task")
+                found[task.name] = (plugin, task)
+        return found
+
     def contributions(self, config: Any) -> dict[str, dict[str, list[str]]]:
         """For ``medaudit plugins``: what each plugin contributes, by kind."""
         out: dict[str, dict[str, list[str]]] = {name: {} for name in self.infos}
+        for plugin, tasks in self.call_each("medaudit_tasks"):
+            out[plugin].setdefault("tasks", []).extend(t.name for t in tasks)
         for plugin, classes in self.call_each("medaudit_perturbations"):
             out[plugin].setdefault("perturbations", []).extend(c.name for c in classes)
         for plugin, metrics in self.call_each("medaudit_metrics", config=config):

@@ -40,15 +40,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .config import Config
+from .config import Config, TaskConfig
 from .data import AuditDataset
 from .detector import Detector
 from .errors import ConfigError, MedauditError, ModelError, ModelOutputError
 from .memory import release_free_memory
-from .model import LoadedModel, check_model_output, detect_output_kind, outputs_to_probs
+from .model import LoadedModel, check_model_output
 from .outputs import Scenario
 from .perturbation import Perturbation
 from .rng import SampleRNG, sample_keys, stream_key
+from .task import Task, check_reduced, task_of
 
 # How a model is called: normalised batch -> (raw outputs, features of the configured layer or None).
 Extractor = Callable[[Tensor], tuple[Tensor, Tensor | None]]
@@ -117,11 +118,12 @@ def plan_scenarios(config: Config, catalogue: dict[str, tuple[str, type[Perturba
 
 @dataclass
 class ShardOutputs:
-    """Per-sample outputs of one shard: ``probs[scenario]`` is ``[n, K]``; ``embeddings[scenario][detector]`` ``[n, D]``."""
+    """Per-sample outputs of one shard: ``outputs[quantity][scenario]`` is ``[n, *shape]`` for every
+    quantity the task declares; ``embeddings[scenario][detector]`` ``[n, D]``."""
 
     start: int
     stop: int
-    probs: dict[str, Tensor]
+    outputs: dict[str, dict[str, Tensor]]
     embeddings: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     params: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -135,8 +137,8 @@ class ForwardSpec:
     """Everything :func:`run_shard` needs besides the data: fixed for the whole audit."""
 
     extract: Extractor
-    task: str
-    n_classes: int
+    task: Task
+    task_config: TaskConfig
     output_kind: str
     mean: Tensor
     std: Tensor
@@ -300,8 +302,8 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                                  "produced)") from exc
             out = out.float()
             finite[scenario.id] &= torch.isfinite(out).all()
-            rows.put(("probs", scenario.id), offset,
-                     outputs_to_probs(out, spec.task, spec.n_classes, spec.output_kind))  # type: ignore[arg-type]
+            for name, value in spec.task.reduce(out, spec.output_kind, spec.task_config).items():  # type: ignore[arg-type]
+                rows.put(("outputs", name, scenario.id), offset, value)
             for d in spec.detectors:
                 if (d.needs == "features" and feats is None) or d.name in failed_detectors:
                     continue
@@ -339,7 +341,8 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
     detector_names = [d.name for d in spec.detectors if d.name not in failed_detectors]
     return ShardOutputs(
         start, stop,
-        probs={sid: rows.pop(("probs", sid)) for sid in kept},
+        outputs={name: {sid: rows.pop(("outputs", name, sid)) for sid in kept}
+                 for name in spec.task.quantities(spec.task_config)},
         embeddings={sid: {name: rows.pop(key) for name in detector_names if (key := ("embeddings", sid, name)) in rows.rows}
                     for sid in kept},
         params={sid: {k: rows.pop(("params", sid, k)) for k in param_keys[sid]} for sid in kept},
@@ -458,11 +461,13 @@ def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, m
     if not isinstance(out, Tensor):
         raise ModelError(f"model {model.path} returned {type(out).__name__}, expected a tensor of shape [B, K]")
     check_model_output(out, "clean (dry run)")
-    kind = config.model.output if config.model.output != "auto" else detect_output_kind(out, config.task.type)
+    task = task_of(config.task)
+    kind = config.model.output if config.model.output != "auto" else task.detect_output_kind(out)
     try:
-        outputs_to_probs(out, config.task.type, len(config.task.classes), kind)
+        reduced = task.reduce(out, kind, config.task)
     except ModelOutputError as exc:
         raise ModelError(f"model {model.path}: {exc}") from None
+    check_reduced(task, reduced, config.task, x.shape[0])
     return kind
 
 
@@ -546,13 +551,14 @@ class ShardCache:
         if not path.exists():
             return None
         arrays: dict[str, np.ndarray] = dict(np.load(path, allow_pickle=False))
-        if any(k.startswith("probs|") and len(v) != stop - start for k, v in arrays.items()):
+        if any(k.startswith("out|") and len(v) != stop - start for k, v in arrays.items()):
             return None  # written with another shard layout: recompute rather than misalign
-        out = ShardOutputs(start, stop, probs={}, embeddings={}, params={}, seconds={})
+        out = ShardOutputs(start, stop, outputs={}, embeddings={}, params={}, seconds={})
         for key, arr in arrays.items():
             kind, _, rest = key.partition("|")
-            if kind == "probs":
-                out.probs[rest] = torch.from_numpy(arr)
+            if kind == "out":
+                name, _, sid = rest.partition("|")
+                out.outputs.setdefault(name, {})[sid] = torch.from_numpy(arr)
             elif kind == "emb":
                 sid, _, det = rest.partition("|")
                 out.embeddings.setdefault(sid, {})[det] = torch.from_numpy(arr)
@@ -569,8 +575,10 @@ class ShardCache:
 
     def save(self, shard: ShardOutputs) -> None:
         arrays: dict[str, np.ndarray] = {}
-        for sid, t in shard.probs.items():
-            arrays[f"probs|{sid}"] = t.numpy()
+        for name, per_scenario in shard.outputs.items():  # quantity names hold no "|" (medaudit.task)
+            for sid, t in per_scenario.items():
+                arrays[f"out|{name}|{sid}"] = t.numpy()
+        for sid in next(iter(shard.outputs.values()), {}):  # the scenarios kept (not failed)
             arrays[f"sec|{sid}"] = np.asarray(shard.seconds.get(sid, 0.0))
         for sid, dd in shard.embeddings.items():
             for det, t in dd.items():
@@ -604,7 +612,7 @@ class ShardCache:
 @dataclass
 class ForwardResult:
     scenarios: list[Scenario]
-    probs: Tensor  # [S, N, K]
+    outputs: dict[str, Tensor]  # quantity the task declares -> [S, N, *shape]
     embeddings: dict[str, Tensor]  # detector -> [S, N, D]
     params: dict[str, dict[str, Tensor]]  # scenario -> param -> [N]
     seconds: dict[str, float]
@@ -613,6 +621,11 @@ class ForwardResult:
     failures: dict[str, str] = field(default_factory=dict)  # scenario id -> why it was left out
     failed_detectors: dict[str, str] = field(default_factory=dict)
     memory_format: str = "contiguous"  # of the forward passes: "contiguous" or "channels_last"
+
+    @property
+    def probs(self) -> Tensor:
+        """Class probabilities ``[S, N, K]``: the ``probs`` quantity of the classification tasks."""
+        return self.outputs["probs"]
 
 
 class Progress:
@@ -680,7 +693,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     probe = first_x if pad_last else first_x[:4]
     memory_format = choose_memory_format(model, extract, probe.to(device), config, device, mean, std)
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
-    spec = ForwardSpec(extract, config.task.type, len(config.task.classes), output_kind, mean, std,
+    spec = ForwardSpec(extract, task_of(config.task), config.task, output_kind, mean, std,
                        config.audit.seed, device, config.audit.precision, detectors, chunk, owners or {},
                        str(model.path), memory_format, pad_last)
     shards: list[ShardOutputs] = []
@@ -716,7 +729,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     scenarios = [s for s in scenarios if s.id not in failures]
     detectors = [d for d in detectors if d.name not in failed_detectors]
     ids = [s.id for s in scenarios]
-    probs = _merged(shards, ids, lambda sh, sid: sh.probs.pop(sid))
+    outputs = {name: _merged(shards, ids, lambda sh, sid, name=name: sh.outputs[name].pop(sid))
+               for name in shards[0].outputs}
     embeddings: dict[str, Tensor] = {}
     for d in detectors:
         if all(d.name in sh.embeddings.get(sid, {}) for sh in shards for sid in ids):
@@ -725,5 +739,5 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     seconds = {sid: sum(sh.seconds.get(sid, 0.0) for sh in shards) for sid in ids}
     del shards
     release_free_memory()  # the shards' parts, now merged
-    return ForwardResult(scenarios, probs, embeddings, params, seconds, output_kind, resumed, failures,
+    return ForwardResult(scenarios, outputs, embeddings, params, seconds, output_kind, resumed, failures,
                          failed_detectors, "contiguous" if memory_format is None else "channels_last")

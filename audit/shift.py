@@ -120,6 +120,8 @@ def evaluate_detectors(
     reference_labels: Tensor | None = None,
     output_kind: str = "logits",
     device: torch.device | None = None,
+    failure_detection: bool | None = None,
+    task_name: str = "multilabel",
 ) -> ShiftResult:
     """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
 
@@ -132,6 +134,7 @@ def evaluate_detectors(
         without an entry (feature layer missing) are skipped with a warning.
     labels : Tensor ``[N]`` (``[N, K]`` multilabel: failure detection is skipped)
     probs : Tensor ``[S, N, K]``
+        Class probabilities; only failure detection reads them (its arg-max is the prediction).
     scenario_ids : list of str
         Must contain ``"clean"``.
     weights : Tensor ``[1 + R, N]``
@@ -148,6 +151,10 @@ def evaluate_detectors(
     device : torch.device, optional
         Where detectors are fitted and score (the audit's GPU: kNN and Mahalanobis on 1024-d
         features are dense float64 algebra); default the CPU. Scores come back to the CPU.
+    failure_detection : bool, optional
+        Whether the task has one true class per sample, so scores are also evaluated at separating
+        wrong predictions from right ones (the task's ``failure_detection`` capability); default:
+        whether ``labels`` is ``[N]``. When not, a warning names ``task_name``.
 
     Returns
     -------
@@ -165,11 +172,12 @@ def evaluate_detectors(
     dev = weights.device
     device = device or torch.device("cpu")
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
-    multilabel = labels.ndim == 2
-    if multilabel:
+    if failure_detection is None:
+        failure_detection = labels.ndim == 1
+    if not failure_detection:
         result.records.append(WarningRecord(
             code="failure-detection-skipped",
-            message="ood: failure detection needs one true class per sample and is skipped for multilabel "
+            message=f"ood: failure detection needs one true class per sample and is skipped for {task_name} "
                     "tasks; output-based detectors treat the outputs as one softmax over the labels"))
     for det in detectors:
         name = det.name
@@ -222,7 +230,7 @@ def evaluate_detectors(
             measures = detection_measures(scores[shifted], scores[clean], weights, weights)
             for j, s in enumerate(shifted):
                 result.ood.setdefault(scenario_ids[s], {})[name] = {k: interval(v[j], confidence) for k, v in measures.items()}
-        if not multilabel:
+        if failure_detection:
             failure = _failure_auroc(scores, probs.to(dev), labels.to(dev), weights)
             for s, sid in enumerate(scenario_ids):
                 result.failure_detection.setdefault(sid, {})[name] = interval(failure[s], confidence)

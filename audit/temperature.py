@@ -35,6 +35,7 @@ from torch import Tensor
 from .binning import calibration_errors, clip_confidence, top_label
 from .bootstrap import check_predictions
 from .scoring import negative_log_likelihood
+from .task import Task
 
 __all__ = ["fit_inverse_temperature", "temperature_report"]
 
@@ -90,22 +91,22 @@ def _binary_logits(p: Tensor) -> Tensor:
     return _logits(torch.stack([1.0 - p, p], dim=1))
 
 
-def _problems(probs: Tensor, labels: Tensor, task: str) -> list[tuple[Tensor, Tensor]]:
+def _problems(probs: Tensor, labels: Tensor, per_label: bool) -> list[tuple[Tensor, Tensor]]:
     """(logits [N, K'], labels [N]) of each temperature to fit: one, or one per label."""
-    if task == "multilabel":
+    if per_label:
         return [(_binary_logits(probs[:, c]), labels[:, c].to(torch.int64)) for c in range(probs.shape[1])]
     return [(_logits(probs), labels.to(torch.int64))]
 
 
-def _apply(probs: Tensor, betas: Sequence[float], task: str) -> Tensor:
-    if task == "multilabel":
+def _apply(probs: Tensor, betas: Sequence[float], per_label: bool) -> Tensor:
+    if per_label:
         cols = [torch.softmax(b * _binary_logits(probs[:, c]), dim=1)[:, 1] for c, b in enumerate(betas)]
         return torch.stack(cols, dim=1)
     return torch.softmax(betas[0] * _logits(probs), dim=1)
 
 
-def _fit(probs: Tensor, labels: Tensor, task: str) -> list[float]:
-    return [fit_inverse_temperature(z, y) for z, y in _problems(probs, labels, task)]
+def _fit(probs: Tensor, labels: Tensor, per_label: bool) -> list[float]:
+    return [fit_inverse_temperature(z, y) for z, y in _problems(probs, labels, per_label)]
 
 
 def _ece_nll(probs: Tensor, labels: Tensor, task: str, n_bins: int) -> tuple[float, float]:
@@ -131,7 +132,7 @@ def temperature_report(
     probs: Tensor,
     labels: Tensor,
     scenario_ids: Sequence[str],
-    task: str,
+    task: str | Task,
     n_bins: int,
     seed: int,
     folds: int = 5,
@@ -144,7 +145,9 @@ def temperature_report(
         Probabilities of every scenario (same samples, same order).
     labels : Tensor ``[N]`` (``[N, K]`` multilabel)
     scenario_ids : sequence of str, length ``S``; must contain ``"clean"``.
-    task : {"binary", "multiclass", "multilabel"}
+    task : Task or its name
+        The audit's task (one with the ``temperature_scaling`` capability). Multi-hot labels
+        ``[N, K]`` (the task's check accepted them) get one temperature per label.
     n_bins : int
         Bins of the ECE.
     seed : int
@@ -181,9 +184,11 @@ def temperature_report(
     probs = probs.cpu()
     for sid, p in zip(scenario_ids, probs):
         check_predictions(p, labels, task)
+    per_label = labels.ndim == 2
+    name = task if isinstance(task, str) else task.name
     clean = probs[list(scenario_ids).index("clean")]
 
-    betas_all = _fit(clean, labels, task)
+    betas_all = _fit(clean, labels, per_label)
 
     # cross-fitting: each clean sample is calibrated by a temperature fitted without it
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -193,16 +198,16 @@ def temperature_report(
     for held_out in torch.tensor_split(perm, folds):
         train = torch.ones(n, dtype=torch.bool)
         train[held_out] = False
-        betas = _fit(clean[train], labels[train], task)
+        betas = _fit(clean[train], labels[train], per_label)
         fold_betas.append(betas)
-        calibrated_clean[held_out] = _apply(clean[held_out], betas, task)
+        calibrated_clean[held_out] = _apply(clean[held_out], betas, per_label)
 
     scenarios: dict[str, Any] = {}
     for sid, p in zip(scenario_ids, probs):
         is_clean = sid == "clean"
-        after = calibrated_clean if is_clean else _apply(p, betas_all, task)
-        ece_b, nll_b = _ece_nll(p, labels, task, n_bins)
-        ece_a, nll_a = _ece_nll(after, labels, task, n_bins)
+        after = calibrated_clean if is_clean else _apply(p, betas_all, per_label)
+        ece_b, nll_b = _ece_nll(p, labels, name, n_bins)
+        ece_a, nll_a = _ece_nll(after, labels, name, n_bins)
         scenarios[sid] = {
             "ece_before": _none_if_nan(ece_b),
             "ece_after": _none_if_nan(ece_a),
@@ -213,7 +218,7 @@ def temperature_report(
 
     def temps(betas: list[float]) -> float | list[float]:
         ts = [1.0 / b for b in betas]
-        return ts if task == "multilabel" else ts[0]
+        return ts if per_label else ts[0]
 
     return {
         "method": (

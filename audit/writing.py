@@ -60,7 +60,8 @@ def predictions_arrays(outputs: AuditOutputs, external: dict[str, dict[str, torc
         "scenario_ids": np.array([s.id for s in outputs.scenarios]),
         "labels": outputs.labels.numpy(),
         "sample_ids": np.array(outputs.sample_ids),
-        "probs": outputs.probs.numpy(),
+        # every per-sample quantity the task keeps: "probs" [S, N, K] for the built-in tasks
+        **{name: value.numpy() for name, value in outputs.quantities.items()},
     }
     for name, scores in outputs.ood_scores.items():
         arrays[f"ood_{name}"] = scores.numpy()

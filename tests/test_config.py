@@ -35,8 +35,8 @@ def test_unknown_field_is_named(tmp_path: Path) -> None:
 
 def test_bad_literal_lists_allowed_values(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("task:\n  type: regression\n")
-    with pytest.raises(ConfigError, match=r"task\.type: .*'binary', 'multiclass' or 'multilabel'"):
+    path.write_text("model:\n  output: scores\n")
+    with pytest.raises(ConfigError, match=r"model\.output: .*'auto', 'logits' or 'probabilities'"):
         load_config(path)
 
 
@@ -47,7 +47,6 @@ def test_bad_literal_lists_allowed_values(tmp_path: Path) -> None:
         ("audit:\n  device: gpu\n", r"audit\.device.*auto, cpu, cuda or cuda:N"),
         ("input:\n  dims: 2\n  spatial_size: [8, 8, 8]\n", r"spatial_size has 3 values but input\.dims is 2"),
         ("input:\n  channels: 3\n  mean: [0.1, 0.2]\n", r"input\.mean needs 1 or 3 values"),
-        ("task:\n  type: binary\n  classes: [a, b, c]\n", r"binary task has 2 classes"),
         ("task:\n  classes: [a, a]\n", r"task\.classes must be unique"),
         ("input:\n  intensity:\n    scaling: percentile\n    low: 90\n    high: 10\n", r"intensity\.low \(90\.0\) must be below"),
     ],

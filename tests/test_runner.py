@@ -356,9 +356,9 @@ def test_merge_writes_each_shard_part_into_one_tensor_and_frees_it() -> None:
     from medaudit.runner import ShardOutputs, _merged
 
     parts = {sid: torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2) + k for k, sid in enumerate(("a", "b"))}
-    shards = [ShardOutputs(lo, hi, probs={sid: p[lo:hi].clone() for sid, p in parts.items()})
+    shards = [ShardOutputs(lo, hi, outputs={"probs": {sid: p[lo:hi].clone() for sid, p in parts.items()}})
               for lo, hi in ((0, 4), (4, 8), (8, 10))]
-    merged = _merged(shards, ["b", "a"], lambda sh, sid: sh.probs.pop(sid))
+    merged = _merged(shards, ["b", "a"], lambda sh, sid: sh.outputs["probs"].pop(sid))
     assert torch.equal(merged, torch.stack([parts["b"], parts["a"]]))
     # every part was taken out of its shard: nothing holds it beside the merged tensor
-    assert all(not sh.probs for sh in shards)
+    assert all(not sh.outputs["probs"] for sh in shards)

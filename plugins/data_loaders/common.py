@@ -25,9 +25,4 @@ def check_channel_count(shape: Sequence[int], input_cfg: InputConfig, where: str
 def finalize_labels(raw: Any, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
     """Class indices (or multi-hot rows) and a task config whose ``classes`` are filled in."""
     labels, classes = resolve_labels(raw, task, where)
-    if task.type == "binary" and len(classes) != 2:
-        raise DataError(
-            f"{where}: a binary task needs exactly 2 classes but the labels hold {len(classes)}: {classes}; "
-            "set task.classes or task.type: multiclass"
-        )
     return labels, task.model_copy(update={"classes": list(classes)})

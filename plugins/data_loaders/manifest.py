@@ -21,6 +21,7 @@ from medaudit.data import AuditDataset
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import ImageFormatError
+from medaudit.task import TARGET_CLASS_SET, task_of
 
 from .common import check_channel_count, finalize_labels
 from .dicom import DICOM_FIELDS, dicom_header_values, dicom_series_files
@@ -125,7 +126,7 @@ class ManifestDataset(AuditDataset):
             cell = row["path"]
             if cell is None:
                 raise DataError(f"{csv_path}, row {i + 1}: empty 'path' cell; give the image path relative to {root}")
-            if row["label"] is None and task.type != "multilabel":
+            if row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
                 raise DataError(f"{csv_path}, row {i + 1} ({cell}): empty 'label' cell; give the class name or index")
             p = _resolve_row_path(root, cell)
             self.rel_paths.append(cell)
@@ -145,7 +146,7 @@ class ManifestDataset(AuditDataset):
                             "fix the path (relative to the manifest's folder) or remove the row")
         where = str(csv_path)
         label_cells = [row["label"] for row in rows]
-        if task.type == "multilabel":
+        if task_of(task).targets == TARGET_CLASS_SET:
             labels, task = finalize_labels(_multilabel_cells(label_cells, task, where), task, where)
         else:
             labels, task = finalize_labels(label_cells, task, where)

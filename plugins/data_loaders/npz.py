@@ -19,6 +19,7 @@ from medaudit.data import AuditDataset, to_channel_first
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import looks_channels_last
+from medaudit.task import TARGET_CLASS_SET, task_of
 
 from .common import check_channel_count, finalize_labels
 
@@ -171,7 +172,7 @@ class NpzDataset(AuditDataset):
     def _labels(raw: np.ndarray, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
         if raw.ndim == 2 and raw.shape[1] == 1:
             raw = raw[:, 0]
-        if raw.ndim == 2 and task.type != "multilabel":
+        if raw.ndim == 2 and task_of(task).targets != TARGET_CLASS_SET:
             raise DataError(f"{where}: labels have shape {raw.shape} (several per image) but task.type is "
                             f"{task.type!r}; set task.type: multilabel, or store one label per image")
         if raw.dtype.kind == "f":

@@ -34,6 +34,7 @@ from typing import Any
 from medaudit.hookspecs import hookimpl
 from medaudit.outputs import AuditOutputs
 from medaudit.sections import ReportSection
+from medaudit.task import SUBGROUPS
 
 from .analysis import analysed_scenarios, analyze, measured_headline
 from .attributes import (MAX_CATEGORIES, MISSING_GROUP, SEP, Attribute, bin_labels, build_attributes,
@@ -58,6 +59,9 @@ def medaudit_analyze(outputs: AuditOutputs, config: Any) -> dict[str, Any] | Non
     cfg = config.plugin_settings("subgroups")
     if not cfg.attributes and not cfg.intersections:
         return None
+    if SUBGROUPS not in outputs.task.capabilities:
+        return {"warnings": [f"subgroups: the subgroup analysis does not apply to a {outputs.task.name} task; "
+                             "subgroups.attributes are ignored"]}
     return analyze(outputs, cfg)
 
 

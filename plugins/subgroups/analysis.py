@@ -12,6 +12,7 @@ from torch import Tensor
 from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.metric import MetricContext, class_names
 from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.task import SINGLE_LABEL
 
 from .attributes import Attribute, build_attributes
 from .gaps import gap_entries
@@ -70,7 +71,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     alpha = round(1.0 - outputs.confidence, 12)
     scenarios = analysed_scenarios(outputs.scenarios)
     clean_i = next((i for i, sc in scenarios if sc.id == "clean"), None)
-    fast = ctx.task in ("binary", "multiclass")
+    fast = SINGLE_LABEL in outputs.task.capabilities
     headline = measured_headline(outputs, clean_i if clean_i is not None else 0)
     subgroups: list[dict[str, Any]] = []
     gaps: list[dict[str, Any]] = []

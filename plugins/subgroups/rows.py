@@ -62,10 +62,12 @@ def headline_rows(
     :class:`~medaudit.plugins.calibration.CalibrationMetrics` (binary prediction ``p_1 >=
     threshold``, multiclass arg-max, AUROC with half-counted ties, top-label equal-width ECE),
     but every group in one pass of group sums instead of one metric call per group: a group's
-    metric is the metric with weight ``w[r, i] 1[grp_i = g]``. Binary and multiclass only.
+    metric is the metric with weight ``w[r, i] 1[grp_i = g]``. Single-label tasks only (one class
+    index per sample: binary and multiclass).
     """
-    if ctx.task not in ("binary", "multiclass"):
-        raise ValueError(f"headline_rows supports binary and multiclass tasks, not {ctx.task!r}")
+    if labels.ndim != 1:
+        raise ValueError(f"headline_rows needs one class index per sample (labels [N]), not labels of shape "
+                         f"{tuple(labels.shape)} ({ctx.task!r} task)")
     m = probs.shape[0]
     t_max = m  # tie groups per AUROC call are at most M
     chunk = max(1, _CHUNK_ELEMENTS // max(1, n_groups * t_max))
