@@ -27,8 +27,8 @@ from torch import Tensor
 
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
-from medaudit.model import OutputKind
 from medaudit.settings import PluginSettings, legacy_key
+from medaudit.task import OutputKind
 
 if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
     from medaudit.config import Config

@@ -19,11 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "audit"
 PLUGINS = ROOT / "plugins"
 
-# Perturbation plugins that still import another built-in's helpers (ct -> mri; mri, geometry,
-# xray -> intensity); the pert-api branch moves those helpers into the core. Remove the marks
-# when it is merged (strict: the test fails as soon as a plugin complies, so the mark cannot linger).
-_PENDING = {name: pytest.mark.xfail(strict=True, reason="pert-api branch") for name in ("ct", "geometry", "mri", "xray")}
-
 
 def module_name(path: Path) -> str:
     """Dotted name of a source file as installed: ``audit/`` is ``medaudit``, ``plugins/`` is ``medaudit.plugins``."""
@@ -88,7 +83,7 @@ def test_core_imports_no_builtin_plugin() -> None:
     assert not offences, "the core must not import built-in plugins:\n" + "\n".join(offences)
 
 
-@pytest.mark.parametrize("plugin", [pytest.param(n, marks=_PENDING[n]) if n in _PENDING else n for n in builtin_plugins()])
+@pytest.mark.parametrize("plugin", builtin_plugins())
 def test_builtin_imports_no_other_builtin(plugin: str) -> None:
     own = f"medaudit.plugins.{plugin}"
     others = [f"medaudit.plugins.{n}" for n in builtin_plugins() if n != plugin]
@@ -97,11 +92,6 @@ def test_builtin_imports_no_other_builtin(plugin: str) -> None:
                 for line, name in _names_of(path)
                 if not _within(name, own) and any(_within(name, o) for o in others)]
     assert not offences, f"built-in plugin {plugin!r} imports other built-ins:\n" + "\n".join(offences)
-
-
-def test_pending_marks_name_existing_plugins() -> None:
-    # a renamed plugin would otherwise silently lose its expected-failure mark
-    assert set(_PENDING) <= set(builtin_plugins())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import MISSING
+from ..data import MISSING_VALUE
 from .views import (Figure, Row, Series, Table, clean_scenario, degradation, fmt, fmt_metric, label, metric_info,
                     perturbed_scenarios)
 
@@ -66,7 +66,7 @@ def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
         t = Table(f"Samples per value of metadata column “{col}” (most frequent first; at most 20 values listed).",
                   ["Value", "Samples", "Share"])
         for value, c in counts.items():
-            t.rows.append(Row([value, str(c), f"{100 * c / n:.1f}%" if n else "–"], "warn" if value == MISSING else ""))
+            t.rows.append(Row([value, str(c), f"{100 * c / n:.1f}%" if n else "–"], "warn" if value == MISSING_VALUE else ""))
         listed = sum(counts.values())
         if listed < n:
             t.rows.append(Row(["(other values)", str(n - listed), f"{100 * (n - listed) / n:.1f}%"]))

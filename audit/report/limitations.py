@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import MISSING
+from ..data import MISSING_VALUE
 
 
 @dataclass
@@ -57,8 +57,8 @@ def derived_notes(r: dict[str, Any], records: Sequence[dict[str, Any]], sections
     if rare:
         notes.append("Classes with fewer than 10 samples: " + ", ".join(rare) + "; per-class metrics are unreliable.")
     for col, counts in r["dataset"].get("metadata_summary", {}).items():
-        if counts.get(MISSING):
-            notes.append(f"Metadata column {col} is missing for {counts[MISSING]} of {r['dataset']['n_samples']} samples.")
+        if counts.get(MISSING_VALUE):
+            notes.append(f"Metadata column {col} is missing for {counts[MISSING_VALUE]} of {r['dataset']['n_samples']} samples.")
     notes.extend(sections)
     failed = list(dict.fromkeys(w["subject"] or w["plugin"] for w in records if w["code"] == "plugin-load-failed"))
     if failed:
