@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .bootstrap import check_predictions
 from .metric import MetricContext
+from .rng import stream_generator
 
 __all__ = ["fit_inverse_temperature", "temperature_report"]
 
@@ -141,7 +142,8 @@ def temperature_report(
     n_bins : int
         Bins of the ECE.
     seed : int
-        Seed of the fold assignment (a CPU ``torch.Generator`` permutation).
+        The audit seed; the fold assignment is a permutation from its stream
+        ``"temperature-folds"`` (:func:`medaudit.rng.stream_generator`).
     folds : int
         Cross-fitting folds on the clean scenario (at least 2, at most ``N``).
 
@@ -179,8 +181,7 @@ def temperature_report(
     betas_all = _fit(clean, labels, task)
 
     # cross-fitting: each clean sample is calibrated by a temperature fitted without it
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=stream_generator(seed, "temperature-folds"))
     calibrated_clean = torch.empty_like(clean, dtype=torch.float64)
     fold_betas: list[list[float]] = []
     for held_out in torch.tensor_split(perm, folds):

@@ -29,7 +29,6 @@ import bisect
 import itertools
 import math
 import numbers
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
+from medaudit.rng import stream_generator
 from torch import Tensor
 
 from .calibration import bin_index, ece_mce_ace_from_bins, equal_width_edges, top_label
@@ -459,15 +459,16 @@ def generic_rows(
 
 
 class Permutations:
-    """Seeded permutations of the group codes of the eligible samples, ``[P, M]``, in chunks.
+    """Permutations of the group codes of the eligible samples, ``[P, M]``, in chunks, drawn from
+    the audit seed's stream ``("subgroup-permutations", attribute)`` (:mod:`medaudit.rng`).
 
     The same permutations are used for every scenario of an attribute (a paired test of
     clean vs perturbed drops). Small draws are cached; large ones are regenerated from the seed
     chunk by chunk so memory stays bounded.
     """
 
-    def __init__(self, codes: Tensor, n_perm: int, seed: int) -> None:
-        self.codes, self.n_perm, self.seed = codes, n_perm, seed
+    def __init__(self, codes: Tensor, n_perm: int, seed: int, attribute: str) -> None:
+        self.codes, self.n_perm, self.seed, self.attribute = codes, n_perm, seed, attribute
         # 1M codes per chunk: the generic path expands a chunk to G indicator rows of float64
         self.chunk = max(1, (1 << 20) // max(1, codes.numel()))
         self._cache: list[Tensor] | None = None
@@ -475,7 +476,7 @@ class Permutations:
             self._cache = list(self._draw())
 
     def _draw(self) -> Iterator[Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = stream_generator(self.seed, "subgroup-permutations", self.attribute)
         m = self.codes.numel()
         for start in range(0, self.n_perm, self.chunk):
             rows = min(self.chunk, self.n_perm - start)
@@ -484,11 +485,6 @@ class Permutations:
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self._cache) if self._cache is not None else self._draw()
-
-
-def _perm_seed(seed: int, attribute: str) -> int:
-    # crc32 (not hash()) so the stream is the same in every Python process
-    return (int(seed) * 1_000_003 + zlib.crc32(attribute.encode("utf-8"))) % (1 << 62)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +572,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         if not testable:
             warnings.append(f"subgroups: attribute '{attr.name}' has {n_e} group(s) with at least "
                             f"{cfg.min_group_size} samples (subgroups.min_group_size); no gaps are computed for it")
-        perms = Permutations(codes_e, cfg.permutations, _perm_seed(outputs.seed, attr.name)) \
+        perms = Permutations(codes_e, cfg.permutations, outputs.seed, attr.name) \
             if testable and cfg.permutations > 0 else None
         w_e = weights[:, sel]
         labels_e = labels[sel]
