@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .metric import Metric, MetricContext
+from .rng import stream_generator
 from .task import PROB_SUM_ATOL, Task, task_named
 
 __all__ = [
@@ -150,7 +151,8 @@ def check_predictions(probs: Tensor, labels: Tensor, task: str | Task, weights: 
 # ---------------------------------------------------------------------------------------------
 
 
-def bootstrap_weights(n: int, n_resamples: int, seed: int, device: torch.device | str | None = None) -> Tensor:
+def bootstrap_weights(n: int, n_resamples: int, seed: int, device: torch.device | str | None = None, *,
+                      ood_set: str | None = None) -> Tensor:
     """Weight matrix of the point estimate and ``n_resamples`` bootstrap resamples.
 
     Parameters
@@ -160,9 +162,13 @@ def bootstrap_weights(n: int, n_resamples: int, seed: int, device: torch.device 
     n_resamples : int
         Number of bootstrap resamples ``R`` (0: the point estimate only).
     seed : int
-        Seed of the CPU ``torch.Generator`` that draws the resamples.
+        The audit seed. The resamples of the audit's samples are drawn from its stream
+        ``"bootstrap"`` (:func:`medaudit.rng.stream_generator`).
     device : torch.device or str, optional
         Where the returned matrix lives.
+    ood_set : str, optional
+        The name of an external OOD set (``--ood-data``) whose samples these are: its resamples
+        come from the stream ``("ood-data", ood_set)``, independent of the audit's.
 
     Returns
     -------
@@ -179,7 +185,7 @@ def bootstrap_weights(n: int, n_resamples: int, seed: int, device: torch.device 
     """
     if n < 0 or n_resamples < 0:
         raise ValueError(f"n and n_resamples must be non-negative, got {n}, {n_resamples}")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = stream_generator(seed, "bootstrap") if ood_set is None else stream_generator(seed, "ood-data", ood_set)
     weights = torch.ones(1 + n_resamples, n, dtype=torch.float32)
     if n_resamples and n:
         block = max(1, _CHUNK_ELEMENTS // n)

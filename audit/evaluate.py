@@ -31,7 +31,6 @@ from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
 from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
-from .rng import stream_key
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .task import FAILURE_DETECTION, TEMPERATURE_SCALING, Task, task_of
@@ -222,7 +221,7 @@ def build_results(
     external_arrays: dict[str, dict[str, Tensor]] = {}
     for ext in ood_sets or []:
         m = ext.labels.shape[0]
-        ext_weights = bootstrap_weights(m, cfg.audit.bootstrap, stream_key(cfg.audit.seed, "ood-data", ext.name))
+        ext_weights = bootstrap_weights(m, cfg.audit.bootstrap, cfg.audit.seed, ood_set=ext.name)
         clean_idx = ids.index("clean")
         measures, scores = evaluate_external(
             shift.fitted, {k: v[clean_idx] for k, v in shift.scores.items()},

@@ -1,8 +1,38 @@
-"""Counter-based random numbers keyed per sample.
+"""Every random number of an audit: one derivation from the seed and named keys.
 
-Why not ``torch.Generator``: a generator per sample means a Python loop per sample, and the
-numbers a CPU generator and a CUDA generator give for the same seed differ. Here every random
-number is a pure integer hash of ``(sample key, counter)`` computed with tensor ops, so
+**Streams.** Each random stream of an audit has a key, ``stream_key(audit.seed, name, *parts)``
+(:func:`stream_key`), and nothing else in an audit seeds a generator. The streams:
+
+* ``(seed, perturbation, severity)``: a perturbation's parameters and noise, per sample (below:
+  :func:`sample_keys`, :class:`SampleRNG`);
+* ``(seed, "bootstrap")``: the audit's bootstrap weight matrix, shared by every scenario
+  (``medaudit.bootstrap.bootstrap_weights``);
+* ``(seed, "ood-data", name)``: the bootstrap weights of the external OOD set ``name``
+  (``--ood-data``);
+* ``(seed, "cross-fit")``: the split of the clean samples into the detectors' halves A and B
+  (``medaudit.shift.cross_fit_halves``);
+* ``(seed, "temperature-folds")``: the folds of temperature scaling's cross-fitting
+  (``medaudit.temperature.temperature_report``);
+* ``(seed, "subgroup-permutations", attribute)``: the permutation test's relabellings of one
+  attribute's groups (the subgroups plugin).
+
+The named streams (:data:`STREAMS`) draw whole arrays at once from a CPU ``torch.Generator``
+seeded with their key (:func:`stream_generator`): on the CPU so that the draws are the same
+whatever device the audit runs on. The perturbation streams draw per sample on the device
+(below). An analysis plugin that needs randomness of its own takes a name of its own (prefixed
+with its suite) and uses :func:`stream_generator` the same way.
+
+Why named keys: two generators seeded with the same number give the same numbers, so streams
+seeded alike are not independent. Before every stream was derived here, the bootstrap, the
+cross-fitting split and the temperature folds were all seeded with the raw ``audit.seed``, which
+made the split and the folds one permutation, tied to the first bootstrap resample (see
+docs/randomness.md). A distinct name hashed into each key makes the streams independent, and
+adding a stream never moves the numbers of another.
+
+**Per-sample streams.** Why not ``torch.Generator`` for perturbations: a generator per sample
+means a Python loop per sample, and the numbers a CPU generator and a CUDA generator give for
+the same seed differ. Here every random number is a pure integer hash of ``(sample key,
+counter)`` computed with tensor ops, so
 
 * one batched call draws for every sample at once (no per-sample loop, no host round trip);
 * a sample gets the same numbers whatever batch it is in and whatever device it is on;
@@ -60,6 +90,16 @@ from torch import Tensor
 # across generator versions. 2: normal() became SplitMix64 + two-branch Box-Muller.
 RNG_VERSION = 2
 
+#: The named streams drawn through :func:`stream_generator` (name -> what it draws); their keys
+#: and the perturbation streams are described in the module docstring.
+STREAMS: dict[str, str] = {
+    "bootstrap": "the audit's bootstrap weight matrix, shared by every scenario",
+    "ood-data": "the bootstrap weights of one external OOD set (part: the set's name)",
+    "cross-fit": "the split of the clean samples into the detectors' cross-fitting halves",
+    "temperature-folds": "the folds of temperature scaling's cross-fitting on the clean samples",
+    "subgroup-permutations": "the permutation test's relabellings of one attribute (part: its name)",
+}
+
 _MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
@@ -109,13 +149,25 @@ def _mix64_(x: Tensor) -> Tensor:
 
 
 def stream_key(*parts: object) -> int:
-    """A 32-bit key for a named stream, e.g. ``stream_key(seed, "mri.motion", 3)``.
+    """A 32-bit key for a named stream, e.g. ``stream_key(seed, "mri.motion", 3)`` or
+    ``stream_key(seed, "bootstrap")``: the one derivation of every stream (module docstring).
 
     Uses BLAKE2b of the parts' ``repr`` so that keys are stable across Python processes
     (``hash()`` of a string is salted per process).
     """
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def stream_generator(seed: int, stream: str, *parts: object) -> torch.Generator:
+    """The CPU ``torch.Generator`` of the named stream ``stream`` of an audit with seed ``seed``.
+
+    It is seeded with ``stream_key(seed, stream, *parts)``; ``parts`` tell apart the instances
+    of one stream (the attribute of ``"subgroup-permutations"``, the set of ``"ood-data"``).
+    The generator is on the CPU whatever the audit's device, so a stream's numbers do not
+    depend on the device; draw on the CPU and move the result.
+    """
+    return torch.Generator(device="cpu").manual_seed(stream_key(int(seed), stream, *parts))
 
 
 def sample_keys(base: int, sample_indices: Tensor) -> Tensor:

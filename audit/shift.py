@@ -1,10 +1,11 @@
 """Fitting detectors, scoring every scenario, and the OOD / failure-detection results.
 
-Default fitting is **cross-fitted** on the clean audit data: a permutation seeded by
-``audit.seed`` splits the clean samples into halves A and B; a detector fitted on A scores
-every scenario's samples of B and one fitted on B scores those of A. So no sample is ever
-scored by a detector that saw it (its clean version) during fitting, and sample ``i`` of every
-scenario is scored by the same detector, which keeps the clean-vs-shifted comparison paired.
+Default fitting is **cross-fitted** on the clean audit data: a permutation drawn from the
+audit's stream ``"cross-fit"`` (:mod:`medaudit.rng`) splits the clean samples into halves A
+and B; a detector fitted on A scores every scenario's samples of B and one fitted on B scores
+those of A. So no sample is ever scored by a detector that saw it (its clean version) during
+fitting, and sample ``i`` of every scenario is scored by the same detector, which keeps the
+clean-vs-shifted comparison paired.
 With an explicit in-distribution ``reference`` set, each detector is fitted once on it and
 scores everything.
 
@@ -33,6 +34,7 @@ from .detector import Detector
 from .memory import release_free_memory
 from .ood_metrics import auroc_within, detection_measures
 from .results import WarningRecord
+from .rng import stream_generator
 
 __all__ = ["ShiftResult", "cross_fit_halves", "evaluate_detectors", "evaluate_external"]
 
@@ -62,9 +64,9 @@ class ShiftResult:
 
 
 def cross_fit_halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices of halves A and B of ``n`` samples (a seeded permutation; A gets ``n // 2``)."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
+    """Indices of halves A and B of ``n`` samples (a permutation from the audit seed's stream
+    ``"cross-fit"``; A gets ``n // 2``)."""
+    perm = torch.randperm(n, generator=stream_generator(seed, "cross-fit"))
     return perm[: n // 2].sort().values, perm[n // 2 :].sort().values
 
 
@@ -142,7 +144,7 @@ def evaluate_detectors(
     confidence : float
         Interval coverage.
     seed : int
-        Seeds the cross-fitting split.
+        The audit seed (the cross-fitting split is its stream ``"cross-fit"``).
     reference, reference_labels : optional
         Detector name -> ``[M, D]`` in-distribution embeddings and their labels ``[M]``;
         when given, detectors are fitted once on them instead of cross-fitted.

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .binning import calibration_errors, clip_confidence, top_label
 from .bootstrap import check_predictions
+from .rng import stream_generator
 from .scoring import negative_log_likelihood
 from .task import Task
 
@@ -151,7 +152,8 @@ def temperature_report(
     n_bins : int
         Bins of the ECE.
     seed : int
-        Seed of the fold assignment (a CPU ``torch.Generator`` permutation).
+        The audit seed; the fold assignment is a permutation from its stream
+        ``"temperature-folds"`` (:func:`medaudit.rng.stream_generator`).
     folds : int
         Cross-fitting folds on the clean scenario (at least 2, at most ``N``).
 
@@ -191,8 +193,7 @@ def temperature_report(
     betas_all = _fit(clean, labels, per_label)
 
     # cross-fitting: each clean sample is calibrated by a temperature fitted without it
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
+    perm = torch.randperm(n, generator=stream_generator(seed, "temperature-folds"))
     calibrated_clean = torch.empty_like(clean, dtype=torch.float64)
     fold_betas: list[list[float]] = []
     for held_out in torch.tensor_split(perm, folds):

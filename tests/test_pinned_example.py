@@ -43,8 +43,26 @@ MOVED: dict[str, str] = {
 }
 
 #: Regular expressions over dotted paths whose values depend on a random stream that a later,
-#: documented change re-derived (CHANGELOG names it). Empty while the streams are today's.
-STREAM_DEPENDENT: list[str] = []
+#: documented change re-derived (CHANGELOG names it). Each entry names its stream (docs/randomness.md).
+STREAM_DEPENDENT: list[str] = [
+    # CHANGELOG "One derivation for every random stream": the streams below were seeded with the
+    # raw seed (subgroup permutations: seed * 1000003 + crc32(attribute)); now stream_key(seed, name).
+    # "bootstrap": every interval on the shared weight matrix, and the drops' significance.
+    r"scenarios\.\d+\.(metrics|drop)\.[^.]+\.ci_(low|high)",
+    r"scenarios\.\d+\.drop\.[^.]+\.significant",
+    r"scenarios\.\d+\.(ood\.[^.]+\.(auroc|aupr|fpr95)|failure_detection\.[^.]+)\.ci_(low|high)",
+    r"subgroups\.\d+\.(metrics|drop)\.[^.]+\.ci_(low|high)",
+    r"subgroups\.\d+\.drop\.[^.]+\.significant",
+    r"analyses\.subgroup_gaps\.\d+\.(gap|drop_gap)\.ci_(low|high)",
+    # "cross-fit": the scores of the detectors fitted on the halves (the output-based ones do not fit).
+    r"scenarios\.\d+\.ood\.(knn|mahalanobis|spectral)\.(auroc|aupr|fpr95)\.value",
+    r"scenarios\.\d+\.failure_detection\.(knn|mahalanobis|spectral)\.value",
+    # "temperature-folds": the fold temperatures and the clean scenario's cross-fitted "after" values.
+    r"calibration\.temperature_scaling\.fold_temperatures\.\d+",
+    r"calibration\.temperature_scaling\.scenarios\.clean\.(ece|nll)_after",
+    # "subgroup-permutations": the permutation tests' p-values (Holm-adjusted too).
+    r"analyses\.subgroup_gaps\.\d+\.(drop_gap\.)?p_(value|adjusted)",
+]
 
 
 def pinned_view(results: dict[str, Any]) -> dict[str, Any]:

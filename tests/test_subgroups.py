@@ -502,7 +502,7 @@ def test_example_sized_analysis_covers_highest_severities():
 
 def test_large_permutation_draws_are_chunked_and_reproducible():
     codes = torch.arange(2000) % 3
-    perms = sg.Permutations(codes, 600, seed=9)
+    perms = sg.Permutations(codes, 600, seed=9, attribute="site")
     first = torch.cat(list(perms))
     assert perms._cache is None and len(list(perms)) > 1  # regenerated chunk by chunk, not held
     assert torch.equal(first, torch.cat(list(perms)))

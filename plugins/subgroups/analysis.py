@@ -16,7 +16,7 @@ from medaudit.task import SINGLE_LABEL
 
 from .attributes import Attribute, build_attributes
 from .gaps import gap_entries
-from .permutations import Permutations, _perm_seed, holm
+from .permutations import Permutations, holm
 from .rows import HEADLINE, RATES, ScenarioRows, generic_rows, headline_rows
 
 
@@ -91,7 +91,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         if not testable:
             warnings.append(f"subgroups: attribute '{attr.name}' has {n_e} group(s) with at least "
                             f"{cfg.min_group_size} samples (subgroups.min_group_size); no gaps are computed for it")
-        perms = Permutations(codes_e, cfg.permutations, _perm_seed(outputs.seed, attr.name)) \
+        perms = Permutations(codes_e, cfg.permutations, outputs.seed, attr.name) \
             if testable and cfg.permutations > 0 else None
         w_e = weights[:, sel]
         labels_e = labels[sel]

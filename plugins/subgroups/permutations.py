@@ -9,11 +9,12 @@ correction (:func:`holm`) adjusts the p-values of every gap tested in one scenar
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from medaudit.rng import stream_generator
 
 _NAN = float("nan")
 
@@ -61,15 +62,16 @@ def range_rows(values: Tensor, include: Tensor) -> Tensor:
 
 
 class Permutations:
-    """Seeded permutations of the group codes of the eligible samples, ``[P, M]``, in chunks.
+    """Permutations of the group codes of the eligible samples, ``[P, M]``, in chunks, drawn from
+    the audit seed's stream ``("subgroup-permutations", attribute)`` (:mod:`medaudit.rng`).
 
     The same permutations are used for every scenario of an attribute (a paired test of
     clean vs perturbed drops). Small draws are cached; large ones are regenerated from the seed
     chunk by chunk so memory stays bounded.
     """
 
-    def __init__(self, codes: Tensor, n_perm: int, seed: int) -> None:
-        self.codes, self.n_perm, self.seed = codes, n_perm, seed
+    def __init__(self, codes: Tensor, n_perm: int, seed: int, attribute: str) -> None:
+        self.codes, self.n_perm, self.seed, self.attribute = codes, n_perm, seed, attribute
         # 1M codes per chunk: the generic path expands a chunk to G indicator rows of float64
         self.chunk = max(1, (1 << 20) // max(1, codes.numel()))
         self._cache: list[Tensor] | None = None
@@ -77,7 +79,7 @@ class Permutations:
             self._cache = list(self._draw())
 
     def _draw(self) -> Iterator[Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = stream_generator(self.seed, "subgroup-permutations", self.attribute)
         m = self.codes.numel()
         for start in range(0, self.n_perm, self.chunk):
             rows = min(self.chunk, self.n_perm - start)
@@ -86,8 +88,3 @@ class Permutations:
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self._cache) if self._cache is not None else self._draw()
-
-
-def _perm_seed(seed: int, attribute: str) -> int:
-    # crc32 (not hash()) so the stream is the same in every Python process
-    return (int(seed) * 1_000_003 + zlib.crc32(attribute.encode("utf-8"))) % (1 << 62)
