@@ -114,10 +114,14 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
                 f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
         detectors = [d for d in detectors if d.needs != "features"]
     if CLASS_PROBABILITIES not in task.capabilities:
-        skipped = [d.name for d in detectors if d.needs != "features"]
-        if skipped:
-            warnings.append(f"output-based detectors {skipped} did not run: the outputs of a {task.name} task are not "
-                            "class scores")
+        skipped = {}
+        for d in detectors:
+            if d.needs != "features":
+                skipped.setdefault(owners[id(d)], []).append(d.name)
+        for plugin, names in skipped.items():
+            warnings.append(WarningRecord(code="output-detectors-skipped", plugin=plugin, message=(
+                f'output-based detectors {names} of plugin "{plugin}" did not run: the outputs of a {task.name} '
+                "task are not class scores")))
         detectors = [d for d in detectors if d.needs == "features"]
     return detectors
 

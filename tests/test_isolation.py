@@ -18,8 +18,10 @@ from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric
 from medaudit.perturbation import Perturbation
 from medaudit.plugin_manager import get_plugin_manager
-from medaudit.results import SCHEMA_PATH
+from medaudit.plugins import tasks as builtin_tasks
+from medaudit.results import SCHEMA_PATH, WarningRecord
 from medaudit.sections import ReportSection
+from medaudit.task import bind_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +172,12 @@ def test_skipped_feature_detectors_name_their_plugin() -> None:
         def medaudit_detectors(self, config: Any) -> list[Detector]:
             return [FeatureDetector()]
 
-    pm = get_plugin_manager(extra=[("featureful", Features())], autoload=False, warn=lambda m: None)
-    warnings: list[str] = []
+    pm = get_plugin_manager(extra=[("featureful", Features()), ("tasks", builtin_tasks)], autoload=False,
+                            warn=lambda m: None)
+    warnings: list[WarningRecord] = []
     owners: dict[object, str] = {}
     cfg = load_config(None, {})
-    assert _detectors(pm, cfg, False, warnings, owners) == []
-    assert warnings == ["feature-based detectors ['needs_features'] of plugin \"featureful\" did not run: "
+    task = bind_task(cfg, pm.tasks())
+    assert _detectors(pm, cfg, task, False, warnings, owners) == []
+    assert [w.message for w in warnings] == ["feature-based detectors ['needs_features'] of plugin \"featureful\" did not run: "
                         "model.feature_layer is not set"]

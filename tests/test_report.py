@@ -201,10 +201,10 @@ def test_graceful_without_ood_and_subgroups() -> None:
 def test_subgroups_forest_gaps_and_small_groups(full_html: str) -> None:
     data = load("full")
     data["metric_info"] = DECLARED
-    figs = subgroups.forest_figures(data)
+    figs = subgroups.report.forest_figures(data)
     assert len(figs) == 2  # hemisphere, level
     assert "inferior (n=129)" in figs[1].svg
-    gaps = subgroups.gap_table(data)
+    gaps = subgroups.report.gap_table(data)
     sig = [r for r in gaps.rows if r.flag == "drop"]
     assert sig and all(r.cells[-1] == "yes" for r in sig)
     # non-headline, non-significant gaps are summarised in the caption, not listed

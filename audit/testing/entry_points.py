@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 from ..config import Config
 from ..hookspecs import PROJECT
 from ..plugin_manager import PluginInfo, get_plugin_manager
+from ..settings import resolve_settings
 
 
 def check_entry_point(name: str) -> PluginInfo:
@@ -32,7 +33,7 @@ def check_entry_point(name: str) -> PluginInfo:
     assert not problems, "; ".join(problems)
     assert pm.pm.get_hookcallers(pm.pm.get_plugin(name)), (
         f'plugin "{name}" implements no medaudit hook (are its functions decorated with @medaudit.hookimpl?)')
-    pm.contributions(Config())  # raises PluginError naming the plugin and the hook that failed
+    pm.contributions(resolve_settings(Config(), pm))  # raises PluginError naming the plugin and the hook that failed
     intrusions = pm.suite_warnings(pm.perturbations(), plugin=name)  # perturbations() raises on a name clash
     assert not intrusions, "; ".join(intrusions)
     return pm.infos[name]
