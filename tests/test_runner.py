@@ -353,12 +353,13 @@ def test_shard_outputs_are_whole_per_sample_arrays_from_tensors_and_futures() ->
 
 
 def test_merge_writes_each_shard_part_into_one_tensor_and_frees_it() -> None:
-    from medaudit.runner import ShardOutputs, _merged
+    from medaudit.runner import UnitOutputs
+    from medaudit.runner.merge import merge_rows
 
     parts = {sid: torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2) + k for k, sid in enumerate(("a", "b"))}
-    shards = [ShardOutputs(lo, hi, probs={sid: p[lo:hi].clone() for sid, p in parts.items()})
+    shards = [UnitOutputs(lo, hi, probs={sid: p[lo:hi].clone() for sid, p in parts.items()})
               for lo, hi in ((0, 4), (4, 8), (8, 10))]
-    merged = _merged(shards, ["b", "a"], lambda sh, sid: sh.probs.pop(sid))
+    merged = merge_rows(shards, ["b", "a"], 10, lambda sh, sid: sh.probs.pop(sid))
     assert torch.equal(merged, torch.stack([parts["b"], parts["a"]]))
     # every part was taken out of its shard: nothing holds it beside the merged tensor
     assert all(not sh.probs for sh in shards)
