@@ -67,5 +67,5 @@ class ValueGuard:
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 found[sid] = "returned NaN or Inf values"
             elif lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-                found[sid] = f"returned values in [{lo:.4g}, {hi:.4g}], outside [0, 1]"
+                found[sid] = f"returned values in [{lo:.6g}, {hi:.6g}], outside [0, 1]"
         return found

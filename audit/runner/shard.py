@@ -249,8 +249,18 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                         pending.setdefault((scenario.id, d.name), []).append((offset, emb))
                     else:
                         rows.put(("embeddings", scenario.id, d.name), offset, emb.float())
-                except Exception as exc:  # a broken detector plugin is dropped; the rest are kept
+                except Exception as exc:
+                    # NaN or out-of-range images break detectors too (e.g. an eigendecomposition):
+                    # the perturbation's fault, found by a read on this error path only. Otherwise
+                    # a broken detector plugin is dropped; the rest are kept.
+                    problem = values.problems().get(scenario.id) if pert is not None else None
+                    if problem is not None:
+                        perturbation_failed(scenario, problem)
+                        break
                     detector_failed(d.name, spec.owners.get(id(d), "?"), exc)
+            if scenario.id in failed:
+                clock.stop(scenario.id)
+                continue
             for k, v in p.items():
                 # Scalar per-sample parameters are kept for the results; keys and vectors are not.
                 if v.ndim == 1 and not k.endswith("key"):
@@ -268,7 +278,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
             raise ModelOutputError(f"the model produced NaN or Inf outputs in scenario {sid}")
     seconds = clock.seconds()
     for (sid, name), items in pending.items():
-        if name in failed_detectors:
+        if name in failed_detectors or sid in failed:  # a left-out scenario's failures are its perturbation's
             continue
         try:
             for at, fut in items:
