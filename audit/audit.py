@@ -211,10 +211,10 @@ def _owner(prep: Prepared, detector: str) -> str | None:
     return next((prep.owners.get(id(d)) for d in prep.detectors if d.name == detector), None)
 
 
-def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool) -> ExternalSet:
+def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool, trust_pickle: bool) -> ExternalSet:
     """Forward an extra data set on clean inputs only (detector reference or external OOD set)."""
     fwd = run_forward(prep.model, prep.extract, dataset, prep.config, [Scenario.clean()], {}, prep.device,
-                      prep.detectors, progress=progress)
+                      prep.detectors, progress=progress, trust_pickle=trust_pickle)
     return ExternalSet(name, dataset.identity(), torch.as_tensor(dataset.labels), fwd)
 
 
@@ -252,7 +252,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)
         fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
-                          prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners)
+                          prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
+                          trust_pickle=trust_pickle)
         prep.warnings.extend([
             *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
                             plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
@@ -262,8 +263,9 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         if fwd.resumed_shards:
             log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
         phases.lap("forward")
-        reference = _clean_only(prep, "reference", prep.reference, progress) if prep.reference is not None else None
-        ood_sets = [_clean_only(prep, name, ds, progress) for name, ds in prep.ood_sets.items()]
+        reference = (_clean_only(prep, "reference", prep.reference, progress, trust_pickle)
+                     if prep.reference is not None else None)
+        ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle) for name, ds in prep.ood_sets.items()]
         phases.lap("external")
         assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
         phases.lap("preview")

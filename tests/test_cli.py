@@ -308,7 +308,7 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
     from medaudit.audit import run_audit
     from medaudit.config import load_config
     from medaudit.plugin_manager import get_plugin_manager
-    from medaudit import runner as runner_mod
+    from medaudit.runner import executor as runner_mod  # where the local executor calls the shard loop
 
     out = tmp_path / "o"
     overrides = {"output.dir": str(out), "audit.suites": [], "audit.perturbations": ["intensity.gamma"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,6 +18,7 @@ from medaudit.detector import Detector
 from medaudit.errors import ConfigError, ModelError, ModelOutputError
 from medaudit.model import LoadedModel
 from medaudit.outputs import Scenario
+from medaudit.perturbation import Perturbation
 from medaudit.plugins.intensity import Gamma
 from medaudit.runner import ShardCache, plan_scenarios, run_forward
 
@@ -353,12 +355,189 @@ def test_shard_outputs_are_whole_per_sample_arrays_from_tensors_and_futures() ->
 
 
 def test_merge_writes_each_shard_part_into_one_tensor_and_frees_it() -> None:
-    from medaudit.runner import ShardOutputs, _merged
+    from medaudit.runner import UnitOutputs
+    from medaudit.runner.merge import merge_rows
 
     parts = {sid: torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2) + k for k, sid in enumerate(("a", "b"))}
-    shards = [ShardOutputs(lo, hi, outputs={"probs": {sid: p[lo:hi].clone() for sid, p in parts.items()}})
+    shards = [UnitOutputs(lo, hi, outputs={"probs": {sid: p[lo:hi].clone() for sid, p in parts.items()}})
               for lo, hi in ((0, 4), (4, 8), (8, 10))]
-    merged = _merged(shards, ["b", "a"], lambda sh, sid: sh.outputs["probs"].pop(sid))
+    merged = merge_rows(shards, ["b", "a"], 10, lambda sh, sid: sh.outputs["probs"].pop(sid))
     assert torch.equal(merged, torch.stack([parts["b"], parts["a"]]))
     # every part was taken out of its shard: nothing holds it beside the merged tensor
     assert all(not sh.outputs["probs"] for sh in shards)
+
+
+class _Reversed:
+    """An executor that runs the units it is given last first, as a pool of workers might finish them."""
+
+    name = "reversed"
+
+    def __init__(self) -> None:
+        self.given: list[list[int]] = []
+
+    def run(self, units, context):  # type: ignore[no-untyped-def]
+        from medaudit.runner import LocalExecutor
+
+        self.given.append([u.start for u in units])
+        yield from LocalExecutor().run(list(units)[::-1], context)
+
+
+def test_merge_does_not_depend_on_the_order_units_complete_in() -> None:
+    cfg, ds, model = _setup()
+    dets = [_LogitDetector("plain")]
+    scenarios = [Scenario.clean()] + [Scenario.perturbed("intensity.gamma", "intensity", s) for s in (1, 5)]
+
+    def run(executor):  # type: ignore[no-untyped-def]
+        return run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, {"intensity.gamma": Gamma()},
+                           torch.device("cpu"), detectors=dets, shard_size=10, executor=executor)
+
+    local, rev = run(None), _Reversed()
+    other = run(rev)
+    assert rev.given == [[0, 10, 20]]
+    assert torch.equal(other.probs, local.probs)
+    assert torch.equal(other.embeddings["plain"], local.embeddings["plain"])
+    assert torch.equal(other.params["intensity.gamma@5"]["log_gamma"], local.params["intensity.gamma@5"]["log_gamma"])
+    # and both are the samples in index order: row i is sample i
+    with torch.inference_mode():
+        logits = model.module(torch.as_tensor(ds.images)[:, None])
+    torch.testing.assert_close(local.probs[0], torch.softmax(logits, dim=1), rtol=0, atol=1e-6)
+
+
+def test_resume_works_for_any_executor(tmp_path: Path) -> None:
+    cfg, ds, model = _setup()
+    cache = ShardCache(tmp_path, "fp")
+    first_executor = _Reversed()
+    first = _run_with(cfg, ds, model, cache, first_executor)
+    cache.flush()
+    # the last shard (20..23) is never stored; the two others were, although they completed last
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["shard-000000000.npz", "shard-000000010.npz"]
+    again_executor = _Reversed()
+    again = _run_with(cfg, ds, model, cache, again_executor)
+    assert again_executor.given == [[20]] and again.resumed_shards == 2
+    assert torch.equal(again.probs, first.probs)
+
+
+def _run_with(cfg: Config, ds: ArrayDataset, model: LoadedModel, cache: ShardCache, executor: object):  # type: ignore[no-untyped-def]
+    scenarios = [Scenario.clean(), Scenario.perturbed("intensity.gamma", "intensity", 5)]
+    return run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, {"intensity.gamma": Gamma()},
+                       torch.device("cpu"), cache=cache, shard_size=10, executor=executor)  # type: ignore[arg-type]
+
+
+def test_work_unit_round_trips_through_json_and_rejects_other_data() -> None:
+    from medaudit.runner import WorkUnit
+
+    unit = WorkUnit("m.pt", "torchscript", "ab" * 32, False, '{"audit": {}}', "d.npz", 256, 512,
+                    ("clean", "mri.noise@3"), ("msp",), 7, "cpu", "logits", "channels_last", True, 32, 224, 0)
+    text = unit.to_json()
+    assert json.loads(text)["scenarios"] == ["clean", "mri.noise@3"]  # plain JSON, no pickled objects
+    assert WorkUnit.from_json(text) == unit
+    data = json.loads(text)
+    data["shard"] = 3
+    del data["seed"]
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['shard'\], missing field\(s\) \['seed'\]"):
+        WorkUnit.from_json(json.dumps(data))
+
+
+class _CapturingExecutor:
+    """The local executor, keeping a copy of every unit's outputs as plain arrays."""
+
+    name = "capturing"
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, tuple[object, dict[str, np.ndarray]]] = {}
+
+    def run(self, units, context):  # type: ignore[no-untyped-def]
+        from medaudit.runner import LocalExecutor
+        from medaudit.runner.store import to_arrays
+
+        for unit, out in LocalExecutor().run(units, context):
+            self.outputs[unit.start] = (unit, {k: v.copy() for k, v in to_arrays(out).items()})
+            yield unit, out
+
+
+CHILD = """
+import sys, numpy as np
+from pathlib import Path
+from medaudit.runner import WorkUnit, run_unit
+from medaudit.runner.store import to_arrays
+unit = WorkUnit.from_json(Path(sys.argv[1]).read_text())
+np.savez(sys.argv[2], **to_arrays(run_unit(unit)))
+"""
+
+
+def test_a_unit_run_from_json_in_a_fresh_process_gives_bit_identical_outputs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from medaudit.audit import prepare
+    from medaudit.config import load_config
+    from medaudit.plugin_manager import get_plugin_manager
+    from medaudit.runner import WorkUnit
+
+    root = Path(__file__).resolve().parents[1]
+    model_path, data_path = root / "examples" / "model.pt", root / "examples" / "mni-patches" / "test.npz"
+    cfg = load_config(root / "examples" / "mni-patches.yaml", {
+        "output.dir": str(tmp_path / "o"), "audit.suites": [], "audit.perturbations": ["intensity.gamma", "mri.noise"],
+        "audit.severities": [3]})
+    prep = prepare(get_plugin_manager(warn=lambda m: None), model_path, data_path, cfg)
+    assert prep.detectors and any(d.needs == "features" for d in prep.detectors)  # embeddings of both kinds
+    executor = _CapturingExecutor()
+    run_forward(prep.model, prep.extract, prep.dataset, prep.config, prep.scenarios, prep.perturbations, prep.device,
+                prep.detectors, shard_size=256, owners=prep.owners, executor=executor)
+    assert sorted(executor.outputs) == [0, 256, 512]
+    unit, local = executor.outputs[256]  # a middle shard: nothing about it is "first"
+    assert isinstance(unit, WorkUnit) and unit.memory_format == "channels_last"  # the probe's choice travels
+    (tmp_path / "unit.json").write_text(unit.to_json())
+    env = {k: v for k, v in os.environ.items() if k != "MEDAUDIT_DISABLE_PLUGIN_AUTOLOAD"}
+    subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "unit.json"), str(tmp_path / "out.npz")],
+                   check=True, env=env, timeout=600)
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as f:
+        remote = {k: f[k] for k in f.files}
+    outputs = sorted(k for k in local if not k.startswith("sec|"))
+    assert outputs == sorted(k for k in remote if not k.startswith("sec|"))
+    assert any(k.startswith("emb|") for k in outputs) and any(k.startswith("param|") for k in outputs)
+    for key in outputs:
+        assert local[key].dtype == remote[key].dtype and local[key].shape == remote[key].shape, key
+        assert local[key].tobytes() == remote[key].tobytes(), f"{key} differs between the processes"
+
+
+class _NaNCorner(Perturbation):
+    name = "acme.nan_corner"
+    suite = "acme"
+    severities = {s: {"x": float(s)} for s in range(1, 6)}
+
+    def sample(self, severity, rng, shape):  # type: ignore[no-untyped-def]
+        return {}
+
+    def apply(self, x, params):  # type: ignore[no-untyped-def]
+        y = x.clone()
+        y[:, :, 0, 0] = float("nan")
+        return y
+
+
+class _RefusesNonFinite(nn.Module):
+    """A model that checks its input, as some exported models do: it raises on NaN."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("input holds NaN")
+        return self.net(x)
+
+
+def test_a_model_that_raises_on_a_perturbations_nan_does_not_take_the_blame() -> None:
+    cfg, ds, model = _setup()
+    model.module = _RefusesNonFinite(model.module)
+    scenarios = [Scenario.clean(), Scenario.perturbed("acme.nan_corner", "acme", 2),
+                 Scenario.perturbed("intensity.gamma", "intensity", 5)]
+    perts = {"acme.nan_corner": _NaNCorner(), "intensity.gamma": Gamma()}
+    fwd = run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, perts, torch.device("cpu"),
+                      owners={"acme.nan_corner": "acme"})
+    assert fwd.failures == {"acme.nan_corner@2": 'perturbation "acme.nan_corner" of plugin "acme" returned NaN or '
+                                                 "Inf values in scenario acme.nan_corner@2; the scenario is left out"}
+    assert [s.id for s in fwd.scenarios] == ["clean", "intensity.gamma@5"]
+    assert torch.equal(fwd.probs, _run(cfg, ds, model).probs[[0, 2]])  # the others' numbers are unaffected

@@ -19,7 +19,8 @@ from medaudit.errors import ConfigError, ModelOutputError, PluginError
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext
 from medaudit.plugin_manager import get_plugin_manager
-from medaudit.runner import ShardCache, ShardOutputs
+from medaudit.runner import UnitOutputs
+from medaudit.runner.store import from_arrays, to_arrays
 from medaudit.task import Task, bind_task, check_reduced, read_class_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,20 +163,18 @@ def test_reduce_must_return_what_the_task_declares() -> None:
         check_reduced(task, {"grade": torch.zeros(5, 1)}, cfg, 5)
 
 
-def test_shard_cache_round_trips_any_declared_quantity(tmp_path: Path) -> None:
-    cache = ShardCache(tmp_path, "fp")
-    shard = ShardOutputs(0, 3, outputs={"grade": {"clean": torch.tensor([0.5, 1.0, 2.0]), "blur@1": torch.zeros(3)},
-                                        "probs": {"clean": torch.eye(3), "blur@1": torch.ones(3, 3)}},
-                         seconds={"clean": 1.5, "blur@1": 0.5})
-    cache.save(shard)
-    cache.flush()
-    back = cache.load(0, 3)
+def test_shard_store_round_trips_any_declared_quantity() -> None:
+    shard = UnitOutputs(0, 3, outputs={"grade": {"clean": torch.tensor([0.5, 1.0, 2.0]), "blur@1": torch.zeros(3)},
+                                       "probs": {"clean": torch.eye(3), "blur@1": torch.ones(3, 3)}},
+                        seconds={"clean": 1.5, "blur@1": 0.5})
+    arrays = {k: np.asarray(v) for k, v in to_arrays(shard).items()}  # what the npz file holds
+    back = from_arrays(0, 3, arrays)
     assert back is not None
     assert {k: {s: v.tolist() for s, v in d.items()} for k, d in back.outputs.items()} == \
         {"grade": {"clean": [0.5, 1.0, 2.0], "blur@1": [0.0, 0.0, 0.0]},
          "probs": {"clean": torch.eye(3).tolist(), "blur@1": torch.ones(3, 3).tolist()}}
     assert back.seconds == {"clean": 1.5, "blur@1": 0.5}
-    assert cache.load(0, 4) is None  # another shard layout is recomputed, not misaligned
+    assert from_arrays(0, 4, arrays) is None  # another shard layout is recomputed, not misaligned
 
 
 def test_config_type_is_a_string_checked_against_plugins_not_the_schema() -> None:

@@ -1,0 +1,80 @@
+"""The forward passes of an audit: probe the model, plan the units, execute, merge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import Config
+from ..data import AuditDataset
+from ..detector import Detector
+from ..features import Extractor
+from ..memory import release_free_memory
+from ..model import LoadedModel
+from ..outputs import Scenario
+from ..perturbation import Perturbation
+from .batches import auto_workers, iterate_batches
+from .device import normalisation
+from .executor import ExecutionContext, Executor, LocalExecutor
+from .merge import ForwardResult, merge_units
+from .plan import plan_units
+from .probe import probe_model
+from .progress import Progress
+from .shard import UnitOutputs
+from .store import ShardStore
+
+
+def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, config: Config,
+                scenarios: list[Scenario], perturbations: dict[str, Perturbation], device: torch.device,
+                detectors: Sequence[Detector] = (), cache: ShardStore | None = None, shard_size: int = 2048,
+                progress: bool = False, owners: dict[object, str] | None = None,
+                executor: Executor | None = None, trust_pickle: bool = False) -> ForwardResult:
+    """Run every scenario over the whole dataset, unit by unit, and merge in index order.
+
+    Units completed by an earlier run are taken from ``cache``; the others go to ``executor``
+    (default: :class:`~medaudit.runner.executor.LocalExecutor`), and each one it returns is
+    saved to ``cache`` except the last shard (nothing after it could be resumed, and writing it —
+    hundreds of MB with feature embeddings — would only delay the end of the audit).
+    ``trust_pickle`` is recorded in the units for an executor that loads the model again.
+    """
+    n = len(dataset)
+    mean, std = normalisation(config, device)
+    chunk = config.audit.model_batch_size
+    first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
+    probe = probe_model(model, extract, first_x, n, config, device, mean, std)
+    workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
+    units = plan_units(model_path=str(model.path), model_format=model.format, model_sha256=model.sha256,
+                       trust_pickle=trust_pickle, config=config, dataset_path=str(dataset.path), n=n,
+                       scenario_ids=[s.id for s in scenarios], detector_names=[d.name for d in detectors],
+                       device=str(device), probe=probe, shard_size=shard_size, num_workers=workers)
+    executor = executor if executor is not None else LocalExecutor()
+    outputs: list[UnitOutputs] = []
+    resumed = 0
+    bar = Progress(n, len(scenarios), progress)
+    try:
+        todo = []
+        for unit in units:
+            cached = cache.load(unit) if cache is not None else None
+            if cached is None:
+                todo.append(unit)
+            else:
+                outputs.append(cached)
+                resumed += 1
+                bar.advance(unit.stop - unit.start)
+        context = ExecutionContext(config, extract, dataset, scenarios, perturbations, detectors, owners or {},
+                                   device, bar)
+        for unit, out in executor.run(todo, context):
+            if cache is not None and unit.stop < n:
+                cache.save(unit, out)
+            outputs.append(out)
+            release_free_memory()  # the unit's transients: the next unit faults in only what it needs
+    except BaseException:
+        if cache is not None:
+            cache.flush()  # the completed units are stored when the error reaches the caller
+        raise
+    bar.close()
+    if len(outputs) != len(units):
+        raise RuntimeError(f'executor "{executor.name}" returned {len(outputs) - resumed} of the {len(todo)} units it was given')
+    return merge_units(outputs, n, scenarios, detectors, probe.output_kind, resumed,
+                       "contiguous" if probe.memory_format == "contiguous" else "channels_last")

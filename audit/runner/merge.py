@@ -1,0 +1,84 @@
+"""Merging the units' outputs into the audit's ``[S, N, ...]`` arrays, in a fixed order.
+
+The merge is deterministic whatever order the units completed in: units are placed by their
+sample range, scenarios in the audit's order, so the result is the same for any executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..detector import Detector
+from ..memory import release_free_memory
+from ..outputs import Scenario
+from .shard import UnitOutputs
+
+
+@dataclass
+class ForwardResult:
+    scenarios: list[Scenario]
+    outputs: dict[str, Tensor]  # quantity the task declares -> [S, N, *shape]
+    embeddings: dict[str, Tensor]  # detector -> [S, N, D]
+    params: dict[str, dict[str, Tensor]]  # scenario -> param -> [N]
+    seconds: dict[str, float]
+    output_kind: str
+    resumed_shards: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # scenario id -> why it was left out
+    failed_detectors: dict[str, str] = field(default_factory=dict)
+    memory_format: str = "contiguous"  # of the forward passes: "contiguous" or "channels_last"
+
+    @property
+    def probs(self) -> Tensor:
+        """Class probabilities ``[S, N, K]``: the ``probs`` quantity of the classification tasks."""
+        return self.outputs["probs"]
+
+
+def merge_rows(units: Sequence[UnitOutputs], ids: list[str], n: int,
+               take: Callable[[UnitOutputs, str], Tensor]) -> Tensor:
+    """``[S, n, ...]`` from every unit's ``[stop - start, ...]`` part of every scenario.
+
+    The result is allocated once and ``take`` pops each part from its unit, so a part is freed as
+    soon as it is copied: the merge holds the result and one part. Stacking concatenations held
+    the parts, the concatenations and the result at once (at N = 20,000 on the example audit the
+    merge raised the forward phase's peak by 84 MB).
+    """
+    out: Tensor | None = None
+    for s, sid in enumerate(ids):
+        for unit in units:
+            part = take(unit, sid)
+            if out is None:
+                out = part.new_empty((len(ids), n, *part.shape[1:]))
+            out[s, unit.start : unit.stop] = part
+    assert out is not None  # callers pass at least one unit and one scenario
+    return out
+
+
+def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], detectors: Sequence[Detector],
+                output_kind: str, resumed: int, memory_format: str) -> ForwardResult:
+    """The audit's forward result from the outputs of units covering ``0..n-1`` (in any order).
+
+    A scenario that failed in any unit (its perturbation raised or broke its contract) is left
+    out everywhere, as is a detector that failed in any unit; the message of the last unit (in
+    sample order) that it failed in says why. Consumes ``units`` (emptied), so the parts are freed by the merge.
+    """
+    units.sort(key=lambda u: u.start)
+    failures = {sid: msg for u in units for sid, msg in u.failed.items()}
+    failed_detectors = {d: msg for u in units for d, msg in u.failed_detectors.items()}
+    scenarios = [s for s in scenarios if s.id not in failures]
+    ids = [s.id for s in scenarios]
+    outputs = {name: merge_rows(units, ids, n, lambda u, sid, name=name: u.outputs[name].pop(sid))
+               for name in units[0].outputs}
+    embeddings: dict[str, Tensor] = {}
+    for d in detectors:
+        if d.name not in failed_detectors and all(d.name in u.embeddings.get(sid, {}) for u in units for sid in ids):
+            embeddings[d.name] = merge_rows(units, ids, n, lambda u, sid, name=d.name: u.embeddings[sid].pop(name))
+    params = {sid: {k: torch.cat([u.params[sid][k] for u in units]) for k in units[0].params.get(sid, {})} for sid in ids}
+    seconds = {sid: sum(u.seconds.get(sid, 0.0) for u in units) for sid in ids}
+    units.clear()
+    release_free_memory()  # the units' parts, now merged
+    return ForwardResult(scenarios, outputs, embeddings, params, seconds, output_kind, resumed, failures,
+                         failed_detectors, memory_format)
