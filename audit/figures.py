@@ -22,12 +22,24 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import matplotlib
+from typing import TYPE_CHECKING, Any
+
 from markupsafe import Markup, escape
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Figures are built with matplotlib.figure.Figure directly, never pyplot: no global figure
 # registry, no backend switch in the caller's process (e.g. a notebook rendering a report).
+# matplotlib is imported when the first figure is drawn, not with this module: the plugins that
+# contribute report sections import the view helpers at load time, and an audit or a `medaudit`
+# command that draws nothing should not pay matplotlib's ~0.3 s and ~30 MB.
+
+
+def _rc_context(params: dict[str, Any]) -> Any:
+    import matplotlib
+
+    return matplotlib.rc_context(params)
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision
 # deficiency. Yellow comes last: it has the lowest contrast against the white background.
@@ -99,7 +111,7 @@ def to_svg(fig: Figure, key: str, alt: str) -> Markup:
     ``key`` must be unique within a document and stable across runs: it salts the element ids.
     """
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": f"medaudit-{key}", "svg.fonttype": "none"}):
+    with _rc_context({"svg.hashsalt": f"medaudit-{key}", "svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None}, bbox_inches="tight")
     svg = _PROLOG.sub("", buf.getvalue(), count=1)
     svg = _METADATA.sub("", svg, count=1)
@@ -115,6 +127,8 @@ def to_svg(fig: Figure, key: str, alt: str) -> Markup:
 
 
 def _new(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
@@ -128,7 +142,7 @@ def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, a
     Points whose drop from clean is significant are drawn as filled markers with a dark edge, so
     the marking survives greyscale printing.
     """
-    with matplotlib.rc_context(_STYLE):
+    with _rc_context(_STYLE):
         fig, axes = _new(3.9 * len(panels), 3.2, len(panels))
         for p, (ax, (title, ylabel, series)) in enumerate(zip(axes, panels)):
             for i, s in enumerate(series):
@@ -161,7 +175,7 @@ def degradation(panels: Sequence[tuple[str, str, Sequence[Series]]], key: str, a
 
 def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str) -> Markup:
     """Reliability diagram: accuracy against confidence per bin, one line per scenario, diagonal = perfect."""
-    with matplotlib.rc_context(_STYLE):
+    with _rc_context(_STYLE):
         fig, (ax,) = _new(4.4, 4.4)
         ax.plot([0, 1], [0, 1], color="#888888", linewidth=0.8, linestyle=":", label="perfect calibration")
         for i, (label, bins) in enumerate(curves):
@@ -188,7 +202,7 @@ def reliability(curves: Sequence[tuple[str, Sequence[dict]]], key: str, alt: str
 
 def forest(rows: Sequence[Interval], xlabel: str, key: str, alt: str, reference: float | None = None) -> Markup:
     """Forest plot: one row per group, point estimate with its CI; dashed line at ``reference``."""
-    with matplotlib.rc_context(_STYLE):
+    with _rc_context(_STYLE):
         fig, (ax,) = _new(4.8, 0.9 + 0.32 * max(1, len(rows)))
         ys = list(range(len(rows)))[::-1]
         for y, r in zip(ys, rows):

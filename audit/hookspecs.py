@@ -94,8 +94,9 @@ def medaudit_perturbations() -> list[type[Perturbation]]:
 def medaudit_metrics(config: Config) -> list[Metric]:
     """Return metric instances to compute on every scenario.
 
-    Called once per audit after the config is validated. Instances may read the config
-    (e.g. ``config.audit.n_bins``). A metric whose ``tasks`` exclude the audit's task is skipped.
+    Called once per audit after the config is validated. Instances may read the config and
+    their plugin's own settings (``config.plugin_settings("<plugin>")``, see
+    :func:`medaudit_settings`). A metric whose ``tasks`` exclude the audit's task is skipped.
 
     :param config: the validated audit configuration.
     :return: a list of :class:`medaudit.metric.Metric` instances.

@@ -77,6 +77,10 @@ class Metric(ABC):
         Decimal digits the report shows for every key of the family.
     percent : bool
         Show values multiplied by 100 with a % sign (for shares in [0, 1]).
+    definitions : dict[str, str]
+        Plain-text definition of each result key, or of a key prefix before ``/`` (e.g.
+        ``"sensitivity"`` for ``sensitivity/<class>``): formula, symbols, reference. The report's
+        appendix lists them, so a reader of the evidence sees what every number means.
 
     The display declarations go into results.json (``metric_info``), so a report re-rendered
     from results.json alone shows the same tables.
@@ -89,6 +93,7 @@ class Metric(ABC):
     headline_order: ClassVar[int] = 500
     digits: ClassVar[int] = 3
     percent: ClassVar[bool] = False
+    definitions: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:

@@ -154,19 +154,28 @@ class PluginManager:
                 out.append((impl.plugin_name, result))
         return out
 
+    def _by_name(self, hook: str, kind: str, check: Callable[[Any, str], object]) -> dict[str, tuple[str, Any]]:
+        """Every object a catalogue ``hook`` returns, by its ``name``, with the plugin that provides
+        it; ``check(obj, plugin)`` raises for a malformed one, and a name two plugins provide is a
+        PluginError naming both."""
+        found: dict[str, tuple[str, Any]] = {}
+        for plugin, objects in self.call_each(hook):
+            for obj in objects:
+                check(obj, plugin)
+                if obj.name in found:
+                    raise PluginError(
+                        f'{kind} "{obj.name}" is provided by two plugins: "{found[obj.name][0]}" and "{plugin}"; '
+                        f"uninstall one or rename its {kind}")
+                found[obj.name] = (plugin, obj)
+        return found
+
     def perturbations(self) -> dict[str, tuple[str, type[Perturbation]]]:
         """Every perturbation by name, with the plugin that provides it."""
-        found: dict[str, tuple[str, type[Perturbation]]] = {}
-        for plugin, classes in self.call_each("medaudit_perturbations"):
-            for cls in classes:
-                if not (isinstance(cls, type) and issubclass(cls, Perturbation)):
-                    raise PluginError(f'plugin "{plugin}" returned {cls!r} from medaudit_perturbations; expected Perturbation subclasses')
-                if cls.name in found:
-                    raise PluginError(
-                        f'perturbation "{cls.name}" is provided by two plugins: "{found[cls.name][0]}" and "{plugin}"; '
-                        "uninstall one or rename its perturbation")
-                found[cls.name] = (plugin, cls)
-        return found
+        def check(cls: Any, plugin: str) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, Perturbation)):
+                raise PluginError(f'plugin "{plugin}" returned {cls!r} from medaudit_perturbations; expected Perturbation subclasses')
+
+        return self._by_name("medaudit_perturbations", "perturbation", check)
 
     def suite_owners(self, catalogue: dict[str, tuple[str, type[Perturbation]]]) -> dict[str, str]:
         """The plugin that owns each suite: the first whose perturbations declare it.
@@ -205,16 +214,7 @@ class PluginManager:
 
     def tasks(self) -> dict[str, tuple[str, Task]]:
         """Every task type by name (the values of ``task.type``), with the plugin that provides it."""
-        found: dict[str, tuple[str, Task]] = {}
-        for plugin, tasks in self.call_each("medaudit_tasks"):
-            for task in tasks:
-                check_declaration(task, plugin)
-                if task.name in found:
-                    raise PluginError(
-                        f'task "{task.name}" is provided by two plugins: "{found[task.name][0]}" and "{plugin}"; '
-                        "uninstall one or rename its task")
-                found[task.name] = (plugin, task)
-        return found
+        return self._by_name("medaudit_tasks", "task", check_declaration)
 
     def contributions(self, config: Any) -> dict[str, dict[str, list[str]]]:
         """For ``medaudit plugins``: what each plugin contributes, by kind."""

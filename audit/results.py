@@ -147,6 +147,8 @@ class MetricInfo(_Model):
     lead: bool = Field(False, description="the family's first headline key: drawn in the degradation curves and mCE table")
     digits: int = Field(3, description="decimal digits shown")
     percent: bool = Field(False, description="shown multiplied by 100 with a % sign")
+    definition: str | None = Field(None, description="plain-text definition the family declares for the key (or its "
+                                                     "prefix before '/'); listed in the report's appendix")
 
 
 def metric_info(families: dict[str, Metric], owners: dict[int, str]) -> dict[str, MetricInfo]:
@@ -166,7 +168,8 @@ def metric_info(families: dict[str, Metric], owners: dict[int, str]) -> dict[str
         leads.setdefault(families[key], key)
     return {key: MetricInfo(family=m.name, plugin=owners.get(id(m), type(m).__module__),
                             higher_is_better=m.higher_is_better, headline=key in rank, order=rank.get(key),
-                            lead=leads.get(m) == key, digits=m.digits, percent=m.percent)
+                            lead=leads.get(m) == key, digits=m.digits, percent=m.percent,
+                            definition=m.definitions.get(key, m.definitions.get(key.split("/")[0])))
             for key, m in families.items()}
 
 

@@ -105,6 +105,19 @@ class CalibrationMetrics(Metric):
     higher_is_better: ClassVar[bool] = False
     headline: ClassVar[tuple[str, ...]] = ("ece", "brier", "nll")
     headline_order: ClassVar[int] = 200
+    definitions: ClassVar[dict[str, str]] = {
+        "ece": "Σ_b (n_b / n) |acc_b − conf_b| over equal-width bins of the top-label confidence "
+               "(plugins.calibration.n_bins, 15 by default; Naeini et al. 2015, Guo et al. 2017); multilabel: mean "
+               "over labels of each label's ECE",
+        "ace": "mean over equal-mass bins of |acc_b − conf_b| (Nixon et al. 2019)",
+        "mce": "max_b |acc_b − conf_b| over non-empty bins: the maximum calibration error (not the mean corruption "
+               "error, mCE)",
+        "classwise_ece": "mean over classes of the ECE of p_k against 1[y = k] (Kull et al. 2019)",
+        "brier": "(1/n) Σᵢ Σₖ (pᵢₖ − 1[yᵢ = k])² (Brier 1950; for a binary task twice scikit-learn's "
+                 "brier_score_loss)",
+        "nll": "−(1/n) Σᵢ log pᵢ,yᵢ (multilabel: (1/n) Σᵢ of the binary cross-entropies summed over labels, the "
+               "label vector's negative log-likelihood under independent sigmoids)",
+    }
 
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:
         check_predictions(probs, labels, ctx.task, weights)

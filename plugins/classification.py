@@ -139,6 +139,19 @@ class ClassificationMetrics(Metric):
     higher_is_better: ClassVar[bool] = True
     headline: ClassVar[tuple[str, ...]] = ("accuracy", "balanced_accuracy", "auroc", "f1_macro")
     headline_order: ClassVar[int] = 100
+    definitions: ClassVar[dict[str, str]] = {
+        "accuracy": "(1/n) Σᵢ 1[ŷᵢ = yᵢ], with ŷ the arg-max class (binary: p₁ ≥ task.threshold); multilabel: per "
+                    "label at the threshold, macro-averaged",
+        "balanced_accuracy": "mean over the classes present of the sensitivity TP / (TP + FN) (Brodersen et al. 2010)",
+        "auroc": "probability that a random positive scores above a random negative, ties counting ½ (Hanley & "
+                 "McNeil 1982); multiclass: macro one-vs-rest; undefined when a class is absent",
+        "f1_macro": "mean over classes of 2TP / (2TP + FP + FN)",
+        "f1": "2TP / (2TP + FP + FN) of one label at task.threshold",
+        "sensitivity": "TP / (TP + FN): one-vs-rest per class (arg-max prediction), binary at task.threshold",
+        "specificity": "TN / (TN + FP): one-vs-rest per class (arg-max prediction), binary at task.threshold",
+        "sensitivity_at_spec": "highest sensitivity whose specificity is at least task.target_specificity, the "
+                               "threshold chosen on the evaluated samples",
+    }
 
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:
         check_predictions(probs, labels, ctx.task, weights)
@@ -273,6 +286,12 @@ class SelectivePredictionMetrics(Metric):
     name: ClassVar[str] = "selective_prediction"
     tasks: ClassVar[tuple[str, ...]] = ("binary", "multiclass")
     higher_is_better: ClassVar[bool] = False
+    definitions: ClassVar[dict[str, str]] = {
+        "aurc": "area under the risk-coverage curve when predictions are kept in order of decreasing confidence "
+                "κ = maxₖ pₖ, ties broken at random in expectation (Geifman et al. 2019)",
+        "eaurc": "AURC minus the AURC of an oracle confidence that ranks every error last (excess AURC)",
+        "confident_error_rate": "share of all samples predicted wrongly with confidence κ ≥ 0.9",
+    }
 
     def compute(self, probs: Tensor, labels: Tensor, weights: Tensor, ctx: MetricContext) -> dict[str, Tensor]:
         check_predictions(probs, labels, ctx.task, weights)

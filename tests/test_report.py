@@ -244,7 +244,7 @@ def test_limitations_include_warnings_and_derived_notes() -> None:
 
 def test_appendix_definitions_and_reproducibility(full_html: str) -> None:
     appendix = full_html[full_html.index('<section id="appendix">'):]
-    for term in ("accuracy", "ECE", "Brier score", "NLL", "CE, mCE", "Shift-detection AUROC"):
+    for term in ("accuracy", "ece", "brier", "nll", "CE, mCE", "Shift-detection AUROC"):
         assert f"<dt>{term}" in appendix
     assert "percentile bootstrap" in appendix and "50 resamples" in appendix
     assert "samples/s" in appendix and "Throughput per scenario" in appendix

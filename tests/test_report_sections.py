@@ -93,7 +93,8 @@ def test_metric_info_is_recorded_and_validates(audit: tuple[dict[str, Any], str,
     assert headline == ["accuracy", "balanced_accuracy", "auroc", "f1_macro", "seamtest_sharpness", "ece", "brier", "nll"]
     assert [k for k in headline if info[k]["lead"]] == ["accuracy", "seamtest_sharpness", "ece"]
     assert info["seamtest_sharpness"] == {"family": "seamtest", "plugin": "seamtest", "higher_is_better": True,
-                                          "headline": True, "order": 4, "lead": True, "digits": 1, "percent": True}
+                                          "headline": True, "order": 4, "lead": True, "digits": 1, "percent": True,
+                                          "definition": None}
     assert info["seamtest_hidden"]["headline"] is False and info["seamtest_hidden"]["order"] is None
     assert info["sensitivity/csf_other"]["family"] == "classification" and not info["sensitivity/csf_other"]["headline"]
     assert info["ece"]["plugin"] == "calibration" and info["ece"]["higher_is_better"] is False
@@ -163,6 +164,26 @@ def test_core_report_names_no_builtin_metric() -> None:
                 hits.append(f"{path.name}:{n}: {m.group(0)}")
     assert not hits, hits
     assert pattern.search('x = "ece"') and pattern.search("Accuracy drops")  # the pattern itself finds names
+    # nor do the core templates; the shift-detection measures (AUROC, AUPR, FPR95 of a detector's
+    # score) are the core's own (medaudit.ood_metrics), so only the metric plugins' names count there
+    metric_names = re.compile(r"\b(" + "|".join(n for n in names if n not in ("auroc", "aupr", "fpr95")) + r")\b",
+                              re.IGNORECASE)
+    template_hits = [f"{path.name}: {m.group(0)}" for path in sorted((ROOT / "templates").rglob("*.html"))
+                     for m in metric_names.finditer(re.sub(r"\bmce(_table)?\b|\bmCE\b", "", path.read_text()))]
+    assert not template_hits, template_hits
+
+
+def test_appendix_lists_the_definitions_the_metrics_declare() -> None:
+    # a results file without metric_info gets the installed plugins' declarations, definitions included
+    data = json.loads((ROOT / "tests" / "fixtures" / "results-full.json").read_text(encoding="utf-8"))
+    assert "metric_info" not in data
+    html = render_report(Results.model_validate(data), get_plugin_manager(warn=lambda m: None))
+    appendix = html.split('<section id="appendix">')[1]
+    assert "Hanley &amp; McNeil 1982" in appendix  # auroc, from ClassificationMetrics.definitions
+    assert "Kull et al. 2019" in appendix  # classwise_ece, from CalibrationMetrics.definitions
+    # without plugins nothing declares them, and the appendix says so instead of listing nothing
+    bare = render_report(Results.model_validate(data)).split('<section id="appendix">')[1]
+    assert "records no metric definitions" in bare
 
 
 def test_metric_info_ranking_by_hand() -> None:

@@ -361,10 +361,51 @@ def test_merge_writes_each_shard_part_into_one_tensor_and_frees_it() -> None:
     parts = {sid: torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2) + k for k, sid in enumerate(("a", "b"))}
     shards = [UnitOutputs(lo, hi, outputs={"probs": {sid: p[lo:hi].clone() for sid, p in parts.items()}})
               for lo, hi in ((0, 4), (4, 8), (8, 10))]
-    merged = merge_rows(shards, ["b", "a"], 10, lambda sh, sid: sh.outputs["probs"].pop(sid))
+    merged = merge_rows({"a": shards, "b": shards}, ["b", "a"], 10, lambda sh, sid: sh.outputs["probs"].pop(sid))
     assert torch.equal(merged, torch.stack([parts["b"], parts["a"]]))
     # every part was taken out of its shard: nothing holds it beside the merged tensor
     assert all(not sh.outputs["probs"] for sh in shards)
+
+
+def test_merge_refuses_a_scenario_with_missing_rows() -> None:
+    from medaudit.runner import UnitOutputs
+    from medaudit.runner.merge import merge_rows
+
+    units = [UnitOutputs(0, 4, outputs={"probs": {"a": torch.zeros(4, 2)}}),
+             UnitOutputs(8, 10, outputs={"probs": {"a": torch.zeros(2, 2)}})]  # rows 4..8 never ran
+    with pytest.raises(RuntimeError, match="hold 6 rows of scenario a, not the 10 samples"):
+        merge_rows({"a": units}, ["a"], 10, lambda u, sid: u.outputs["probs"].pop(sid))
+
+
+@pytest.mark.parametrize("per_unit", [1, 2])
+def test_units_of_scenario_subsets_merge_to_the_same_outputs(per_unit: int, tmp_path: Path) -> None:
+    cfg, ds, model = _setup()
+    dets = [_LogitDetector("plain")]
+    scenarios = [Scenario.clean()] + [Scenario.perturbed("intensity.gamma", "intensity", s) for s in (1, 3, 5)]
+
+    def run(executor=None, per=None, cache=None):  # type: ignore[no-untyped-def]
+        return run_forward(model, lambda x: (model.module(x), None), ds, cfg, scenarios, {"intensity.gamma": Gamma()},
+                           torch.device("cpu"), detectors=dets, shard_size=10, executor=executor,
+                           scenarios_per_unit=per, cache=cache)
+
+    whole = run()
+    rev = _Reversed()
+    split = run(rev, per_unit)
+    groups = -(-len(scenarios) // per_unit)
+    assert len(rev.given[0]) == 3 * groups  # every scenario group × every shard, run last first
+    assert torch.equal(split.probs, whole.probs)
+    assert torch.equal(split.embeddings["plain"], whole.embeddings["plain"])
+    assert split.params.keys() == whole.params.keys()
+    for sid, params in whole.params.items():
+        assert all(torch.equal(split.params[sid][k], v) for k, v in params.items())
+    # the same grouping resumes from its store; another grouping recomputes instead of mixing units
+    cache = ShardCache(tmp_path, "fp")
+    run(None, per_unit, cache)
+    cache.flush()
+    resumed = run(None, per_unit, cache)
+    assert resumed.resumed_shards == 2 * groups and torch.equal(resumed.probs, whole.probs)
+    regrouped = run(None, None, cache)
+    assert regrouped.resumed_shards == 0 and torch.equal(regrouped.probs, whole.probs)
 
 
 class _Reversed:

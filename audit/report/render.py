@@ -25,6 +25,7 @@ from .format import fmt, fmt_ci, fmt_p, label
 from .limitations import WarningGroup, derived_notes, warning_groups, warning_records
 from .summary import findings, verdict
 from .views import Table, clean_scenario, confidence_label, headline_keys, lead_keys, primary_metric
+from .views import metric_info as info_of
 
 CORE_TITLES = {"summary": "Summary", "identity": "Identity and traceability", "perturbations": "Perturbation catalogue",
                "robustness": "Robustness", "limitations": "Limitations and warnings", "appendix": "Appendix"}
@@ -61,10 +62,23 @@ class ReportView:
     robustness: Table
     warnings: list[WarningGroup]
     derived_notes: list[str]
-    metric_keys: list[str]
+    definitions: list[tuple[str, str, bool]]  # (term, definition, higher is better), as the metrics declare them
     throughput: Table
     confidence: str
     sections: list[SectionEntry]
+
+
+def metric_definitions(r: dict[str, Any], keys: Any) -> list[tuple[str, str, bool]]:
+    """The appendix's definitions of the metric keys in ``keys``, as their families declare them
+    (``metric_info``): one entry per key, or per prefix for per-class keys (``<key>/<class>``)."""
+    info = info_of(r)
+    out: dict[str, tuple[str, str, bool]] = {}
+    for key in keys:
+        entry = info.get(key) or {}
+        if entry.get("definition"):
+            term = key.split("/")[0]
+            out.setdefault(term, (label(term), entry["definition"], bool(entry.get("higher_is_better", True))))
+    return list(out.values())
 
 
 def template_env() -> jinja2.Environment:
@@ -133,7 +147,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
         suites=suite_views(r, leads, confidence), mce=mce_table(r, leads),
         robustness=robustness_table(r, headline_keys(r), confidence), warnings=warning_groups(records),
         derived_notes=derived_notes(r, records, [n for sec, _ in rendered for n in sec.limitations]),
-        metric_keys=sorted({key.split("/")[0] for key in (clean["metrics"] if clean else {})}),
+        definitions=metric_definitions(r, clean["metrics"] if clean else {}),
         throughput=throughput_table(r), confidence=confidence, sections=_document_order(rendered),
     )
 
@@ -152,8 +166,9 @@ def declared_metric_info(pm: PluginManager, results: Results, problems: list[dic
                                         on_error=lambda msg: problems.append(_problem("report-metric-info-failed", msg))):
         for m in metrics:
             owners[id(m)] = plugin
-            for key in m.headline:
-                if key in results.metric_directions:
+            # the keys a family names: its headline keys and the keys (or prefixes) it defines
+            for key in results.metric_directions:
+                if key in m.headline or key in m.definitions or key.split("/")[0] in m.definitions:
                     families.setdefault(key, m)
     return metric_info(families, owners)
 

@@ -97,7 +97,7 @@ class LocalExecutor:
                                     context.device)
             with torch.inference_mode():
                 outputs = run_shard(batches, unit.start, unit.stop, scenarios, context.perturbations, spec,
-                                    on_batch=context.progress.advance)
+                                    on_batch=lambda b, k=len(scenarios): context.progress.advance(b, k))
             yield unit, outputs
 
 

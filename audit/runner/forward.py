@@ -29,7 +29,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
                 scenarios: list[Scenario], perturbations: dict[str, Perturbation], device: torch.device,
                 detectors: Sequence[Detector] = (), cache: ShardStore | None = None, shard_size: int = 2048,
                 progress: bool = False, owners: dict[object, str] | None = None,
-                executor: Executor | None = None, trust_pickle: bool = False) -> ForwardResult:
+                executor: Executor | None = None, trust_pickle: bool = False,
+                scenarios_per_unit: int | None = None) -> ForwardResult:
     """Run every scenario over the whole dataset, unit by unit, and merge in index order.
 
     Units completed by an earlier run are taken from ``cache``; the others go to ``executor``
@@ -37,6 +38,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     saved to ``cache`` except the last shard (nothing after it could be resumed, and writing it —
     hundreds of MB with feature embeddings — would only delay the end of the audit).
     ``trust_pickle`` is recorded in the units for an executor that loads the model again.
+    ``scenarios_per_unit`` splits the scenarios into groups, one unit per group and shard
+    (:func:`~medaudit.runner.plan.plan_units`); the results do not depend on it.
     """
     n = len(dataset)
     mean, std = normalisation(config, device)
@@ -47,7 +50,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     units = plan_units(model_path=str(model.path), model_format=model.format, model_sha256=model.sha256,
                        trust_pickle=trust_pickle, config=config, dataset_path=str(dataset.path), n=n,
                        scenario_ids=[s.id for s in scenarios], detector_names=[d.name for d in detectors],
-                       device=str(device), probe=probe, shard_size=shard_size, num_workers=workers)
+                       device=str(device), probe=probe, shard_size=shard_size, num_workers=workers,
+                       scenarios_per_unit=scenarios_per_unit)
     executor = executor if executor is not None else LocalExecutor()
     outputs: list[UnitOutputs] = []
     resumed = 0
@@ -61,7 +65,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
             else:
                 outputs.append(cached)
                 resumed += 1
-                bar.advance(unit.stop - unit.start)
+                bar.advance(unit.stop - unit.start, len(unit.scenarios))
         context = ExecutionContext(config, extract, dataset, scenarios, perturbations, detectors, owners or {},
                                    device, bar)
         for unit, out in executor.run(todo, context):

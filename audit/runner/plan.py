@@ -100,11 +100,12 @@ class WorkUnit:
     model_batch_size: int  # samples per model call: fixes the numerics
     batch_size: int  # samples loaded and perturbed at once (a multiple of model_batch_size)
     num_workers: int
+    part: int = 0  # which group of the audit's scenarios this unit runs (0 when every unit runs all)
 
     @property
     def key(self) -> str:
         """Names the unit among its audit's units (a store's key with the audit's fingerprint)."""
-        return f"{self.start:09d}"
+        return f"{self.start:09d}" if self.part == 0 else f"{self.start:09d}-{self.part}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -124,17 +125,27 @@ class WorkUnit:
 
 def plan_units(*, model_path: str, model_format: str, model_sha256: str, trust_pickle: bool, config: Config,
                dataset_path: str, n: int, scenario_ids: list[str], detector_names: list[str], device: str,
-               probe: ModelProbe, shard_size: int, num_workers: int) -> list[WorkUnit]:
-    """Cover the samples ``0..n-1`` with shards of ``shard_size`` (all scenarios in each unit).
+               probe: ModelProbe, shard_size: int, num_workers: int,
+               scenarios_per_unit: int | None = None) -> list[WorkUnit]:
+    """Cover every scenario × the samples ``0..n-1``: shards of ``shard_size`` samples, each
+    unit running a group of ``scenarios_per_unit`` consecutive scenarios (None: all of them).
 
     Loader batches and shards are rounded up to multiples of the model chunk so that chunks
-    stay aligned to sample indices whatever the shard.
+    stay aligned to sample indices whatever the shard. Smaller scenario groups give more, smaller
+    units (for executors that spread them over workers); each unit reads and decodes its shard
+    itself, so in one process the default — every scenario on one decoded batch — is fastest.
+    The outputs are the same for any grouping (the merge places every part by scenario and index).
     """
     chunk = config.audit.model_batch_size
     batch_size = -(-config.audit.batch_size // chunk) * chunk
     shard_size = -(-shard_size // chunk) * chunk
+    size = len(scenario_ids) if scenarios_per_unit is None else scenarios_per_unit
+    if size < 1:
+        raise ValueError(f"scenarios_per_unit must be at least 1, got {scenarios_per_unit}")
+    groups = [tuple(scenario_ids[i : i + size]) for i in range(0, len(scenario_ids), size)] or [()]
     text = config.model_dump_json()
     return [WorkUnit(model_path, model_format, model_sha256, trust_pickle, text, dataset_path, start,
-                     min(start + shard_size, n), tuple(scenario_ids), tuple(detector_names), config.audit.seed,
-                     device, probe.output_kind, probe.memory_format, probe.pad_last, chunk, batch_size, num_workers)
-            for start in range(0, n, shard_size)]
+                     min(start + shard_size, n), group, tuple(detector_names), config.audit.seed,
+                     device, probe.output_kind, probe.memory_format, probe.pad_last, chunk, batch_size, num_workers,
+                     part)
+            for start in range(0, n, shard_size) for part, group in enumerate(groups)]

@@ -58,6 +58,10 @@ class UnitOutputs:
     failed: dict[str, str] = field(default_factory=dict)
     failed_detectors: dict[str, str] = field(default_factory=dict)
 
+    def held(self) -> set[str]:
+        """The scenarios whose outputs this unit holds: the ones it ran, less those that failed in it."""
+        return set(next(iter(self.outputs.values()), {}))
+
 
 @dataclass
 class ForwardSpec:

@@ -109,7 +109,10 @@ class ShardCache:
         path = self._path(unit)
         if not path.exists():
             return None
-        return from_arrays(unit.start, unit.stop, dict(np.load(path, allow_pickle=False)))
+        out = from_arrays(unit.start, unit.stop, dict(np.load(path, allow_pickle=False)))
+        if out is None or out.held() | set(out.failed) != set(unit.scenarios):
+            return None  # written for another grouping of the scenarios: recompute rather than mix
+        return out
 
     def save(self, unit: WorkUnit, outputs: UnitOutputs) -> None:
         arrays = to_arrays(outputs)
