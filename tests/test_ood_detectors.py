@@ -125,7 +125,7 @@ def test_spectral_signature_definition() -> None:
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_spectral_eigensolves_split_over_threads_give_identical_values(threads: int) -> None:
     """On a CPU the batch's eigensolves are split over torch's threads: the same bits as one call."""
-    from medaudit.plugins.ood import _eigvalsh_split
+    from medaudit.plugins.ood.detectors import _eigvalsh_split
 
     a = torch.randn(23, 9, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     gram = a @ a.transpose(1, 2)
@@ -141,7 +141,7 @@ def test_spectral_eigensolves_split_over_threads_give_identical_values(threads: 
 def test_spectral_pool_threads_run_torch_single_threaded() -> None:
     """Pool threads with torch's default parallelism would start OpenMP teams that slow the main
     thread's later work; each runs with one intra-op thread."""
-    from medaudit.plugins.ood import _torch_pool
+    from medaudit.plugins.ood.detectors import _torch_pool
 
     pool = _torch_pool(2, "test")
     try:

@@ -166,23 +166,23 @@ def test_robustness_figures_and_tables(full_html: str) -> None:
 
 def test_calibration_section(full_html: str) -> None:
     data = load("full")
-    fig = calibration.reliability_figure(data)
+    fig = calibration.report.reliability_figure(data)
     assert fig is not None
     # clean plus the three scenarios with the highest ECE, worst first
     assert "clean (ECE" in fig.svg and "intensity.gamma@5 (ECE 0.301)" in fig.svg
     assert fig.svg in full_html
     assert "Temperature scaling" in full_html and "Fitted temperature T = 0.877" in full_html
-    temperature, _ = calibration.temperature_table(data)
+    temperature, _ = calibration.report.temperature_table(data)
     assert temperature.rows[0].cells[0] == "clean"
-    assert calibration.calibration_table(data).headers == ["Scenario", "ece", "ace", "mce", "brier", "nll"]
+    assert calibration.report.calibration_table(data).headers == ["Scenario", "ece", "ace", "mce", "brier", "nll"]
 
 
 def test_ood_section_with_detectors(full_html: str) -> None:
     data = load("full")
-    assert len(ood.ood_table(data).rows) == 8  # 4 perturbed scenarios × 2 detectors
-    fig = ood.ood_figure(data)
+    assert len(ood.report.ood_table(data).rows) == 8  # 4 perturbed scenarios × 2 detectors
+    fig = ood.report.ood_figure(data)
     assert fig is not None and "keeps no per-sample scores" in fig.caption and fig.svg in full_html
-    assert ood.failure_table(data).headers == ["Scenario", "energy", "msp"]
+    assert ood.report.failure_table(data).headers == ["Scenario", "energy", "msp"]
     assert "No detectors ran" not in full_html
 
 

@@ -19,21 +19,13 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from medaudit.detector import Detector
-from medaudit.hookspecs import hookimpl
-from medaudit.settings import PluginSettings, legacy_key
 from medaudit.task import OutputKind
-
-if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
-    from medaudit.config import Config
-
-MEDAUDIT_API_VERSION = 1
 
 # Smallest normalised singular value kept before the log: a rank-deficient map has exact zeros.
 _SPECTRAL_FLOOR = 1e-12
@@ -452,147 +444,3 @@ class Spectral(Detector):
             return _sq_mahalanobis(x, self.mean, self.chol)[:, 0]
         assert self.bank is not None
         return kth_nn_distance(x, self.bank, _effective_k(self.k, self.bank.shape[0]))
-
-
-@hookimpl
-def medaudit_detectors(config: Config) -> list[Detector]:
-    """The built-in detectors, with ``plugins.ood.energy_temperature`` and ``plugins.ood.knn_k``."""
-    settings = config.plugin_settings("ood")
-    return [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy(), Mahalanobis(), KNN(settings.knn_k),
-            Spectral()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Report section: shift detection and failure detection (public API only)
-# ---------------------------------------------------------------------------------------------
-
-from collections import defaultdict  # noqa: E402  (a self-contained block: the view code of this plugin)
-from typing import Any  # noqa: E402
-
-from medaudit.report.views import (  # noqa: E402
-    Figure, Row, Series, Table, confidence_label, degradation, detectors, fmt_ci, label, perturbed_scenarios,
-)
-from medaudit.sections import ReportSection  # noqa: E402
-
-OOD_STATS = (("auroc", "AUROC"), ("aupr", "AUPR"), ("fpr95", "FPR@95%TPR"))
-
-OOD_TEMPLATE = """\
-{% if ood.rows %}
-{% if figure %}{% with f = figure %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
-{% with t = ood %}{% include "sections/_table.html" %}{% endwith %}
-{% else %}
-<p class="empty">No detectors ran: this results file holds no shift-detection scores (no detector plugin was installed or none applied to this model; <code>audit.detectors</code> selects them).</p>
-{% endif %}
-<h3>Failure detection</h3>
-{% if failure.rows %}
-{% with t = failure %}{% include "sections/_table.html" %}{% endwith %}
-{% else %}
-<p class="empty">No failure-detection results were recorded.</p>
-{% endif %}
-"""
-
-
-def ood_table(r: dict[str, Any]) -> Table:
-    t = Table(f"Shift detection per scenario and detector: how well each detector's score separates the perturbed "
-              f"samples from clean ones ({confidence_label(r)} CIs). AUROC 0.5 is chance; FPR@95%TPR is the share of "
-              "clean samples flagged when 95% of shifted ones are (lower is better).",
-              ["Scenario", "Detector"] + [h for _, h in OOD_STATS])
-    for s in r["scenarios"]:
-        for det in sorted(s.get("ood", {})):
-            stats = s["ood"][det]
-            t.rows.append(Row([s["id"], det] + [fmt_ci(stats.get(k)) for k, _ in OOD_STATS]))
-    return t
-
-
-def ood_figure(r: dict[str, Any]) -> Figure | None:
-    """Detector AUROC against severity, one panel per suite, averaged over the suite's perturbations."""
-    dets = detectors(r)
-    panels = []
-    for suite in sorted({s.get("suite") or "other" for s in perturbed_scenarios(r)}) if dets else []:
-        series = []
-        for det in dets:
-            by_sev: dict[int, list[float]] = defaultdict(list)
-            for s in perturbed_scenarios(r):
-                v = s.get("ood", {}).get(det, {}).get("auroc", {}).get("value")
-                if (s.get("suite") or "other") == suite and v is not None:
-                    by_sev[s["severity"]].append(v)
-            if by_sev:
-                sev = sorted(by_sev)
-                series.append(Series(det, sev, [sum(by_sev[k]) / len(by_sev[k]) for k in sev]))
-        if series:
-            panels.append((suite, "AUROC (mean over perturbations)", series))
-    if not panels:
-        return None
-    alt = ("Shift-detection AUROC against severity per detector (" + ", ".join(dets) + "), one panel per suite ("
-           + ", ".join(p[0] for p in panels) + "), averaged over the suite's perturbations.")
-    return Figure(degradation(panels, "ood", alt, [True] * len(panels), xlabel="severity", chance=0.5),
-                  "Detector AUROC against severity, averaged over each suite's perturbations; the dotted line is chance "
-                  "(0.5). results.json keeps no per-sample scores, so ROC curves cannot be drawn from it; this summary "
-                  "replaces them (run with --save-predictions to keep the scores).")
-
-
-def failure_table(r: dict[str, Any]) -> Table:
-    keys = sorted({k for s in r["scenarios"] for k in s.get("failure_detection", {})})
-    t = Table(f"Failure detection: AUROC of each detector's score at separating the model's wrong predictions from "
-              f"its correct ones, per scenario ({confidence_label(r)} CIs; higher is better).",
-              ["Scenario"] + [label(k) for k in keys])
-    for s in r["scenarios"]:
-        if s.get("failure_detection"):
-            t.rows.append(Row([s["id"]] + [fmt_ci(s["failure_detection"].get(k)) for k in keys]))
-    return t
-
-
-def ood_finding(r: dict[str, Any]) -> str | None:
-    means = {}
-    for det in detectors(r):
-        vals = [s["ood"][det]["auroc"]["value"] for s in perturbed_scenarios(r)
-                if s.get("ood", {}).get(det, {}).get("auroc", {}).get("value") is not None]
-        if vals:
-            means[det] = sum(vals) / len(vals)
-    if not means:
-        return None
-    det = min(means, key=lambda d: (means[d], d))
-    return (f"The weakest shift detector is {det}: mean AUROC {means[det]:.3f} over the perturbed scenarios "
-            f"(0.5 is chance), so shifted inputs often go unflagged by it.")
-
-
-def ood_limitations(r: dict[str, Any]) -> list[str]:
-    """Detectors configured but without results, and those the run had to skip (warning code
-    ``detector-skipped``)."""
-    notes = []
-    wanted = r.get("config", {}).get("audit", {}).get("detectors")
-    ran = set(detectors(r))
-    if wanted:
-        missing = [d for d in wanted if d not in ran]
-        if missing:
-            notes.append("Configured OOD detectors that produced no results: " + ", ".join(missing) + ".")
-    elif not ran:
-        notes.append("No OOD or shift detector produced results; the OOD section is empty.")
-    skipped = sorted({w["subject"] for w in r.get("warning_records", [])
-                      if w["code"] == "detector-skipped" and w.get("subject")})
-    if skipped:
-        notes.append("OOD detectors that could not run (reasons in the warnings above): " + ", ".join(skipped) + ".")
-    return notes
-
-
-@hookimpl
-def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
-    finding = ood_finding(results)
-    return [ReportSection(
-        id="ood", title="OOD and shift detection", template=OOD_TEMPLATE, order=420,
-        context={"ood": ood_table(results), "figure": ood_figure(results), "failure": failure_table(results)},
-        findings=[finding] if finding else [], limitations=ood_limitations(results))]
-
-
-class OodSettings(PluginSettings):
-    """``plugins.ood``: the detectors' parameters (formerly ``audit.energy_temperature``, ``audit.knn_k``)."""
-
-    energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector",
-                                      json_schema_extra=legacy_key("audit.energy_temperature"))
-    knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)",
-                       json_schema_extra=legacy_key("audit.knn_k"))
-
-
-@hookimpl
-def medaudit_settings() -> type[PluginSettings]:
-    return OodSettings

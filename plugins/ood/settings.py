@@ -1,0 +1,16 @@
+"""``plugins.ood``: the detectors' parameters (formerly ``audit.energy_temperature``, ``audit.knn_k``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from medaudit.settings import PluginSettings, legacy_key
+
+
+class OodSettings(PluginSettings):
+    """``plugins.ood``: the detectors' parameters (formerly ``audit.energy_temperature``, ``audit.knn_k``)."""
+
+    energy_temperature: float = Field(1.0, gt=0, description="temperature T of the energy detector",
+                                      json_schema_extra=legacy_key("audit.energy_temperature"))
+    knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)",
+                       json_schema_extra=legacy_key("audit.knn_k"))
