@@ -249,9 +249,8 @@ def build_results(
     subgroups: list[dict[str, Any]] = []
     plugin_failures = [w.message for w in detector_records] + [w.message for w in metric_failures.values()]
 
-    def analysis_failed(message: str) -> None:
-        # call_each names the failing plugin in the message only, so the record's plugin stays empty
-        records.append(WarningRecord(code="analysis-failed", message=message))
+    def analysis_failed(message: str, plugin: str) -> None:
+        records.append(WarningRecord(code="analysis-failed", plugin=plugin, subject=plugin, message=message))
         plugin_failures.append(message)
 
     for plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):

@@ -129,13 +129,14 @@ class PluginManager:
         self.infos[name] = PluginInfo(name, distribution, version, api, module)
         self.problems.extend(LoadProblem(name, distribution, p) for p in hook_problems(self.pm, plugin))
 
-    def call_each(self, hook_name: str, on_error: Callable[[str], None] | None = None,
+    def call_each(self, hook_name: str, on_error: Callable[[str, str], None] | None = None,
                   **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation of a hook separately, returning ``(plugin name, result)``.
 
         Unlike ``pm.hook.X()``, this attributes each contribution to its plugin. An exception in
         one plugin becomes a message naming it: raised as :class:`PluginError`, or, when
-        ``on_error`` is given, passed to it while the other plugins' results are kept.
+        ``on_error`` is given, passed to it with the plugin's name (``on_error(message, plugin)``)
+        while the other plugins' results are kept.
         """
         out = []
         caller = getattr(self.pm.hook, hook_name)
@@ -148,7 +149,7 @@ class PluginManager:
                            else f'plugin "{impl.plugin_name}" failed in {hook_name}: {type(exc).__name__}: {exc}')
                 if on_error is None:
                     raise (exc if isinstance(exc, PluginError) else PluginError(message)) from exc
-                on_error(message)
+                on_error(message, impl.plugin_name)
                 continue
             if result is not None:
                 out.append((impl.plugin_name, result))

@@ -94,6 +94,10 @@ def test_failing_plugin_is_named_and_the_rest_is_kept(tmp_path: Path) -> None:
     assert 'metric "bad_metric" of plugin "exploding" raised' in warnings
     assert 'ood: detector "bad_detector" of plugin "exploding" raised in embed' in warnings
     assert 'plugin "exploding" failed in medaudit_analyze: KeyError' in warnings
+    # every isolated failure is a record naming the plugin it came from, the analysis one included
+    failed = {w.code: w.plugin for w in results.warning_records if w.code.endswith("-failed")}
+    assert failed == {"perturbation-failed": "exploding", "metric-failed": "exploding",
+                      "detector-failed": "exploding", "analysis-failed": "exploding"}
     # named by the user and left without a scenario: a failed check, so the audit exits 1
     [check] = [c for c in results.checks if c.expr == "perturbation:boom.explode ran"]
     assert not check.passed and "kaboom in apply" in (check.error or "")

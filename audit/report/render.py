@@ -163,7 +163,8 @@ def declared_metric_info(pm: PluginManager, results: Results, problems: list[dic
     families: dict[str, Any] = {}
     owners: dict[int, str] = {}
     for plugin, metrics in pm.call_each("medaudit_metrics", config=config,
-                                        on_error=lambda msg: problems.append(_problem("report-metric-info-failed", msg))):
+                                        on_error=lambda msg, plugin: problems.append(
+                                            _problem("report-metric-info-failed", msg, plugin))):
         for m in metrics:
             owners[id(m)] = plugin
             # the keys a family names: its headline keys and the keys (or prefixes) it defines
@@ -182,8 +183,8 @@ def render_report(results: Results, pm: PluginManager | None = None) -> str:
             results = results.model_copy(update={"metric_info": declared_metric_info(pm, results, problems)})
         data = results.model_dump(mode="json")
 
-        def section_failed(message: str) -> None:
-            problems.append(_problem("report-section-failed", message))
+        def section_failed(message: str, plugin: str) -> None:
+            problems.append(_problem("report-section-failed", message, plugin))
 
         for plugin, secs in pm.call_each("medaudit_report_sections", on_error=section_failed, results=data):
             for sec in secs:
