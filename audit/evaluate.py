@@ -293,6 +293,7 @@ def build_results(
         "model": {
             "path": str(model.path), "sha256": model.sha256, "format": model.format,
             "num_parameters": model.num_parameters, "task": cfg.task.type, "classes": list(cfg.task.classes),
+            "task_capabilities": sorted(task.capabilities),
             "dtype": model.dtype, "summary": model.summary, "output_kind": fwd.output_kind,
             "name": cfg.model.name, "description": cfg.model.description, "intended_use": cfg.model.intended_use,
         },

@@ -74,6 +74,9 @@ class ModelInfo(_Model):
     num_parameters: int
     task: str
     classes: list[str]
+    task_capabilities: list[str] | None = Field(
+        None, description="what the task declares applies (medaudit.task capabilities, e.g. calibration, "
+                          "subgroups); report sections consult it; None in results written before tasks declared them")
     dtype: str = ""
     summary: str = ""
     output_kind: str = ""

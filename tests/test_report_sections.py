@@ -243,3 +243,12 @@ def test_analysis_warnings_strings_records_and_garbage() -> None:
     assert [w.code for w in out[3:]] == ["analysis-failed", "analysis-failed"]
     assert 'plugin "p"' in out[3].message and "code: Field required" in out[3].message
     assert "3" in out[4].message
+
+
+def test_task_applies_reads_the_recorded_capabilities() -> None:
+    from medaudit.report.views import task_applies
+    from medaudit.task import CALIBRATION, SUBGROUPS
+
+    assert task_applies({"model": {}}, CALIBRATION)  # results from before tasks declared capabilities
+    recorded = {"model": {"task_capabilities": [SUBGROUPS]}}
+    assert task_applies(recorded, SUBGROUPS) and not task_applies(recorded, CALIBRATION)

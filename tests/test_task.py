@@ -96,6 +96,10 @@ def test_hook_medaudit_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert "temperature_scaling" not in results["calibration"]
     assert any("did not run: the outputs of a ordinal task are not class scores" in w for w in results["warnings"])
     assert any("subgroup analysis does not apply to a ordinal task" in w for w in results["warnings"])
+    # the task's capabilities are recorded, and the report leaves out the views that do not apply
+    assert results["model"]["task_capabilities"] == []
+    html = (out / "report.html").read_text()
+    assert 'id="calibration"' not in html and 'id="subgroups"' not in html
 
     # The stored quantity is the task's, [S, N]; checked against the model run here by hand.
     preds = np.load(out / "predictions.npz")

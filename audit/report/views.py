@@ -28,7 +28,7 @@ from .format import fmt, fmt_ci, fmt_metric, fmt_p, label
 __all__ = [
     "Figure", "Interval", "Row", "Series", "Table", "clean_scenario", "confidence_label", "degradation",
     "detectors", "fmt", "fmt_ci", "fmt_metric", "fmt_p", "forest", "headline_keys", "label", "lead_keys",
-    "metric_info", "perturbed_scenarios", "primary_metric", "reliability", "value",
+    "metric_info", "perturbed_scenarios", "primary_metric", "reliability", "task_applies", "value",
 ]
 
 
@@ -70,6 +70,14 @@ def perturbed_scenarios(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def clean_scenario(r: dict[str, Any]) -> dict[str, Any] | None:
     return next((s for s in r["scenarios"] if s["id"] == "clean"), None)
+
+
+def task_applies(r: dict[str, Any], capability: str) -> bool:
+    """Whether the audit's task declared ``capability`` (a :mod:`medaudit.task` constant such as
+    ``CALIBRATION``): a section whose view does not apply to the task leaves itself out. Results
+    written before tasks declared capabilities (no ``model.task_capabilities``) count as applying."""
+    declared = r.get("model", {}).get("task_capabilities")
+    return declared is None or capability in declared
 
 
 def detectors(r: dict[str, Any]) -> list[str]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from medaudit.report.views import (
-    Figure, Row, Table, clean_scenario, confidence_label, fmt, fmt_ci, label, perturbed_scenarios, reliability, value,
+    Figure, Row, Table, clean_scenario, confidence_label, fmt, fmt_ci, label, perturbed_scenarios, reliability,
+    task_applies, value,
 )
 from medaudit.sections import ReportSection
+from medaudit.task import CALIBRATION
 
 # the calibration table's columns (class-wise ECE stays in results.json: it repeats ECE per class)
 CALIBRATION_KEYS = ("ece", "ace", "mce", "brier", "nll")
@@ -88,8 +90,8 @@ def calibration_finding(r: dict[str, Any]) -> str | None:
 def calibration_sections(results: dict[str, Any]) -> list[ReportSection]:
     """The section for ``results`` (none when this plugin's metrics did not run), with its finding."""
     clean = clean_scenario(results)
-    if not clean or not any(k in clean["metrics"] for k in CALIBRATION_KEYS):
-        return []  # this plugin's metrics did not run (another task, or the plugin failed)
+    if not task_applies(results, CALIBRATION) or not clean or not any(k in clean["metrics"] for k in CALIBRATION_KEYS):
+        return []  # the task has no calibration view, or this plugin's metrics did not run (the plugin failed)
     temperature, method = temperature_table(results)
     finding = calibration_finding(results)
     return [ReportSection(

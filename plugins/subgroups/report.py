@@ -9,9 +9,10 @@ from typing import Any
 
 from medaudit.report.views import (
     Figure, Interval, Row, Table, clean_scenario, confidence_label, fmt, fmt_ci, fmt_p, forest, label, lead_keys,
-    primary_metric, value,
+    primary_metric, task_applies, value,
 )
 from medaudit.sections import ReportSection
+from medaudit.task import SUBGROUPS
 
 SUBGROUPS_TEMPLATE = """\
 {% if figures or gaps.rows or notes %}
@@ -127,7 +128,10 @@ def subgroup_limitations(r: dict[str, Any]) -> list[str]:
 
 
 def subgroup_sections(results: dict[str, Any]) -> list[ReportSection]:
-    """The section for ``results``, with its finding and limitations."""
+    """The section for ``results``, with its finding and limitations (none for a task the
+    subgroup analysis does not apply to: the analysis says so in the warnings)."""
+    if not task_applies(results, SUBGROUPS):
+        return []
     finding = subgroup_finding(results)
     return [ReportSection(
         id="subgroups", title="Subgroups", template=SUBGROUPS_TEMPLATE, order=430,
