@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import sys
 import traceback
@@ -48,6 +49,11 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             click.echo(f"medaudit: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            # the reader of stdout went away (`medaudit perturbations | head`): end quietly, as Unix
+            # tools do, with 128 + SIGPIPE; later writes and the final flush go to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except KeyboardInterrupt:
             click.echo("medaudit: interrupted; run again with --resume to continue from completed shards", err=True)
             ctx.exit(130)

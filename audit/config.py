@@ -74,6 +74,12 @@ class InputConfig(_Section):
     mean: list[float] = Field(default_factory=lambda: [0.0], description="normalisation mean per channel (or one value)")
     std: list[float] = Field(default_factory=lambda: [1.0], description="normalisation std per channel (or one value)")
 
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality_case(cls, v: Any) -> Any:
+        # "MRI", "CT", "X-ray" in DICOM headers and in people's configs: the names are case-insensitive
+        return v.strip().lower() if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _shapes(self) -> "InputConfig":
         if self.spatial_size is not None:
@@ -229,6 +235,25 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join([f"invalid configuration in {source}:", *validation_error_lines(err)])
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping.
+
+    Plain YAML keeps the last value silently, so a config with two ``audit:`` sections would run
+    with half of the user's settings dropped; TOML already refuses duplicates.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key] + 1}); "
+                                "remove one, the later value would silently replace the earlier", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a YAML or TOML file into a dict (no validation)."""
     if not path.is_file():
@@ -238,7 +263,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
     if data is None:

@@ -183,21 +183,26 @@ def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
     if risk is not None and not trust_pickle:
         raise _pickle_refusal(path, risk, what="the torch.export archive holds a pickled Python object "
                                                f"({risk}), and torch.export.load would unpickle it")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise fail_to_load(path, f"not a readable torch.export program ({one_line(exc)}); the file may be truncated, "
-                                 "re-save it with torch.export.save") from None
-    # unflatten() rebuilds the submodule hierarchy as modules that are actually called, so forward
-    # hooks on them fire (on program.module() the graph is flat and hooks on submodules never run).
-    try:
-        module: nn.Module = torch.export.unflatten(program)
-        features = _named_submodules(module)
-        note = ""
-    except Exception as exc:
-        module = program.module()
-        features = {}
-        note = f"torch.export: layer hierarchy unavailable ({one_line(exc, 120)})"
+    with warnings.catch_warnings():
+        # torch's own deprecations inside its loader and unflatten (e.g. "isinstance(treespec,
+        # LeafSpec) is deprecated") say nothing about the user's model and were printed on every audit
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise fail_to_load(path, f"not a readable torch.export program ({one_line(exc)}); the file may be "
+                                     "truncated, re-save it with torch.export.save") from None
+        # unflatten() rebuilds the submodule hierarchy as modules that are actually called, so forward
+        # hooks on them fire (on program.module() the graph is flat and hooks on submodules never run).
+        try:
+            module: nn.Module = torch.export.unflatten(program)
+            features = _named_submodules(module)
+            note = ""
+        except Exception as exc:
+            module = program.module()
+            features = {}
+            note = f"torch.export: layer hierarchy unavailable ({one_line(exc, 120)})"
     return _loaded(module, path, "export", features, note)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -413,3 +414,22 @@ def test_threads_option_applies_to_the_audit_only_and_is_recorded(tmp_path: Path
     bad = run(["run", str(MODEL), "--data", str(DATA), "--config", str(CONFIG), "--out", str(tmp_path / "b"),
                "--threads", "0"])
     assert bad.returncode == 2 and "audit.threads" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `medaudit perturbations | head`: the reader is gone before medaudit writes
+    res = subprocess.run(f"{shlex.quote(sys.executable)} -m medaudit.cli perturbations | true; "
+                         "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert res.returncode == 141, res.stderr  # 128 + SIGPIPE, as Unix tools end
+    assert "error" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_report_written_alone_gets_the_usual_file_mode(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text((Path(__file__).parent / "fixtures" / "results-small.json").read_text())
+    out = tmp_path / "alone.html"
+    res = run(["report", str(results), "-o", str(out)])
+    assert res.returncode == 0, res.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 under the usual umask, not mkstemp's 0600

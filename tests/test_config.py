@@ -81,3 +81,21 @@ def test_schema_lists_sections() -> None:
     schema = Config.model_json_schema()
     assert set(schema["properties"]) >= {"model", "input", "task", "audit", "subgroups", "checks", "output"}
     json.dumps(schema)
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("audit:\n  seed: 1\ninput:\n  dims: 2\naudit:\n  bootstrap: 10\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml.*key 'audit' appears twice.*first on line 1"):
+        load_config(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("audit:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'seed' appears twice"):
+        load_config(nested)
+
+
+@pytest.mark.parametrize("written", ["MRI", "Mri", " ct ", "XRay"])
+def test_modality_names_are_case_insensitive(tmp_path: Path, written: str) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(f"input:\n  modality: '{written}'\n")
+    assert load_config(path).input.modality == written.strip().lower()
