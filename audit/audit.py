@@ -292,6 +292,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
         cache.flush()
         shutil.rmtree(cache_root, ignore_errors=True)
-        for message in [*_grouped_failures(fwd.failures), *fwd.failed_detectors.values(), *evaluation.plugin_failures]:
+        for message in [*_grouped_failures(fwd.failures), *fwd.failed_detectors.values(), *evaluation.plugin_failures,
+                        *(w.message for w in results.warning_records if w.alert)]:
             warn(message)
         return results

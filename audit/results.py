@@ -137,6 +137,8 @@ class WarningRecord(_Model):
     scenario: str | None = Field(None, description="the scenario it concerns, if one")
     subject: str | None = Field(None, description="what it concerns by name: a detector, metric, perturbation, "
                                                   "plugin or metadata column")
+    alert: bool = Field(False, description="the warning may invalidate the evidence (e.g. a model near chance): shown "
+                                           "as a banner above the report's summary and printed on the console")
 
 
 class MetricInfo(_Model):

@@ -433,3 +433,20 @@ def test_report_written_alone_gets_the_usual_file_mode(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 under the usual umask, not mkstemp's 0600
+
+
+def test_a_model_at_chance_is_loud_everywhere(tmp_path: Path) -> None:
+    # the example model given the wrong input spec (no config: min-max scaling, mean 0 / std 1)
+    # scores 1/3 on three balanced classes; the audit must not read as reassuring evidence
+    out = tmp_path / "out"
+    res = run(["run", str(ROOT / "examples" / "model.pt"), "--data", str(ROOT / "examples" / "mni-patches" / "test.npz"),
+               "--out", str(out), "--suite", "intensity", "--severities", "3", "--bootstrap", "20", "--quiet"])
+    assert res.returncode == 0, res.stderr
+    assert "warning: the model is near chance on the clean data: balanced accuracy 0.333" in res.stderr
+    results = json.loads((out / "results.json").read_text())
+    [alert] = [w for w in results["warning_records"] if w["alert"]]
+    assert alert["code"] == "near-chance" and alert["plugin"] == "classification" and alert["scenario"] == "clean"
+    html = (out / "report.html").read_text()
+    summary = html[html.index('<section id="summary">'):html.index('<section id="identity">')]
+    assert 'role="alert"' in summary and "near chance on the clean data" in summary
+    assert summary.index('role="alert"') < summary.index("Verdict:")  # above the verdict, first thing read

@@ -218,3 +218,23 @@ def test_hook_returns_metrics_with_directions():
     assert {type(m) for m in metrics} == {ClassificationMetrics, SelectivePredictionMetrics}
     assert ClassificationMetrics.higher_is_better and not SelectivePredictionMetrics.higher_is_better
     assert cls.MEDAUDIT_API_VERSION == 1
+
+
+def test_near_chance_flags_a_constant_predictor_whatever_the_class_balance() -> None:
+    from types import SimpleNamespace
+
+    from medaudit.outputs import Scenario
+    from medaudit.plugins.classification import near_chance
+
+    labels = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)  # imbalanced: the majority class is 80 % accurate
+    ctx = MetricContext(task="multiclass", classes=("a", "b", "c"))
+
+    def outputs(probs: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(labels=labels, scenarios=[Scenario.clean()], probs=probs[None], ctx=ctx,
+                               index=lambda sid: 0)
+
+    majority = torch.tensor([[0.8, 0.15, 0.05]]).expand(100, 3).contiguous()
+    alert = near_chance(outputs(majority))  # type: ignore[arg-type]
+    assert alert is not None and alert["alert"] and "balanced accuracy 0.333" in alert["message"]
+    perfect = torch.nn.functional.one_hot(labels, 3).double() * 0.9 + 0.1 / 3
+    assert near_chance(outputs(perfect)) is None  # type: ignore[arg-type]

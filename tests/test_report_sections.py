@@ -121,9 +121,9 @@ def test_warning_records_match_warnings(audit: tuple[dict[str, Any], str, Any]) 
     assert [w["message"] for w in records] == results["warnings"]
     by_message = {w["message"]: w for w in records}
     assert by_message["seamtest: a plain warning"] == {"code": "analysis", "plugin": "seamtest", "scenario": None,
-                                                       "subject": None, "message": "seamtest: a plain warning"}
+                                                       "subject": None, "message": "seamtest: a plain warning", "alert": False}
     assert by_message["seamtest: a record"] == {"code": "seamtest-odd", "plugin": "seamtest", "scenario": "clean",
-                                                "subject": None, "message": "seamtest: a record"}
+                                                "subject": None, "message": "seamtest: a record", "alert": False}
     # knn needs the feature layer the example config sets; msp skipped or not, every record has a code
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", w["code"]) for w in records)
     assert "<h4>From plugin seamtest (2)</h4>" in html

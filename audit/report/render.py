@@ -23,7 +23,7 @@ from .core import (SuiteView, checks_table, identity_rows, mce_table, metadata_v
                    robustness_table, suite_views, throughput_table)
 from .format import fmt, fmt_ci, fmt_p, label
 from .limitations import WarningGroup, derived_notes, warning_groups, warning_records
-from .summary import findings, verdict
+from .summary import alerts, findings, verdict
 from .views import Table, clean_scenario, confidence_label, headline_keys, lead_keys, primary_metric
 from .views import metric_info as info_of
 
@@ -48,6 +48,7 @@ class ReportView:
     title: str
     results: dict[str, Any]
     verdict: str
+    alerts: list[dict[str, Any]]
     findings: list[str]
     checks: Table
     identity: list[tuple[str, str]]
@@ -139,7 +140,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
     records = warning_records(r) + problems
     m = r["model"]
     return ReportView(
-        title=f"medaudit report: {m.get('name') or m['path']}", results=r, verdict=verdict(r),
+        title=f"medaudit report: {m.get('name') or m['path']}", results=r, verdict=verdict(r), alerts=alerts(r),
         findings=findings(r, [f for sec, _ in rendered for f in sec.findings]),
         checks=checks_table(r), identity=identity_rows(r), metadata_tables=metadata_tables,
         metadata_notes=metadata_notes, catalogue=r["perturbation_catalogue"],

@@ -8,6 +8,11 @@ from typing import Any
 from .views import clean_scenario, fmt, fmt_metric, label, metric_info, perturbed_scenarios, primary_metric, value
 
 
+def alerts(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warning records that may invalidate the evidence (``alert``): a banner above the summary."""
+    return [w for w in r.get("warning_records", []) if w.get("alert")]
+
+
 def verdict(r: dict[str, Any]) -> str:
     if not r["checks"]:
         return "no checks configured"
@@ -47,7 +52,7 @@ def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
 def findings(r: dict[str, Any], sections: Sequence[str] = ()) -> list[str]:
     """3–5 plain-language findings, most important first: failed checks, the largest significant
     drops of the primary metric, then the plugin sections' findings (``sections``, in section order)."""
-    head: list[str] = []
+    head: list[str] = [f"{w['message'][:1].upper()}{w['message'][1:]}." for w in alerts(r)]
     failed = [c for c in r.get("checks", []) if not c["passed"]]
     if failed:
         head.append(f"{len(failed)} of {len(r['checks'])} configured checks failed: "
