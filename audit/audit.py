@@ -275,15 +275,19 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
             prep.warnings, reference, ood_sets, assets, phases)
         results = evaluation.results
-        from .report import render_report
+        from .report import render_report_files
 
-        html = render_report(results, pm)
+        rendered = render_report_files(results, pm)
         if results.timing is not None:  # results.json only: the report cannot time its own rendering
             results.timing.phases["report"] = time.perf_counter() - phases.last
         with AtomicOutputDir(cfg.output.dir) as stage:
             (stage / "results.json").write_text(dumps(results), encoding="utf-8")
             if cfg.output.report:
-                (stage / "report.html").write_text(html, encoding="utf-8")
+                (stage / "report.html").write_text(rendered.html, encoding="utf-8")
+                if rendered.tables:
+                    (stage / "tables").mkdir()
+                    for name, text in rendered.tables.items():
+                        (stage / "tables" / name).write_text(text, encoding="utf-8")
             if cfg.output.save_predictions:
                 buf = io.BytesIO()
                 np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))

@@ -306,15 +306,20 @@ def config_schema() -> None:
 @click.option("--pdf", is_flag=True, help="Also print the report to PDF (needs Chromium).")
 @handle_errors
 def report(results_path: Path, output: Path | None, pdf: bool) -> None:
-    """Re-render the HTML report from a results.json alone."""
-    from .report import render_report
+    """Re-render the HTML report (and its tables/*.csv beside it) from a results.json alone."""
+    from .report import render_report_files
     from .writing import write_atomic
     from .results import load_results
 
     results = load_results(results_path)
     target = output or results_path.with_name("report.html")
-    write_atomic(target, render_report(results, plugin_manager()).encode())
+    rendered = render_report_files(results, plugin_manager())
+    for name, text in rendered.tables.items():
+        write_atomic(target.parent / "tables" / name, text.encode())
+    write_atomic(target, rendered.html.encode())
     click.echo(f"report: {target}")
+    if rendered.tables:
+        click.echo(f"tables: {target.parent / 'tables'} ({len(rendered.tables)} CSV files)")
     if pdf:
         from .pdf import html_to_pdf
 

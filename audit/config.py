@@ -171,6 +171,30 @@ class AuditConfig(_Section):
         raise ValueError(f"audit.device must be auto, cpu, cuda or cuda:N, got {v!r}")
 
 
+#: The margin of every headline metric that ``verdict.margins`` does not name, in the metric's units.
+DEFAULT_MARGIN = 0.05
+
+
+class VerdictConfig(_Section):
+    """How the summary's robustness overview judges drops (see docs/verdict.md)."""
+
+    margins: dict[str, float] = Field(
+        default_factory=lambda: {"*": DEFAULT_MARGIN},
+        description="metric key -> the drop (in the metric's units, positive = worse) that counts as breaking; "
+                    "'*' is every other headline metric (default 0.05). A perturbation's breaking point is the "
+                    "lowest severity whose paired drop significantly exceeds the margin (the lower end of the drop's "
+                    "interval is above it).")
+
+    @field_validator("margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {k: m for k, m in v.items() if not m >= 0}
+        if negative:
+            raise ValueError(f"verdict.margins must be >= 0, got {negative}")
+        # naming some metrics keeps the default for the others
+        return {"*": DEFAULT_MARGIN, **v}
+
+
 class OutputConfig(_Section):
     dir: Path = Path("medaudit-out")
     save_predictions: bool = False
@@ -187,6 +211,7 @@ class Config(_Section):
     subgroups: dict[str, Any] | None = Field(
         None, description="aliases kept for existing config files, each key " + _ALIAS_READER, json_schema_extra=PLUGIN_ALIAS)
     checks: list[str] = Field(default_factory=list, description="--fail-on expressions")
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: dict[str, dict[str, Any] | None] = Field(
         default_factory=dict, description="each plugin's own settings, keyed by its entry-point name "
@@ -331,6 +356,11 @@ audit:
   bootstrap: 1000         # resamples for 95% confidence intervals
 
 checks: []                # e.g. ["clean.accuracy<0.8", "mri.motion@3.ece>0.1"]
+
+verdict:
+  margins:                # a drop beyond its margin, significantly, is a breaking point
+    "*": 0.05             # every headline metric not named here
+    # ece: 0.02
 
 output:
   dir: medaudit-out

@@ -48,6 +48,7 @@ class DatasetIdentity:
     metadata_columns: list[str]
     format: str
     metadata_summary: dict[str, dict[str, int]] = field(default_factory=dict)
+    metadata_numeric: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class AuditDataset(Dataset):
@@ -110,6 +111,8 @@ class AuditDataset(Dataset):
             metadata_columns=sorted(self.metadata),
             format=self.format,
             metadata_summary={col: summarize_column(vals) for col, vals in sorted(self.metadata.items())},
+            metadata_numeric={col: stats for col, vals in sorted(self.metadata.items())
+                              if (stats := numeric_summary(vals)) is not None},
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -120,6 +123,27 @@ def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
     """Counts of the most frequent values of a metadata column (missing values counted)."""
     counts = Counter(MISSING_VALUE if v is None else str(v) for v in values)
     return dict(counts.most_common(limit))
+
+
+#: A numeric column with more distinct values than this is summarised (quartiles), not counted.
+NUMERIC_DISTINCT = 10
+
+
+def numeric_summary(values: Sequence[Any]) -> dict[str, float] | None:
+    """Count, missing, mean and quartiles of a column whose present values are all numbers (or
+    numeric strings, as a manifest CSV gives them) with more than :data:`NUMERIC_DISTINCT`
+    distinct values; ``None`` for any other column, which :func:`summarize_column` counts."""
+    present = [v for v in values if v is not None]
+    try:
+        numbers = np.array([float(v) for v in present if not isinstance(v, bool)], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    numbers = numbers[np.isfinite(numbers)]
+    if len(numbers) != len(present) or len(np.unique(numbers)) <= NUMERIC_DISTINCT:
+        return None
+    q = np.quantile(numbers, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"n": int(len(numbers)), "missing": int(len(values) - len(numbers)), "mean": float(numbers.mean()),
+            "min": float(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": float(q[4])}
 
 
 def resolve_labels(raw: Any, task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
