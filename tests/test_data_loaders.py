@@ -366,7 +366,8 @@ def test_label_not_in_class_list(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png")
     write_manifest(tmp_path, ["a.png,benign", "b.png,malignnat"])
-    with pytest.raises(DataError, match=r"manifest\.csv, row 2: label 'malignnat' is not one of the classes"):
+    with pytest.raises(DataError, match=r"manifest\.csv: row 2 \(sample id 'b\.png'\) has label 'malignnat', but "
+                                        r"task\.classes names 2 classes \(0–1\): benign, malignant$"):
         open_ds(tmp_path, cfg(classes=["benign", "malignant"]))
 
 
@@ -407,8 +408,9 @@ def test_missing_required_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"manifest\.csv: manifest has no 'path' column.*\['file', 'label'\]"):
         open_ds(tmp_path, cfg())
     write_manifest(tmp_path, ["a.png"], header="path")
-    with pytest.raises(DataError, match=r"manifest\.csv: manifest has no 'label' column"):
-        open_ds(tmp_path, cfg())
+    unlabelled = open_ds(tmp_path, cfg())  # an unlabelled set: whether its role needs labels is the core's call
+    assert unlabelled.labels is None and unlabelled.class_counts() == {}
+    assert unlabelled.unlabelled == "the manifest has no 'label' column (columns: ['path'])"
 
 
 def test_unsupported_extension_and_empty_label(tmp_path: Path) -> None:
