@@ -101,7 +101,7 @@ def _resolve_row_path(root: Path, cell: str) -> Path:
     return p
 
 
-def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str) -> np.ndarray:
+def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str, sample_ids: list[str]) -> np.ndarray:
     """``label`` cells listing class names separated by ``|`` or ``;`` as a multi-hot ``[N, K]`` array."""
     names = [[t.strip() for t in re.split(r"[|;]", c or "") if t.strip()] for c in cells]
     classes = list(task.classes) or sorted({t for row in names for t in row})
@@ -110,7 +110,7 @@ def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str) -> 
     for i, row in enumerate(names):
         for t in row:
             if t not in index:  # only when task.classes is configured: inferred classes hold every name
-                raise LabelError(where, i, f"has label {t!r}, but task.classes names {class_list(classes)}")
+                raise LabelError(where, i, f"has label {t!r}, but task.classes names {class_list(classes)}", sample_ids[i])
             out[i, index[t]] = 1
     return out
 
@@ -158,7 +158,7 @@ class ManifestDataset(AuditDataset):
         if not labelled:
             self.unlabelled = f"the manifest has no 'label' column (columns: {names})"
         elif task_of(task).targets == TARGET_CLASS_SET:
-            cells = _multilabel_cells([row["label"] for row in rows], task, where)
+            cells = _multilabel_cells([row["label"] for row in rows], task, where, self.rel_paths)
             labels, task = finalize_labels(cells, task, where, self.rel_paths)
         else:
             labels, task = finalize_labels([row["label"] for row in rows], task, where, self.rel_paths)
