@@ -201,7 +201,9 @@ def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     x = torch.from_numpy(arr).to(torch.float32)
     spatial = x.ndim - 1
-    if spatial != cfg.dims:
+    # "auto" only where a loader opened outside an audit left it unresolved: the image says it
+    dims = spatial if cfg.dims == "auto" and spatial in (2, 3) else cfg.dims
+    if spatial != dims:
         raise DataError(
             f"{where}: image has {spatial} spatial dimensions (shape {tuple(raw.shape)}), but input.dims is {cfg.dims}"
         )
@@ -217,7 +219,9 @@ def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
             raise DataError(f"{where}: image has {c} channels, the model expects {cfg.channels} (input.channels)")
     x = scale_intensity(x, cfg.intensity)
     if cfg.spatial_size is not None and list(x.shape[1:]) != list(cfg.spatial_size):
-        mode = "bilinear" if cfg.dims == 2 else "trilinear"
+        if len(cfg.spatial_size) != dims:
+            raise DataError(f"{where}: image is {dims}-D, but input.spatial_size has {len(cfg.spatial_size)} values")
+        mode = "bilinear" if dims == 2 else "trilinear"
         x = F.interpolate(x[None], size=tuple(cfg.spatial_size), mode=mode, align_corners=False,
-                          antialias=cfg.dims == 2)[0].clamp(0.0, 1.0)
+                          antialias=dims == 2)[0].clamp(0.0, 1.0)
     return x.contiguous()

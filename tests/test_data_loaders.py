@@ -355,6 +355,18 @@ def test_auto_dims_from_manifest_files(tmp_path: Path) -> None:
         open_ds(tmp_path / "vol.nii.gz.csv", cfg(dims="auto", spatial_size=[8, 8]))
 
 
+def test_preprocess_outside_an_audit_takes_auto_dims_from_the_image() -> None:
+    """A loader opened directly (the conformance kit) may leave dims auto: the image's own axes count."""
+    auto = Config().input
+    assert tuple(preprocess(np.zeros((1, 4, 5, 6), np.float32), auto, "v").shape) == (1, 4, 5, 6)
+    assert tuple(preprocess(np.zeros((1, 4, 5), np.float32), auto, "i").shape) == (1, 4, 5)
+    sized = Config.model_validate({"input": {"spatial_size": [8, 8]}}).input
+    with pytest.raises(DataError, match=r"^v: image is 3-D, but input\.spatial_size has 2 values$"):
+        preprocess(np.zeros((1, 4, 5, 6), np.float32), sized, "v")
+    with pytest.raises(DataError, match=r"^f: image has 4 spatial dimensions .*but input\.dims is auto$"):
+        preprocess(np.zeros((1, 2, 3, 4, 5), np.float32), auto, "f")
+
+
 def test_auto_dims_from_npz_shape(tmp_path: Path) -> None:
     cases = {(4, 8, 8): 2, (4, 1, 8, 8): 2, (4, 8, 8, 3): 2, (4, 6, 8, 8): 3, (4, 1, 6, 8, 8): 3}
     for shape, dims in cases.items():
