@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checks import junit_xml, parse_check, validate_check_scenarios
 from .config import Config
-from .data import AuditDataset, DatasetIdentity, resolve_dims
+from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, PluginError
 from .evaluate import ExternalSet, build_results
@@ -92,15 +92,7 @@ def open_dataset(pm: PluginManager, path: Path, config: Config, role: str | None
     if dataset.labels is None and role in LABELS_NEEDED:
         raise DataError(f"{path}: {dataset.unlabelled}; {role} needs labels, because {LABELS_NEEDED[role]} "
                         "(only an --ood-data set may be unlabelled)")
-    if config.input.dims == "auto":
-        if dataset.input_cfg.dims == "auto":  # a loader that leaves it to the core: count sample 0's axes
-            dims = dataset.read(0).ndim - 1
-            if dims not in (2, 3):
-                raise DataError(f"{dataset.describe_sample(0)}: sample has {dims} spatial dimensions (input.dims: auto); "
-                                "set input.dims: 2 or 3")
-            dataset.input_cfg = resolve_dims(dataset.input_cfg, dims, dataset.describe_sample(0))
-        # recorded as the number used, so results.json's config stays a valid explicit config
-        config.input = config.input.model_copy(update={"dims": dataset.input_cfg.dims})
+    settle_dims(dataset, config)
     return dataset
 
 

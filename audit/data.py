@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .config import InputConfig, IntensityConfig, TaskConfig
+from .config import Config, InputConfig, IntensityConfig, TaskConfig
 from .errors import DataError
 from .task import LabelError, task_of
 
@@ -162,6 +162,26 @@ def resolve_dims(input_cfg: InputConfig, dims: int, where: str) -> InputConfig:
         raise DataError(f"{where}: the images are {dims}-D (input.dims: auto), but input.spatial_size has {len(size)} "
                         f"values {size}; give {dims} values, or set input.dims if the data were read wrongly")
     return input_cfg.model_copy(update={"dims": dims})
+
+
+def settle_dims(dataset: AuditDataset, config: Config) -> None:
+    """With ``input.dims: auto``, record in ``config`` the dims ``dataset`` was opened with.
+
+    Built-in loaders read them from the data (:func:`resolve_dims`); for a loader that left
+    ``auto``, sample 0's spatial axes are counted. Called when the audit opens its data and by
+    the runner, so a config built by hand around a data set opened directly works too; a no-op
+    once ``config.input.dims`` is a number.
+    """
+    if config.input.dims != "auto":
+        return
+    if dataset.input_cfg.dims == "auto":
+        where = dataset.describe_sample(0)
+        dims = dataset.read(0).ndim - 1
+        if dims not in (2, 3):
+            raise DataError(f"{where}: sample has {dims} spatial dimensions (input.dims: auto); set input.dims: 2 or 3")
+        dataset.input_cfg = resolve_dims(dataset.input_cfg, dims, where)
+    # recorded as the number used, so results.json's config stays a valid explicit config
+    config.input = config.input.model_copy(update={"dims": dataset.input_cfg.dims})
 
 
 def to_channel_first(arr: np.ndarray, dims: int, channels_last: bool) -> np.ndarray:
