@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checks import junit_xml, parse_check, validate_check_scenarios
 from .config import Config
-from .data import AuditDataset, DatasetIdentity
+from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, PluginError
 from .evaluate import ExternalSet, build_results
@@ -36,7 +36,7 @@ from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
 from .settings import resolve_settings
-from .task import CLASS_PROBABILITIES, Task, bind_task
+from .task import CLASS_PROBABILITIES, LabelError, Task, bind_task
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -60,13 +60,39 @@ class Prepared:
     ood_sets: dict[str, AuditDataset] = field(default_factory=dict)
 
 
-def open_dataset(pm: PluginManager, path: Path, config: Config) -> AuditDataset:
+#: Why a data set in each role needs labels (the role is the option that named it); a role not
+#: listed here, ``--ood-data``, is scored against the clean audit data without them.
+LABELS_NEEDED = {
+    "--data": "every metric compares the model's predictions with them",
+    "--reference": "detectors are fitted on it, and the class-conditional ones (mahalanobis) fit one mean per class",
+}
+
+
+def open_dataset(pm: PluginManager, path: Path, config: Config, role: str | None = "--data") -> AuditDataset:
+    """Open the data set at ``path`` with the loader plugin that recognises it.
+
+    ``role`` is the option that named it: ``--data`` and ``--reference`` need labels
+    (:data:`LABELS_NEEDED`), an ``--ood-data`` set may have none (labels it has are still read
+    against the task's classes, but nothing uses them), and None (a unit of work re-opening a data
+    set for its forward passes) accepts either. With ``input.dims: auto`` the config is updated
+    to the number of spatial dimensions read from the data, before anything else reads it.
+    """
     if not path.exists():
         raise DataError(f"dataset {path} does not exist")
-    dataset = pm.hook.medaudit_open_dataset(path=path, config=config)
+    try:
+        dataset = pm.hook.medaudit_open_dataset(path=path, config=config)
+    except LabelError as exc:
+        if role != "--ood-data":
+            raise
+        raise DataError(f"{exc}; the labels of an --ood-data set are not used, so leave out its label column "
+                        "(or array) to score it unlabelled") from None
     if dataset is None:
         raise DataError(f"{path}: no dataset loader recognises this path; give a .npz file, or a folder or CSV "
                         "with a manifest (path,label,…)")
+    if dataset.labels is None and role in LABELS_NEEDED:
+        raise DataError(f"{path}: {dataset.unlabelled}; {role} needs labels, because {LABELS_NEEDED[role]} "
+                        "(only an --ood-data set may be unlabelled)")
+    settle_dims(dataset, config)
     return dataset
 
 
@@ -146,9 +172,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                                       message=f"task.classes not configured; inferred from the labels: {classes}"))
     if len(config.task.classes) < 2:
         raise ConfigError(f"task.classes must name at least 2 classes, got {config.task.classes}")
-    reference = open_dataset(pm, reference_path, config) if reference_path is not None else None
+    reference = open_dataset(pm, reference_path, config, "--reference") if reference_path is not None else None
     taken: set[str] = set()
-    ood_sets = {_set_name(p, taken): open_dataset(pm, p, config) for p in ood_paths}
+    ood_sets = {_set_name(p, taken): open_dataset(pm, p, config, "--ood-data") for p in ood_paths}
     model = load_model(pm, model_path, config, trust_pickle).to(device)
     extract, feature_warning = make_extractor(model, config.model.feature_layer)
     if feature_warning:
@@ -215,7 +241,8 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
     """Forward an extra data set on clean inputs only (detector reference or external OOD set)."""
     fwd = run_forward(prep.model, prep.extract, dataset, prep.config, [Scenario.clean()], {}, prep.device,
                       prep.detectors, progress=progress, trust_pickle=trust_pickle)
-    return ExternalSet(name, dataset.identity(), torch.as_tensor(dataset.labels), fwd)
+    labels = None if dataset.labels is None else torch.as_tensor(dataset.labels)
+    return ExternalSet(name, dataset.identity(), labels, fwd)
 
 
 def _grouped_failures(failures: dict[str, str]) -> list[str]:

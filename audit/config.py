@@ -65,7 +65,10 @@ class InputConfig(_Section):
     """The model's input spec."""
 
     modality: Modality = "generic"
-    dims: Literal[2, 3] = 2
+    dims: Literal[2, 3, "auto"] = Field(
+        "auto", description="spatial dimensions of one image: 2, 3, or auto (inferred from the data when it is opened: "
+                            "a NIfTI volume or DICOM series is 3-D, a PNG 2-D, an array by its shape; results.json "
+                            "records the number used)")
     channels: int = Field(1, ge=1, le=16)
     spatial_size: list[int] | None = Field(
         None, description="H, W (2D) or D, H, W (3D); images are resized to it. None keeps the data's size."
@@ -83,7 +86,10 @@ class InputConfig(_Section):
     @model_validator(mode="after")
     def _shapes(self) -> "InputConfig":
         if self.spatial_size is not None:
-            if len(self.spatial_size) != self.dims:
+            if self.dims == "auto":
+                if len(self.spatial_size) not in (2, 3):
+                    raise ValueError(f"input.spatial_size needs 2 (H, W) or 3 (D, H, W) values, got {len(self.spatial_size)}")
+            elif len(self.spatial_size) != self.dims:
                 raise ValueError(f"input.spatial_size has {len(self.spatial_size)} values but input.dims is {self.dims}")
             if any(s < 1 for s in self.spatial_size):
                 raise ValueError(f"input.spatial_size must be positive, got {self.spatial_size}")
@@ -333,7 +339,7 @@ model:
 
 input:
   modality: mri           # mri | ct | xray | dermoscopy | pathology | generic (picks default suites)
-  dims: 2                 # 2 or 3
+  dims: auto              # 2, 3 or auto (from the data: NIfTI volume -> 3, PNG -> 2)
   channels: 1
   # spatial_size: [64, 64] # resize to the model's input size (H, W) or (D, H, W)
   intensity:

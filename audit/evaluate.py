@@ -42,11 +42,16 @@ from .verdict import verdict
 
 @dataclass
 class ExternalSet:
-    """An extra data set evaluated on clean inputs only: ``--ood-data`` or ``--reference``."""
+    """An extra data set evaluated on clean inputs only: ``--ood-data`` or ``--reference``.
+
+    ``labels`` is None for an unlabelled ``--ood-data`` set: nothing computed for such a set
+    needs them (its detection measures compare scores with the clean audit data's), and a
+    ``--reference`` set always has them (the class-conditional detectors fit on them).
+    """
 
     name: str
     identity: DatasetIdentity
-    labels: Tensor
+    labels: Tensor | None
     forward: ForwardResult
 
 
@@ -222,7 +227,7 @@ def build_results(
     release_free_memory()
     external_arrays: dict[str, dict[str, Tensor]] = {}
     for ext in ood_sets or []:
-        m = ext.labels.shape[0]
+        m = ext.identity.n_samples
         ext_weights = bootstrap_weights(m, cfg.audit.bootstrap, cfg.audit.seed, ood_set=ext.name)
         clean_idx = ids.index("clean")
         measures, scores = evaluate_external(

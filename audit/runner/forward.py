@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import Config
-from ..data import AuditDataset
+from ..data import AuditDataset, settle_dims
 from ..detector import Detector
 from ..features import Extractor
 from ..memory import release_free_memory
@@ -41,6 +41,7 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     ``scenarios_per_unit`` splits the scenarios into groups, one unit per group and shard
     (:func:`~medaudit.runner.plan.plan_units`); the results do not depend on it.
     """
+    settle_dims(dataset, config)  # input.dims: auto in a config built around a data set opened directly
     n = len(dataset)
     mean, std = normalisation(config, device)
     chunk = config.audit.model_batch_size
