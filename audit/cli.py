@@ -359,9 +359,8 @@ def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: f
     if len(regressions) > SUMMARY_LINES:
         click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
                    + (f" (all in {output})" if output else " (-o FILE lists them all)"))
-    improvements = result.improvements
-    click.echo(f"{len(improvements)} improvement(s) beyond {max_drop}"
-               + (f", largest: {describe(improvements[0])}" if improvements else ""))
+    click.echo(f"{len(result.improvements)} improvement(s) beyond {max_drop}"
+               + (f", {result.best_improvement}" if result.best_improvement else ""))
     click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
     if result.has_regression:
         sys.exit(1)

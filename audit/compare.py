@@ -92,8 +92,16 @@ class CompareResult:
         """The scenarios present in one audit only, as a count (they are not compared); None when there are none."""
         if not (self.only_old or self.only_new):
             return None
-        return (f"{len(self.only_old)} scenario(s) only in the old audit and {len(self.only_new)} only in the new "
-                "one are not compared")
+        return (f"{len(self.only_old) + len(self.only_new)} scenario(s) in one audit only, not compared "
+                f"({len(self.only_old)} only in the old, {len(self.only_new)} only in the new)")
+
+    @property
+    def best_improvement(self) -> str | None:
+        """The first improvement in worst-first order, labelled by why it is first; None when nothing improved."""
+        if not self.improvements:
+            return None
+        top = self.improvements[0]
+        return f"{'largest with disjoint CIs' if top.significant else 'largest'}: {describe(top)}"
 
     @property
     def has_regression(self) -> bool:
@@ -253,7 +261,6 @@ def render_compare(result: CompareResult) -> str:
     return template_env().get_template("compare.html").render(
         r=result, regressions=regressions, headline=headline, identity=identity, checks=checks,
         worst=[describe(c) for c in result.regressions[:SUMMARY_LINES]], improvements=result.improvements,
-        largest_improvement=describe(result.improvements[0]) if result.improvements else None,
         n_significant=sum(1 for c in result.changes if c.significant), css=stylesheet())
 
 
