@@ -333,21 +333,40 @@ def report(results_path: Path, output: Path | None, pdf: bool) -> None:
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Tolerated worsening per metric (in the metric's units).")
 @click.option("--require-significant", is_flag=True, help="Count only worsenings whose CIs do not overlap.")
+@click.option("--allow-different-data", is_flag=True,
+              help="Compare audits of different data or tasks anyway (refused otherwise: exit 2).")
 @handle_errors
-def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool) -> None:
-    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop."""
-    from .compare import compare, render_compare
+def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool,
+                allow_different_data: bool) -> None:
+    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop.
+
+    Prints the worst regressions, then counts; the HTML (-o) lists them all.
+    """
+    from .compare import SUMMARY_LINES, compare, describe, render_compare
     from .results import load_results
     from .writing import write_atomic
 
-    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant)
+    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant,
+                     allow_different_data=allow_different_data)
+    if result.mismatch:  # first, so that no reader of the lines below misses it
+        click.echo(f"warning: {'; '.join(result.mismatch)}; compared anyway (--allow-different-data): "
+                   "differences mix the models with the change of data")
     if output:
         write_atomic(output, render_compare(result).encode())
         click.echo(f"comparison: {output}")
-    for c in result.regressions:
-        click.echo(f"regression: {c.scenario} {c.metric}: {c.old['value']:.4f} -> {c.new['value']:.4f} "
-                   f"(worse by {c.worsening:.4f}{', CIs disjoint' if c.significant else ''})")
-    click.echo(f"{len(result.regressions)} regression(s) beyond {max_drop}")
+    if result.settings:
+        click.echo(f"note: settings differ ({'; '.join(result.settings)}): comparable, but they shape the numbers")
+    if result.unmatched:
+        click.echo(f"note: {result.unmatched}")
+    regressions = result.regressions
+    for c in regressions[:SUMMARY_LINES]:
+        click.echo(f"regression: {describe(c)}")
+    if len(regressions) > SUMMARY_LINES:
+        click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
+                   + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+    click.echo(f"{len(result.improvements)} improvement(s) beyond {max_drop}"
+               + (f", {result.best_improvement}" if result.best_improvement else ""))
+    click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
     if result.has_regression:
         sys.exit(1)
 
