@@ -281,6 +281,114 @@ def test_a_perturbation_that_hurts_one_group_is_detected():
 
 
 # ---------------------------------------------------------------------------------------------
+# The worst group against the rest: an interval that can contain 0
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_accuracy(correct: np.ndarray, w: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Per weight row, the accuracy of the selected samples (numpy reference, ``[1 + R]``)."""
+    return (w[:, sel] * correct[sel]).sum(1) / w[:, sel].sum(1)
+
+
+def test_worst_vs_rest_is_the_paired_difference_from_the_pooled_other_groups():
+    """Three groups: by hand from the weight matrix, on clean (generic path) and perturbed (group sums)."""
+    rng = np.random.default_rng(11)
+    n = 360
+    y = rng.integers(0, 2, n)
+    grp = rng.choice(["a", "b", "c"], n)
+    clean, pert = binary_probs(y, rng), binary_probs(y, rng, strength=0.6)
+    scen = [Scenario.clean(), Scenario.perturbed("p", "s", 1)]
+    out = make_outputs([clean, pert], y, {"g": list(grp)}, scenarios=scen, n_boot=300)
+    res = sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=10, permutations=0))
+    w = out.bootstrap_weights.double().numpy()
+    for sid, probs in (("clean", clean), ("p@1", pert)):
+        correct = ((probs[:, 1] >= 0.5) == y).astype(float)
+        acc = {x: weighted_accuracy(correct, w, grp == x) for x in "abc"}
+        worst = min("abc", key=lambda x: acc[x][0])
+        diff = weighted_accuracy(correct, w, grp != worst) - acc[worst]  # rest minus worst: positive is worse
+        got = gap(res, "accuracy", sid)
+        assert got["worst_group"] == worst
+        assert got["worst_vs_rest"]["value"] == pytest.approx(diff[0], abs=ATOL)
+        assert got["worst_vs_rest"]["rest_value"] == pytest.approx(weighted_accuracy(correct, w, grp != worst)[0], abs=ATOL)
+        assert got["worst_vs_rest"]["ci_low"] == pytest.approx(np.percentile(diff[1:], 2.5), abs=ATOL)
+        assert got["worst_vs_rest"]["ci_high"] == pytest.approx(np.percentile(diff[1:], 97.5), abs=ATOL)
+    # the perturbation's most affected group against the rest: a difference of paired drops
+    correct_c = ((clean[:, 1] >= 0.5) == y).astype(float)
+    correct_p = ((pert[:, 1] >= 0.5) == y).astype(float)
+    drop = {x: weighted_accuracy(correct_c, w, grp == x) - weighted_accuracy(correct_p, w, grp == x) for x in "abc"}
+    most = max("abc", key=lambda x: drop[x][0])
+    rest_drop = weighted_accuracy(correct_c, w, grp != most) - weighted_accuracy(correct_p, w, grp != most)
+    dg = gap(res, "accuracy", "p@1")["drop_gap"]
+    assert dg["most_affected_group"] == most
+    assert dg["most_affected_vs_rest"]["value"] == pytest.approx(drop[most][0] - rest_drop[0], abs=ATOL)
+    assert dg["most_affected_vs_rest"]["ci_low"] == pytest.approx(np.percentile((drop[most] - rest_drop)[1:], 2.5), abs=ATOL)
+
+
+def test_worst_vs_rest_of_a_lower_is_better_metric_is_oriented_worse_positive():
+    rng = np.random.default_rng(12)
+    n = 300
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b"] * (n // 2))
+    probs = binary_probs(y, rng)
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupSettings(attributes=["g"], permutations=0))
+    g = gap(res, "ece")
+    # two groups: the rest is the other group, so the value is the gap itself, worst minus best
+    assert g["worst_value"] >= g["best_value"]
+    assert g["worst_vs_rest"]["value"] == pytest.approx(g["worst_value"] - g["best_value"], abs=ATOL)
+    assert g["worst_vs_rest"]["rest_value"] == pytest.approx(g["best_value"], abs=ATOL)
+
+
+def test_identical_groups_worst_vs_rest_contains_zero_where_the_gap_interval_does_not():
+    """Groups drawn at random (no real difference): the max - min gap's interval excludes 0 in
+    (nearly) every seed, the worst-vs-rest interval contains it in most, like the test's p > 0.05."""
+    rng = np.random.default_rng(2025)
+    n, sims = 300, 30
+    contains, gap_contains, agree = 0, 0, 0
+    for s in range(sims):
+        y = rng.integers(0, 2, n)
+        out = make_outputs(binary_probs(y, rng), y, {"g": list(rng.choice(["a", "b"], n))}, n_boot=200, seed=s,
+                           metrics=[ClassificationMetrics()])
+        g = gap(sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=10, permutations=199)), "accuracy")
+        inside = g["worst_vs_rest"]["ci_low"] <= 0 <= g["worst_vs_rest"]["ci_high"]
+        contains += inside
+        gap_contains += g["gap"]["ci_low"] <= 0
+        agree += inside == (g["p_value"] > 0.05)
+    assert gap_contains <= 2  # the bias the issue is about: the gap's own interval sits above 0
+    assert contains >= 25  # nominal 95 %: about 28.5 of 30
+    assert agree >= 27  # the interval and the test say the same thing
+
+
+def test_a_clear_difference_excludes_zero_and_agrees_with_the_test():
+    rng = np.random.default_rng(5)
+    n = 240
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b", "c"] * (n // 3))
+    probs = binary_probs(y, rng, strength=2.0)
+    bad = (grp == "c") & (rng.random(n) < 0.35)
+    probs[bad] = probs[bad][:, ::-1]
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupSettings(attributes=["g"], min_group_size=10,
+                                                                                 permutations=999))
+    g = gap(res, "accuracy")
+    assert g["worst_group"] == "c" and g["significant"] is True
+    assert g["worst_vs_rest"]["ci_low"] > 0  # c is below the rest on (nearly) every resample
+    # c's accuracy is ~0.35 below a and b, so against a and b pooled the difference is close to the gap
+    assert 0.2 < g["worst_vs_rest"]["value"] <= g["gap"]["value"]
+
+
+def test_an_untestable_attribute_has_an_undefined_worst_vs_rest():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 100)
+    grp = ["a"] * 95 + ["b"] * 5
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": grp}),
+                     SubgroupSettings(attributes=["g"], min_group_size=10, permutations=0))
+    assert res["subgroup_gaps"] == []  # one eligible group: no gap entries at all
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": ["a", "b"] * 50}, n_boot=0),
+                     SubgroupSettings(attributes=["g"], permutations=0))
+    g = gap(res, "accuracy")
+    assert g["worst_vs_rest"]["value"] is not None and g["worst_vs_rest"]["ci_low"] is None  # no resamples
+
+
+# ---------------------------------------------------------------------------------------------
 # Permutation tests and Holm-Bonferroni
 # ---------------------------------------------------------------------------------------------
 

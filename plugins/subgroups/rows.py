@@ -56,8 +56,10 @@ def rest_rows(rows: GroupRows, probs: Tensor, labels: Tensor, w: Tensor, grp: Te
     value and its rest's value on row ``r`` come from the same resample (a paired difference).
 
     ``boot`` holds the groups' own rows (from ``rows``): with two groups each one's rest is the
-    other group, whose rows are already there.
+    other group, whose rows are already there. A single group has no rest (and no gap): ``{}``.
     """
+    if n_groups < 2:
+        return {}
     if n_groups == 2:
         return {key: val.flip(1) for key, val in boot.items()}
     parts: dict[str, list[Tensor]] = {}
