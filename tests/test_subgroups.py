@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,8 @@ from medaudit.plugins import subgroups as sg
 from medaudit.plugins.subgroups import SubgroupSettings
 from medaudit.plugins.calibration import CalibrationMetrics
 from medaudit.plugins.classification import ClassificationMetrics
-from medaudit.results import SubgroupResult, clean_floats
+from medaudit.report import render_report
+from medaudit.results import Results, SubgroupResult, clean_floats
 from medaudit.settings import resolve_settings
 from scipy import stats
 from sklearn.metrics import accuracy_score, recall_score
@@ -386,6 +388,73 @@ def test_an_untestable_attribute_has_an_undefined_worst_vs_rest():
                      SubgroupSettings(attributes=["g"], permutations=0))
     g = gap(res, "accuracy")
     assert g["worst_vs_rest"]["value"] is not None and g["worst_vs_rest"]["ci_low"] is None  # no resamples
+
+
+def report_results(gaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts of results.json the subgroup section reads, around hand-made gap entries."""
+    info = {k: {"family": "classification", "plugin": "classification", "higher_is_better": True, "headline": True,
+                "order": i, "lead": k == "accuracy"} for i, k in enumerate(["accuracy", "auroc"])}
+    return {"metric_info": info, "config": {"audit": {"confidence": 0.95}}, "subgroups": [],
+            "scenarios": [{"id": "clean", "metrics": {k: {"value": 0.9} for k in info}}],
+            "analyses": {"subgroup_gaps": gaps, "subgroup_settings": {"alpha": 0.05}}}
+
+
+def gap_entry(attribute: str, metric: str = "accuracy", **kw: Any) -> dict[str, Any]:
+    entry = {"scenario": "clean", "attribute": attribute, "metric": metric, "higher_is_better": True,
+             "gap": {"value": 0.009, "ci_low": 0.001, "ci_high": 0.026}, "worst_group": "left", "worst_value": 0.98,
+             "worst_vs_rest": {"value": 0.009, "ci_low": -0.004, "ci_high": 0.022, "rest_value": 0.989},
+             "p_value": 0.475, "p_adjusted": 1.0, "significant": False}
+    return {**entry, **kw}
+
+
+def test_report_reads_each_attribute_plainly():
+    gaps = [
+        gap_entry("hemisphere"),
+        gap_entry("site", worst_group="B", p_value=0.001, p_adjusted=0.004, significant=True,
+                  worst_vs_rest={"value": 0.12, "ci_low": 0.05, "ci_high": 0.19}),
+        gap_entry("level", p_value=0.02, p_adjusted=0.08),
+        gap_entry("scanner", p_value=None, p_adjusted=None, worst_vs_rest={"value": 0.03, "ci_low": None, "ci_high": None}),
+        gap_entry("sex", metric="auroc", p_value=0.001, significant=True),  # not the primary metric: no line
+        gap_entry("age", scenario="noise@5"),  # perturbed: no line
+    ]
+    assert sg.report.gap_readings(report_results(gaps)) == [
+        "hemisphere: no evidence of a gap (p = 0.475); the worst group, left, is 0.009 below the rest [-0.004, 0.022].",
+        "level: no significant gap after correcting for multiple comparisons (p = 0.020, adjusted 0.080); the worst "
+        "group, left, is 0.009 below the rest [-0.004, 0.022].",
+        "scanner: not tested (no permutations); the worst group, left, is 0.030 below the rest.",
+        "site: a significant gap (p = 0.001, adjusted 0.004); the worst group, B, is 0.120 below the rest [0.050, 0.190].",
+    ]
+    ece = gap_entry("hemisphere", metric="ece", higher_is_better=False)
+    r = report_results([ece])
+    r["metric_info"] = {"ece": {"family": "calibration", "plugin": "calibration", "higher_is_better": False,
+                                "headline": True, "order": 0, "lead": True}}
+    r["scenarios"][0]["metrics"] = {"ece": {"value": 0.02}}
+    assert sg.report.gap_readings(r)[0].endswith("is 0.009 above the rest [-0.004, 0.022].")
+
+
+def test_report_table_shows_the_worst_vs_rest_interval_beside_the_test_not_the_gap_interval():
+    old = gap_entry("level")
+    del old["worst_vs_rest"]  # results written before the key existed
+    t = sg.report.gap_table(report_results([gap_entry("hemisphere"), old]))
+    assert t.headers[3:] == ["Worst group (value)", "Gap", "Worst vs rest [CI]", "p", "p adjusted", "Significant"]
+    assert t.rows[0].cells[3:] == ["left (0.980)", "0.009", "0.009 [-0.004, 0.022]", "0.475", "1.000", "no"]
+    assert t.rows[1].cells[5] == "–"
+    assert "0.001" not in " ".join(c for row in t.rows for c in row.cells)  # the gap's biased interval is gone
+
+
+def test_rendered_section_explains_the_gap_bias_and_reads_the_attributes(binary_audit):
+    _, res, _ = binary_audit
+    data = json.loads((Path(__file__).parent / "fixtures" / "results-full.json").read_text())
+    data["subgroups"] = clean_floats(res["subgroups"])
+    data["analyses"] = {"subgroup_gaps": clean_floats(res["subgroup_gaps"]),
+                        "subgroup_settings": res["subgroup_settings"]}
+    html = render_report(Results.model_validate(data), get_plugin_manager(warn=lambda m: None))
+    section = html[html.index('<section id="subgroups">'):]
+    section = section[:section.index("</section>")]
+    assert "almost never contains 0" in section
+    for attr in ("sex", "site"):
+        assert f"<li>{attr}: " in section and "the rest [" in section
+    assert "Worst vs rest [CI]" in section
 
 
 # ---------------------------------------------------------------------------------------------
