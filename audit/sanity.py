@@ -135,7 +135,7 @@ def preprocessing_probe(extract: Extractor, dataset: AuditDataset, config: Confi
                 value = score(x, mean, std)
                 if best is None or value > best[0]:  # the first of equals: the simpler spec
                     best = (value, spec)
-    except Exception:  # noqa: BLE001 - the probe only advises; the dry run names what the model cannot take
+    except Exception:  # the probe only advises; the dry run names what the model cannot take
         return None
     if best is None or near_chance(best[0], k) or best[0] < configured + FAR_BETTER:
         return None
