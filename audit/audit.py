@@ -34,7 +34,8 @@ from .perturbation import Perturbation
 from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
-from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
+from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
+from .sanity import preprocessing_probe
 from .settings import resolve_settings
 from .task import CLASS_PROBABILITIES, LabelError, Task, bind_task
 from .timing import PhaseClock, process_age
@@ -269,18 +270,29 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     age = process_age()
     if age is not None:
         phases.seconds["startup"] = age
-    with torch_threads(config.audit.threads):  # the user's choice, for this audit only
+    # the user's choice, for this audit only ("auto" is decided in the dry run, inside this block)
+    with torch_threads(config.audit.threads):
         prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
-        phases.lap("prepare")
         cfg = prep.config
+        suspect = preprocessing_probe(prep.extract, prep.dataset, cfg, prep.device)
+        if suspect is not None:
+            prep.warnings.append(suspect)
+        phases.lap("prepare")
         log(f"medaudit {__version__}: {len(prep.scenarios)} scenarios × {len(prep.dataset)} samples on {prep.device}")
         cache_root = cfg.output.dir / ".medaudit-cache"
         cache = ShardCache(cache_root, cache_fingerprint(prep, shard_size))
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)
+        chosen: list[ThreadChoice] = []
+
+        def on_threads(choice: ThreadChoice) -> None:
+            chosen.append(choice)
+            if cfg.audit.threads == "auto":
+                log(f"threads: {choice.threads} ({choice.reason})")
+
         fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
                           prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
-                          trust_pickle=trust_pickle)
+                          trust_pickle=trust_pickle, on_threads=on_threads)
         prep.warnings.extend([
             *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
                             plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
@@ -302,6 +314,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
             prep.warnings, reference, ood_sets, assets, phases)
         results = evaluation.results
+        # environment only: the count never changes a number (choose_threads)
+        results.environment.threads_reason = chosen[0].reason
         from .report import render_report_files
 
         rendered = render_report_files(results, pm)

@@ -140,7 +140,8 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--bootstrap", type=int, help="Bootstrap resamples for confidence intervals.")
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
-@click.option("--threads", type=int, help="CPU threads for torch (default: one per core; on a shared machine, the free cores).")
+@click.option("--threads", help="CPU threads for torch: a number, or auto (the default: the dry run times the model at "
+                                 "1 thread and at one per core and keeps the faster; printed with its reason).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Channels-last memory format for the model and its inputs (default: audit.channels_last, "
                    "auto: on a CPU when the model gives the same outputs in it).")
@@ -159,7 +160,7 @@ def _severities(value: str | None) -> list[int] | None:
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
         batch_size: int | None, model_batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
-        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: int | None,
+        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: str | None,
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,

@@ -151,12 +151,14 @@ class AuditConfig(_Section):
     energy_temperature: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     knn_k: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    threads: int | None = Field(
-        None, ge=1, description="CPU threads torch uses for the model and the statistics (torch.set_num_threads); "
-                                "None: torch's default, one per core. On a machine shared with other CPU-heavy jobs "
-                                "set it to the cores that are free: with more threads than free cores every parallel "
-                                "operation waits for a descheduled thread (one busy process on 2 cores made a 2-thread "
-                                "audit 6-21x slower, a 1-thread one was unaffected)")
+    threads: int | Literal["auto"] | None = Field(
+        "auto", description="CPU threads torch uses for the model and the statistics (torch.set_num_threads). auto: "
+                            "the dry run times the model at 1 thread and at one per core and keeps the faster (kept at "
+                            "one per core where the model's outputs differ between the two, so results never depend "
+                            "on it); the choice and its reason are in results.json environment. None: torch's default, "
+                            "one per core. With more threads than free cores every parallel operation waits for a "
+                            "descheduled thread (one busy process on 2 cores made a 2-thread audit 6-21x slower, a "
+                            "1-thread one was unaffected)")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format for model and inputs: true, false, or auto (on a CPU when "
                             "the model runs in it with the same outputs; its convolutions are faster there)")
@@ -168,6 +170,16 @@ class AuditConfig(_Section):
         if bad or not v:
             raise ValueError(f"audit.severities must be a non-empty list of 1..5, got {v}")
         return sorted(set(v))
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        # one message for the union (pydantic would list why each member failed); "2" from a flag is 2
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"audit.threads must be auto or a number of threads (1 or more), got {v!r}")
 
     @field_validator("device")
     @classmethod
@@ -357,7 +369,7 @@ audit:
   severities: [1, 2, 3, 4, 5]
   seed: 0
   device: auto            # auto | cpu | cuda | cuda:N
-  # threads: 2            # CPU threads for torch (default: one per core; fewer on a shared machine)
+  # threads: auto         # CPU threads for torch: auto (timed in the dry run), or a number
   batch_size: 32
   bootstrap: 1000         # resamples for 95% confidence intervals
 

@@ -108,6 +108,8 @@ class Environment(_Model):
     precision: str = "fp32"
     memory_format: str = Field("contiguous", description="memory format of the forward passes: contiguous or channels_last")
     threads: int | None = Field(None, description="CPU threads torch used (torch.get_num_threads())")
+    threads_reason: str | None = Field(None, description="why that many: audit.threads, torch's default, or what "
+                                                         "audit.threads: auto measured in the dry run")
 
 
 class Check(_Model):
