@@ -171,7 +171,7 @@ def heat_map(r: dict[str, Any], key: str | None) -> HeatMap | None:
             if d.get("significant") and d["value"] > 0 and scale > 0:
                 t = 0.15 + 0.85 * d["value"] / scale
                 mark = "breaking" if broken is not None and k >= broken else "significant"
-                cells.append(HeatCell(text, _blend(t), "#ffffff" if t > 0.55 else "#1b1b1b", mark))
+                cells.append(HeatCell(text, _blend(t), "#ffffff" if t > 0.85 else "#1b1b1b", mark))
             else:
                 cells.append(HeatCell(text, color="#767676"))
         rows.append(HeatRow(pert, pert in stress, cells))

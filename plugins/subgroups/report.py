@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from medaudit.report.views import (
-    Figure, Interval, Row, Table, clean_scenario, confidence_label, fmt, fmt_ci, fmt_p, forest, label, lead_keys,
+    Figure, Interval, Row, Table, clean_scenario, confidence_label, estimate_columns, estimate_values, fmt, fmt_ci,
+    fmt_p, forest, label, lead_keys,
     primary_metric, task_applies, value,
 )
 from medaudit.sections import ReportSection
@@ -68,9 +69,28 @@ def forest_figures(r: dict[str, Any]) -> list[Figure]:
     return figs
 
 
+GAP_HEADERS = ["Scenario", "Attribute", "Metric", "Worst group (value)", "Gap", "Worst vs rest [CI]", "p", "p adjusted",
+               "Significant"]
+
+
+def _gap_row(g: dict[str, Any]) -> Row:
+    worst = "–" if g.get("worst_group") is None else f"{g['worst_group']} ({fmt(g.get('worst_value'))})"
+    gap, rest = g.get("gap") or {}, g.get("worst_vs_rest") or {}
+    return Row([g.get("scenario", "clean"), g["attribute"], label(g["metric"]), worst, fmt(gap.get("value")),
+                fmt_ci(rest), fmt_p(g.get("p_value")), fmt_p(g.get("p_adjusted")), fmt(bool(g.get("significant")))],
+               "drop" if g.get("significant") else "",
+               [g.get("scenario", "clean"), g["attribute"], g["metric"], g.get("worst_group"), g.get("worst_value"),
+                g.get("best_group"), *estimate_values(gap), *estimate_values(rest), g.get("p_value"),
+                g.get("p_adjusted"), bool(g.get("significant"))])
+
+
+def _gap_order(g: dict[str, Any]) -> tuple[Any, ...]:
+    return (g.get("scenario", "clean") != "clean", g.get("scenario", ""), g["attribute"], g["metric"])
+
+
 def gap_table(r: dict[str, Any]) -> Table:
-    """The gaps of the headline metrics (the settings' and each metric family's lead key), plus
-    every significant gap whatever its metric.
+    """The section's compact table: clean-data gaps of the headline metrics (the settings' and each
+    metric family's lead key), plus every significant gap whatever its metric or scenario.
 
     The gap is shown without its own interval (biased away from 0, see :data:`GAP_BIAS`); beside
     the test stands the worst group's difference from the rest, whose interval can contain 0.
@@ -79,24 +99,44 @@ def gap_table(r: dict[str, Any]) -> Table:
     t = Table("Subgroup gaps, oriented so positive is worse: the gap (best minus worst group); the worst group's "
               f"difference from the other groups pooled, with its paired {confidence_label(r)} bootstrap CI; and the "
               "permutation test of the gap, its p-value adjusted for multiple comparisons (Holm, per scenario); "
-              "significant means the adjusted p-value is below alpha.",
-              ["Scenario", "Attribute", "Metric", "Worst group (value)", "Gap", "Worst vs rest [CI]", "p",
-               "p adjusted", "Significant"])
-    # the full list (all metrics × attributes × scenarios) is in results.json and would bury the signal
+              "significant means the adjusted p-value is below alpha.", list(GAP_HEADERS))
     headline = set(r.get("analyses", {}).get("subgroup_settings", {}).get("headline_metrics") or [])
     headline |= set(lead_keys(r))
-    shown = [g for g in gaps_all if g.get("metric") in headline or g.get("significant")]
-    for g in sorted(shown, key=lambda g: (g.get("scenario", "clean") != "clean", g.get("scenario", ""),
-                                          g["attribute"], g["metric"])):
-        worst = "–" if g.get("worst_group") is None else f"{g['worst_group']} ({fmt(g.get('worst_value'))})"
-        t.rows.append(Row([g.get("scenario", "clean"), g["attribute"], label(g["metric"]), worst,
-                           fmt((g.get("gap") or {}).get("value")), fmt_ci(g.get("worst_vs_rest")),
-                           fmt_p(g.get("p_value")), fmt_p(g.get("p_adjusted")), fmt(bool(g.get("significant")))],
-                          "drop" if g.get("significant") else ""))
+    shown = [g for g in gaps_all if (g.get("metric") in headline and g.get("scenario", "clean") == "clean")
+             or g.get("significant")]
+    for g in sorted(shown, key=_gap_order):
+        t.rows.append(_gap_row(g))
     if len(shown) < len(gaps_all):
-        t.caption += (f" Shown: the headline metrics ({', '.join(label(k) for k in sorted(headline))}) and every "
-                      f"significant gap; {len(gaps_all) - len(shown)} further non-significant gaps are listed in "
-                      "results.json (analyses.subgroup_gaps).")
+        t.caption += (f" Shown: the clean-data gaps of the headline metrics ({', '.join(label(k) for k in sorted(headline))}) "
+                      f"and every significant gap; all {len(gaps_all)} gaps are in the appendix and in "
+                      "tables/subgroups-gaps.csv.")
+    return t
+
+
+def all_gaps_table(r: dict[str, Any]) -> Table:
+    """Every gap of every metric, attribute and scenario (the appendix table, ``tables/subgroups-gaps.csv``)."""
+    t = Table("All subgroup gaps per scenario, attribute and metric (positive is worse); columns as in the "
+              "section's table.", list(GAP_HEADERS), name="gaps",
+              columns=["scenario", "attribute", "metric", "worst_group", "worst_value", "best_group",
+                       "gap", "gap_ci_low", "gap_ci_high", "worst_vs_rest", "worst_vs_rest_ci_low",
+                       "worst_vs_rest_ci_high", "p_value", "p_adjusted", "significant"])
+    for g in sorted(r.get("analyses", {}).get("subgroup_gaps", []) or [], key=_gap_order):
+        t.rows.append(_gap_row(g))
+    return t
+
+
+def groups_table(r: dict[str, Any]) -> Table:
+    """Every group's headline metrics per scenario (the appendix table, ``tables/subgroups-groups.csv``)."""
+    keys = lead_keys(r)
+    t = Table(f"Metrics per subgroup and scenario with {confidence_label(r)} bootstrap CIs; groups below "
+              "subgroups.min_group_size have no metrics.",
+              ["Scenario", "Attribute", "Group", "n"] + [label(k) for k in keys], name="groups",
+              columns=["scenario", "attribute", "group", "n", "too_small"] + [c for k in keys for c in estimate_columns(k)])
+    for g in r.get("subgroups", []):
+        t.rows.append(Row([g["scenario"], g["attribute"], str(g["group"]), str(g["n"])]
+                          + [fmt_ci(g["metrics"].get(k)) for k in keys], "warn" if g.get("too_small") else "",
+                          [g["scenario"], g["attribute"], g["group"], g["n"], bool(g.get("too_small"))]
+                          + [v for k in keys for v in estimate_values(g["metrics"].get(k))]))
     return t
 
 
@@ -188,8 +228,11 @@ def subgroup_sections(results: dict[str, Any]) -> list[ReportSection]:
     if not task_applies(results, SUBGROUPS):
         return []
     finding = subgroup_finding(results)
+    readings = gap_readings(results)
     return [ReportSection(
         id="subgroups", title="Subgroups", template=SUBGROUPS_TEMPLATE, order=430,
         context={"figures": forest_figures(results), "gaps": gap_table(results), "notes": small_group_notes(results),
-                 "bias": GAP_BIAS, "readings": gap_readings(results), "readings_intro": _readings_intro(results)},
-        findings=[finding] if finding else [], limitations=subgroup_limitations(results))]
+                 "bias": GAP_BIAS, "readings": readings, "readings_intro": _readings_intro(results)},
+        findings=[finding] if finding else [], limitations=subgroup_limitations(results),
+        headlines=[("Subgroups", "; ".join(line.rstrip(".") for line in readings))] if readings else [],
+        appendix=[all_gaps_table(results), groups_table(results)])]
