@@ -21,13 +21,39 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import DEFAULT_MARGIN
+from .outputs import Scenario
+from .perturbation import is_stress_test
+from .robustness import breaking_points
+
 STATUSES = ("alert", "fail", "concerns", "pass", "no-checks")
+
+
+def breaking_points_of(results: dict[str, Any]) -> dict[str, Any]:
+    """``robustness.breaking_points`` of a results dict, computed from its scenarios for a file
+    written before they were stored (margins from its config, else the defaults)."""
+    stored = results.get("robustness", {}).get("breaking_points")
+    if stored is not None:
+        return stored
+    cfg = results.get("config", {})
+    margins = {"*": DEFAULT_MARGIN, **(cfg.get("verdict", {}).get("margins") or {})}
+    directions = results.get("metric_directions", {})
+    info = results.get("metric_info") or {}
+    # without display declarations (older files) every overall metric is judged, per-class keys not
+    headline = [k for k, v in info.items() if v.get("headline")] if info else [k for k in directions if "/" not in k]
+    keys = list(dict.fromkeys(headline + [k for k in margins if k in directions]))
+    modality = cfg.get("input", {}).get("modality", "generic")
+    stress = {c["name"]: is_stress_test(c.get("stress_test", ()), modality) for c in results.get("perturbation_catalogue", [])}
+    scenarios = [Scenario(s["id"], s.get("suite"), s.get("perturbation"), s.get("severity", 0))
+                 for s in results.get("scenarios", [])]
+    return breaking_points({s["id"]: s.get("drop", {}) for s in results.get("scenarios", [])}, scenarios, keys,
+                           margins, stress)
 
 
 def breaking(results: dict[str, Any], stress_test: bool) -> dict[str, list[str]]:
     """Perturbation → the metrics it breaks, for the stress tests or for the realistic ones."""
     out: dict[str, list[str]] = {}
-    for name, entry in sorted(results.get("robustness", {}).get("breaking_points", {}).items()):
+    for name, entry in sorted(breaking_points_of(results).items()):
         keys = [k for k, p in entry.get("metrics", {}).items() if p.get("severity") is not None]
         if keys and bool(entry.get("stress_test")) == stress_test:
             out[name] = keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,3 +24,23 @@ def mni_volumes() -> torch.Tensor:
     """Two 48³ brain volumes (2 mm, two different crops), ``[2, 1, 48, 48, 48]`` float32 in [0, 1]."""
     with np.load(CROPS) as d:
         return torch.from_numpy(d["volumes"].astype(np.float32) / 255.0)[:, None].contiguous()
+
+
+@pytest.fixture(scope="session")
+def example_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's example audit, run once per session through the CLI; its output folder."""
+    from click.testing import CliRunner
+
+    from medaudit.cli import cli
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("example") / "out"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(cli, ["run", "examples/model.pt", "--data", "examples/mni-patches/test.npz",
+                                          "--config", "examples/mni-patches.yaml", "--out", str(out), "--quiet"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return out

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from medaudit.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = Path(__file__).resolve().parent / "fixtures" / "example-pinned.json.gz"
@@ -177,20 +176,8 @@ def test_differences_finds_a_changed_number_and_a_missing_key() -> None:
 
 
 @pytest.mark.slow
-def test_example_results_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
-    monkeypatch.chdir(ROOT)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "run", "examples/model.pt", "--data", "examples/mni-patches/test.npz",
-            "--config", "examples/mni-patches.yaml", "--out", str(out), "--quiet",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    actual = pinned_view(json.loads((out / "results.json").read_text()))
+def test_example_results_are_pinned(example_run: Path) -> None:
+    actual = pinned_view(json.loads((example_run / "results.json").read_text()))
     with gzip.open(PINNED, "rt") as f:
         pinned = json.load(f)
     found = differences(pinned, actual) + moved_differences(pinned, actual)

@@ -99,7 +99,8 @@ def test_all_sections_present(full_html: str) -> None:
 
 
 def test_summary_verdict_and_checks_table(full_html: str) -> None:
-    assert "Verdict: <strong>FAIL</strong> (2 of 3 checks passed)" in full_html
+    assert ('class="verdict verdict-fail">Verdict: <strong>FAIL — 2 of 3 configured checks passed; 2 perturbations '
+            "break a headline metric beyond its margin</strong>") in full_html
     # value and threshold of the failing check, flagged row
     row = re.search(r'<tr class="fail"><th scope="row">mri\.noise@\*\.drop\.accuracy&gt;0\.01</th>(.*?)</tr>', full_html)
     assert row, "failing check row missing"
@@ -141,7 +142,7 @@ def test_identity_and_metadata_counts(full_html: str) -> None:
 
 def test_catalogue_preview_and_sampled_params(full_html: str) -> None:
     assert 'src="data:image/png;base64,' in full_html
-    assert "Sampled parameters" in full_html
+    assert "Parameters actually sampled per scenario" in full_html  # collapsed in the appendix
     data = load("full")
     sigma = next(s for s in data["scenarios"] if s["id"] == "mri.noise@5")["params"]["sigma"]
     row = re.search(r'<th scope="row">mri\.noise</th><td>sigma</td>(.*?)</tr>', full_html)
@@ -155,10 +156,11 @@ def test_robustness_figures_and_tables(full_html: str) -> None:
     data = load("full")
     data["metric_info"] = DECLARED
     view = build_view(Results.model_validate(data), [])
-    assert [s.name for s in view.suites] == ["intensity", "mri"]
-    for suite in view.suites:
-        assert suite.figure is not None and "<svg" in suite.figure.svg
-        assert {r.cells[1] for r in suite.summary.rows} == {"accuracy", "ece"}
+    # one figure, one panel per suite, of the primary metric
+    assert view.robustness_figure is not None and "one panel per suite (intensity, mri)" in view.robustness_figure.svg
+    degradation = next(a.table for a in view.appendix if a.filename == "robustness-degradation.csv")
+    assert {r.cells[1] for r in degradation.rows} == {"intensity", "mri"}
+    assert {r.cells[2] for r in degradation.rows} == {"accuracy", "ece"}
     # significant drops: table marker and a filled (dark-edged) marker in the figure
     assert "▼" in full_html
     assert "Mean corruption error" in full_html and "all suites" in full_html
@@ -192,7 +194,6 @@ def test_graceful_without_ood_and_subgroups() -> None:
     data["analyses"] = {}
     html = render(data)
     assert "No detectors ran" in html
-    assert "No failure-detection results were recorded." in html
     assert "No subgroup analysis was recorded." in html
     assert "Subgroups were configured but no subgroup results were recorded" in html
     assert "No OOD or shift detector produced results" in html
@@ -207,8 +208,10 @@ def test_subgroups_forest_gaps_and_small_groups(full_html: str) -> None:
     gaps = subgroups.report.gap_table(data)
     sig = [r for r in gaps.rows if r.flag == "drop"]
     assert sig and all(r.cells[-1] == "yes" for r in sig)
-    # non-headline, non-significant gaps are summarised in the caption, not listed
-    assert "further non-significant gaps" in gaps.caption
+    # non-headline, non-significant gaps are left to the appendix table, which lists every gap
+    n_gaps = len(data["analyses"]["subgroup_gaps"])
+    assert f"all {n_gaps} gaps are in the appendix" in gaps.caption
+    assert len(subgroups.report.all_gaps_table(data).rows) == n_gaps > len(gaps.rows)
     assert all(r.cells[2] in {"accuracy", "balanced accuracy", "auroc", "ece"} or r.flag for r in gaps.rows)
     assert "level = (missing) (clean): 12 samples" in full_html
 
@@ -290,7 +293,7 @@ def test_plugin_sections_render_and_escape() -> None:
 
 def test_figures_accessible_and_ids_unique(full_html: str) -> None:
     svgs = [a for t, a in tags(full_html) if t == "svg"]
-    assert len(svgs) >= 6  # 2 suites, reliability, OOD, 2 forest plots
+    assert len(svgs) >= 5  # robustness, reliability, OOD, 2 forest plots
     for a in svgs:
         assert a.get("role") == "img" and a.get("aria-label")
     assert full_html.count("<title>") == 1 + len(svgs)
@@ -321,9 +324,13 @@ def test_print_stylesheet() -> None:
     assert '<table class="keep">' in render(load("small"))
 
 
-def test_no_details_hide_content(full_html: str) -> None:
-    # collapsed <details> do not print in every browser: nothing essential may hide in one
-    assert "<details" not in full_html
+def test_details_only_in_the_appendix(full_html: str) -> None:
+    # collapsed <details> print closed: only the appendix's full tables (each also a CSV file) and
+    # the config may hide in one; every section's essentials stay open
+    appendix = full_html.index('<section id="appendix">')
+    assert "<details" in full_html and "<details" not in full_html[:appendix]
+    summaries = re.findall(r"<summary>(.*?)</summary>", full_html[appendix:], re.DOTALL)
+    assert sum("tables/" in s for s in summaries) == len(summaries) - 2  # all but severity parameters and config
 
 
 def test_rendering_is_deterministic(full_html: str) -> None:
@@ -386,7 +393,7 @@ def test_clean_only_audit_without_intervals_or_checks() -> None:
     data["timing"] = None
     data["config"]["audit"]["bootstrap"] = 0
     html = render(data)
-    assert "Verdict: <strong>no checks configured</strong>" in html
+    assert "Verdict: <strong>NO CHECKS CONFIGURED — no perturbation breaks a headline metric beyond its margin</strong>" in html
     assert "No perturbation was audited" in html
     assert "Temperature scaling" not in html and "data:image/png" not in html
     assert "Bootstrap was off" in html

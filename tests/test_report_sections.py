@@ -79,7 +79,8 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
 
 
 def _robustness_headers(html: str) -> list[str]:
-    section = html[html.index('<section id="robustness">'):html.index("</section>", html.index('<section id="robustness">'))]
+    # the all-scenarios table sits in the appendix, collapsed
+    section = html[html.index('<section id="appendix">'):]
     table = re.findall(r"Metrics per scenario with.*?</thead>", section, re.DOTALL)[-1]
     return re.findall(r'<th scope="col">(.*?)</th>', table)
 
@@ -110,8 +111,10 @@ def test_plugin_headline_metric_reaches_the_standard_tables(audit: tuple[dict[st
     est = results["scenarios"][0]["metrics"]["seamtest_sharpness"]
     text = f"{100 * est['value']:.1f}% [{100 * est['ci_low']:.1f}%, {100 * est['ci_high']:.1f}%]"
     assert f"<td>{text}</td>" in html
-    # a lead key: drawn in the degradation curves and summarised per suite
-    assert 'aria-label="Degradation curves of the intensity suite: accuracy and seamtest sharpness and ece' in html
+    # a lead key: summarised per perturbation in the degradation table and judged for breaking points
+    degradation = re.search(r"Degradation summary per perturbation.*?</table>", html, re.DOTALL).group(0)
+    assert "<td>seamtest sharpness</td>" in degradation
+    assert "seamtest sharpness: breaks at" in html
     assert "seamtest hidden" not in html.split('<section id="appendix">')[0]
 
 
@@ -121,9 +124,11 @@ def test_warning_records_match_warnings(audit: tuple[dict[str, Any], str, Any]) 
     assert [w["message"] for w in records] == results["warnings"]
     by_message = {w["message"]: w for w in records}
     assert by_message["seamtest: a plain warning"] == {"code": "analysis", "plugin": "seamtest", "scenario": None,
-                                                       "subject": None, "message": "seamtest: a plain warning", "alert": False}
+                                                       "subject": None, "message": "seamtest: a plain warning", "alert": False,
+                                                       "impact": None}
     assert by_message["seamtest: a record"] == {"code": "seamtest-odd", "plugin": "seamtest", "scenario": "clean",
-                                                "subject": None, "message": "seamtest: a record", "alert": False}
+                                                "subject": None, "message": "seamtest: a record", "alert": False,
+                                                "impact": None}
     # knn needs the feature layer the example config sets; msp skipped or not, every record has a code
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", w["code"]) for w in records)
     assert "<h4>From plugin seamtest (2)</h4>" in html

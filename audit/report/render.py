@@ -19,6 +19,7 @@ from ..config import Config
 from ..plugin_manager import PluginManager
 from ..results import MetricInfo, Results, WarningRecord, metric_info
 from ..sections import CORE_ORDER, ReportSection
+from ..verdict import breaking_points_of
 from .core import (HeatMap, breaking_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
                    metadata_views, params_table, robustness_figure, scope_text, stress_tests, robustness_table, throughput_table)
 from .format import fmt, fmt_ci, fmt_p, label
@@ -139,6 +140,8 @@ def _document_order(rendered: list[tuple[ReportSection, Markup]]) -> list[Sectio
 def build_view(results: Results, sections: list[tuple[str, ReportSection]] | None = None,
                problems: list[dict[str, Any]] | None = None, env: jinja2.Environment | None = None) -> ReportView:
     r = results.model_dump(mode="json")
+    # a results file from before breaking points were stored: derive them, so heat map and verdict agree
+    r.setdefault("robustness", {})["breaking_points"] = breaking_points_of(r)
     env = env or template_env()
     problems = list(problems or [])
     rendered = _render_sections(env, r, sections or [], problems)
