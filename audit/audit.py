@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checks import Vocabulary, junit_xml, parse_check, validate_checks
 from .config import Config
-from .data import AuditDataset, DatasetIdentity
+from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, PluginError
 from .evaluate import ExternalSet, build_results
@@ -34,9 +34,10 @@ from .perturbation import Perturbation
 from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
-from .runner import Extractor, ShardCache, plan_scenarios, run_forward, select_device, torch_threads
+from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
+from .sanity import preprocessing_probe
 from .settings import resolve_settings
-from .task import CLASS_PROBABILITIES, Task, bind_task
+from .task import CLASS_PROBABILITIES, LabelError, Task, bind_task
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -71,13 +72,39 @@ class AuditInterrupted(KeyboardInterrupt):
         self.shards, self.cache_dir = shards, cache_dir
 
 
-def open_dataset(pm: PluginManager, path: Path, config: Config) -> AuditDataset:
+#: Why a data set in each role needs labels (the role is the option that named it); a role not
+#: listed here, ``--ood-data``, is scored against the clean audit data without them.
+LABELS_NEEDED = {
+    "--data": "every metric compares the model's predictions with them",
+    "--reference": "detectors are fitted on it, and the class-conditional ones (mahalanobis) fit one mean per class",
+}
+
+
+def open_dataset(pm: PluginManager, path: Path, config: Config, role: str | None = "--data") -> AuditDataset:
+    """Open the data set at ``path`` with the loader plugin that recognises it.
+
+    ``role`` is the option that named it: ``--data`` and ``--reference`` need labels
+    (:data:`LABELS_NEEDED`), an ``--ood-data`` set may have none (labels it has are still read
+    against the task's classes, but nothing uses them), and None (a unit of work re-opening a data
+    set for its forward passes) accepts either. With ``input.dims: auto`` the config is updated
+    to the number of spatial dimensions read from the data, before anything else reads it.
+    """
     if not path.exists():
         raise DataError(f"dataset {path} does not exist")
-    dataset = pm.hook.medaudit_open_dataset(path=path, config=config)
+    try:
+        dataset = pm.hook.medaudit_open_dataset(path=path, config=config)
+    except LabelError as exc:
+        if role != "--ood-data":
+            raise
+        raise DataError(f"{exc}; the labels of an --ood-data set are not used, so leave out its label column "
+                        "(or array) to score it unlabelled") from None
     if dataset is None:
         raise DataError(f"{path}: no dataset loader recognises this path; give a .npz file, or a folder or CSV "
                         "with a manifest (path,label,…)")
+    if dataset.labels is None and role in LABELS_NEEDED:
+        raise DataError(f"{path}: {dataset.unlabelled}; {role} needs labels, because {LABELS_NEEDED[role]} "
+                        "(only an --ood-data set may be unlabelled)")
+    settle_dims(dataset, config)
     return dataset
 
 
@@ -175,9 +202,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                                       message=f"task.classes not configured; inferred from the labels: {classes}"))
     if len(config.task.classes) < 2:
         raise ConfigError(f"task.classes must name at least 2 classes, got {config.task.classes}")
-    reference = open_dataset(pm, reference_path, config) if reference_path is not None else None
+    reference = open_dataset(pm, reference_path, config, "--reference") if reference_path is not None else None
     taken: set[str] = set()
-    ood_sets = {_set_name(p, taken): open_dataset(pm, p, config) for p in ood_paths}
+    ood_sets = {_set_name(p, taken): open_dataset(pm, p, config, "--ood-data") for p in ood_paths}
     model = load_model(pm, model_path, config, trust_pickle).to(device)
     extract, feature_warning = make_extractor(model, config.model.feature_layer)
     if feature_warning:
@@ -246,7 +273,8 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
     """Forward an extra data set on clean inputs only (detector reference or external OOD set)."""
     fwd = run_forward(prep.model, prep.extract, dataset, prep.config, [Scenario.clean()], {}, prep.device,
                       prep.detectors, progress=progress, trust_pickle=trust_pickle)
-    return ExternalSet(name, dataset.identity(), torch.as_tensor(dataset.labels), fwd)
+    labels = None if dataset.labels is None else torch.as_tensor(dataset.labels)
+    return ExternalSet(name, dataset.identity(), labels, fwd)
 
 
 def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Config, *, command: str,
@@ -265,14 +293,18 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     age = process_age()
     if age is not None:
         phases.seconds["startup"] = age
-    with torch_threads(config.audit.threads):  # the user's choice, for this audit only
+    # the user's choice, for this audit only ("auto" is decided in the dry run, inside this block)
+    with torch_threads(config.audit.threads):
         prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths, required_columns)
+        suspect = preprocessing_probe(prep.extract, prep.dataset, prep.config, prep.device)
+        if suspect is not None:
+            prep.warnings.append(suspect)
         phases.lap("prepare")
-        log(f"medaudit {__version__}: {scenario_count(prep)} of {len(prep.dataset)} samples, on {prep.device}")
         cache = ShardCache(prep.config.output.dir / ".medaudit-cache", cache_fingerprint(prep, shard_size))
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)
-        try:
+        try:  # from the line that tells the user the forward passes begin
+            log(f"medaudit {__version__}: {scenario_count(prep)} of {len(prep.dataset)} samples, on {prep.device}")
             results = _run_prepared(prep, cache, command=command, started=started, phases=phases,
                                     trust_pickle=trust_pickle, junit=junit, progress=progress,
                                     shard_size=shard_size, log=log, config_path=config_path)
@@ -299,9 +331,16 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
                   log: Callable[[str], None], config_path: Path | None) -> Results:
     """The forward passes, results and outputs of a prepared audit (:func:`run_audit`)."""
     cfg = prep.config
+    chosen: list[ThreadChoice] = []
+
+    def on_threads(choice: ThreadChoice) -> None:
+        chosen.append(choice)
+        if cfg.audit.threads == "auto":
+            log(f"threads: {choice.threads} ({choice.reason})")
+
     fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
                       prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
-                      trust_pickle=trust_pickle)
+                      trust_pickle=trust_pickle, on_threads=on_threads)
     prep.warnings.extend([
         *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
                         plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
@@ -325,15 +364,21 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     results = evaluation.results
     if config_path is not None:
         results.config_path = str(config_path)
-    from .report import render_report
+    # environment only: the count never changes a number (choose_threads)
+    results.environment.threads_reason = chosen[0].reason
+    from .report import render_report_files
 
-    html = render_report(results, prep.pm)
+    rendered = render_report_files(results, prep.pm)
     if results.timing is not None:  # results.json only: the report cannot time its own rendering
         results.timing.phases["report"] = time.perf_counter() - phases.last
     with AtomicOutputDir(cfg.output.dir) as stage:
         (stage / "results.json").write_text(dumps(results), encoding="utf-8")
         if cfg.output.report:
-            (stage / "report.html").write_text(html, encoding="utf-8")
+            (stage / "report.html").write_text(rendered.html, encoding="utf-8")
+            if rendered.tables:
+                (stage / "tables").mkdir()
+                for name, text in rendered.tables.items():
+                    (stage / "tables" / name).write_text(text, encoding="utf-8")
         if cfg.output.save_predictions:
             buf = io.BytesIO()
             np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))

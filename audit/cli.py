@@ -57,7 +57,7 @@ def handle_errors(func: F) -> F:
             ctx.exit(141)
         except KeyboardInterrupt as exc:
             # an audit's interrupt (medaudit.audit.AuditInterrupted) says what its cache kept
-            click.echo(f"medaudit: {exc or 'interrupted'}", err=True)
+            click.echo(f"medaudit: {str(exc) or 'interrupted'}", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -174,7 +174,8 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--bootstrap", type=int, help="Bootstrap resamples for confidence intervals.")
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision (default fp32).")
-@click.option("--threads", type=int, help="CPU threads for torch (default: one per core; on a shared machine, the free cores).")
+@click.option("--threads", help="CPU threads for torch: a number, or auto (the default: the dry run times the model at "
+                                 "1 thread and at one per core and keeps the faster; printed with its reason).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Channels-last memory format for the model and its inputs (default: audit.channels_last, "
                    "auto: on a CPU when the model gives the same outputs in it).")
@@ -193,7 +194,7 @@ def _severities(value: str | None) -> list[int] | None:
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
         batch_size: int | None, model_batch_size: int | None, seed: int | None, suites: tuple[str, ...], perturbations: tuple[str, ...],
-        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: int | None,
+        severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: str | None,
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
@@ -346,15 +347,20 @@ def config_schema() -> None:
 @click.option("--pdf", is_flag=True, help="Also print the report to PDF (needs Chromium).")
 @handle_errors
 def report(results_path: Path, output: Path | None, pdf: bool) -> None:
-    """Re-render the HTML report from a results.json alone."""
-    from .report import render_report
+    """Re-render the HTML report (and its tables/*.csv beside it) from a results.json alone."""
+    from .report import render_report_files
     from .writing import write_atomic
     from .results import load_results
 
     results = load_results(results_path)
     target = output or results_path.with_name("report.html")
-    write_atomic(target, render_report(results, plugin_manager()).encode())
+    rendered = render_report_files(results, plugin_manager())
+    for name, text in rendered.tables.items():
+        write_atomic(target.parent / "tables" / name, text.encode())
+    write_atomic(target, rendered.html.encode())
     click.echo(f"report: {target}")
+    if rendered.tables:
+        click.echo(f"tables: {target.parent / 'tables'} ({len(rendered.tables)} CSV files)")
     if pdf:
         from .pdf import html_to_pdf
 
@@ -368,21 +374,40 @@ def report(results_path: Path, output: Path | None, pdf: bool) -> None:
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Tolerated worsening per metric (in the metric's units).")
 @click.option("--require-significant", is_flag=True, help="Count only worsenings whose CIs do not overlap.")
+@click.option("--allow-different-data", is_flag=True,
+              help="Compare audits of different data or tasks anyway (refused otherwise: exit 2).")
 @handle_errors
-def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool) -> None:
-    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop."""
-    from .compare import compare, render_compare
+def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool,
+                allow_different_data: bool) -> None:
+    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop.
+
+    Prints the worst regressions, then counts; the HTML (-o) lists them all.
+    """
+    from .compare import SUMMARY_LINES, compare, describe, render_compare
     from .results import load_results
     from .writing import write_atomic
 
-    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant)
+    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant,
+                     allow_different_data=allow_different_data)
+    if result.mismatch:  # first, so that no reader of the lines below misses it
+        click.echo(f"warning: {'; '.join(result.mismatch)}; compared anyway (--allow-different-data): "
+                   "differences mix the models with the change of data")
     if output:
         write_atomic(output, render_compare(result).encode())
         click.echo(f"comparison: {output}")
-    for c in result.regressions:
-        click.echo(f"regression: {c.scenario} {c.metric}: {c.old['value']:.4f} -> {c.new['value']:.4f} "
-                   f"(worse by {c.worsening:.4f}{', CIs disjoint' if c.significant else ''})")
-    click.echo(f"{len(result.regressions)} regression(s) beyond {max_drop}")
+    if result.settings:
+        click.echo(f"note: settings differ ({'; '.join(result.settings)}): comparable, but they shape the numbers")
+    if result.unmatched:
+        click.echo(f"note: {result.unmatched}")
+    regressions = result.regressions
+    for c in regressions[:SUMMARY_LINES]:
+        click.echo(f"regression: {describe(c)}")
+    if len(regressions) > SUMMARY_LINES:
+        click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
+                   + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+    click.echo(f"{len(result.improvements)} improvement(s) beyond {max_drop}"
+               + (f", {result.best_improvement}" if result.best_improvement else ""))
+    click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
     if result.has_regression:
         sys.exit(1)
 

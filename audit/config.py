@@ -65,7 +65,10 @@ class InputConfig(_Section):
     """The model's input spec."""
 
     modality: Modality = "generic"
-    dims: Literal[2, 3] = 2
+    dims: Literal[2, 3, "auto"] = Field(
+        "auto", description="spatial dimensions of one image: 2, 3, or auto (inferred from the data when it is opened: "
+                            "a NIfTI volume or DICOM series is 3-D, a PNG 2-D, an array by its shape; results.json "
+                            "records the number used)")
     channels: int = Field(1, ge=1, le=16)
     spatial_size: list[int] | None = Field(
         None, description="H, W (2D) or D, H, W (3D); images are resized to it. None keeps the data's size."
@@ -83,7 +86,10 @@ class InputConfig(_Section):
     @model_validator(mode="after")
     def _shapes(self) -> "InputConfig":
         if self.spatial_size is not None:
-            if len(self.spatial_size) != self.dims:
+            if self.dims == "auto":
+                if len(self.spatial_size) not in (2, 3):
+                    raise ValueError(f"input.spatial_size needs 2 (H, W) or 3 (D, H, W) values, got {len(self.spatial_size)}")
+            elif len(self.spatial_size) != self.dims:
                 raise ValueError(f"input.spatial_size has {len(self.spatial_size)} values but input.dims is {self.dims}")
             if any(s < 1 for s in self.spatial_size):
                 raise ValueError(f"input.spatial_size must be positive, got {self.spatial_size}")
@@ -145,12 +151,14 @@ class AuditConfig(_Section):
     energy_temperature: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     knn_k: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    threads: int | None = Field(
-        None, ge=1, description="CPU threads torch uses for the model and the statistics (torch.set_num_threads); "
-                                "None: torch's default, one per core. On a machine shared with other CPU-heavy jobs "
-                                "set it to the cores that are free: with more threads than free cores every parallel "
-                                "operation waits for a descheduled thread (one busy process on 2 cores made a 2-thread "
-                                "audit 6-21x slower, a 1-thread one was unaffected)")
+    threads: int | Literal["auto"] | None = Field(
+        "auto", description="CPU threads torch uses for the model and the statistics (torch.set_num_threads). auto: "
+                            "the dry run times the model at 1 thread and at one per core and keeps the faster (kept at "
+                            "one per core where the model's outputs differ between the two, so results never depend "
+                            "on it); the choice and its reason are in results.json environment. None: torch's default, "
+                            "one per core. With more threads than free cores every parallel operation waits for a "
+                            "descheduled thread (one busy process on 2 cores made a 2-thread audit 6-21x slower, a "
+                            "1-thread one was unaffected)")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format for model and inputs: true, false, or auto (on a CPU when "
                             "the model runs in it with the same outputs; its convolutions are faster there)")
@@ -163,12 +171,46 @@ class AuditConfig(_Section):
             raise ValueError(f"audit.severities must be a non-empty list of 1..5, got {v}")
         return sorted(set(v))
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        # one message for the union (pydantic would list why each member failed); "2" from a flag is 2
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"audit.threads must be auto or a number of threads (1 or more), got {v!r}")
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError(f"audit.device must be auto, cpu, cuda or cuda:N, got {v!r}")
+
+
+#: The margin of every headline metric that ``verdict.margins`` does not name, in the metric's units.
+DEFAULT_MARGIN = 0.05
+
+
+class VerdictConfig(_Section):
+    """How the summary's robustness overview judges drops (see docs/verdict.md)."""
+
+    margins: dict[str, float] = Field(
+        default_factory=lambda: {"*": DEFAULT_MARGIN},
+        description="metric key -> the drop (in the metric's units, positive = worse) that counts as breaking; "
+                    "'*' is every other headline metric (default 0.05). A perturbation's breaking point is the "
+                    "lowest severity whose paired drop significantly exceeds the margin (the lower end of the drop's "
+                    "interval is above it).")
+
+    @field_validator("margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {k: m for k, m in v.items() if not m >= 0}
+        if negative:
+            raise ValueError(f"verdict.margins must be >= 0, got {negative}")
+        # naming some metrics keeps the default for the others
+        return {"*": DEFAULT_MARGIN, **v}
 
 
 class OutputConfig(_Section):
@@ -187,6 +229,7 @@ class Config(_Section):
     subgroups: dict[str, Any] | None = Field(
         None, description="aliases kept for existing config files, each key " + _ALIAS_READER, json_schema_extra=PLUGIN_ALIAS)
     checks: list[str] = Field(default_factory=list, description="--fail-on expressions")
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     plugins: dict[str, dict[str, Any] | None] = Field(
         default_factory=dict, description="each plugin's own settings, keyed by its entry-point name "
@@ -308,7 +351,7 @@ model:
 
 input:
   modality: mri           # mri | ct | xray | dermoscopy | pathology | generic (picks default suites)
-  dims: 2                 # 2 or 3
+  dims: auto              # 2, 3 or auto (from the data: NIfTI volume -> 3, PNG -> 2)
   channels: 1
   # spatial_size: [64, 64] # resize to the model's input size (H, W) or (D, H, W)
   intensity:
@@ -326,11 +369,16 @@ audit:
   severities: [1, 2, 3, 4, 5]
   seed: 0
   device: auto            # auto | cpu | cuda | cuda:N
-  # threads: 2            # CPU threads for torch (default: one per core; fewer on a shared machine)
+  # threads: auto         # CPU threads for torch: auto (timed in the dry run), or a number
   batch_size: 32
   bootstrap: 1000         # resamples for 95% confidence intervals
 
 checks: []                # e.g. ["clean.accuracy<0.8", "mri.motion@3.ece>0.1"]
+
+verdict:
+  margins:                # a drop beyond its margin, significantly, is a breaking point
+    "*": 0.05             # every headline metric not named here
+    # ece: 0.02
 
 output:
   dir: medaudit-out

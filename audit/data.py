@@ -2,8 +2,11 @@
 
 A loader plugin (see ``medaudit_open_dataset``) returns an :class:`AuditDataset`: labels and
 metadata are known up front (small), images are read lazily by ``read(i)`` so a
-``torch.utils.data.DataLoader`` with workers streams them. ``__getitem__`` applies the
-preprocessing of the input spec, in this documented order:
+``torch.utils.data.DataLoader`` with workers streams them. A data set may be unlabelled
+(``labels`` is None); only an ``--ood-data`` set may be (see :func:`medaudit.audit.open_dataset`).
+With ``input.dims: auto`` a loader reads the number of spatial dimensions from its data and opens
+the data set with :func:`resolve_dims`. ``__getitem__`` applies the preprocessing of the input
+spec, in this documented order:
 
 1. channel handling: a 1-channel image is repeated to ``input.channels``; a 3/4-channel (RGB[A])
    image given to a 1-channel model becomes its luminance (ITU-R BT.601 weights);
@@ -29,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .config import InputConfig, IntensityConfig, TaskConfig
+from .config import Config, InputConfig, IntensityConfig, TaskConfig
 from .errors import DataError
-from .task import task_of
+from .task import LabelError, task_of
 
 #: Key under which :func:`summarize_column` counts a column's absent (``None``) values, in
 #: results.json ``dataset.metadata_summary`` and the report. Not the subgroup analysis' label of
@@ -48,6 +51,7 @@ class DatasetIdentity:
     metadata_columns: list[str]
     format: str
     metadata_summary: dict[str, dict[str, int]] = field(default_factory=dict)
+    metadata_numeric: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class AuditDataset(Dataset):
@@ -55,24 +59,28 @@ class AuditDataset(Dataset):
 
     Subclasses call ``super().__init__`` with everything but the pixels and implement
     :meth:`read`. ``labels`` are the targets the task read (:func:`resolve_labels`): class
-    indices ``[N]`` (binary/multiclass) or a multi-hot ``[N, K]`` array (multilabel). ``metadata`` maps a column name to one value per sample
-    (``None`` for missing).
+    indices ``[N]`` (binary/multiclass) or a multi-hot ``[N, K]`` array (multilabel), or None
+    when the data hold no labels at all; then ``unlabelled`` says what is missing, in the data's
+    own terms, for the error of a role that needs labels. ``metadata`` maps a column name to one
+    value per sample (``None`` for missing). ``input_cfg.dims`` is 2 or 3 (see :func:`resolve_dims`).
     """
 
     format: str = "unknown"
+    #: Why ``labels`` is None (e.g. "the manifest has no 'label' column"), set by the loader.
+    unlabelled: str = "the data set holds no labels"
 
     def __init__(
         self,
         path: Path,
         sample_ids: Sequence[str],
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         metadata: dict[str, list[Any]],
         input_cfg: InputConfig,
         task: TaskConfig,
     ) -> None:
         self.path = Path(path)
         self.sample_ids = list(sample_ids)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.metadata = metadata
         self.input_cfg = input_cfg
         self.task = task
@@ -110,9 +118,14 @@ class AuditDataset(Dataset):
             metadata_columns=sorted(self.metadata),
             format=self.format,
             metadata_summary={col: summarize_column(vals) for col, vals in sorted(self.metadata.items())},
+            metadata_numeric={col: stats for col, vals in sorted(self.metadata.items())
+                              if (stats := numeric_summary(vals)) is not None},
         )
 
     def class_counts(self) -> dict[str, int]:
+        """Samples per class; empty for an unlabelled data set."""
+        if self.labels is None:
+            return {}
         return task_of(self.task).target_counts(self.labels, self.task.classes)
 
 
@@ -122,13 +135,77 @@ def summarize_column(values: Iterable[Any], limit: int = 20) -> dict[str, int]:
     return dict(counts.most_common(limit))
 
 
-def resolve_labels(raw: Any, task: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
+#: A numeric column with more distinct values than this is summarised (quartiles), not counted.
+NUMERIC_DISTINCT = 10
+
+
+def numeric_summary(values: Sequence[Any]) -> dict[str, float] | None:
+    """Count, missing, mean and quartiles of a column whose present values are all numbers (or
+    numeric strings, as a manifest CSV gives them) with more than :data:`NUMERIC_DISTINCT`
+    distinct values; ``None`` for any other column, which :func:`summarize_column` counts."""
+    present = [v for v in values if v is not None]
+    try:
+        numbers = np.array([float(v) for v in present if not isinstance(v, bool)], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    numbers = numbers[np.isfinite(numbers)]
+    if len(numbers) != len(present) or len(np.unique(numbers)) <= NUMERIC_DISTINCT:
+        return None
+    q = np.quantile(numbers, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"n": int(len(numbers)), "missing": int(len(values) - len(numbers)), "mean": float(numbers.mean()),
+            "min": float(q[0]), "q1": float(q[1]), "median": float(q[2]), "q3": float(q[3]), "max": float(q[4])}
+
+
+def resolve_labels(raw: Any, task: TaskConfig, where: str,
+                   sample_ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Raw labels (class names or indices; multi-hot rows for a multilabel task) → ``(labels, classes)``.
 
     The task reads them (:meth:`medaudit.task.Task.read_targets`). When ``task.classes`` is
-    empty the classes are inferred and returned so the caller can record them.
+    empty the classes are inferred and returned so the caller can record them. A label that
+    names no class is a :class:`~medaudit.task.LabelError` naming its row, and the row's sample
+    id when ``sample_ids`` are given (the task reads values, not samples).
     """
-    return task_of(task).read_targets(raw, task, where)
+    try:
+        return task_of(task).read_targets(raw, task, where)
+    except LabelError as exc:
+        if sample_ids is None or exc.sample_id is not None or not 0 <= exc.row < len(sample_ids):
+            raise
+        raise LabelError(exc.where, exc.row, exc.detail, sample_id=sample_ids[exc.row]) from None
+
+
+def resolve_dims(input_cfg: InputConfig, dims: int, where: str) -> InputConfig:
+    """``input_cfg`` with ``dims: auto`` replaced by the ``dims`` a loader read from the data at ``where``.
+
+    An explicit ``input.dims`` is returned unchanged (the loader's checks then compare the data
+    with it). The resolved value is an int, as everything after loading expects.
+    """
+    if input_cfg.dims != "auto":
+        return input_cfg
+    size = input_cfg.spatial_size
+    if size is not None and len(size) != dims:
+        raise DataError(f"{where}: the images are {dims}-D (input.dims: auto), but input.spatial_size has {len(size)} "
+                        f"values {size}; give {dims} values, or set input.dims if the data were read wrongly")
+    return input_cfg.model_copy(update={"dims": dims})
+
+
+def settle_dims(dataset: AuditDataset, config: Config) -> None:
+    """With ``input.dims: auto``, record in ``config`` the dims ``dataset`` was opened with.
+
+    Built-in loaders read them from the data (:func:`resolve_dims`); for a loader that left
+    ``auto``, sample 0's spatial axes are counted. Called when the audit opens its data and by
+    the runner, so a config built by hand around a data set opened directly works too; a no-op
+    once ``config.input.dims`` is a number.
+    """
+    if config.input.dims != "auto":
+        return
+    if dataset.input_cfg.dims == "auto":
+        where = dataset.describe_sample(0)
+        dims = dataset.read(0).ndim - 1
+        if dims not in (2, 3):
+            raise DataError(f"{where}: sample has {dims} spatial dimensions (input.dims: auto); set input.dims: 2 or 3")
+        dataset.input_cfg = resolve_dims(dataset.input_cfg, dims, where)
+    # recorded as the number used, so results.json's config stays a valid explicit config
+    config.input = config.input.model_copy(update={"dims": dataset.input_cfg.dims})
 
 
 def to_channel_first(arr: np.ndarray, dims: int, channels_last: bool) -> np.ndarray:
@@ -168,7 +245,9 @@ def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     x = torch.from_numpy(arr).to(torch.float32)
     spatial = x.ndim - 1
-    if spatial != cfg.dims:
+    # "auto" only where a loader opened outside an audit left it unresolved: the image says it
+    dims = spatial if cfg.dims == "auto" and spatial in (2, 3) else cfg.dims
+    if spatial != dims:
         raise DataError(
             f"{where}: image has {spatial} spatial dimensions (shape {tuple(raw.shape)}), but input.dims is {cfg.dims}"
         )
@@ -184,7 +263,9 @@ def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
             raise DataError(f"{where}: image has {c} channels, the model expects {cfg.channels} (input.channels)")
     x = scale_intensity(x, cfg.intensity)
     if cfg.spatial_size is not None and list(x.shape[1:]) != list(cfg.spatial_size):
-        mode = "bilinear" if cfg.dims == 2 else "trilinear"
+        if len(cfg.spatial_size) != dims:
+            raise DataError(f"{where}: image is {dims}-D, but input.spatial_size has {len(cfg.spatial_size)} values")
+        mode = "bilinear" if dims == 2 else "trilinear"
         x = F.interpolate(x[None], size=tuple(cfg.spatial_size), mode=mode, align_corners=False,
-                          antialias=cfg.dims == 2)[0].clamp(0.0, 1.0)
+                          antialias=dims == 2)[0].clamp(0.0, 1.0)
     return x.contiguous()

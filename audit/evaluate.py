@@ -30,21 +30,28 @@ from .model import LoadedModel
 from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
 from .results import Results, WarningRecord, clean_floats, metric_info
-from .robustness import summarize as summarize_robustness
+from .perturbation import is_stress_test
+from .robustness import breaking_points, summarize as summarize_robustness
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .task import FAILURE_DETECTION, TEMPERATURE_SCALING, Task, task_of
 from .temperature import temperature_report
 from .timing import PhaseClock
+from .verdict import verdict
 
 
 @dataclass
 class ExternalSet:
-    """An extra data set evaluated on clean inputs only: ``--ood-data`` or ``--reference``."""
+    """An extra data set evaluated on clean inputs only: ``--ood-data`` or ``--reference``.
+
+    ``labels`` is None for an unlabelled ``--ood-data`` set: nothing computed for such a set
+    needs them (its detection measures compare scores with the clean audit data's), and a
+    ``--reference`` set always has them (the class-conditional detectors fit on them).
+    """
 
     name: str
     identity: DatasetIdentity
-    labels: Tensor
+    labels: Tensor | None
     forward: ForwardResult
 
 
@@ -214,7 +221,7 @@ def build_results(
     release_free_memory()
     external_arrays: dict[str, dict[str, Tensor]] = {}
     for ext in ood_sets or []:
-        m = ext.labels.shape[0]
+        m = ext.identity.n_samples
         ext_weights = bootstrap_weights(m, cfg.audit.bootstrap, cfg.audit.seed, ood_set=ext.name)
         clean_idx = ids.index("clean")
         measures, scores = evaluate_external(
@@ -269,6 +276,12 @@ def build_results(
     phases.lap("calibration")
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},
                                       fwd.scenarios, directions)
+    info = metric_info(families, owners)
+    judged = list(dict.fromkeys([k for k, v in info.items() if v.headline]
+                                + [k for k in cfg.verdict.margins if k in directions]))
+    stress = {c["name"]: is_stress_test(c.get("stress_test", ()), cfg.input.modality) for c in catalogue}
+    robustness["breaking_points"] = breaking_points({s["id"]: s.get("drop", {}) for s in scenario_results if s["id"] in ids},
+                                                    fwd.scenarios, judged, cfg.verdict.margins, stress)
     forward_s = sum(fwd.seconds.values())
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
@@ -293,13 +306,14 @@ def build_results(
             "path": identity.path, "sha256": identity.sha256, "n_samples": identity.n_samples,
             "class_counts": identity.class_counts, "metadata_columns": identity.metadata_columns,
             "format": identity.format, "metadata_summary": identity.metadata_summary,
+            "metadata_numeric": identity.metadata_numeric,
         },
         "environment": env,
         "scenarios": scenario_results,
         "subgroups": subgroups,
         "config": cfg.model_dump(mode="json"),
         "metric_directions": directions,
-        "metric_info": {k: v.model_dump() for k, v in metric_info(families, owners).items()},
+        "metric_info": {k: v.model_dump() for k, v in info.items()},
         "perturbation_catalogue": catalogue,
         "robustness": robustness,
         "calibration": calibration,
@@ -313,4 +327,5 @@ def build_results(
     }
     results["checks"] = evaluate_checks(cfg.checks, results) + requested_perturbation_checks(
         cfg.audit.perturbations, ids, fwd.failures)
+    results["verdict"] = verdict(clean_floats(results))
     return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays)

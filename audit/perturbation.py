@@ -55,6 +55,10 @@ class Perturbation(ABC):
         One sentence saying what it simulates, for catalogues and the report.
     citation : str
         Reference for the physics or the corruption model.
+    stress_test : tuple[str, ...]
+        Modalities for which it is a stress test rather than a realistic acquisition change
+        (``("any",)`` for all), e.g. intensity inversion for MRI. The report still shows its
+        results, marked as a stress test, and keeps them apart in the robustness verdict.
     severities : Mapping[int, Mapping[str, ParamSpec]]
         Documented parameters of levels 1..5.
     """
@@ -65,6 +69,7 @@ class Perturbation(ABC):
     dims: ClassVar[tuple[int, ...]] = (2, 3)
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    stress_test: ClassVar[tuple[str, ...]] = ()
     severities: ClassVar[Mapping[int, Mapping[str, ParamSpec]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -78,6 +83,10 @@ class Perturbation(ABC):
             raise TypeError(f"perturbation name '{cls.name}' must start with its suite '{cls.suite}.'")
         if tuple(sorted(cls.severities)) != SEVERITY_LEVELS:
             raise TypeError(f"perturbation '{cls.name}' must document severities 1..5, has {sorted(cls.severities)}")
+        unknown = set(cls.stress_test) - {*MODALITIES, "any"}
+        if unknown:
+            raise TypeError(f"perturbation '{cls.name}' stress_test names unknown modalities {sorted(unknown)}; "
+                            f"use {list(MODALITIES)} or 'any'")
         bad = set(cls.dims) - {2, 3}
         if bad or not cls.dims:
             raise TypeError(f"perturbation '{cls.name}' dims must be a non-empty subset of (2, 3), got {cls.dims}")
@@ -168,11 +177,18 @@ class Perturbation(ABC):
             "dims": list(cls.dims),
             "summary": cls.summary,
             "citation": cls.citation,
+            "stress_test": list(cls.stress_test),
             "severities": {
                 str(level): {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
                 for level, params in sorted(cls.severities.items())
             },
         }
+
+
+def is_stress_test(stress_test: Sequence[str], modality: str) -> bool:
+    """Whether a perturbation declaring ``stress_test`` (its catalogue entry's list) is a stress
+    test for ``modality``."""
+    return "any" in stress_test or modality.lower() in stress_test
 
 
 def check_severity(name: str, severity: int) -> None:

@@ -93,6 +93,9 @@ class DatasetInfo(_Model):
     metadata_columns: list[str]
     format: str = ""
     metadata_summary: dict[str, dict[str, int]] = Field(default_factory=dict)
+    metadata_numeric: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="numeric metadata columns (more than 10 distinct values): n, missing, mean, "
+                                          "min, q1, median, q3, max; absent from older results files")
 
 
 class Environment(_Model):
@@ -105,6 +108,8 @@ class Environment(_Model):
     precision: str = "fp32"
     memory_format: str = Field("contiguous", description="memory format of the forward passes: contiguous or channels_last")
     threads: int | None = Field(None, description="CPU threads torch used (torch.get_num_threads())")
+    threads_reason: str | None = Field(None, description="why that many: audit.threads, torch's default, or what "
+                                                         "audit.threads: auto measured in the dry run")
 
 
 class Check(_Model):
@@ -142,6 +147,8 @@ class WarningRecord(_Model):
                                                   "plugin or metadata column")
     alert: bool = Field(False, description="the warning may invalidate the evidence (e.g. a model near chance): shown "
                                            "as a banner above the report's summary and printed on the console")
+    impact: str | None = Field(None, description="what the warning means for the evidence, in one sentence (the report's "
+                                                 "Limitations show it; medaudit supplies it for its own codes)")
 
 
 class MetricInfo(_Model):
@@ -221,6 +228,10 @@ class Results(_Model):
                                           "order of warnings; absent from older results files")
     metric_info: dict[str, MetricInfo] = Field(
         default_factory=dict, description="metric key -> how it is shown (headline, order, format, direction, plugin); "
+                                          "absent from older results files")
+    verdict: dict[str, Any] = Field(
+        default_factory=dict, description="status (alert | fail | concerns | pass | no-checks), headline, check counts "
+                                          "and the perturbations that break a headline metric (medaudit.verdict); "
                                           "absent from older results files")
     timing: Timing | None = None
     assets: dict[str, str] = Field(default_factory=dict, description="base64 images the report embeds")

@@ -37,7 +37,7 @@ from typing import Any
 
 from .outputs import Scenario
 
-__all__ = ["summarize"]
+__all__ = ["breaking_points", "summarize"]
 
 
 def _num(x: Any) -> float | None:
@@ -169,3 +169,67 @@ def summarize(
         for suite in sorted({s for s, _, _ in rows if s is not None}):
             suites.setdefault(suite, {})[key] = aggregate([r for r in rows if r[0] == suite])
     return {"perturbations": perturbations, "suites": suites, "mce": mce}
+
+
+def breaking_points(
+    scenario_drops: dict[str, dict[str, dict]],
+    scenarios: list[Scenario],
+    keys: list[str],
+    margins: Mapping[str, float],
+    stress_tests: Mapping[str, bool],
+) -> dict:
+    """The lowest severity at which each perturbation breaks each metric.
+
+    A perturbation *breaks* metric ``m`` at severity ``s`` when the paired-bootstrap drop from
+    clean (positive = worse) significantly exceeds the metric's margin: the lower end of the
+    drop's interval is above ``margins[m]`` (``margins["*"]`` for metrics not named). A drop
+    that is significant but within the margin does not break; without bootstrap intervals
+    nothing can break.
+
+    Parameters
+    ----------
+    scenario_drops : dict
+        ``{scenario_id: {metric_key: {"value", "ci_low", "ci_high", "significant"}}}``.
+    scenarios : list of Scenario
+        Every audited scenario; the perturbed ones are grouped by perturbation.
+    keys : list of str
+        The metrics to judge (the headline metrics and any named in ``margins``).
+    margins : mapping
+        Metric key → margin in the metric's units; ``"*"`` for every other key.
+    stress_tests : mapping
+        Perturbation → whether it is a stress test for the audited modality.
+
+    Returns
+    -------
+    dict (JSON-ready)::
+
+        {name: {"stress_test": bool, "metrics": {key: {
+            "margin", "severity" (int or None), "drop", "ci_low", "ci_high",
+            "worst_drop" (the largest drop over severities, or None)}}}}
+
+    ``drop``/``ci_low``/``ci_high`` are the drop at the breaking severity (None when it does not break).
+    """
+    by_perturbation: dict[str, list[Scenario]] = {}
+    for sc in scenarios:
+        if sc.perturbation is not None and sc.id in scenario_drops:
+            by_perturbation.setdefault(sc.perturbation, []).append(sc)
+    out: dict[str, Any] = {}
+    for name in sorted(by_perturbation):
+        scs = sorted(by_perturbation[name], key=lambda s: s.severity)
+        metrics: dict[str, Any] = {}
+        for key in keys:
+            margin = float(margins.get(key, margins.get("*", 0.0)))
+            entries = [(sc.severity, scenario_drops[sc.id].get(key)) for sc in scs]
+            if not any(d for _, d in entries):
+                continue
+            point: dict[str, Any] = {"margin": margin, "severity": None, "drop": None, "ci_low": None, "ci_high": None}
+            for severity, d in entries:
+                low = _num((d or {}).get("ci_low"))
+                if d and d.get("significant") and low is not None and low > margin:
+                    point.update(severity=severity, drop=_num(d.get("value")), ci_low=low, ci_high=_num(d.get("ci_high")))
+                    break
+            drops = [v for v in (_num((d or {}).get("value")) for _, d in entries) if v is not None]
+            point["worst_drop"] = max(drops) if drops else None
+            metrics[key] = point
+        out[name] = {"stress_test": bool(stress_tests.get(name, False)), "metrics": metrics}
+    return out

@@ -34,6 +34,12 @@ class ReportSection:
     ``findings`` are plain-language sentences shown under the summary's key findings (at most
     five findings are shown in all, failed checks and significant drops first);
     ``limitations`` are notes shown under "Limitations and warnings", derived from the results.
+    ``headlines`` are ``(label, text)`` pairs for the summary's first page (e.g. ``("Calibration",
+    "ECE 0.012 clean, 0.31 at worst (intensity.inversion@5)")``): one or two per section, the
+    numbers a reviewer needs before reading on.
+    ``appendix`` are the section's full tables (:class:`~medaudit.report.views.Table`): shown
+    collapsed in the report's appendix and written as CSV files ``tables/<id>.csv`` beside
+    results.json, so the section itself can stay at one figure and one compact table.
     """
 
     id: str
@@ -43,3 +49,5 @@ class ReportSection:
     order: int = 500
     findings: Sequence[str] = ()
     limitations: Sequence[str] = ()
+    headlines: Sequence[tuple[str, str]] = ()
+    appendix: Sequence[Any] = ()

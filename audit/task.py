@@ -213,22 +213,79 @@ def _installed_tasks() -> dict[str, Task]:
 # ---------------------------------------------------------------------------------------------
 
 
+class LabelError(DataError):
+    """A label that names no class of the task, at ``row`` (0-based) of the labels read at ``where``.
+
+    The message reads ``<where>: row 17 (sample id 'x') has label 7, but …``; the task knows
+    values, not samples, so :func:`medaudit.data.resolve_labels` adds the sample id.
+    """
+
+    def __init__(self, where: str, row: int, detail: str, sample_id: str | None = None) -> None:
+        self.where, self.row, self.detail, self.sample_id = where, row, detail, sample_id
+        sid = f" (sample id {sample_id!r})" if sample_id is not None else ""
+        super().__init__(f"{where}: row {row + 1}{sid} {detail}")
+
+
 def _is_int(s: str) -> bool:
     return s.lstrip("-").isdigit()
+
+
+def _shown(value: str) -> str:
+    """A label as the user wrote it: an index bare (``7``), a name quoted (``'csf'``)."""
+    return value if _is_int(value) else repr(value)
+
+
+def class_list(classes: Sequence[str]) -> str:
+    """``3 classes (0–2): a, b, c``: how a label error names the classes a label must be one of."""
+    return f"{len(classes)} classes (0–{len(classes) - 1}): {', '.join(classes)}"
+
+
+def _runs(ks: list[int]) -> str:
+    """Sorted integers as runs: ``[3, 4, 5, 6, 9]`` → ``3–6, 9``."""
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs)
+
+
+def _check_no_gap(values: list[str], n: int, where: str) -> None:
+    """Refuse integer labels that skip an index when the classes are inferred from them.
+
+    ``0..max`` is a guess at the model's classes; labels 0, 1, 2, 7 make it 8 classes of which 4
+    hold no sample, which almost always means a stray label (or 1-based labels) and otherwise ends
+    in an output-width error far from its cause. The row of the first label above the gap is named.
+    """
+    present = {int(v) for v in values}
+    missing = [k for k in range(n) if k not in present]
+    if not missing or present == {1}:
+        return  # gap-free, or a binary set of positives only (classes 0..1 are then no guess)
+    row = next(i for i, v in enumerate(values) if int(v) > missing[0])
+    hint = " (are the labels 1-based?)" if missing[0] == 0 else ""
+    raise LabelError(where, row, (
+        f"has label {values[row]}, but no label is {_runs(missing)}{hint}; task.classes is not set, so the classes "
+        f"would be inferred as 0–{n - 1} ({n} classes, {len(missing)} without a sample). Fix the label, or set "
+        "task.classes to the model's classes in output order (classes without samples are fine there)"))
 
 
 def read_class_labels(raw: Sequence[Any], classes: Sequence[str], where: str) -> tuple[np.ndarray, list[str]]:
     """One class per sample (names or indices) → ``(indices int64 [N], classes)``.
 
     When ``classes`` is empty they are inferred: the sorted unique values, or ``0..max`` (at least
-    two) when every value is an integer.
+    two) when every value is an integer; integer labels that skip an index are then an error
+    (:func:`_check_no_gap`). A label that names no class is a :class:`LabelError`.
     """
     values = [str(v).strip() for v in raw]
+    configured = bool(classes)
     classes = list(classes)
     if not classes:
         uniq = sorted(set(values), key=lambda s: (not _is_int(s), int(s) if _is_int(s) else 0, s))
         if all(_is_int(v) for v in uniq):
             n = max(int(v) for v in uniq) + 1
+            if min(int(v) for v in uniq) >= 0:
+                _check_no_gap(values, n, where)
             classes = [str(k) for k in range(max(n, 2))]
         else:
             classes = uniq
@@ -239,8 +296,11 @@ def read_class_labels(raw: Sequence[Any], classes: Sequence[str], where: str) ->
             out[i] = index[v]
         elif _is_int(v) and 0 <= int(v) < len(classes):
             out[i] = int(v)
+        elif configured:
+            raise LabelError(where, i, f"has label {_shown(v)}, but task.classes names {class_list(classes)}")
         else:
-            raise DataError(f"{where}, row {i + 1}: label {v!r} is not one of the classes {classes} (task.classes)")
+            raise LabelError(where, i, f"has label {_shown(v)}; an integer label is a class index, 0 or above "
+                                       "(or set task.classes to name the classes)")
     return out, classes
 
 

@@ -51,7 +51,11 @@ class AtomicOutputDir:
             if exc_type is None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 for item in sorted(self.stage.iterdir()):
-                    os.replace(item, self.out / item.name)
+                    target = self.out / item.name
+                    if item.is_dir() and target.is_dir():
+                        # a folder of outputs (tables/) replaces the previous run's whole, never merges with it
+                        shutil.rmtree(target)
+                    os.replace(item, target)
         finally:
             shutil.rmtree(self.stage, ignore_errors=True)
             if exc_type is not None and self.created and self.out.exists() and not any(self.out.iterdir()):

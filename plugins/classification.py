@@ -29,6 +29,7 @@ from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric, MetricContext, class_names
 from medaudit.outputs import AuditOutputs
 from medaudit.ranking import auroc_from_sums, binary_roc_sums, tie_groups
+from medaudit.scoring import near_chance as is_near_chance
 from medaudit.weighted import group_sums, safe_div
 
 MEDAUDIT_API_VERSION = 1
@@ -315,25 +316,16 @@ def medaudit_metrics(config: object) -> list[Metric]:
     return [ClassificationMetrics(), SelectivePredictionMetrics()]
 
 
-#: A model whose clean balanced accuracy is within this of a constant prediction's (1/K) is
-#: flagged: robustness, calibration and detection results of a model that does not work on the
-#: audit data are not evidence of anything, and read as reassuring ("no significant drop").
-NEAR_CHANCE_MARGIN = 0.1
-
-
 def near_chance(outputs: AuditOutputs) -> dict[str, Any] | None:
-    """An alert record when the clean predictions are near chance (single-label tasks), else None.
-
-    Balanced accuracy is compared with 1/K, what every constant prediction (and random guessing)
-    scores whatever the class balance, so a majority-class predictor is caught on imbalanced data too.
-    """
+    """An alert record when the clean predictions are near chance (single-label tasks,
+    :func:`medaudit.scoring.near_chance` of the clean balanced accuracy), else None."""
     if outputs.labels.ndim != 1 or "clean" not in [s.id for s in outputs.scenarios]:
         return None
     probs = outputs.probs[outputs.index("clean")]
     ones = torch.ones(1, probs.shape[0], dtype=torch.float64)
     value = float(ClassificationMetrics().compute(probs, outputs.labels, ones, outputs.ctx)["balanced_accuracy"][0])
     k = len(outputs.ctx.classes)
-    if not value <= 1.0 / k + NEAR_CHANCE_MARGIN:
+    if not is_near_chance(value, k):
         return None
     return {"code": "near-chance", "scenario": "clean", "subject": "balanced_accuracy", "alert": True,
             "message": (f"the model is near chance on the clean data: balanced accuracy {value:.3f}, against "

@@ -308,6 +308,9 @@ class Inversion(Perturbation):
     name = "intensity.inversion"
     suite = "intensity"
     modalities = ("any",)
+    # inverted polarity is a real X-ray failure (MONOCHROME1 read as MONOCHROME2); MRI, CT and
+    # colour images are never displayed inverted, so there it only probes the model's limits
+    stress_test = ("mri", "ct", "dermoscopy", "pathology")
     summary = "Intensities inverted (1 - x), blended in by severity; level 5 is the full inversion."
     citation = "DICOM PS3.3 C.7.6.3.1.2, Photometric Interpretation (MONOCHROME1 vs MONOCHROME2)."
     severities = {1: {"alpha": 0.2}, 2: {"alpha": 0.4}, 3: {"alpha": 0.6}, 4: {"alpha": 0.8}, 5: {"alpha": 1.0}}

@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,18 +93,21 @@ def patches() -> tuple[np.ndarray, np.ndarray]:
         return d["images"][:N_IMAGES].copy(), d["labels"][:N_IMAGES].copy()
 
 
-def write_config(tmp_path: Path) -> Path:
+def write_config(tmp_path: Path, text: str = CONFIG_YAML) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(CONFIG_YAML, encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
 def write_manifest(folder: Path, rows: list[tuple[str, str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / "manifest.csv"
+    return write_manifest_columns(folder / "manifest.csv", ["path", "label"], rows)
+
+
+def write_manifest_columns(manifest: Path, header: list[str], rows: Sequence[Sequence[str]]) -> Path:
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label"])
+        w.writerow(header)
         w.writerows(rows)
     return manifest
 
@@ -207,10 +210,11 @@ def pickled_module(path: Path) -> Path:
 
 @dataclass
 class Case:
-    """``args`` for ``medaudit run`` (minus --config/--out) and what the error line must contain."""
+    """``args`` for ``medaudit run`` (minus --config/--out), what the error line must contain, and the config."""
 
     args: list[str]
     must_contain: list[str]
+    config: str = CONFIG_YAML
 
 
 def case_missing_file(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
@@ -260,7 +264,60 @@ def case_unknown_label(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(rows)
     return Case([str(MODEL), "--data", str(manifest)],
-                [str(manifest), "row 8", "'gray_matter'", str(CLASSES), "task.classes"])
+                [f"{manifest}: row 8 (sample id 'img07.png') has label 'gray_matter', but task.classes names 3 classes "
+                 "(0–2): csf_other, grey_matter, white_matter"])
+
+
+def case_stray_label_index(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    """One label 7 in a 3-class task (task.classes configured): its row, sample id and value, and the classes."""
+    labels = p[1].copy()
+    labels[8] = 7
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0], labels=labels)
+    return Case([str(MODEL), "--data", str(data)],
+                [f"{data} ('labels'): row 9 (sample id '8') has label 7, but task.classes names 3 classes (0–2): "
+                 "csf_other, grey_matter, white_matter"])
+
+
+def case_stray_label_inferred(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    """task.classes not configured: classes 0–7 inferred from one stray 7 would have 3–6 empty."""
+    labels = p[1].copy()
+    labels[10] = 7
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0], labels=labels)
+    return Case([str(MODEL), "--data", str(data)],
+                [f"{data} ('labels'): row 11 (sample id '10') has label 7, but no label is 3–6",
+                 "inferred as 0–7 (8 classes, 4 without a sample)", "set task.classes"],
+                config=CONFIG_YAML.replace("  classes: [csf_other, grey_matter, white_matter]\n", ""))
+
+
+def case_unlabelled_data(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0])
+    return Case([str(MODEL), "--data", str(data)],
+                [f"{data}: it holds no labels array (arrays: ['images']); --data needs labels, because every metric "
+                 "compares the model's predictions with them (only an --ood-data set may be unlabelled)"])
+
+
+def case_unlabelled_reference(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0], labels=p[1])
+    manifest, names = png_folder(tmp / "ref", p)
+    write_manifest_columns(manifest, ["path"], [[n] for n in names])
+    return Case([str(MODEL), "--data", str(data), "--reference", str(manifest)],
+                [f"{manifest}: the manifest has no 'label' column (columns: ['path']); --reference needs labels",
+                 "mahalanobis"])
+
+
+def case_ood_set_with_foreign_labels(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    """An OOD set labelled for another task: its labels are unused, and the error says to drop them."""
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0], labels=p[1])
+    manifest, names = png_folder(tmp / "ood", p)
+    write_manifest(manifest.parent, [(n, "pneumonia") for n in names])
+    return Case([str(MODEL), "--data", str(data), "--ood-data", str(manifest)],
+                [f"{manifest}: row 1 (sample id 'img00.png') has label 'pneumonia', but task.classes names 3 classes",
+                 "the labels of an --ood-data set are not used, so leave out its label column"])
 
 
 def case_nan_pixels(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
@@ -351,6 +408,11 @@ CASES: dict[str, Callable[[Path, tuple[np.ndarray, np.ndarray]], Case]] = {
     "3-volume-as-2d": case_volume_as_2d,
     "3-4d-volume-as-2d": case_4d_volume_as_2d,
     "4-unknown-label": case_unknown_label,
+    "4-stray-label-index": case_stray_label_index,
+    "4-stray-label-inferred": case_stray_label_inferred,
+    "12-unlabelled-data": case_unlabelled_data,
+    "12-unlabelled-reference": case_unlabelled_reference,
+    "12-ood-set-with-foreign-labels": case_ood_set_with_foreign_labels,
     "5-nan-pixels": case_nan_pixels,
     "5-inf-pixels": case_inf_pixels,
     "6-empty-manifest": case_empty_manifest,
@@ -385,14 +447,15 @@ XFAIL: dict[str, pytest.MarkDecorator] = {}  # both former core bugs are fixed i
 
 
 VARIANTS = {"2-truncated-png-after-dry-run", "2-png-signature-only", "3-4d-volume-as-2d", "5-inf-pixels",
-            "7-model-raises-keeps-its-message", "7-model-raises-after-dry-run"}
+            "7-model-raises-keeps-its-message", "7-model-raises-after-dry-run", "4-stray-label-index",
+            "4-stray-label-inferred", "12-unlabelled-reference", "12-ood-set-with-foreign-labels"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=XFAIL[n]) if n in XFAIL else n for n in CASES])
 def test_bad_input_exits_2_with_one_line(name: str, tmp_path: Path, patches: tuple[np.ndarray, np.ndarray]) -> None:
     case = CASES[name](tmp_path, patches)
     out = tmp_path / "out"
-    args = ["run", *case.args, "--config", str(write_config(tmp_path)), "--out", str(out), *FAST]
+    args = ["run", *case.args, "--config", str(write_config(tmp_path, case.config)), "--out", str(out), *FAST]
     if name in VARIANTS:  # the same code path as a case checked with --debug below: the plain run is enough
         assert_clean_failure(run(args), out, tmp_path, case.must_contain)
         return
@@ -444,3 +507,60 @@ def test_paths_with_spaces_and_unicode(tmp_path: Path, patches: tuple[np.ndarray
     assert results["scenarios"][0]["n_samples"] == N_IMAGES
     assert "é" in (out / "report.html").read_text(encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json"]
+
+
+def test_unlabelled_ood_set_is_scored_like_a_labelled_one(tmp_path: Path, patches: tuple[np.ndarray, np.ndarray]) -> None:
+    """An --ood-data set needs no labels: the same images without and with them get the same detection measures."""
+    data = tmp_path / "d.npz"
+    np.savez(data, images=patches[0], labels=patches[1])
+    inverted = 255 - patches[0]
+    np.savez(tmp_path / "unlabelled.npz", images=inverted)
+    manifest, _ = png_folder(tmp_path / "labelled", (inverted, patches[1]))
+    out = tmp_path / "out"
+    res = run(["run", str(MODEL), "--data", str(data), "--ood-data", str(tmp_path / "unlabelled.npz"),
+               "--ood-data", str(manifest), "--config", str(write_config(tmp_path)), "--out", str(out), *FAST])
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    by_id = {s["id"]: s for s in results["scenarios"]}
+    unlabelled, labelled = by_id["ood:unlabelled"]["ood"], by_id["ood:manifest"]["ood"]
+    assert unlabelled and set(unlabelled) == set(labelled)
+    for detector, measures in unlabelled.items():
+        assert set(measures) == {"auroc", "aupr", "fpr95"}
+        for name, value in measures.items():
+            assert value["value"] is not None and value["value"] == labelled[detector][name]["value"], (detector, name)
+    assert by_id["ood:unlabelled"]["n_samples"] == N_IMAGES
+
+
+class TinyNet3d(nn.Module):
+    """A 3-D classifier of three classes: runs only on [B, 1, D, H, W]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3, 4)))
+
+
+def test_nifti_volumes_without_input_dims_run_as_3d(tmp_path: Path, patches: tuple[np.ndarray, np.ndarray]) -> None:
+    """input.dims defaults to auto: NIfTI volumes are read as 3-D and results.json records dims 3."""
+    import nibabel as nib
+
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    rows = []
+    for k in range(4):  # each volume: 3 patches stacked along Z, labelled by the first
+        vol = np.stack([patches[0][3 * k + j] for j in range(3)], axis=-1).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), folder / f"vol{k}.nii.gz")
+        rows.append((f"vol{k}.nii.gz", CLASSES[int(patches[1][3 * k])]))
+    write_manifest(folder, rows)
+    config = write_config(tmp_path, CONFIG_YAML.replace("  dims: 2\n", ""))
+    torch.manual_seed(0)
+    model = save_script(TinyNet3d(), tmp_path / "net3d.pt")
+    out = tmp_path / "out"
+    res = run(["run", str(model), "--data", str(folder), "--config", str(config), "--out", str(out), *FAST])
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["config"]["input"]["dims"] == 3
+    assert results["scenarios"][0]["n_samples"] == 4

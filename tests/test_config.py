@@ -99,3 +99,18 @@ def test_modality_names_are_case_insensitive(tmp_path: Path, written: str) -> No
     path = tmp_path / "m.yaml"
     path.write_text(f"input:\n  modality: '{written}'\n")
     assert load_config(path).input.modality == written.strip().lower()
+
+
+def test_input_dims_auto_is_the_default_and_checks_spatial_size(tmp_path: Path) -> None:
+    assert Config().input.dims == "auto"
+    assert yaml.safe_load(STARTER_CONFIG)["input"]["dims"] == "auto"
+    path = tmp_path / "c.yaml"
+    path.write_text("input:\n  spatial_size: [8, 8, 8]\n")
+    assert load_config(path).input.spatial_size == [8, 8, 8]  # auto: 3-D data will have to match it
+    path.write_text("input:\n  spatial_size: [8, 8, 8, 8]\n")
+    with pytest.raises(ConfigError, match=r"input: .*spatial_size needs 2 \(H, W\) or 3 \(D, H, W\) values, got 4"):
+        load_config(path)
+    path.write_text("input:\n  dims: 4\n")
+    with pytest.raises(ConfigError, match=r"input\.dims: .*2, 3 or 'auto'"):
+        load_config(path)
+    assert load_config(path, {"input.dims": 3}).input.dims == 3

@@ -32,7 +32,7 @@ CR_MONO1 = PYDICOM_DATA / "dicomdirtests" / "77654033" / "CR1" / "6154"  # MONOC
 CT_SERIES = PYDICOM_DATA / "dicomdirtests" / "98892001" / "CT5N"  # 5 axial slices, z descending with InstanceNumber
 
 
-def cfg(dims: int = 2, channels: int = 1, task: str = "multiclass", classes: list[str] | None = None, **inp: Any) -> Config:
+def cfg(dims: int | str = 2, channels: int = 1, task: str = "multiclass", classes: list[str] | None = None, **inp: Any) -> Config:
     return Config.model_validate({
         "input": {"dims": dims, "channels": channels, **inp},
         "task": {"type": task, "classes": classes or []},
@@ -319,6 +319,126 @@ def test_npz_bad_keys_and_shapes(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# input.dims: auto (the default), read from the data when it is opened
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_dims_is_auto() -> None:
+    assert Config().input.dims == "auto"
+
+
+def test_auto_dims_from_manifest_files(tmp_path: Path) -> None:
+    vol = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    nib.save(nib.Nifti1Image(vol[:, :, :1], np.eye(4)), tmp_path / "slice.nii")  # (X, Y, 1): a 2-D image
+    _png(tmp_path / "a.png")
+    np.save(tmp_path / "stack.npy", np.zeros((7, 5, 6), dtype=np.float32))  # no channel axis of 1/3/4: a volume
+    np.save(tmp_path / "rgb.npy", np.zeros((5, 6, 3), dtype=np.float32))  # channels-last RGB: 2-D
+    CT_SERIES_COPY = tmp_path / "series"
+    shutil.copytree(CT_SERIES, CT_SERIES_COPY)
+    expected = {"vol.nii.gz": (3, (1, 4, 5, 6)), "slice.nii": (2, (1, 4, 5)), "a.png": (2, (1, 6, 6)),
+                "stack.npy": (3, (1, 7, 5, 6)), "rgb.npy": (2, (1, 5, 6)), "series": (3, None)}
+    for name, (dims, shape) in expected.items():
+        csv_path = tmp_path / f"{name}.csv"
+        csv_path.write_text(f"path,label\n{name},0\n", encoding="utf-8")
+        ds = open_ds(csv_path, cfg(dims="auto"))
+        assert ds.input_cfg.dims == dims and type(ds.input_cfg.dims) is int, name
+        if shape is not None:
+            assert tuple(ds[0][0].shape) == shape, name
+    # rows are read as the first one says: a 2-D image after a volume fails when it is read, naming its row
+    mixed = write_manifest(tmp_path, ["vol.nii.gz,0", "a.png,1"])
+    ds = open_ds(mixed, cfg(dims="auto"))
+    with pytest.raises(DataError, match=r"manifest\.csv, row 2 \(a\.png\).*2 spatial dimensions.*input\.dims is 3"):
+        ds[1]
+    with pytest.raises(DataError, match=r"vol\.nii\.gz\.csv: the images are 3-D \(input\.dims: auto\), but "
+                                        r"input\.spatial_size has 2 values \[8, 8\]"):
+        open_ds(tmp_path / "vol.nii.gz.csv", cfg(dims="auto", spatial_size=[8, 8]))
+
+
+def test_preprocess_outside_an_audit_takes_auto_dims_from_the_image() -> None:
+    """A loader opened directly (the conformance kit) may leave dims auto: the image's own axes count."""
+    auto = Config().input
+    assert tuple(preprocess(np.zeros((1, 4, 5, 6), np.float32), auto, "v").shape) == (1, 4, 5, 6)
+    assert tuple(preprocess(np.zeros((1, 4, 5), np.float32), auto, "i").shape) == (1, 4, 5)
+    sized = Config.model_validate({"input": {"spatial_size": [8, 8]}}).input
+    with pytest.raises(DataError, match=r"^v: image is 3-D, but input\.spatial_size has 2 values$"):
+        preprocess(np.zeros((1, 4, 5, 6), np.float32), sized, "v")
+    with pytest.raises(DataError, match=r"^f: image has 4 spatial dimensions .*but input\.dims is auto$"):
+        preprocess(np.zeros((1, 2, 3, 4, 5), np.float32), auto, "f")
+
+
+def test_auto_dims_from_npz_shape(tmp_path: Path) -> None:
+    cases = {(4, 8, 8): 2, (4, 1, 8, 8): 2, (4, 8, 8, 3): 2, (4, 6, 8, 8): 3, (4, 1, 6, 8, 8): 3}
+    for shape, dims in cases.items():
+        p = tmp_path / f"{'x'.join(map(str, shape))}.npz"
+        np.savez(p, images=np.zeros(shape, dtype=np.uint8), labels=np.array([0, 1, 0, 1]))
+        ds = open_ds(p, cfg(dims="auto"))
+        assert ds.input_cfg.dims == dims, shape
+        assert ds[0][0].ndim == dims + 1, shape
+    # [N, 2, H, W] reads as 2-D two-channel images for a 2-channel model, as [D, H, W] volumes otherwise
+    p = tmp_path / "two.npz"
+    np.savez(p, images=np.zeros((4, 2, 8, 8), dtype=np.uint8), labels=np.array([0, 1, 0, 1]))
+    assert open_ds(p, cfg(dims="auto", channels=2)).input_cfg.dims == 2
+    assert open_ds(p, cfg(dims="auto")).input_cfg.dims == 3
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, images=np.zeros((2, 16)), labels=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"flat\.npz: 'images' has shape \(2, 16\): 1 dimensions per image, neither"):
+        open_ds(flat, cfg(dims="auto"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled data sets (what an --ood-data set may be) and labels the model cannot output
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unlabelled_npz(tmp_path: Path) -> None:
+    images = np.random.default_rng(5).integers(0, 256, (3, 6, 6), dtype=np.uint8)
+    p = tmp_path / "ood.npz"
+    np.savez(p, images=images, meta_site=np.array(["a", "b", "a"]))
+    ds = open_ds(p, cfg(classes=["x", "y"]))
+    assert ds.labels is None and ds.class_counts() == {} and ds.identity().class_counts == {}
+    assert ds.unlabelled == "it holds no labels array (arrays: ['images', 'meta_site'])"
+    assert ds.metadata == {"site": ["a", "b", "a"]}
+    np.testing.assert_array_equal(ds.read(1), images[1][None])
+    q = tmp_path / "medmnist.npz"
+    np.savez(q, test_images=images, train_images=images, train_labels=np.array([0, 1, 0]))
+    assert open_ds(q, cfg()).unlabelled.startswith("it holds no test_labels array")
+
+
+def test_label_errors_name_row_sample_and_value(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 7, 1])
+    np.savez(p, images=np.zeros((18, 4, 4), dtype=np.uint8), labels=labels)
+    with pytest.raises(DataError, match=r"^.*d\.npz \('labels'\): row 17 \(sample id '16'\) has label 7, but task\.classes "
+                                        r"names 3 classes \(0–2\): csf_other, grey_matter, white_matter$"):
+        open_ds(p, cfg(classes=["csf_other", "grey_matter", "white_matter"]))
+    # classes not configured: 0-7 would be inferred with 3-6 empty, so the stray row is named instead
+    with pytest.raises(DataError, match=r"row 17 \(sample id '16'\) has label 7, but no label is 3–6; task\.classes is "
+                                        r"not set, so the classes would be inferred as 0–7 \(8 classes, 4 without a sample\)"):
+        open_ds(p, cfg())
+    np.savez(p, images=np.zeros((4, 4, 4), dtype=np.uint8), labels=np.array([1, 2, 3, 1]))
+    with pytest.raises(DataError, match=r"row 1 \(sample id '0'\) has label 1, but no label is 0 \(are the labels 1-based\?\)"):
+        open_ds(p, cfg())
+    np.savez(p, images=np.zeros((3, 4, 4), dtype=np.uint8), labels=np.array([0, -1, 1]))
+    with pytest.raises(DataError, match=r"row 2 \(sample id '1'\) has label -1; an integer label is a class index, 0 or above"):
+        open_ds(p, cfg())
+    # gap-free inferred classes, and a binary set of positives only, are no guess
+    np.savez(p, images=np.zeros((3, 4, 4), dtype=np.uint8), labels=np.array([1, 1, 1]))
+    assert open_ds(p, cfg(task="binary")).classes == ["0", "1"]
+    np.savez(p, images=np.zeros((3, 4, 4), dtype=np.uint8), labels=np.array([2, 0, 1]))
+    assert open_ds(p, cfg()).classes == ["0", "1", "2"]
+
+
+def test_unknown_multilabel_name_names_row_and_sample(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    write_manifest(tmp_path, ["a.png,x|y", "b.png,y|w"])
+    with pytest.raises(DataError, match=r"manifest\.csv: row 2 \(sample id 'b\.png'\) has label 'w', but task\.classes "
+                                        r"names 3 classes \(0–2\): x, y, z$"):
+        open_ds(tmp_path, cfg(task="multilabel", classes=["x", "y", "z"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: each names the file (and row) and says what to do
 # ---------------------------------------------------------------------------------------------
 
@@ -366,7 +486,8 @@ def test_label_not_in_class_list(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png")
     write_manifest(tmp_path, ["a.png,benign", "b.png,malignnat"])
-    with pytest.raises(DataError, match=r"manifest\.csv, row 2: label 'malignnat' is not one of the classes"):
+    with pytest.raises(DataError, match=r"manifest\.csv: row 2 \(sample id 'b\.png'\) has label 'malignnat', but "
+                                        r"task\.classes names 2 classes \(0–1\): benign, malignant$"):
         open_ds(tmp_path, cfg(classes=["benign", "malignant"]))
 
 
@@ -407,8 +528,9 @@ def test_missing_required_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"manifest\.csv: manifest has no 'path' column.*\['file', 'label'\]"):
         open_ds(tmp_path, cfg())
     write_manifest(tmp_path, ["a.png"], header="path")
-    with pytest.raises(DataError, match=r"manifest\.csv: manifest has no 'label' column"):
-        open_ds(tmp_path, cfg())
+    unlabelled = open_ds(tmp_path, cfg())  # an unlabelled set: whether its role needs labels is the core's call
+    assert unlabelled.labels is None and unlabelled.class_counts() == {}
+    assert unlabelled.unlabelled == "the manifest has no 'label' column (columns: ['path'])"
 
 
 def test_unsupported_extension_and_empty_label(tmp_path: Path) -> None:

@@ -64,6 +64,15 @@ STREAM_DEPENDENT: list[str] = [
     r"analyses\.subgroup_gaps\.\d+\.(drop_gap\.)?p_(value|adjusted)",
 ]
 
+#: Settings whose default was deliberately changed (CHANGELOG names the change), dotted path →
+#: (pinned value, new value): the example does not set them, so it must show exactly the new
+#: default there. Nothing else may be listed.
+CHANGED_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    # CHANGELOG "audit.threads: auto": the count is chosen in the dry run only where the model's
+    # outputs are the same bits at every count, so no number depends on it (tests/test_threads.py).
+    "config.audit.threads": (None, "auto"),
+}
+
 
 def pinned_view(results: dict[str, Any]) -> dict[str, Any]:
     """``results`` without the keys that legitimately differ between two runs."""
@@ -86,6 +95,10 @@ def differences(pinned: Any, actual: Any, path: str = "") -> list[str]:
     """Every place where ``actual`` lacks or changes a value of ``pinned`` (additions allowed)."""
     if any(re.fullmatch(p, path) for p in STREAM_DEPENDENT):
         return []
+    if path in CHANGED_DEFAULTS:
+        before, after = CHANGED_DEFAULTS[path]
+        ok = pinned == before and actual == after and type(actual) is type(after)
+        return [] if ok else [f"{path}: pinned {pinned!r}, default changed to {after!r}, now {actual!r}"]
     if isinstance(pinned, dict):
         if not isinstance(actual, dict):
             return [f"{path}: was an object, now {type(actual).__name__}"]
@@ -141,6 +154,13 @@ def test_moved_differences_checks_the_new_place() -> None:
     assert moved_differences(pinned, moved) == [
         "config.plugins.calibration.n_bins: missing (moved from config.audit.n_bins)",
         "config.plugins.ood.knn_k (moved from config.audit.knn_k): pinned 50, now 49",
+    ]
+
+
+def test_a_changed_default_must_show_exactly_its_new_value() -> None:
+    assert differences({"config": {"audit": {"threads": None}}}, {"config": {"audit": {"threads": "auto"}}}) == []
+    assert differences({"config": {"audit": {"threads": None}}}, {"config": {"audit": {"threads": 2}}}) == [
+        "config.audit.threads: pinned None, default changed to 'auto', now 2"
     ]
 
 

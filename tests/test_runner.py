@@ -147,6 +147,7 @@ def test_memory_format_auto_leaves_gpu_and_non_module_models_alone() -> None:
     from medaudit.runner import choose_memory_format
 
     cfg, ds, model = _setup()
+    cfg.input.dims = 2  # what run_forward settles input.dims: auto to for these 2-D images; called directly here
 
     def never(x: torch.Tensor) -> tuple[torch.Tensor, None]:
         raise AssertionError("no probe expected")
@@ -275,6 +276,9 @@ def test_nan_output_names_the_scenario() -> None:
 def test_plan_scenarios_by_modality_suite_and_name() -> None:
     catalogue = {"intensity.gamma": ("intensity", Gamma)}
     cfg = Config()
+    with pytest.raises(RuntimeError, match=r"input\.dims; with auto, open the data set first"):
+        plan_scenarios(cfg, catalogue)  # auto would match no perturbation: never plan before the data are opened
+    cfg.input.dims = 2
     scenarios, perts = plan_scenarios(cfg, catalogue)
     assert [s.id for s in scenarios] == ["clean"] + [f"intensity.gamma@{s}" for s in range(1, 6)]
     cfg.audit.suites = []

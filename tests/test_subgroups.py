@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,8 @@ from medaudit.plugins import subgroups as sg
 from medaudit.plugins.subgroups import SubgroupSettings
 from medaudit.plugins.calibration import CalibrationMetrics
 from medaudit.plugins.classification import ClassificationMetrics
-from medaudit.results import SubgroupResult, clean_floats
+from medaudit.report import render_report
+from medaudit.results import Results, SubgroupResult, clean_floats
 from medaudit.settings import resolve_settings
 from scipy import stats
 from sklearn.metrics import accuracy_score, recall_score
@@ -278,6 +280,181 @@ def test_a_perturbation_that_hurts_one_group_is_detected():
     assert g["drop_gap"]["significant"] is True
     # clean: the same groups perform alike, nothing is flagged
     assert not any(e["significant"] for e in res["subgroup_gaps"] if e["scenario"] == "clean")
+
+
+# ---------------------------------------------------------------------------------------------
+# The worst group against the rest: an interval that can contain 0
+# ---------------------------------------------------------------------------------------------
+
+
+def weighted_accuracy(correct: np.ndarray, w: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Per weight row, the accuracy of the selected samples (numpy reference, ``[1 + R]``)."""
+    return (w[:, sel] * correct[sel]).sum(1) / w[:, sel].sum(1)
+
+
+def test_worst_vs_rest_is_the_paired_difference_from_the_pooled_other_groups():
+    """Three groups: by hand from the weight matrix, on clean (generic path) and perturbed (group sums)."""
+    rng = np.random.default_rng(11)
+    n = 360
+    y = rng.integers(0, 2, n)
+    grp = rng.choice(["a", "b", "c"], n)
+    clean, pert = binary_probs(y, rng), binary_probs(y, rng, strength=0.6)
+    scen = [Scenario.clean(), Scenario.perturbed("p", "s", 1)]
+    out = make_outputs([clean, pert], y, {"g": list(grp)}, scenarios=scen, n_boot=300)
+    res = sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=10, permutations=0))
+    w = out.bootstrap_weights.double().numpy()
+    for sid, probs in (("clean", clean), ("p@1", pert)):
+        correct = ((probs[:, 1] >= 0.5) == y).astype(float)
+        acc = {x: weighted_accuracy(correct, w, grp == x) for x in "abc"}
+        worst = min("abc", key=lambda x: acc[x][0])
+        diff = weighted_accuracy(correct, w, grp != worst) - acc[worst]  # rest minus worst: positive is worse
+        got = gap(res, "accuracy", sid)
+        assert got["worst_group"] == worst
+        assert got["worst_vs_rest"]["value"] == pytest.approx(diff[0], abs=ATOL)
+        assert got["worst_vs_rest"]["rest_value"] == pytest.approx(weighted_accuracy(correct, w, grp != worst)[0], abs=ATOL)
+        assert got["worst_vs_rest"]["ci_low"] == pytest.approx(np.percentile(diff[1:], 2.5), abs=ATOL)
+        assert got["worst_vs_rest"]["ci_high"] == pytest.approx(np.percentile(diff[1:], 97.5), abs=ATOL)
+    # the perturbation's most affected group against the rest: a difference of paired drops
+    correct_c = ((clean[:, 1] >= 0.5) == y).astype(float)
+    correct_p = ((pert[:, 1] >= 0.5) == y).astype(float)
+    drop = {x: weighted_accuracy(correct_c, w, grp == x) - weighted_accuracy(correct_p, w, grp == x) for x in "abc"}
+    most = max("abc", key=lambda x: drop[x][0])
+    rest_drop = weighted_accuracy(correct_c, w, grp != most) - weighted_accuracy(correct_p, w, grp != most)
+    dg = gap(res, "accuracy", "p@1")["drop_gap"]
+    assert dg["most_affected_group"] == most
+    assert dg["most_affected_vs_rest"]["value"] == pytest.approx(drop[most][0] - rest_drop[0], abs=ATOL)
+    assert dg["most_affected_vs_rest"]["ci_low"] == pytest.approx(np.percentile((drop[most] - rest_drop)[1:], 2.5), abs=ATOL)
+
+
+def test_worst_vs_rest_of_a_lower_is_better_metric_is_oriented_worse_positive():
+    rng = np.random.default_rng(12)
+    n = 300
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b"] * (n // 2))
+    probs = binary_probs(y, rng)
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupSettings(attributes=["g"], permutations=0))
+    g = gap(res, "ece")
+    # two groups: the rest is the other group, so the value is the gap itself, worst minus best
+    assert g["worst_value"] >= g["best_value"]
+    assert g["worst_vs_rest"]["value"] == pytest.approx(g["worst_value"] - g["best_value"], abs=ATOL)
+    assert g["worst_vs_rest"]["rest_value"] == pytest.approx(g["best_value"], abs=ATOL)
+
+
+def test_identical_groups_worst_vs_rest_contains_zero_where_the_gap_interval_does_not():
+    """Groups drawn at random (no real difference): the max - min gap's interval excludes 0 in
+    (nearly) every seed, the worst-vs-rest interval contains it in most, like the test's p > 0.05."""
+    rng = np.random.default_rng(2025)
+    n, sims = 300, 30
+    contains, gap_contains, agree = 0, 0, 0
+    for s in range(sims):
+        y = rng.integers(0, 2, n)
+        out = make_outputs(binary_probs(y, rng), y, {"g": list(rng.choice(["a", "b"], n))}, n_boot=200, seed=s,
+                           metrics=[ClassificationMetrics()])
+        g = gap(sg.analyze(out, SubgroupSettings(attributes=["g"], min_group_size=10, permutations=199)), "accuracy")
+        inside = g["worst_vs_rest"]["ci_low"] <= 0 <= g["worst_vs_rest"]["ci_high"]
+        contains += inside
+        gap_contains += g["gap"]["ci_low"] <= 0
+        agree += inside == (g["p_value"] > 0.05)
+    assert gap_contains <= 2  # the bias the issue is about: the gap's own interval sits above 0
+    assert contains >= 25  # nominal 95 %: about 28.5 of 30
+    assert agree >= 27  # the interval and the test say the same thing
+
+
+def test_a_clear_difference_excludes_zero_and_agrees_with_the_test():
+    rng = np.random.default_rng(5)
+    n = 240
+    y = rng.integers(0, 2, n)
+    grp = np.array(["a", "b", "c"] * (n // 3))
+    probs = binary_probs(y, rng, strength=2.0)
+    bad = (grp == "c") & (rng.random(n) < 0.35)
+    probs[bad] = probs[bad][:, ::-1]
+    res = sg.analyze(make_outputs(probs, y, {"g": list(grp)}), SubgroupSettings(attributes=["g"], min_group_size=10,
+                                                                                 permutations=999))
+    g = gap(res, "accuracy")
+    assert g["worst_group"] == "c" and g["significant"] is True
+    assert g["worst_vs_rest"]["ci_low"] > 0  # c is below the rest on (nearly) every resample
+    # c's accuracy is ~0.35 below a and b, so against a and b pooled the difference is close to the gap
+    assert 0.2 < g["worst_vs_rest"]["value"] <= g["gap"]["value"]
+
+
+def test_an_untestable_attribute_has_an_undefined_worst_vs_rest():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 100)
+    grp = ["a"] * 95 + ["b"] * 5
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": grp}),
+                     SubgroupSettings(attributes=["g"], min_group_size=10, permutations=0))
+    assert res["subgroup_gaps"] == []  # one eligible group: no gap entries at all
+    res = sg.analyze(make_outputs(binary_probs(y, rng), y, {"g": ["a", "b"] * 50}, n_boot=0),
+                     SubgroupSettings(attributes=["g"], permutations=0))
+    g = gap(res, "accuracy")
+    assert g["worst_vs_rest"]["value"] is not None and g["worst_vs_rest"]["ci_low"] is None  # no resamples
+
+
+def report_results(gaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parts of results.json the subgroup section reads, around hand-made gap entries."""
+    info = {k: {"family": "classification", "plugin": "classification", "higher_is_better": True, "headline": True,
+                "order": i, "lead": k == "accuracy"} for i, k in enumerate(["accuracy", "auroc"])}
+    return {"metric_info": info, "config": {"audit": {"confidence": 0.95}}, "subgroups": [],
+            "scenarios": [{"id": "clean", "metrics": {k: {"value": 0.9} for k in info}}],
+            "analyses": {"subgroup_gaps": gaps, "subgroup_settings": {"alpha": 0.05}}}
+
+
+def gap_entry(attribute: str, metric: str = "accuracy", **kw: Any) -> dict[str, Any]:
+    entry = {"scenario": "clean", "attribute": attribute, "metric": metric, "higher_is_better": True,
+             "gap": {"value": 0.009, "ci_low": 0.001, "ci_high": 0.026}, "worst_group": "left", "worst_value": 0.98,
+             "worst_vs_rest": {"value": 0.009, "ci_low": -0.004, "ci_high": 0.022, "rest_value": 0.989},
+             "p_value": 0.475, "p_adjusted": 1.0, "significant": False}
+    return {**entry, **kw}
+
+
+def test_report_reads_each_attribute_plainly():
+    gaps = [
+        gap_entry("hemisphere"),
+        gap_entry("site", worst_group="B", p_value=0.001, p_adjusted=0.004, significant=True,
+                  worst_vs_rest={"value": 0.12, "ci_low": 0.05, "ci_high": 0.19}),
+        gap_entry("level", p_value=0.02, p_adjusted=0.08),
+        gap_entry("scanner", p_value=None, p_adjusted=None, worst_vs_rest={"value": 0.03, "ci_low": None, "ci_high": None}),
+        gap_entry("sex", metric="auroc", p_value=0.001, significant=True),  # not the primary metric: no line
+        gap_entry("age", scenario="noise@5"),  # perturbed: no line
+    ]
+    assert sg.report.gap_readings(report_results(gaps)) == [
+        "hemisphere: no evidence of a gap (p = 0.475); the worst group, left, is 0.009 below the rest [-0.004, 0.022].",
+        "level: no significant gap after correcting for multiple comparisons (p = 0.020, adjusted 0.080); the worst "
+        "group, left, is 0.009 below the rest [-0.004, 0.022].",
+        "scanner: not tested (no permutations); the worst group, left, is 0.030 below the rest.",
+        "site: a significant gap (p = 0.001, adjusted 0.004); the worst group, B, is 0.120 below the rest [0.050, 0.190].",
+    ]
+    ece = gap_entry("hemisphere", metric="ece", higher_is_better=False)
+    r = report_results([ece])
+    r["metric_info"] = {"ece": {"family": "calibration", "plugin": "calibration", "higher_is_better": False,
+                                "headline": True, "order": 0, "lead": True}}
+    r["scenarios"][0]["metrics"] = {"ece": {"value": 0.02}}
+    assert sg.report.gap_readings(r)[0].endswith("is 0.009 above the rest [-0.004, 0.022].")
+
+
+def test_report_table_shows_the_worst_vs_rest_interval_beside_the_test_not_the_gap_interval():
+    old = gap_entry("level")
+    del old["worst_vs_rest"]  # results written before the key existed
+    t = sg.report.gap_table(report_results([gap_entry("hemisphere"), old]))
+    assert t.headers[3:] == ["Worst group (value)", "Gap", "Worst vs rest [CI]", "p", "p adjusted", "Significant"]
+    assert t.rows[0].cells[3:] == ["left (0.980)", "0.009", "0.009 [-0.004, 0.022]", "0.475", "1.000", "no"]
+    assert t.rows[1].cells[5] == "–"
+    assert "0.001" not in " ".join(c for row in t.rows for c in row.cells)  # the gap's biased interval is gone
+
+
+def test_rendered_section_explains_the_gap_bias_and_reads_the_attributes(binary_audit):
+    _, res, _ = binary_audit
+    data = json.loads((Path(__file__).parent / "fixtures" / "results-full.json").read_text())
+    data["subgroups"] = clean_floats(res["subgroups"])
+    data["analyses"] = {"subgroup_gaps": clean_floats(res["subgroup_gaps"]),
+                        "subgroup_settings": res["subgroup_settings"]}
+    html = render_report(Results.model_validate(data), get_plugin_manager(warn=lambda m: None))
+    section = html[html.index('<section id="subgroups">'):]
+    section = section[:section.index("</section>")]
+    assert "almost never contains 0" in section
+    for attr in ("sex", "site"):
+        assert f"<li>{attr}: " in section and "the rest [" in section
+    assert "Worst vs rest [CI]" in section
 
 
 # ---------------------------------------------------------------------------------------------

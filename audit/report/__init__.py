@@ -18,9 +18,9 @@ warnings) only ever reach the templates as plain ``str`` and are escaped there.
 """
 
 from .format import fmt, fmt_ci, fmt_metric, fmt_p, label
-from .render import ReportView, build_view, render_report, render_section, stylesheet, template_env
+from .render import RenderedReport, ReportView, build_view, render_report, render_report_files, render_section, stylesheet, template_env
 from .summary import findings
 from .views import Figure, Row, Table
 
-__all__ = ["Figure", "ReportView", "Row", "Table", "build_view", "findings", "fmt", "fmt_ci", "fmt_metric", "fmt_p",
-           "label", "render_report", "render_section", "stylesheet", "template_env"]
+__all__ = ["Figure", "RenderedReport", "ReportView", "Row", "Table", "build_view", "findings", "fmt", "fmt_ci", "fmt_metric", "fmt_p",
+           "label", "render_report", "render_report_files", "render_section", "stylesheet", "template_env"]

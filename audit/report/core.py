@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data import MISSING_VALUE
-from .views import (Figure, Row, Series, Table, clean_scenario, degradation, fmt, fmt_metric, label, metric_info,
-                    perturbed_scenarios)
+from .views import (Figure, Row, Series, Table, clean_scenario, degradation, estimate_columns, estimate_values, fmt,
+                    fmt_metric, label, metric_info, perturbed_scenarios)
 
 
 def checks_table(r: dict[str, Any]) -> Table:
@@ -23,6 +23,23 @@ def checks_table(r: dict[str, Any]) -> Table:
         t.rows.append(Row([c["expr"], c.get("scenario") or "–", fmt(c["value"], 4), fmt(c.get("threshold"), 4),
                            "pass" if c["passed"] else "FAIL", c.get("error") or ""], "" if c["passed"] else "fail"))
     return t
+
+
+def scope_text(r: dict[str, Any]) -> str:
+    """The audit's scope with one scenario count, as the console states it: every scenario in
+    results.json (clean, perturbed, external OOD sets), then the breakdown."""
+    scenarios = r["scenarios"]
+    perturbed = perturbed_scenarios(r)
+    external = [s for s in scenarios if s["id"].startswith("ood:")]
+    perts = sorted({s["perturbation"] for s in perturbed})
+    severities = sorted({s["severity"] for s in perturbed})
+    parts = ["clean"]
+    if perts:
+        parts.append(f"{len(perturbed)} perturbed ({len(perts)} perturbation{'s' if len(perts) != 1 else ''} × "
+                     f"severities {', '.join(map(str, severities))})")
+    if external:
+        parts.append(f"{len(external)} external OOD set{'s' if len(external) != 1 else ''}")
+    return f"{len(scenarios)} scenarios: " + ", ".join(parts)
 
 
 def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -57,10 +74,22 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
-    """Sample counts per metadata value; identifier-like columns get a note instead of a table."""
+    """Sample counts per metadata value; numeric columns get their quartiles instead, and
+    identifier-like columns a note."""
     tables, notes = [], []
     n = r["dataset"]["n_samples"]
+    numeric = r["dataset"].get("metadata_numeric", {})
+    if numeric:
+        t = Table("Numeric metadata columns (more than 10 distinct values): distribution over the samples.",
+                  ["Column", "Samples", "Missing", "Mean", "Min", "Q1", "Median", "Q3", "Max"])
+        for col, st in sorted(numeric.items()):
+            t.rows.append(Row([col, str(st["n"]), str(st["missing"])]
+                              + [f"{st[k]:.4g}" for k in ("mean", "min", "q1", "median", "q3", "max")],
+                              "warn" if st["missing"] else ""))
+        tables.append(t)
     for col, counts in r["dataset"].get("metadata_summary", {}).items():
+        if col in numeric:
+            continue
         if counts and max(counts.values()) == 1:
             notes.append(f"{col}: every listed value occurs once (an identifier-like column); not tabulated.")
             continue
@@ -75,19 +104,132 @@ def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
     return tables, notes
 
 
+@dataclass
+class HeatCell:
+    """One cell of the robustness heat map: the drop as text, its fill, and what it means."""
+
+    text: str
+    background: str = "#ffffff"
+    color: str = "#1b1b1b"
+    mark: str = ""  # "", "significant" or "breaking"
+
+
+@dataclass
+class HeatRow:
+    label: str
+    stress_test: bool
+    cells: list[HeatCell]
+
+
+@dataclass
+class HeatMap:
+    metric: str
+    severities: list[int]
+    rows: list[HeatRow]
+    caption: str
+
+
+def _blend(t: float) -> str:
+    """White → Okabe-Ito vermillion (#D55E00) at ``t`` in [0, 1]."""
+    t = min(max(t, 0.0), 1.0)
+    rgb = [round(255 + (c - 255) * t) for c in (0xD5, 0x5E, 0x00)]
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def stress_tests(r: dict[str, Any]) -> set[str]:
+    """The audited perturbations that are stress tests for the audited modality."""
+    return {name for name, e in r.get("robustness", {}).get("breaking_points", {}).items() if e.get("stress_test")}
+
+
+def heat_map(r: dict[str, Any], key: str | None) -> HeatMap | None:
+    """Perturbation × severity, each cell the paired drop of ``key`` from clean, filled by the size
+    of significant drops; cells past the breaking point (drop significantly beyond the margin) are marked."""
+    if key is None or not perturbed_scenarios(r):
+        return None
+    info = metric_info(r).get(key)
+    points = r.get("robustness", {}).get("breaking_points", {})
+    severities = sorted({s["severity"] for s in perturbed_scenarios(r)})
+    drops: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for s in perturbed_scenarios(r):
+        d = s.get("drop", {}).get(key)
+        if d:
+            drops[s["perturbation"]][s["severity"]] = d
+    if not drops:
+        return None
+    scale = max((d["value"] for by in drops.values() for d in by.values()
+                 if d.get("significant") and (d.get("value") or 0) > 0), default=0.0)
+    stress = stress_tests(r)
+    rows = []
+    for pert in sorted(drops, key=lambda p: (p in stress, p)):
+        broken = (points.get(pert, {}).get("metrics", {}).get(key) or {}).get("severity")
+        cells = []
+        for k in severities:
+            d = drops[pert].get(k)
+            if d is None or d.get("value") is None:
+                cells.append(HeatCell("–"))
+                continue
+            text = fmt_metric(d["value"], info)
+            if d.get("significant") and d["value"] > 0 and scale > 0:
+                t = 0.15 + 0.85 * d["value"] / scale
+                mark = "breaking" if broken is not None and k >= broken else "significant"
+                cells.append(HeatCell(text, _blend(t), "#ffffff" if t > 0.55 else "#1b1b1b", mark))
+            else:
+                cells.append(HeatCell(text, color="#767676"))
+        rows.append(HeatRow(pert, pert in stress, cells))
+    margin = next((e["metrics"][key]["margin"] for e in points.values() if key in e.get("metrics", {})), None)
+    caption = (f"Robustness heat map: the drop in {label(key)} from clean (positive = worse) per perturbation and "
+               "severity. Filled cells: the drop is significant (paired bootstrap interval excludes 0), darker = "
+               "larger; bold cells with ✕: past the breaking point, the drop significantly exceeds the margin"
+               + (f" of {fmt(margin, 3)}" if margin is not None else "")
+               + " (verdict.margins). Grey: no significant drop. Stress tests (not realistic for this modality) "
+               "are listed last and marked.")
+    return HeatMap(label(key), severities, rows, caption)
+
+
+def breaking_table(r: dict[str, Any], keys: list[str]) -> Table:
+    """Per perturbation: the breaking severity of each lead metric, and its worst drop."""
+    points = r.get("robustness", {}).get("breaking_points", {})
+    shown = [k for k in keys if any(k in e.get("metrics", {}) for e in points.values())]
+    margins = {k: next(e["metrics"][k]["margin"] for e in points.values() if k in e.get("metrics", {})) for k in shown}
+    t = Table("Breaking points: the lowest severity at which the drop from clean significantly exceeds the "
+              "metric's margin (" + ", ".join(f"{label(k)} {fmt(m, 3)}" for k, m in margins.items())
+              + "; verdict.margins), and the largest drop over the audited severities. “–”: the perturbation does "
+              "not break the metric at any audited severity.",
+              ["Perturbation", "Kind"] + [f"{label(k)}: breaks at" for k in shown] + [f"{label(k)}: worst drop" for k in shown],
+              name="breaking-points",
+              columns=["perturbation", "stress_test"] + [f"{k}_breaking_severity" for k in shown]
+              + [f"{k}_worst_drop" for k in shown])
+    for pert, e in sorted(points.items(), key=lambda pe: (pe[1].get("stress_test", False), pe[0])):
+        ms = e.get("metrics", {})
+        sev = [(ms.get(k) or {}).get("severity") for k in shown]
+        worst = [(ms.get(k) or {}).get("worst_drop") for k in shown]
+        t.rows.append(Row([pert, "stress test" if e.get("stress_test") else "realistic"]
+                          + [fmt(v) if v is not None else "–" for v in sev] + [fmt(v) for v in worst],
+                          "drop" if any(v is not None for v in sev) else "",
+                          [pert, bool(e.get("stress_test"))] + sev + worst))
+    return t
+
+
 def params_table(r: dict[str, Any]) -> Table:
     """One row per (perturbation, parameter), one column per audited severity: mean (min – max)."""
     severities = sorted({s["severity"] for s in perturbed_scenarios(r)})
     t = Table("Parameters actually sampled per scenario (random perturbations draw per sample within the "
               "severity's range): mean over the samples, with the minimum and maximum in parentheses.",
-              ["Perturbation", "Parameter"] + [f"Severity {k}" for k in severities])
-    cells: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+              ["Perturbation", "Parameter"] + [f"Severity {k}" for k in severities], name="parameters",
+              columns=["perturbation", "parameter"] + [f"severity_{k}_{stat}" for k in severities
+                                                        for stat in ("mean", "min", "max")])
+    cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for s in perturbed_scenarios(r):
         for name, p in s.get("params", {}).items():
-            cells[(s["perturbation"], name)][s["severity"]] = (
-                fmt(p["mean"], 3) if p["min"] == p["max"] else f"{fmt(p['mean'], 3)} ({fmt(p['min'], 3)} – {fmt(p['max'], 3)})")
+            cells[(s["perturbation"], name)][s["severity"]] = p
     for (pert, name), by_sev in sorted(cells.items()):
-        t.rows.append(Row([pert, name] + [by_sev.get(k, "–") for k in severities]))
+        shown = []
+        for k in severities:
+            p = by_sev.get(k)
+            shown.append("–" if p is None else fmt(p["mean"], 3) if p["min"] == p["max"]
+                         else f"{fmt(p['mean'], 3)} ({fmt(p['min'], 3)} – {fmt(p['max'], 3)})")
+        raw = [(by_sev.get(k) or {}).get(stat) for k in severities for stat in ("mean", "min", "max")]
+        t.rows.append(Row([pert, name] + shown, values=[pert, name] + raw))
     return t
 
 
@@ -104,53 +246,58 @@ def _series(r: dict[str, Any], pert: str, key: str) -> Series | None:
         marked=[False] + [bool(s.get("drop", {}).get(key, {}).get("significant")) for s in scs])
 
 
-@dataclass
-class SuiteView:
-    name: str
-    figure: Figure | None
-    summary: Table
-
-
-def suite_views(r: dict[str, Any], keys: list[str], confidence: str) -> list[SuiteView]:
-    """Per suite: degradation curves of ``keys`` (the metric families' lead keys) and their summary."""
-    info = metric_info(r)
-    rob = r.get("robustness", {}).get("perturbations", {})
+def _suites(r: dict[str, Any]) -> dict[str, list[str]]:
     by_suite: dict[str, list[str]] = defaultdict(list)
     for s in perturbed_scenarios(r):
         if s["perturbation"] not in by_suite[s.get("suite") or "other"]:
             by_suite[s.get("suite") or "other"].append(s["perturbation"])
-    directions = r.get("metric_directions", {})
-    views = []
-    for suite in sorted(by_suite):
-        perts = sorted(by_suite[suite])
-        panels, drawn = [], []
-        for key in keys:
-            series = [s for s in (_series(r, p, key) for p in perts) if s is not None]
-            if series:
-                panels.append((label(key), label(key), series))
-                drawn.append(key)
-        fig = None
-        if panels:
-            alt = (f"Degradation curves of the {suite} suite: " + " and ".join(p[0] for p in panels)
-                   + " against severity 0 (clean) to 5 for " + ", ".join(perts) + ".")
-            svg = degradation(panels, f"deg-{suite}", alt, [directions.get(k, True) for k in drawn])
-            fig = Figure(svg, f"{suite}: metric against severity, severity 0 = clean. Shaded bands: {confidence} "
-                              "bootstrap confidence intervals. Filled markers with a dark outline: the drop from clean "
-                              "is significant (paired bootstrap interval excludes 0).")
-        summary = Table(f"{suite}: degradation summary per perturbation. AUC is the mean level of the metric over "
-                        "severities 0–max (trapezoid rule; equals the clean value when nothing degrades); CE is the "
-                        "mean error over severities divided by the clean error (1 = no degradation).",
-                        ["Perturbation", "Metric", "Clean", "AUC", "Relative AUC", "Worst severity", "Worst value", "CE"])
+    return {suite: sorted(by_suite[suite]) for suite in sorted(by_suite)}
+
+
+def robustness_figure(r: dict[str, Any], key: str | None, confidence: str) -> Figure | None:
+    """Degradation curves of ``key`` (the primary metric), one panel per suite."""
+    if key is None:
+        return None
+    panels = []
+    for suite, perts in _suites(r).items():
+        series = [s for s in (_series(r, p, key) for p in perts) if s is not None]
+        if series:
+            panels.append((suite, label(key), series))
+    if not panels:
+        return None
+    alt = (f"Degradation curves of {label(key)} against severity 0 (clean) to 5, one panel per suite ("
+           + ", ".join(p[0] for p in panels) + ").")
+    svg = degradation(panels, "deg", alt, [r.get("metric_directions", {}).get(key, True)] * len(panels))
+    return Figure(svg, f"{label(key).capitalize()} against severity per suite, severity 0 = clean. Shaded bands: "
+                       f"{confidence} bootstrap confidence intervals. Filled markers with a dark outline: the drop from "
+                       "clean is significant (paired bootstrap interval excludes 0). Every other metric's curve is in "
+                       "the appendix tables.")
+
+
+def degradation_table(r: dict[str, Any], keys: list[str]) -> Table:
+    """Per perturbation and metric: clean value, AUC, worst severity and value, CE."""
+    info = metric_info(r)
+    rob = r.get("robustness", {}).get("perturbations", {})
+    t = Table("Degradation summary per perturbation. AUC is the mean level of the metric over severities 0–max "
+              "(trapezoid rule; equals the clean value when nothing degrades); CE is the mean error over severities "
+              "divided by the clean error (1 = no degradation).",
+              ["Perturbation", "Suite", "Metric", "Clean", "AUC", "Relative AUC", "Worst severity", "Worst value", "CE"],
+              name="degradation",
+              columns=["perturbation", "suite", "metric", "clean", "auc", "relative_auc", "worst_severity",
+                       "worst_value", "ce", "mean_error_increase"])
+    for suite, perts in _suites(r).items():
         for p in perts:
             for key in keys:
                 m = rob.get(p, {}).get("metrics", {}).get(key)
                 if m:
-                    summary.rows.append(Row([p, label(key), fmt_metric(m.get("clean"), info.get(key)),
-                                             fmt_metric(m.get("auc"), info.get(key)), fmt(m.get("relative_auc")),
-                                             fmt(m.get("worst_severity")), fmt_metric(m.get("worst_value"), info.get(key)),
-                                             fmt(m.get("ce"), 2)]))
-        views.append(SuiteView(suite, fig, summary))
-    return views
+                    t.rows.append(Row([p, suite, label(key), fmt_metric(m.get("clean"), info.get(key)),
+                                       fmt_metric(m.get("auc"), info.get(key)), fmt(m.get("relative_auc")),
+                                       fmt(m.get("worst_severity")), fmt_metric(m.get("worst_value"), info.get(key)),
+                                       fmt(m.get("ce"), 2)],
+                                      values=[p, suite, key, m.get("clean"), m.get("auc"), m.get("relative_auc"),
+                                              m.get("worst_severity"), m.get("worst_value"), m.get("ce"),
+                                              m.get("mean_error_increase")]))
+    return t
 
 
 def mce_table(r: dict[str, Any], keys: list[str]) -> Table:
@@ -158,27 +305,36 @@ def mce_table(r: dict[str, Any], keys: list[str]) -> Table:
     t = Table("Mean corruption error (mCE) per suite and overall, normalised by the model's own clean error "
               "(1 = no degradation; 2 = the error doubles on average). Mean error increase is the absolute "
               "change, defined even when the clean error is 0.",
-              ["Suite", "Metric", "mCE", "Mean error increase", "Perturbations"])
+              ["Suite", "Metric", "mCE", "Mean error increase", "Perturbations"], name="mce",
+              columns=["suite", "metric", "mce", "mean_error_increase", "perturbations"])
     for suite, metrics in sorted(rob.get("suites", {}).items()):
         for k in keys:
             if k in metrics:
                 m = metrics[k]
                 t.rows.append(Row([suite, label(k), fmt(m.get("mce"), 2), fmt(m.get("mean_error_increase")),
-                                   fmt(m.get("n_perturbations"))]))
+                                   fmt(m.get("n_perturbations"))],
+                                  values=[suite, k, m.get("mce"), m.get("mean_error_increase"), m.get("n_perturbations")]))
     for k in keys:
         m = rob.get("mce", {}).get(k)
         if m:
             t.rows.append(Row(["all suites", label(k), fmt(m.get("value"), 2), fmt(m.get("mean_error_increase")),
-                               fmt(m.get("n_perturbations"))], "total"))
+                               fmt(m.get("n_perturbations"))], "total",
+                              ["all", k, m.get("value"), m.get("mean_error_increase"), m.get("n_perturbations")]))
     return t
 
 
 def robustness_table(r: dict[str, Any], keys: list[str], confidence: str) -> Table:
     info = metric_info(r)
     t = Table(f"Metrics per scenario with {confidence} bootstrap CIs; ▼ marks a drop from clean whose paired "
-              "CI excludes 0 (significant).", ["Scenario"] + [label(k) for k in keys])
+              "CI excludes 0 (significant).", ["Scenario"] + [label(k) for k in keys], name="scenarios",
+              columns=["scenario", "perturbation", "severity"]
+              + [c for k in keys for c in (*estimate_columns(k), f"{k}_drop", f"{k}_drop_ci_low", f"{k}_drop_ci_high",
+                                           f"{k}_drop_significant")])
     for s in r["scenarios"]:
+        if not s["metrics"]:  # external OOD sets: no metrics of their own
+            continue
         cells, flagged = [s["id"]], False
+        values: list[Any] = [s["id"], s.get("perturbation"), s.get("severity")]
         for k in keys:
             text = fmt_metric(s["metrics"].get(k), info.get(k))
             drop = s.get("drop", {}).get(k)
@@ -186,13 +342,15 @@ def robustness_table(r: dict[str, Any], keys: list[str], confidence: str) -> Tab
                 text += " ▼"
                 flagged = True
             cells.append(text)
-        t.rows.append(Row(cells, "drop" if flagged else ""))
+            values += estimate_values(s["metrics"].get(k)) + estimate_values(drop) + [(drop or {}).get("significant")]
+        t.rows.append(Row(cells, "drop" if flagged else "", values))
     return t
 
 
 def throughput_table(r: dict[str, Any]) -> Table:
     t = Table("Throughput per scenario: samples per second of the forward passes (including the perturbation).",
-              ["Scenario", "Samples", "Samples/s"])
+              ["Scenario", "Samples", "Samples/s"], name="throughput", columns=["scenario", "samples", "samples_per_second"])
     for s in r["scenarios"]:
-        t.rows.append(Row([s["id"], str(s["n_samples"]), fmt(s.get("throughput"), 0)]))
+        t.rows.append(Row([s["id"], str(s["n_samples"]), fmt(s.get("throughput"), 0)],
+                          values=[s["id"], s["n_samples"], s.get("throughput")]))
     return t

@@ -19,12 +19,13 @@ from ..config import Config
 from ..plugin_manager import PluginManager
 from ..results import MetricInfo, Results, WarningRecord, metric_info
 from ..sections import CORE_ORDER, ReportSection
-from .core import (SuiteView, checks_table, identity_rows, mce_table, metadata_views, params_table,
-                   robustness_table, suite_views, throughput_table)
+from .core import (HeatMap, breaking_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
+                   metadata_views, params_table, robustness_figure, scope_text, stress_tests, robustness_table, throughput_table)
 from .format import fmt, fmt_ci, fmt_p, label
 from .limitations import WarningGroup, derived_notes, warning_groups, warning_records
-from .summary import alerts, findings, verdict
-from .views import Table, clean_scenario, confidence_label, headline_keys, lead_keys, primary_metric
+from .summary import alerts, findings, robustness_headlines, verdict
+from .tables import AppendixTable, csv_files
+from .views import Figure, Table, clean_scenario, confidence_label, headline_keys, lead_keys, primary_metric
 from .views import metric_info as info_of
 
 CORE_TITLES = {"summary": "Summary", "identity": "Identity and traceability", "perturbations": "Perturbation catalogue",
@@ -47,26 +48,28 @@ class ReportView:
 
     title: str
     results: dict[str, Any]
-    verdict: str
+    verdict: dict[str, Any]
     alerts: list[dict[str, Any]]
     findings: list[str]
+    headlines: list[tuple[str, str]]
+    heat_map: HeatMap | None
     checks: Table
     identity: list[tuple[str, str]]
     metadata_tables: list[Table]
     metadata_notes: list[str]
     catalogue: list[dict[str, Any]]
     preview_png: str | None
-    params: Table
     primary: str | None
-    suites: list[SuiteView]
-    mce: Table
-    robustness: Table
+    robustness_figure: Figure | None
+    breaking: Table
     warnings: list[WarningGroup]
     derived_notes: list[str]
     definitions: list[tuple[str, str, bool]]  # (term, definition, higher is better), as the metrics declare them
-    throughput: Table
     confidence: str
     sections: list[SectionEntry]
+    scope: str
+    stress: set[str]
+    appendix: list[AppendixTable]  # every full table, in document order: collapsed here, CSV beside results.json
 
 
 def metric_definitions(r: dict[str, Any], keys: Any) -> list[tuple[str, str, bool]]:
@@ -119,6 +122,13 @@ def _render_sections(env: jinja2.Environment, r: dict[str, Any], sections: list[
     return rendered
 
 
+def _appendix(core: dict[str, list[Table]], rendered: list[tuple[ReportSection, Markup]]) -> list[AppendixTable]:
+    """The full tables in document order: the core sections' and the plugin sections' (``appendix``)."""
+    entries = [(CORE_ORDER[sid], 0, sid, t) for sid, tables in core.items() for t in tables]
+    entries += [(sec.order, 1, sec.id, t) for sec, _ in rendered for t in sec.appendix if isinstance(t, Table)]
+    return [AppendixTable(sid, t) for _, _, sid, t in sorted(entries, key=lambda e: e[:3]) if t.rows]
+
+
 def _document_order(rendered: list[tuple[ReportSection, Markup]]) -> list[SectionEntry]:
     core = [(order, 0, sid, SectionEntry(sid, CORE_TITLES[sid], include=f"sections/{sid}.html"))
             for sid, order in CORE_ORDER.items()]
@@ -139,17 +149,24 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
     metadata_tables, metadata_notes = metadata_views(r)
     records = warning_records(r) + problems
     m = r["model"]
+    core_appendix = {
+        "perturbations": [params_table(r)],
+        "robustness": [robustness_table(r, headline_keys(r), confidence), degradation_table(r, leads), mce_table(r, leads)],
+        "appendix": [throughput_table(r)],
+    }
     return ReportView(
         title=f"medaudit report: {m.get('name') or m['path']}", results=r, verdict=verdict(r), alerts=alerts(r),
         findings=findings(r, [f for sec, _ in rendered for f in sec.findings]),
-        checks=checks_table(r), identity=identity_rows(r), metadata_tables=metadata_tables,
-        metadata_notes=metadata_notes, catalogue=r["perturbation_catalogue"],
-        preview_png=r["assets"].get("preview_png"), params=params_table(r), primary=primary,
-        suites=suite_views(r, leads, confidence), mce=mce_table(r, leads),
-        robustness=robustness_table(r, headline_keys(r), confidence), warnings=warning_groups(records),
+        headlines=robustness_headlines(r) + [h for sec, _ in rendered for h in sec.headlines],
+        heat_map=heat_map(r, primary), checks=checks_table(r), identity=identity_rows(r),
+        metadata_tables=metadata_tables, metadata_notes=metadata_notes, catalogue=r["perturbation_catalogue"],
+        preview_png=r["assets"].get("preview_png"), primary=primary,
+        robustness_figure=robustness_figure(r, primary, confidence), breaking=breaking_table(r, leads),
+        warnings=warning_groups(records),
         derived_notes=derived_notes(r, records, [n for sec, _ in rendered for n in sec.limitations]),
         definitions=metric_definitions(r, clean["metrics"] if clean else {}),
-        throughput=throughput_table(r), confidence=confidence, sections=_document_order(rendered),
+        confidence=confidence, sections=_document_order(rendered), scope=scope_text(r), stress=stress_tests(r),
+        appendix=_appendix(core_appendix, rendered),
     )
 
 
@@ -175,8 +192,17 @@ def declared_metric_info(pm: PluginManager, results: Results, problems: list[dic
     return metric_info(families, owners)
 
 
-def render_report(results: Results, pm: PluginManager | None = None) -> str:
-    """Render the report; a plugin section that fails is left out and named in the limitations."""
+@dataclass
+class RenderedReport:
+    """The report file and its full tables as CSV (file name → text, for ``tables/``)."""
+
+    html: str
+    tables: dict[str, str]
+
+
+def render_report_files(results: Results, pm: PluginManager | None = None) -> RenderedReport:
+    """Render the report and its CSV tables; a plugin section that fails is left out and named
+    in the limitations."""
     sections: list[tuple[str, ReportSection]] = []
     problems: list[dict[str, Any]] = []
     if pm is not None:
@@ -196,4 +222,9 @@ def render_report(results: Results, pm: PluginManager | None = None) -> str:
                                              "medaudit_report_sections; expected ReportSection objects", plugin))
     env = template_env()
     view = build_view(results, sections, problems, env)
-    return env.get_template("report.html").render(v=view, css=stylesheet())
+    return RenderedReport(env.get_template("report.html").render(v=view, css=stylesheet()), csv_files(view.appendix))
+
+
+def render_report(results: Results, pm: PluginManager | None = None) -> str:
+    """The report's HTML (:func:`render_report_files` without the CSV tables)."""
+    return render_report_files(results, pm).html

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..verdict import verdict as compute_verdict
+from .core import stress_tests
 from .views import clean_scenario, fmt, fmt_metric, label, metric_info, perturbed_scenarios, primary_metric, value
 
 
@@ -13,10 +15,37 @@ def alerts(r: dict[str, Any]) -> list[dict[str, Any]]:
     return [w for w in r.get("warning_records", []) if w.get("alert")]
 
 
-def verdict(r: dict[str, Any]) -> str:
-    if not r["checks"]:
-        return "no checks configured"
-    return "PASS" if all(c["passed"] for c in r["checks"]) else "FAIL"
+def verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """The results' verdict (:mod:`medaudit.verdict`); computed for files written before it was stored."""
+    return r.get("verdict") or compute_verdict(r)
+
+
+def robustness_headlines(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary's robustness lines: the worst significant drop of the primary metric among the
+    realistic perturbations, and among the stress tests, each with its scenario."""
+    primary = primary_metric(r)
+    if primary is None or not perturbed_scenarios(r):
+        return []
+    info = metric_info(r).get(primary)
+    clean = clean_scenario(r)
+    before = value(clean["metrics"].get(primary)) if clean else None
+    stress = stress_tests(r)
+    out = []
+    for kind, chosen in (("Robustness", False), ("Stress tests", True)):
+        worst = None
+        for s in perturbed_scenarios(r):
+            d = s.get("drop", {}).get(primary)
+            if (s["perturbation"] in stress) == chosen and d and d.get("significant") and (d.get("value") or 0) > 0:
+                if worst is None or d["value"] > worst[1]["value"]:
+                    worst = (s, d)
+        if worst is not None:
+            s, d = worst
+            out.append((kind, f"worst significant drop in {label(primary)}: {fmt_metric(before, info)} clean → "
+                              f"{fmt_metric(value(s['metrics'].get(primary)), info)} under {s['id']} "
+                              f"(drop {fmt(d['value'])}, CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])})"))
+        elif not chosen:
+            out.append((kind, f"no perturbation caused a significant drop in {label(primary)}"))
+    return out
 
 
 def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
@@ -33,6 +62,7 @@ def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
     drops.sort(key=lambda t: (-t[0], t[1], t[2]))  # ties broken by name: same results, same text
     out: list[str] = []
     seen: set[str] = set()
+    stress = stress_tests(r)
     for drop, key, sid, pert, d in drops:
         if pert in seen:
             continue
@@ -40,8 +70,9 @@ def _drop_findings(r: dict[str, Any], limit: int) -> list[str]:
         clean = clean_scenario(r)
         before = value(clean["metrics"].get(key)) if clean else None
         after = value(next(s for s in r["scenarios"] if s["id"] == sid)["metrics"].get(key))
+        kind = " — a stress test, not a realistic change for this modality" if pert in stress else ""
         out.append(f"{label(key).capitalize()} drops from {fmt_metric(before, info)} to {fmt_metric(after, info)} "
-                   f"under {sid} (a drop of {drop:.3f}, CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])}).")
+                   f"under {sid} (a drop of {drop:.3f}, CI {fmt(d['ci_low'])} to {fmt(d['ci_high'])}){kind}.")
         if len(out) >= limit:
             break
     if not drops and perturbed_scenarios(r):

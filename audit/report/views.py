@@ -9,6 +9,7 @@ report re-rendered with ``medaudit report results.json`` is identical.
   "sections/_table.html" %}{% endwith %}``), :class:`Figure` (``sections/_figure.html``);
 * figures (inline SVG, deterministic): :func:`degradation`, :func:`reliability`, :func:`forest`
   with :class:`Series` and :class:`Interval` (see :mod:`medaudit.figures`);
+* CSV columns of estimates: :func:`estimate_columns`, :func:`estimate_values`;
 * formatting: :func:`fmt`, :func:`fmt_ci`, :func:`fmt_p`, :func:`label`, :func:`fmt_metric`;
 * results accessors: :func:`clean_scenario`, :func:`perturbed_scenarios`, :func:`value`,
   :func:`detectors`, :func:`confidence_label`, and the metrics' display declarations
@@ -27,7 +28,7 @@ from .format import fmt, fmt_ci, fmt_metric, fmt_p, label
 
 __all__ = [
     "Figure", "Interval", "Row", "Series", "Table", "clean_scenario", "confidence_label", "degradation",
-    "detectors", "fmt", "fmt_ci", "fmt_metric", "fmt_p", "forest", "headline_keys", "label", "lead_keys",
+    "detectors", "estimate_columns", "estimate_values", "fmt", "fmt_ci", "fmt_metric", "fmt_p", "forest", "headline_keys", "label", "lead_keys",
     "metric_info", "perturbed_scenarios", "primary_metric", "reliability", "task_applies", "value",
 ]
 
@@ -35,19 +36,41 @@ __all__ = [
 @dataclass
 class Row:
     """One table row; the first cell is the row header. ``flag`` is a CSS class: ``drop``
-    (significant degradation), ``fail`` (failed check), ``warn``, ``total``."""
+    (significant degradation), ``fail`` (failed check), ``warn``, ``total``.
+
+    ``values`` are the row's raw values for the table's CSV file (numbers unrounded, intervals
+    as separate columns), matching :attr:`Table.columns`; without them the CSV holds ``cells``."""
 
     cells: list[str]
     flag: str = ""
+    values: list[Any] | None = None
 
 
 @dataclass
 class Table:
-    """A captioned table; rendered only when it has rows."""
+    """A captioned table; rendered only when it has rows.
+
+    A table a section puts in the appendix (``ReportSection.appendix``) is also written as
+    ``tables/<section>.csv`` (``tables/<section>-<name>.csv`` when it has a ``name``) beside
+    results.json; ``columns`` are then the CSV's header, for rows that carry ``values``.
+    """
 
     caption: str
     headers: list[str]
     rows: list[Row] = field(default_factory=list)
+    name: str = ""
+    columns: list[str] | None = None
+
+
+def estimate_columns(name: str) -> list[str]:
+    """CSV columns of an estimate: ``name``, ``name_ci_low``, ``name_ci_high``."""
+    return [name, f"{name}_ci_low", f"{name}_ci_high"]
+
+
+def estimate_values(est: dict[str, Any] | None) -> list[Any]:
+    """An estimate's raw ``value``, ``ci_low``, ``ci_high`` (``None`` where undefined), for CSV rows."""
+    est = est or {}
+    return [est.get("value"), est.get("ci_low"), est.get("ci_high")]
 
 
 @dataclass

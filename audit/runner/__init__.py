@@ -18,7 +18,8 @@ The runner plans **units of work** → hands them to an **executor** → **merge
 * **Store** (:class:`~medaudit.runner.store.ShardStore`): completed units, keyed by unit, so
   ``--resume`` reuses them whatever executor ran them; a local folder today.
 
-Modules: ``plan`` (scenarios, units), ``device`` (device, threads, autocast, normalisation),
+Modules: ``plan`` (scenarios, units), ``device`` (device, threads and their automatic choice, autocast,
+normalisation),
 ``probe`` (dry run, output kind, memory format, short last chunk), ``batches`` (reading and
 prefetching), ``shard`` (the shard loop), ``guard`` (the perturbation output contract),
 ``executor``, ``store``, ``merge``, ``progress`` and ``forward`` (:func:`run_forward`, the whole
@@ -27,7 +28,7 @@ sequence). No report or results I/O happens here.
 
 from ..features import Extractor
 from .batches import prefetched
-from .device import select_device, torch_threads
+from .device import ThreadChoice, choose_threads, select_device, torch_threads
 from .executor import ExecutionContext, Executor, LocalExecutor, run_unit
 from .forward import run_forward
 from .merge import ForwardResult
@@ -38,6 +39,6 @@ from .store import ShardCache, ShardStore
 
 __all__ = [
     "ExecutionContext", "Executor", "Extractor", "ForwardResult", "LocalExecutor", "ShardCache", "ShardStore",
-    "UnitOutputs", "WorkUnit", "choose_memory_format", "plan_scenarios", "prefetched", "run_forward", "run_unit",
-    "select_device", "torch_threads",
+    "ThreadChoice", "UnitOutputs", "WorkUnit", "choose_memory_format", "choose_threads", "plan_scenarios", "prefetched",
+    "run_forward", "run_unit", "select_device", "torch_threads",
 ]

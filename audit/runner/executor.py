@@ -121,7 +121,7 @@ def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
     bind_task(config, pm.tasks())
     device = torch.device(unit.device)
     with torch_threads(config.audit.threads):
-        dataset = open_dataset(pm, Path(unit.dataset_path), config)
+        dataset = open_dataset(pm, Path(unit.dataset_path), config, role=None)  # an --ood-data set may be unlabelled
         model = load_model(pm, Path(unit.model_path), config, unit.trust_pickle).to(device)
         if (model.format, model.sha256) != (unit.model_format, unit.model_sha256):
             raise ModelError(f"model {unit.model_path} loaded as {model.format} with sha256 {model.sha256[:12]}…, but the "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import Config
-from ..data import AuditDataset
+from ..data import AuditDataset, settle_dims
 from ..detector import Detector
 from ..features import Extractor
 from ..memory import release_free_memory
@@ -15,11 +15,11 @@ from ..model import LoadedModel
 from ..outputs import Scenario
 from ..perturbation import Perturbation
 from .batches import auto_workers, iterate_batches
-from .device import normalisation
+from .device import ThreadChoice, choose_threads, normalisation
 from .executor import ExecutionContext, Executor, LocalExecutor
 from .merge import ForwardResult, merge_units
 from .plan import plan_units
-from .probe import probe_model
+from .probe import chunk_calls, probe_model
 from .progress import Progress
 from .shard import UnitOutputs
 from .store import ShardStore
@@ -30,7 +30,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
                 detectors: Sequence[Detector] = (), cache: ShardStore | None = None, shard_size: int = 2048,
                 progress: bool = False, owners: dict[object, str] | None = None,
                 executor: Executor | None = None, trust_pickle: bool = False,
-                scenarios_per_unit: int | None = None) -> ForwardResult:
+                scenarios_per_unit: int | None = None,
+                on_threads: Callable[[ThreadChoice], None] | None = None) -> ForwardResult:
     """Run every scenario over the whole dataset, unit by unit, and merge in index order.
 
     Units completed by an earlier run are taken from ``cache``; the others go to ``executor``
@@ -40,12 +41,22 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     ``trust_pickle`` is recorded in the units for an executor that loads the model again.
     ``scenarios_per_unit`` splits the scenarios into groups, one unit per group and shard
     (:func:`~medaudit.runner.plan.plan_units`); the results do not depend on it.
+    With ``on_threads``, ``audit.threads`` is decided in the dry run
+    (:func:`~medaudit.runner.device.choose_threads`), torch's threads are set to it for the rest
+    of the process's work (the caller's :func:`~medaudit.runner.device.torch_threads` block
+    restores them), and the choice is handed to ``on_threads`` before the passes start.
     """
+    settle_dims(dataset, config)  # input.dims: auto in a config built around a data set opened directly
     n = len(dataset)
     mean, std = normalisation(config, device)
     chunk = config.audit.model_batch_size
     first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     probe = probe_model(model, extract, first_x, n, config, device, mean, std)
+    if on_threads is not None:
+        threads = choose_threads(config.audit.threads, device,
+                                 chunk_calls(extract, first_x, n, config, device, mean, std, probe))
+        torch.set_num_threads(threads.threads)
+        on_threads(threads)
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     units = plan_units(model_path=str(model.path), model_format=model.format, model_sha256=model.sha256,
                        trust_pickle=trust_pickle, config=config, dataset_path=str(dataset.path), n=n,

@@ -29,6 +29,9 @@ def plan_scenarios(config: Config, catalogue: dict[str, tuple[str, type[Perturba
     ``input.dims`` are left out of suites and are an error when named explicitly.
     """
     dims = config.input.dims
+    if dims == "auto":  # a plan made before the data were opened would silently leave out every perturbation
+        raise RuntimeError("plan_scenarios needs a number in input.dims; with auto, open the data set first "
+                           "(medaudit.audit.open_dataset records the dims read from the data)")
     suites = {cls.suite for _, cls in catalogue.values()}
     chosen: dict[str, type[Perturbation]] = {}
     if config.audit.suites is None:

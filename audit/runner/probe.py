@@ -9,6 +9,7 @@ device only, never on a timing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from ..errors import ModelError, ModelOutputError
 from ..model import LoadedModel, check_model_output
 from ..features import Extractor
 from ..task import check_reduced, task_of
+from .device import autocast
 
 # The forward passes' memory format by its name in a unit of work (and in results.json, where
 # both channels-last formats are "channels_last").
@@ -158,3 +160,23 @@ def probe_model(model: LoadedModel, extract: Extractor, first_x: Tensor, n: int,
     sample = first_x if pad_last else first_x[:4]
     fmt = choose_memory_format(model, extract, sample.to(device), config, device, mean, std)
     return ModelProbe(output_kind, memory_format_name(fmt), pad_last)
+
+
+def chunk_calls(extract: Extractor, first_x: Tensor, n: int, config: Config, device: torch.device, mean: Tensor,
+                std: Tensor, probe: ModelProbe) -> list[Callable[[], object]]:
+    """The model calls of the forward passes on the dry-run samples, as the shard loop makes them
+    (memory format, precision): a full chunk and, where the data end in a shorter chunk that is
+    not padded, one of that size. :func:`~medaudit.runner.device.choose_threads` times and
+    compares them."""
+    chunk = config.audit.model_batch_size
+    fmt = MEMORY_FORMATS[probe.memory_format]
+    xn = (first_x.to(device) - mean) / std
+    if fmt is not None:
+        xn = xn.contiguous(memory_format=fmt)
+    sizes = [len(xn)] + ([n % chunk] if n > chunk and n % chunk and not probe.pad_last else [])
+
+    def call(size: int) -> object:
+        with torch.inference_mode(), autocast(config.audit.precision, device):
+            return extract(xn[:size])
+
+    return [lambda size=size: call(size) for size in sizes]

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from medaudit.report.views import (
-    Figure, Row, Table, clean_scenario, confidence_label, fmt, fmt_ci, label, perturbed_scenarios, reliability,
-    task_applies, value,
+    Figure, Row, Table, clean_scenario, confidence_label, estimate_columns, estimate_values, fmt, fmt_ci, label,
+    perturbed_scenarios, reliability, task_applies, value,
 )
 from medaudit.sections import ReportSection
 from medaudit.task import CALIBRATION
@@ -20,11 +20,10 @@ CALIBRATION_KEYS = ("ece", "ace", "mce", "brier", "nll")
 CALIBRATION_TEMPLATE = """\
 {% if reliability %}{% with f = reliability %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
 {% with t = table %}{% include "sections/_table.html" %}{% endwith %}
-{% if temperature.rows %}
-<h3>Temperature scaling</h3>
-<p>{{ method }} If ECE falls a lot after scaling, the model's ranking is sound and its confidence merely needs rescaling; if it stays high under a perturbation, a clean-data recalibration does not carry over to that shift.</p>
-{% with t = temperature %}{% include "sections/_table.html" %}{% endwith %}
+{% if method %}
+<p><strong>Temperature scaling.</strong> {{ method }} If ECE falls a lot after scaling, the model's ranking is sound and its confidence merely needs rescaling; if it stays high under a perturbation, a clean-data recalibration does not carry over to that shift. Before/after values per scenario are in the appendix.</p>
 {% endif %}
+<p class="note">Every calibration metric per scenario with its interval is in the appendix and in <code>tables/calibration.csv</code>.</p>
 """
 
 
@@ -53,12 +52,35 @@ def reliability_figure(r: dict[str, Any], worst: int = 3) -> Figure | None:
 
 
 def calibration_table(r: dict[str, Any]) -> Table:
+    """Every calibration metric per scenario, with CIs (the appendix table, ``tables/calibration.csv``)."""
     clean = clean_scenario(r)
     keys = [k for k in CALIBRATION_KEYS if k in (clean["metrics"] if clean else {})]
     t = Table(f"Calibration per scenario with {confidence_label(r)} bootstrap CIs (lower is better).",
-              ["Scenario"] + [label(k) for k in keys])
+              ["Scenario"] + [label(k) for k in keys],
+              columns=["scenario"] + [c for k in keys for c in estimate_columns(k)])
     for s in r["scenarios"]:
-        t.rows.append(Row([s["id"]] + [fmt_ci(s["metrics"].get(k)) for k in keys]))
+        if s["metrics"]:
+            t.rows.append(Row([s["id"]] + [fmt_ci(s["metrics"].get(k)) for k in keys],
+                              values=[s["id"]] + [v for k in keys for v in estimate_values(s["metrics"].get(k))]))
+    return t
+
+
+def ece_grid(r: dict[str, Any]) -> Table:
+    """The section's compact table: ECE per perturbation and severity (clean in the caption)."""
+    clean = clean_scenario(r)
+    severities = sorted({s["severity"] for s in perturbed_scenarios(r)})
+    t = Table(f"ECE per perturbation and severity (clean: {fmt(value((clean or {}).get('metrics', {}).get('ece')))}; "
+              "lower is better); ▲ marks a significant rise from clean (paired bootstrap).",
+              ["Perturbation"] + [f"Severity {k}" for k in severities])
+    cells: dict[str, dict[int, str]] = {}
+    for s in perturbed_scenarios(r):
+        est = s["metrics"].get("ece")
+        if est is not None:
+            drop = s.get("drop", {}).get("ece") or {}
+            cells.setdefault(s["perturbation"], {})[s["severity"]] = (
+                fmt(value(est)) + (" ▲" if drop.get("significant") and (drop.get("value") or 0) > 0 else ""))
+    for pert in sorted(cells):
+        t.rows.append(Row([pert] + [cells[pert].get(k, "–") for k in severities]))
     return t
 
 
@@ -67,10 +89,12 @@ def temperature_table(r: dict[str, Any]) -> tuple[Table, str]:
     ts = r.get("calibration", {}).get("temperature_scaling") or {}
     t = Table("Temperature scaling: calibration before and after dividing the logits by the temperature fitted on "
               "clean data (clean row: cross-fitted, so no sample is calibrated by a temperature fitted on itself).",
-              ["Scenario", "ECE before", "ECE after", "NLL before", "NLL after", "Cross-fitted"])
+              ["Scenario", "ECE before", "ECE after", "NLL before", "NLL after", "Cross-fitted"], name="temperature",
+              columns=["scenario", "ece_before", "ece_after", "nll_before", "nll_after", "cross_fitted"])
     for sid, row in ts.get("scenarios", {}).items():
-        t.rows.append(Row([sid, fmt(row.get("ece_before")), fmt(row.get("ece_after")), fmt(row.get("nll_before")),
-                           fmt(row.get("nll_after")), fmt(bool(row.get("cross_fitted")))]))
+        raw = [row.get(k) for k in ("ece_before", "ece_after", "nll_before", "nll_after")]
+        t.rows.append(Row([sid, *(fmt(v) for v in raw), fmt(bool(row.get("cross_fitted")))],
+                          values=[sid, *raw, bool(row.get("cross_fitted"))]))
     temp = ts.get("temperature")
     temp_text = ", ".join(fmt(x) for x in temp) if isinstance(temp, list) else fmt(temp)
     method = f"{ts['method'][:1].upper()}{ts['method'][1:]}. Fitted temperature T = {temp_text}." if ts else ""
@@ -87,6 +111,23 @@ def calibration_finding(r: dict[str, Any]) -> str | None:
             f"{fmt(worst['metrics']['ece']['value'])} under {worst['id']}.")
 
 
+def calibration_headline(r: dict[str, Any]) -> tuple[str, str] | None:
+    """The summary's calibration line: clean ECE with its interval, the worst scenario, and what
+    temperature scaling does to clean ECE."""
+    clean = clean_scenario(r)
+    if not clean or value(clean["metrics"].get("ece")) is None:
+        return None
+    text = f"ECE {fmt_ci(clean['metrics']['ece'])} on clean data"
+    scored = [s for s in perturbed_scenarios(r) if value(s["metrics"].get("ece")) is not None]
+    if scored:
+        worst = max(scored, key=lambda s: (s["metrics"]["ece"]["value"], s["id"]))
+        text += f", {fmt(worst['metrics']['ece']['value'])} at worst ({worst['id']})"
+    ts = (r.get("calibration", {}).get("temperature_scaling") or {}).get("scenarios", {}).get("clean")
+    if ts and ts.get("ece_after") is not None:
+        text += f"; temperature scaling takes clean ECE to {fmt(ts['ece_after'])} (cross-fitted)"
+    return ("Calibration", text)
+
+
 def calibration_sections(results: dict[str, Any]) -> list[ReportSection]:
     """The section for ``results`` (none when this plugin's metrics did not run), with its finding."""
     clean = clean_scenario(results)
@@ -94,8 +135,9 @@ def calibration_sections(results: dict[str, Any]) -> list[ReportSection]:
         return []  # the task has no calibration view, or this plugin's metrics did not run (the plugin failed)
     temperature, method = temperature_table(results)
     finding = calibration_finding(results)
+    headline = calibration_headline(results)
     return [ReportSection(
         id="calibration", title="Calibration", template=CALIBRATION_TEMPLATE, order=410,
-        context={"reliability": reliability_figure(results), "table": calibration_table(results),
-                 "temperature": temperature, "method": method},
-        findings=[finding] if finding else [])]
+        context={"reliability": reliability_figure(results), "table": ece_grid(results), "method": method},
+        findings=[finding] if finding else [], headlines=[headline] if headline else [],
+        appendix=[calibration_table(results), temperature])]

@@ -3,7 +3,9 @@
 A ``manifest.csv`` in a folder, or any CSV given directly, lists PNG/JPEG/TIFF/BMP, NPY, NIfTI
 and DICOM files or DICOM series folders. Cheap checks (columns, labels, every file exists, DICOM
 headers parse) run when the dataset is opened; decoding problems surface in ``read``. Every error
-names the manifest row (row 1 = the first row after the header).
+names the manifest row (row 1 = the first row after the header). A manifest without a ``label``
+column is an unlabelled data set (what an ``--ood-data`` set may be); ``input.dims: auto`` is read
+from the file of row 1.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from medaudit.config import Config, TaskConfig
-from medaudit.data import AuditDataset
+from medaudit.data import AuditDataset, resolve_dims
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import ImageFormatError
-from medaudit.task import TARGET_CLASS_SET, task_of
+from medaudit.task import TARGET_CLASS_SET, LabelError, class_list, task_of
 
 from .common import check_channel_count, finalize_labels
 from .dicom import DICOM_FIELDS, dicom_header_values, dicom_series_files
-from .readers import READERS, SUPPORTED, file_kind
+from .readers import READERS, SUPPORTED, file_dims, file_kind
 
 
 def _infer_column(values: list[str | None]) -> list[Any]:
@@ -49,7 +51,11 @@ def _infer_column(values: list[str | None]) -> list[Any]:
 
 
 def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict[str, str | None]]]:
-    """Header and rows of a manifest; cells are stripped, empty cells become None."""
+    """Header and rows of a manifest; cells are stripped, empty cells become None.
+
+    ``path`` is required; ``label`` is not (an unlabelled data set), and the caller decides
+    whether its role needs one.
+    """
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
             reader = csv.reader(fh)
@@ -65,10 +71,10 @@ def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict[str, str | None
         raise DataError(f"{csv_path}: manifest is empty; it needs a header row 'path,label[,metadata columns…]' and one row per image")
     header = [h.strip() for h in header]
     lower = [h.lower() for h in header]
-    missing = [c for c in ("path", "label") if c not in lower]
-    if missing:
-        raise DataError(f"{csv_path}: manifest has no {' or '.join(repr(c) for c in missing)} column (columns: {header}); "
-                        "the header must start 'path,label' followed by any metadata columns")
+    if "path" not in lower:
+        raise DataError(f"{csv_path}: manifest has no 'path' column (columns: {header}); "
+                        "the header must start 'path,label' (or 'path' alone for unlabelled --ood-data) "
+                        "followed by any metadata columns")
     dupes = sorted({h for h in lower if lower.count(h) > 1 and h})
     if dupes:
         raise DataError(f"{csv_path}: manifest has duplicated column names {dupes}; rename them")
@@ -95,7 +101,7 @@ def _resolve_row_path(root: Path, cell: str) -> Path:
     return p
 
 
-def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str) -> np.ndarray:
+def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str, sample_ids: list[str]) -> np.ndarray:
     """``label`` cells listing class names separated by ``|`` or ``;`` as a multi-hot ``[N, K]`` array."""
     names = [[t.strip() for t in re.split(r"[|;]", c or "") if t.strip()] for c in cells]
     classes = list(task.classes) or sorted({t for row in names for t in row})
@@ -103,8 +109,8 @@ def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str) -> 
     out = np.zeros((len(cells), len(classes)), dtype=np.int64)
     for i, row in enumerate(names):
         for t in row:
-            if t not in index:
-                raise DataError(f"{where}, row {i + 1}: label {t!r} is not one of the classes {classes} (task.classes)")
+            if t not in index:  # only when task.classes is configured: inferred classes hold every name
+                raise LabelError(where, i, f"has label {t!r}, but task.classes names {class_list(classes)}", sample_ids[i])
             out[i, index[t]] = 1
     return out
 
@@ -117,6 +123,7 @@ class ManifestDataset(AuditDataset):
     def __init__(self, csv_path: Path, config: Config) -> None:
         input_cfg, task = config.input, config.task
         names, rows = _read_manifest(csv_path)
+        labelled = "label" in names
         root = csv_path.parent
         self.rel_paths: list[str] = []
         self.files: list[Path] = []
@@ -126,7 +133,7 @@ class ManifestDataset(AuditDataset):
             cell = row["path"]
             if cell is None:
                 raise DataError(f"{csv_path}, row {i + 1}: empty 'path' cell; give the image path relative to {root}")
-            if row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
+            if labelled and row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
                 raise DataError(f"{csv_path}, row {i + 1} ({cell}): empty 'label' cell; give the class name or index")
             p = _resolve_row_path(root, cell)
             self.rel_paths.append(cell)
@@ -144,18 +151,36 @@ class ManifestDataset(AuditDataset):
             more = f" (and {len(missing) - 1} more missing files, e.g. {[m[1] for m in missing[1:4]]})" if len(missing) > 1 else ""
             raise DataError(f"{csv_path}, row {i + 1}: file {cell!r} does not exist (looked for {p}){more}; "
                             "fix the path (relative to the manifest's folder) or remove the row")
+        input_cfg = resolve_dims(input_cfg, self._row_dims(csv_path, input_cfg.channels), str(csv_path)) \
+            if input_cfg.dims == "auto" else input_cfg
         where = str(csv_path)
-        label_cells = [row["label"] for row in rows]
-        if task_of(task).targets == TARGET_CLASS_SET:
-            labels, task = finalize_labels(_multilabel_cells(label_cells, task, where), task, where)
+        labels: np.ndarray | None = None
+        if not labelled:
+            self.unlabelled = f"the manifest has no 'label' column (columns: {names})"
+        elif task_of(task).targets == TARGET_CLASS_SET:
+            cells = _multilabel_cells([row["label"] for row in rows], task, where, self.rel_paths)
+            labels, task = finalize_labels(cells, task, where, self.rel_paths)
         else:
-            labels, task = finalize_labels(label_cells, task, where)
+            labels, task = finalize_labels([row["label"] for row in rows], task, where, self.rel_paths)
         metadata: dict[str, list[Any]] = {
             name: _infer_column([row[name] for row in rows]) for name in names if name not in ("path", "label")
         }
         metadata.update(self._dicom_metadata(csv_path, set(n.lower() for n in names)))
         super().__init__(csv_path, self.rel_paths, labels, metadata, input_cfg, task)
         self.classes = list(task.classes)
+
+    def _row_dims(self, csv_path: Path, channels: int) -> int:
+        """``input.dims: auto``: the spatial dimensions of the file of row 1 (a later row that
+        differs fails when it is read, naming its row)."""
+        try:
+            dims, what = file_dims(self.kinds[0], self.files[0], channels)
+        except Exception as exc:  # readers raise anything from OSError to zlib.error on damaged files
+            raise DataError(f"{csv_path}, row 1 ({self.rel_paths[0]}): cannot read the file's header to infer "
+                            f"input.dims ({type(exc).__name__}: {one_line(exc)}); fix the file or set input.dims") from None
+        if dims is None:
+            raise DataError(f"{csv_path}, row 1 ({self.rel_paths[0]}): {what} is neither a 2-D image nor a 3-D volume "
+                            "(input.dims: auto); save it as (H, W), (C, H, W), (D, H, W) or (C, D, H, W)")
+        return dims
 
     def _dicom_metadata(self, csv_path: Path, existing: set[str]) -> dict[str, list[Any]]:
         """DICOM header fields as metadata columns; reading headers here also fails fast on broken files."""

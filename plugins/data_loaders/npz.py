@@ -1,5 +1,6 @@
 """MedMNIST-style ``.npz`` datasets: ``images`` and ``labels`` (or ``test_images`` / ``test_labels``)
-plus optional ``meta_<column>`` arrays.
+plus optional ``meta_<column>`` arrays. ``images`` without ``labels`` is an unlabelled data set
+(what an ``--ood-data`` set may be); ``input.dims: auto`` is read from the images' shape.
 
 Loaded with ``allow_pickle=False`` always; uncompressed members are memory-mapped so DataLoader
 workers share the pages.
@@ -15,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from medaudit.config import Config, TaskConfig
-from medaudit.data import AuditDataset, to_channel_first
+from medaudit.data import AuditDataset, resolve_dims, to_channel_first
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import looks_channels_last
 from medaudit.task import TARGET_CLASS_SET, task_of
 
-from .common import check_channel_count, finalize_labels
+from .common import check_channel_count, dims_from_shape, finalize_labels
 
 
 def _python_value(v: Any) -> Any:
@@ -99,16 +100,24 @@ class NpzDataset(AuditDataset):
         self.image_key = image_key
         self._images: np.ndarray | None = self._memmap
         input_cfg, task = config.input, config.task
-        arrays = self._load_small(path, [label_key] + [k for k in members if k.startswith(meta_prefix)])
-        raw_labels = arrays[label_key]
+        small = ([label_key] if label_key else []) + [k for k in members if k.startswith(meta_prefix)]
+        arrays = self._load_small(path, small)
         n = shape[0] if shape else 0
-        if raw_labels.shape[:1] != (n,):
+        raw_labels = arrays.pop(label_key) if label_key else None
+        if raw_labels is not None and raw_labels.shape[:1] != (n,):
             raise DataError(f"{path}: {image_key!r} has {n} images but {label_key!r} has shape {raw_labels.shape}; "
                             "they must have the same first dimension")
         if n == 0:
             raise DataError(f"{path}: the dataset is empty: {image_key!r} holds no images (shape {tuple(shape)}); "
                             "re-save the file with at least one image and its label")
         sample_shape = tuple(shape[1:])
+        if input_cfg.dims == "auto":
+            dims = dims_from_shape(sample_shape, input_cfg.channels)
+            if dims is None:
+                raise DataError(f"{path}: {image_key!r} has shape {tuple(shape)}: {len(sample_shape)} dimensions per image, "
+                                "neither a 2-D image nor a 3-D volume (input.dims: auto); expected [N, H, W], [N, C, H, W], "
+                                "[N, H, W, C], [N, D, H, W] or [N, C, D, H, W]")
+            input_cfg = resolve_dims(input_cfg, dims, f"{path} ({image_key!r}, shape {tuple(shape)})")
         if len(sample_shape) not in (input_cfg.dims, input_cfg.dims + 1):
             raise DataError(
                 f"{path}: {image_key!r} has shape {tuple(shape)}: {len(sample_shape)} dimensions per image, but input.dims "
@@ -119,27 +128,37 @@ class NpzDataset(AuditDataset):
         if len(sample_shape) == input_cfg.dims + 1:
             c = sample_shape[-1] if self.channels_last else sample_shape[0]
             check_channel_count((c, *sample_shape), input_cfg, f"{path} ({image_key!r})")
-        labels, task = self._labels(raw_labels, task, f"{path} ({label_key!r})")
+        ids = [str(i) for i in range(n)]
+        labels = None
+        if raw_labels is None:
+            self.unlabelled = f"it holds no {'test_labels' if image_key == 'test_images' else 'labels'} array " \
+                              f"(arrays: {sorted(members)})"
+        else:
+            labels, task = self._labels(raw_labels, task, f"{path} ({label_key!r})", ids)
         metadata: dict[str, list[Any]] = {}
         for key, arr in arrays.items():
-            if key == label_key:
-                continue
             column = key[len(meta_prefix):]
             if arr.ndim == 2 and arr.shape[1] == 1:
                 arr = arr[:, 0]
             if arr.ndim != 1 or len(arr) != n:
                 raise DataError(f"{path}: metadata array {key!r} has shape {arr.shape}, expected ({n},) (one value per image)")
             metadata[column] = [_python_value(v) for v in arr.tolist()]
-        super().__init__(path, [str(i) for i in range(n)], labels, metadata, input_cfg, task)
+        super().__init__(path, ids, labels, metadata, input_cfg, task)
         self.classes = list(task.classes)
 
     @staticmethod
-    def _choose_keys(path: Path, members: dict[str, str]) -> tuple[str, str, str]:
+    def _choose_keys(path: Path, members: dict[str, str]) -> tuple[str, str | None, str]:
+        """The images, labels (None: an unlabelled set) and metadata-prefix keys."""
+        # MedMNIST files hold train_/val_/test_ splits; an audit evaluates the test split.
+        test_prefix = "test_meta_" if any(k.startswith("test_meta_") for k in members) else "meta_"
         if "images" in members and "labels" in members:
             return "images", "labels", "meta_"
-        # MedMNIST files hold train_/val_/test_ splits; an audit evaluates the test split.
         if "test_images" in members and "test_labels" in members:
-            return "test_images", "test_labels", "test_meta_" if any(k.startswith("test_meta_") for k in members) else "meta_"
+            return "test_images", "test_labels", test_prefix
+        if "images" in members:
+            return "images", None, "meta_"
+        if "test_images" in members:
+            return "test_images", None, test_prefix
         raise DataError(
             f"{path}: expected arrays 'images' and 'labels' (or MedMNIST's 'test_images' and 'test_labels'), "
             f"found {sorted(members) or 'none'}; re-save with np.savez(path, images=..., labels=..., meta_<column>=...)"
@@ -169,7 +188,7 @@ class NpzDataset(AuditDataset):
         return out
 
     @staticmethod
-    def _labels(raw: np.ndarray, task: TaskConfig, where: str) -> tuple[np.ndarray, TaskConfig]:
+    def _labels(raw: np.ndarray, task: TaskConfig, where: str, ids: list[str]) -> tuple[np.ndarray, TaskConfig]:
         if raw.ndim == 2 and raw.shape[1] == 1:
             raw = raw[:, 0]
         if raw.ndim == 2 and task_of(task).targets != TARGET_CLASS_SET:
@@ -181,7 +200,7 @@ class NpzDataset(AuditDataset):
             raw = raw.astype(np.int64)
         if raw.dtype.kind == "b":
             raw = raw.astype(np.int64)
-        return finalize_labels(raw if raw.ndim == 2 else raw.tolist(), task, where)
+        return finalize_labels(raw if raw.ndim == 2 else raw.tolist(), task, where, ids)
 
     def _image_array(self) -> np.ndarray:
         if self._images is None:

@@ -9,24 +9,20 @@ from collections import defaultdict
 from typing import Any
 
 from medaudit.report.views import (
-    Figure, Row, Series, Table, confidence_label, degradation, detectors, fmt_ci, label, perturbed_scenarios,
+    Figure, Row, Series, Table, confidence_label, degradation, detectors, estimate_columns, estimate_values, fmt,
+    fmt_ci, label, perturbed_scenarios,
 )
 from medaudit.sections import ReportSection
 
 OOD_STATS = (("auroc", "AUROC"), ("aupr", "AUPR"), ("fpr95", "FPR@95%TPR"))
 
 OOD_TEMPLATE = """\
-{% if ood.rows %}
+{% if has_scores %}
 {% if figure %}{% with f = figure %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
-{% with t = ood %}{% include "sections/_table.html" %}{% endwith %}
+{% with t = summary %}{% include "sections/_table.html" %}{% endwith %}
+<p class="note">Every scenario × detector with AUROC, AUPR and FPR@95%TPR and their intervals, and failure detection per scenario, are in the appendix and in <code>tables/ood.csv</code> and <code>tables/ood-failure.csv</code>.</p>
 {% else %}
 <p class="empty">No detectors ran: this results file holds no shift-detection scores (no detector plugin was installed or none applied to this model; <code>audit.detectors</code> selects them).</p>
-{% endif %}
-<h3>Failure detection</h3>
-{% if failure.rows %}
-{% with t = failure %}{% include "sections/_table.html" %}{% endwith %}
-{% else %}
-<p class="empty">No failure-detection results were recorded.</p>
 {% endif %}
 """
 
@@ -35,11 +31,45 @@ def ood_table(r: dict[str, Any]) -> Table:
     t = Table(f"Shift detection per scenario and detector: how well each detector's score separates the perturbed "
               f"samples from clean ones ({confidence_label(r)} CIs). AUROC 0.5 is chance; FPR@95%TPR is the share of "
               "clean samples flagged when 95% of shifted ones are (lower is better).",
-              ["Scenario", "Detector"] + [h for _, h in OOD_STATS])
+              ["Scenario", "Detector"] + [h for _, h in OOD_STATS],
+              columns=["scenario", "detector"] + [c for k, _ in OOD_STATS for c in estimate_columns(k)])
     for s in r["scenarios"]:
         for det in sorted(s.get("ood", {})):
             stats = s["ood"][det]
-            t.rows.append(Row([s["id"], det] + [fmt_ci(stats.get(k)) for k, _ in OOD_STATS]))
+            t.rows.append(Row([s["id"], det] + [fmt_ci(stats.get(k)) for k, _ in OOD_STATS],
+                              values=[s["id"], det] + [v for k, _ in OOD_STATS for v in estimate_values(stats.get(k))]))
+    return t
+
+
+def _mean_auroc(scenarios: list[dict[str, Any]], det: str) -> float | None:
+    vals = [s["ood"][det]["auroc"]["value"] for s in scenarios
+            if (s.get("ood", {}).get(det, {}).get("auroc") or {}).get("value") is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def external_sets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The external OOD sets' scenarios (``--ood-data``), in results order."""
+    return [s for s in r["scenarios"] if s["id"].startswith("ood:")]
+
+
+def summary_table(r: dict[str, Any]) -> Table:
+    """The section's compact table: per detector, mean shift-detection AUROC per suite, AUROC on each
+    external OOD set, and clean failure-detection AUROC."""
+    dets = detectors(r)
+    suites = sorted({s.get("suite") or "other" for s in perturbed_scenarios(r)})
+    ext = external_sets(r)
+    clean = next((s for s in r["scenarios"] if s["id"] == "clean"), {})
+    t = Table("Per detector: mean shift-detection AUROC over each suite's perturbed scenarios (0.5 is chance), "
+              "AUROC against each external OOD set, and failure-detection AUROC on clean data (wrong vs correct "
+              "predictions).",
+              ["Detector"] + [f"{suite} (mean AUROC)" for suite in suites] + [s["id"] for s in ext]
+              + ["Failure detection (clean)"])
+    for det in dets:
+        cells = [fmt(_mean_auroc([s for s in perturbed_scenarios(r) if (s.get("suite") or "other") == suite], det))
+                 for suite in suites]
+        cells += [fmt_ci(s.get("ood", {}).get(det, {}).get("auroc")) for s in ext]
+        cells.append(fmt_ci(clean.get("failure_detection", {}).get(det)))
+        t.rows.append(Row([det] + cells))
     return t
 
 
@@ -74,11 +104,48 @@ def failure_table(r: dict[str, Any]) -> Table:
     keys = sorted({k for s in r["scenarios"] for k in s.get("failure_detection", {})})
     t = Table(f"Failure detection: AUROC of each detector's score at separating the model's wrong predictions from "
               f"its correct ones, per scenario ({confidence_label(r)} CIs; higher is better).",
-              ["Scenario"] + [label(k) for k in keys])
+              ["Scenario"] + [label(k) for k in keys], name="failure",
+              columns=["scenario"] + [c for k in keys for c in estimate_columns(k)])
     for s in r["scenarios"]:
         if s.get("failure_detection"):
-            t.rows.append(Row([s["id"]] + [fmt_ci(s["failure_detection"].get(k)) for k in keys]))
+            t.rows.append(Row([s["id"]] + [fmt_ci(s["failure_detection"].get(k)) for k in keys],
+                              values=[s["id"]] + [v for k in keys for v in estimate_values(s["failure_detection"].get(k))]))
     return t
+
+
+def ood_headlines(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary's lines: the best and weakest shift detector, and each external OOD set."""
+    means = {det: m for det in detectors(r) if (m := _mean_auroc(perturbed_scenarios(r), det)) is not None}
+    out = []
+    if means:
+        best = max(means, key=lambda d: (means[d], d))
+        weak = min(means, key=lambda d: (means[d], d))
+        text = f"best detector {best}, mean AUROC {means[best]:.3f} over the perturbed scenarios"
+        if weak != best:
+            text += f"; weakest {weak}, {means[weak]:.3f} (0.5 is chance)"
+        out.append(("Shift detection", text))
+    for s in external_sets(r):
+        scores = {det: st["auroc"] for det, st in s.get("ood", {}).items() if (st.get("auroc") or {}).get("value") is not None}
+        if scores:
+            best = max(scores, key=lambda d: (scores[d]["value"], d))
+            out.append((f"External set {s['id']}", f"detected best by {best}, AUROC {fmt_ci(scores[best])} against "
+                                                    f"the clean audit data ({s['n_samples']} samples)"))
+        else:
+            out.append((f"External set {s['id']}", "no detector produced a score for it"))
+    return out
+
+
+def external_findings(r: dict[str, Any]) -> list[str]:
+    """One finding per external OOD set that the best detector flags poorly (AUROC below 0.8)."""
+    out = []
+    for s in external_sets(r):
+        scores = {det: st["auroc"]["value"] for det, st in s.get("ood", {}).items()
+                  if (st.get("auroc") or {}).get("value") is not None}
+        if scores and max(scores.values()) < 0.8:
+            best = max(scores, key=lambda d: (scores[d], d))
+            out.append(f"The external OOD set {s['id']} is hard to detect: the best detector, {best}, reaches AUROC "
+                       f"{scores[best]:.3f}.")
+    return out
 
 
 def ood_finding(r: dict[str, Any]) -> str | None:
@@ -117,7 +184,9 @@ def ood_limitations(r: dict[str, Any]) -> list[str]:
 def ood_sections(results: dict[str, Any]) -> list[ReportSection]:
     """The section for ``results``, with its finding and limitations."""
     finding = ood_finding(results)
+    table = ood_table(results)
     return [ReportSection(
         id="ood", title="OOD and shift detection", template=OOD_TEMPLATE, order=420,
-        context={"ood": ood_table(results), "figure": ood_figure(results), "failure": failure_table(results)},
-        findings=[finding] if finding else [], limitations=ood_limitations(results))]
+        context={"has_scores": bool(table.rows), "figure": ood_figure(results), "summary": summary_table(results)},
+        findings=external_findings(results) + ([finding] if finding else []), limitations=ood_limitations(results),
+        headlines=ood_headlines(results), appendix=[table, failure_table(results)])]

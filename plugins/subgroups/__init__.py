@@ -12,7 +12,9 @@ What it returns (see docs/subgroups.md for the formulas):
   group's columns). Under a perturbed scenario also the per-group ``drop`` from clean (paired).
 * ``subgroup_gaps`` (lands in ``results["analyses"]``): per (scenario, attribute, metric) the
   gap max - min over groups with its bootstrap interval, the worst group, the min/max ratio,
-  a permutation-test p-value and its Holm-Bonferroni adjustment; for binary tasks also
+  the worst group's paired difference from the other groups pooled (``worst_vs_rest``, whose
+  interval, unlike the gap's, contains 0 when the groups cannot be told apart), a
+  permutation-test p-value and its Holm-Bonferroni adjustment; for binary tasks also
   fairlearn's demographic-parity and equalized-odds differences; under a perturbed scenario
   also the gap of the per-group drops ("does this artifact hurt one group more?").
 * ``subgroup_settings`` (also in ``analyses``): attributes, groups, scenarios and metric sets.
@@ -41,7 +43,7 @@ from .attributes import (MAX_CATEGORIES, MISSING_GROUP, SEP, Attribute, bin_labe
                          column_attribute, format_number, intersect, is_missing)
 from .permutations import Permutations, holm, permutation_p, range_rows
 from .report import subgroup_sections
-from .rows import HEADLINE, RATES, generic_rows, headline_rows
+from .rows import HEADLINE, RATES, generic_rows, headline_rows, rest_rows
 from .settings import SubgroupSettings
 
 MEDAUDIT_API_VERSION = 1
@@ -49,7 +51,7 @@ MEDAUDIT_API_VERSION = 1
 __all__ = [
     "HEADLINE", "MAX_CATEGORIES", "MISSING_GROUP", "RATES", "SEP", "Attribute", "Permutations", "analysed_scenarios",
     "analyze", "bin_labels", "build_attributes", "column_attribute", "format_number", "generic_rows", "headline_rows",
-    "SubgroupSettings", "holm", "intersect", "is_missing", "measured_headline", "medaudit_analyze", "permutation_p", "range_rows",
+    "SubgroupSettings", "holm", "intersect", "is_missing", "measured_headline", "medaudit_analyze", "permutation_p", "range_rows", "rest_rows",
 ]
 
 

@@ -17,7 +17,7 @@ from medaudit.task import SINGLE_LABEL
 from .attributes import Attribute, build_attributes
 from .gaps import gap_entries
 from .permutations import Permutations, holm
-from .rows import HEADLINE, RATES, ScenarioRows, generic_rows, headline_rows
+from .rows import HEADLINE, RATES, ScenarioRows, generic_rows, headline_rows, rest_rows
 
 
 def analysed_scenarios(scenarios: Sequence[Scenario]) -> list[tuple[int, Scenario]]:
@@ -147,14 +147,20 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
 
 def _scenario_rows(outputs: AuditOutputs, probs: Tensor, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,
                    perms: Permutations | None, is_clean: bool, fast: bool, headline: set[str]) -> ScenarioRows:
-    """Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path)."""
+    """Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path).
+    Each group's rest (:func:`rest_rows`) is computed with the same path as the groups."""
     ctx, conf = outputs.ctx, outputs.confidence
     binary = ctx.task == "binary"
     if n_groups == 0:
-        return ScenarioRows({}, None, {})
+        return ScenarioRows({}, None, {}, {})
     if is_clean or not fast:
         keep = None if is_clean else headline
+
+        def rows(p: Tensor, y: Tensor, wr: Tensor, grp: Tensor, n: int) -> dict[str, Tensor]:
+            return generic_rows(outputs.metrics, p, y, wr, grp, n, ctx, conf, keep)[0]
+
         boot, dirs = generic_rows(outputs.metrics, probs, labels, w, codes, n_groups, ctx, conf, keep)
+        rest = rest_rows(rows, probs, labels, w, codes, n_groups, boot)
         perm: dict[str, Tensor] | None = None
         if perms is not None:
             parts: dict[str, list[Tensor]] = {}
@@ -169,11 +175,13 @@ def _scenario_rows(outputs: AuditOutputs, probs: Tensor, labels: Tensor, w: Tens
             if perms is not None and perm is not None:
                 for key, val in _perm_headline(probs, labels, perms, n_groups, ctx, (), True).items():
                     perm[key] = val
-        return ScenarioRows(boot, perm, dirs)
+        return ScenarioRows(boot, perm, dirs, rest)
     keys = [key for key in HEADLINE if key in headline]
     boot = headline_rows(probs, labels, w, codes, n_groups, ctx, keys, rates=binary)
+    rest = rest_rows(lambda p, y, wr, grp, n: headline_rows(p, y, wr, grp, n, ctx, keys), probs, labels, w, codes,
+                     n_groups, {key: boot[key] for key in keys})
     perm = _perm_headline(probs, labels, perms, n_groups, ctx, keys, binary) if perms is not None else None
-    return ScenarioRows(boot, perm, {key: HEADLINE[key] for key in keys})
+    return ScenarioRows(boot, perm, {key: HEADLINE[key] for key in keys}, rest)
 
 
 def _perm_headline(probs: Tensor, labels: Tensor, perms: Permutations, n_groups: int, ctx: MetricContext,

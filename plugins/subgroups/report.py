@@ -1,4 +1,5 @@
-"""The subgroups plugin's report section: forest plots, the gap table, groups too small to analyse.
+"""The subgroups plugin's report section: forest plots, a plain reading per attribute, the gap table,
+groups too small to analyse.
 
 Built on the public view helpers only (:mod:`medaudit.report.views`), as a third party's section.
 """
@@ -14,9 +15,21 @@ from medaudit.report.views import (
 from medaudit.sections import ReportSection
 from medaudit.task import SUBGROUPS
 
+# One sentence on why the max - min gap's interval misleads: the reason the table pairs the gap
+# with the permutation test and the worst-vs-rest interval instead of the gap's own interval.
+GAP_BIAS = ("A gap (best group minus worst) is the largest of several noisy differences, so it is above 0 even "
+            "between groups that perform alike and its own bootstrap interval almost never contains 0; read it with "
+            "the permutation test's p-value and with the worst group's difference from the rest of the groups, whose "
+            "interval does contain 0 when the data cannot tell that group apart.")
+
 SUBGROUPS_TEMPLATE = """\
 {% if figures or gaps.rows or notes %}
+{% if gaps.rows %}<p>{{ bias }}</p>{% endif %}
 {% for f in figures %}{% include "sections/_figure.html" %}{% endfor %}
+{% if readings %}
+<p>{{ readings_intro }}</p>
+<ul>{% for line in readings %}<li>{{ line }}</li>{% endfor %}</ul>
+{% endif %}
 {% with t = gaps %}{% include "sections/_table.html" %}{% endwith %}
 {% if notes %}
 <h3>Groups too small to analyse</h3>
@@ -57,21 +70,27 @@ def forest_figures(r: dict[str, Any]) -> list[Figure]:
 
 def gap_table(r: dict[str, Any]) -> Table:
     """The gaps of the headline metrics (the settings' and each metric family's lead key), plus
-    every significant gap whatever its metric."""
+    every significant gap whatever its metric.
+
+    The gap is shown without its own interval (biased away from 0, see :data:`GAP_BIAS`); beside
+    the test stands the worst group's difference from the rest, whose interval can contain 0.
+    """
     gaps_all = r.get("analyses", {}).get("subgroup_gaps", []) or []
-    t = Table("Subgroup gaps: best minus worst group (oriented so positive is worse), its bootstrap CI, and a "
-              "permutation test p-value, adjusted for multiple comparisons; significant means the adjusted "
-              "p-value is below alpha.",
-              ["Scenario", "Attribute", "Metric", "Gap [CI]", "Worst group", "Worst value", "Ratio", "p", "p adjusted",
-               "Significant"])
+    t = Table("Subgroup gaps, oriented so positive is worse: the gap (best minus worst group); the worst group's "
+              f"difference from the other groups pooled, with its paired {confidence_label(r)} bootstrap CI; and the "
+              "permutation test of the gap, its p-value adjusted for multiple comparisons (Holm, per scenario); "
+              "significant means the adjusted p-value is below alpha.",
+              ["Scenario", "Attribute", "Metric", "Worst group (value)", "Gap", "Worst vs rest [CI]", "p",
+               "p adjusted", "Significant"])
     # the full list (all metrics × attributes × scenarios) is in results.json and would bury the signal
     headline = set(r.get("analyses", {}).get("subgroup_settings", {}).get("headline_metrics") or [])
     headline |= set(lead_keys(r))
     shown = [g for g in gaps_all if g.get("metric") in headline or g.get("significant")]
     for g in sorted(shown, key=lambda g: (g.get("scenario", "clean") != "clean", g.get("scenario", ""),
                                           g["attribute"], g["metric"])):
-        t.rows.append(Row([g.get("scenario", "clean"), g["attribute"], label(g["metric"]), fmt_ci(g.get("gap")),
-                           str(g.get("worst_group", "–")), fmt(g.get("worst_value")), fmt(g.get("ratio")),
+        worst = "–" if g.get("worst_group") is None else f"{g['worst_group']} ({fmt(g.get('worst_value'))})"
+        t.rows.append(Row([g.get("scenario", "clean"), g["attribute"], label(g["metric"]), worst,
+                           fmt((g.get("gap") or {}).get("value")), fmt_ci(g.get("worst_vs_rest")),
                            fmt_p(g.get("p_value")), fmt_p(g.get("p_adjusted")), fmt(bool(g.get("significant")))],
                           "drop" if g.get("significant") else ""))
     if len(shown) < len(gaps_all):
@@ -79,6 +98,42 @@ def gap_table(r: dict[str, Any]) -> Table:
                       f"significant gap; {len(gaps_all) - len(shown)} further non-significant gaps are listed in "
                       "results.json (analyses.subgroup_gaps).")
     return t
+
+
+def gap_readings(r: dict[str, Any]) -> list[str]:
+    """One plain sentence per attribute on the primary metric's clean-data gap: the test's verdict
+    first, then how far the worst group lies from the rest, e.g. "hemisphere: no evidence of a
+    gap (p = 0.475); the worst group, left, is 0.009 below the rest [-0.004, 0.022]"."""
+    metric = primary_metric(r)
+    alpha = r.get("analyses", {}).get("subgroup_settings", {}).get("alpha", 0.05)
+    gaps = [g for g in r.get("analyses", {}).get("subgroup_gaps", []) or []
+            if g.get("scenario", "clean") == "clean" and g.get("metric") == metric
+            and (g.get("gap") or {}).get("value") is not None]
+    out = []
+    for g in sorted(gaps, key=lambda g: g["attribute"]):
+        p, adjusted = g.get("p_value"), g.get("p_adjusted")
+        if p is None:
+            test = "not tested (no permutations)"
+        elif g.get("significant"):
+            test = f"a significant gap (p = {fmt_p(p)}, adjusted {fmt_p(adjusted)})"
+        elif adjusted is not None and p < alpha:
+            test = f"no significant gap after correcting for multiple comparisons (p = {fmt_p(p)}, adjusted {fmt_p(adjusted)})"
+        else:
+            test = f"no evidence of a gap (p = {fmt_p(p)})"
+        line = f"{g['attribute']}: {test}"
+        rest = g.get("worst_vs_rest") or {}
+        if rest.get("value") is not None:
+            side = "below" if g.get("higher_is_better", True) else "above"
+            ci = "" if rest.get("ci_low") is None else f" [{fmt(rest['ci_low'])}, {fmt(rest['ci_high'])}]"
+            line += f"; the worst group, {g['worst_group']}, is {fmt(rest['value'])} {side} the rest{ci}"
+        out.append(line + ".")
+    return out
+
+
+def _readings_intro(r: dict[str, Any]) -> str:
+    metric = primary_metric(r) or ""
+    return (f"The {label(metric)} gap on clean data per attribute (the worst group's difference from the rest "
+            f"with its {confidence_label(r)} CI):")
 
 
 def small_group_notes(r: dict[str, Any]) -> list[str]:
@@ -135,5 +190,6 @@ def subgroup_sections(results: dict[str, Any]) -> list[ReportSection]:
     finding = subgroup_finding(results)
     return [ReportSection(
         id="subgroups", title="Subgroups", template=SUBGROUPS_TEMPLATE, order=430,
-        context={"figures": forest_figures(results), "gaps": gap_table(results), "notes": small_group_notes(results)},
+        context={"figures": forest_figures(results), "gaps": gap_table(results), "notes": small_group_notes(results),
+                 "bias": GAP_BIAS, "readings": gap_readings(results), "readings_intro": _readings_intro(results)},
         findings=[finding] if finding else [], limitations=subgroup_limitations(results))]

@@ -3,11 +3,13 @@
 Two paths: :func:`headline_rows` computes the headline metrics (:data:`HEADLINE`) of all groups
 at once from group sums (fast, binary and multiclass); :func:`generic_rows` calls any metric
 plugin once per group through :func:`medaudit.bootstrap.evaluate` (every metric and task).
+:func:`rest_rows` computes, with either path, each metric on every group's *rest* (the pooled
+samples of the other groups), for the worst-group-vs-rest differences.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +35,40 @@ _EXACT_F32_TOTAL = 4096
 
 @dataclass
 class ScenarioRows:
-    """Per-group rows of one (scenario, attribute): bootstrap ``[1 + R, G]`` and permutations ``[P, G]``."""
+    """Per-group rows of one (scenario, attribute): bootstrap ``[1 + R, G]``, permutations ``[P, G]``
+    and the bootstrap rows of each group's rest ``[1 + R, G]`` (:func:`rest_rows`)."""
 
     boot: dict[str, Tensor]
     perm: dict[str, Tensor] | None
     directions: dict[str, bool]
+    rest: dict[str, Tensor]
+
+
+#: ``rows(probs, labels, w, grp, n_groups) -> {key: [R, n_groups]}``: one of the two paths above with
+#: its other arguments bound (see :func:`rest_rows`).
+GroupRows = Callable[[Tensor, Tensor, Tensor, Tensor, int], dict[str, Tensor]]
+
+
+def rest_rows(rows: GroupRows, probs: Tensor, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
+              boot: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each metric of every group's *rest*, ``{key: [R, G]}``: column ``g`` is the metric on the
+    pooled samples of every other group (``grp != g``) with the same weight rows, so a group's
+    value and its rest's value on row ``r`` come from the same resample (a paired difference).
+
+    ``boot`` holds the groups' own rows (from ``rows``): with two groups each one's rest is the
+    other group, whose rows are already there. A single group has no rest (and no gap): ``{}``.
+    """
+    if n_groups < 2:
+        return {}
+    if n_groups == 2:
+        return {key: val.flip(1) for key, val in boot.items()}
+    parts: dict[str, list[Tensor]] = {}
+    for g in range(n_groups):
+        sel = grp != g
+        one = torch.zeros(int(sel.sum()), dtype=torch.int64)
+        for key, val in rows(probs[sel], labels[sel], w[:, sel], one, 1).items():
+            parts.setdefault(key, []).append(val[:, 0])
+    return {key: torch.stack(vals, dim=1) for key, vals in parts.items()}
 
 
 def _group_sums(w: Tensor, grp: Tensor, n_groups: int, x: Tensor | None = None,
