@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checks import junit_xml, parse_check, validate_check_scenarios
+from .checks import Vocabulary, junit_xml, parse_check, validate_checks
 from .config import Config
 from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
@@ -59,6 +59,17 @@ class Prepared:
     warnings: list[WarningRecord] = field(default_factory=list)
     reference: AuditDataset | None = None
     ood_sets: dict[str, AuditDataset] = field(default_factory=dict)
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an audit; its message says what the shard cache kept, so that ``--resume`` is
+    promised only when there is something to resume from."""
+
+    def __init__(self, shards: int, cache_dir: Path) -> None:
+        super().__init__(
+            f"interrupted; {shards} completed shard(s) are cached in {cache_dir}: run again with --resume to continue"
+            if shards else "interrupted before any shard completed; nothing was kept")
+        self.shards, self.cache_dir = shards, cache_dir
 
 
 #: Why a data set in each role needs labels (the role is the option that named it); a role not
@@ -153,9 +164,22 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
     return detectors
 
 
+def _metric_keys(metrics: list[Metric]) -> frozenset[str] | None:
+    """Every result key the metric families declare (name, ``headline``, ``definitions``); None when
+    a family declares none, since its keys are then unknown until it runs (see :class:`Vocabulary`)."""
+    if any(not m.headline and not m.definitions for m in metrics):
+        return None
+    return frozenset(k for m in metrics for k in (m.name, *m.headline, *m.definitions))
+
+
 def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config, trust_pickle: bool = False,
-            reference_path: Path | None = None, ood_paths: tuple[Path, ...] = ()) -> Prepared:
-    """Resolve everything an audit needs; every input error is raised here, before any output."""
+            reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (),
+            required_columns: tuple[str, ...] = ()) -> Prepared:
+    """Resolve everything an audit needs; every input error is raised here, before any output.
+
+    ``required_columns`` are metadata columns the user asked for by name (``--subgroup``): a
+    column the data lacks is an error here, not a warning after the audit.
+    """
     resolve_settings(config, pm)  # plugin sections and their aliases, before any hook reads them
     warnings = [WarningRecord(code="plugin-load-failed", plugin=f.name, subject=f.name, message=f.message)
                 for f in pm.failures]
@@ -166,6 +190,11 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     task = bind_task(config, pm.tasks())  # an unknown task.type is a config error before any data is read
     device = select_device(config.audit.device)
     dataset = open_dataset(pm, data_path, config)
+    columns = sorted(dataset.metadata)
+    missing = [c for c in required_columns if c not in dataset.metadata]
+    if missing:
+        raise DataError(f"--subgroup {', '.join(missing)}: not a metadata column of {data_path}; "
+                        f"its columns are: {', '.join(columns) or 'none'}")
     if not config.task.classes:
         classes = list(getattr(dataset, "classes", None) or dataset.task.classes)
         config.task = config.task.model_copy(update={"classes": classes})
@@ -186,7 +215,6 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
         warnings += [WarningRecord(code="suite-joined", plugin=provider, message=m)
                      for m in pm.suite_warnings(catalogue, plugin=provider)]
     scenarios, perturbations = plan_scenarios(config, catalogue)
-    validate_check_scenarios(config.checks, [s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets])
     # Which plugin contributed each object, so a failure during the audit can name it.
     owners: dict[object, str] = {name: plugin for name, (plugin, _cls) in catalogue.items()}
     metrics = []
@@ -198,6 +226,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     if not metrics:
         raise PluginError("no metric plugin is available for this task; is medaudit installed correctly? (`medaudit plugins`)")
     detectors = _detectors(pm, config, task, feature_ok, warnings, owners)
+    validate_checks(config.checks, Vocabulary(
+        scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets], metrics=_metric_keys(metrics),
+        classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns))
     return Prepared(pm, config, model, extract, dataset, dataset.identity(), scenarios, perturbations, metrics,
                     detectors, owners, device, warnings, reference, ood_sets)
 
@@ -246,24 +277,16 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
     return ExternalSet(name, dataset.identity(), labels, fwd)
 
 
-def _grouped_failures(failures: dict[str, str]) -> list[str]:
-    """The runner's perturbation failures (one per scenario), one message per perturbation."""
-    by_perturbation: dict[str, list[str]] = {}
-    for sid in failures:
-        by_perturbation.setdefault(sid.split("@")[0], []).append(sid)
-    return [failures[sids[0]] + (f"; it also failed in {', '.join(sids[1:])}" if len(sids) > 1 else "")
-            for sids in by_perturbation.values()]
-
-
 def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Config, *, command: str,
               trust_pickle: bool = False, resume: bool = False, junit: Path | None = None,
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
               shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
-              warn: Callable[[str], None] = lambda msg: None) -> Results:
-    """Run a whole audit and write its outputs; returns the results (checks included).
+              config_path: Path | None = None, required_columns: tuple[str, ...] = ()) -> Results:
+    """Run a whole audit and write its outputs; returns the results (checks and warning records
+    included: ``medaudit run`` prints them).
 
-    ``warn`` receives every isolated plugin failure once, grouped per perturbation, after the
-    outputs are written (``medaudit run`` prints them on stderr).
+    ``config_path`` is recorded in results.json; ``required_columns``: see :func:`prepare`.
+    Ctrl-C raises :class:`AuditInterrupted`, which says what the shard cache kept.
     """
     started = time.perf_counter()
     phases = PhaseClock()
@@ -272,72 +295,96 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         phases.seconds["startup"] = age
     # the user's choice, for this audit only ("auto" is decided in the dry run, inside this block)
     with torch_threads(config.audit.threads):
-        prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths)
-        cfg = prep.config
-        suspect = preprocessing_probe(prep.extract, prep.dataset, cfg, prep.device)
+        prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths, required_columns)
+        suspect = preprocessing_probe(prep.extract, prep.dataset, prep.config, prep.device)
         if suspect is not None:
             prep.warnings.append(suspect)
         phases.lap("prepare")
-        log(f"medaudit {__version__}: {len(prep.scenarios)} scenarios × {len(prep.dataset)} samples on {prep.device}")
-        cache_root = cfg.output.dir / ".medaudit-cache"
-        cache = ShardCache(cache_root, cache_fingerprint(prep, shard_size))
+        cache = ShardCache(prep.config.output.dir / ".medaudit-cache", cache_fingerprint(prep, shard_size))
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)
-        chosen: list[ThreadChoice] = []
-
-        def on_threads(choice: ThreadChoice) -> None:
-            chosen.append(choice)
-            if cfg.audit.threads == "auto":
-                log(f"threads: {choice.threads} ({choice.reason})")
-
-        fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
-                          prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
-                          trust_pickle=trust_pickle, on_threads=on_threads)
-        prep.warnings.extend([
-            *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
-                            plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
-            *(WarningRecord(code="detector-failed", subject=name, plugin=_owner(prep, name), message=msg)
-              for name, msg in fwd.failed_detectors.items())])
-        prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
-        if fwd.resumed_shards:
-            log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
-        phases.lap("forward")
-        reference = (_clean_only(prep, "reference", prep.reference, progress, trust_pickle)
-                     if prep.reference is not None else None)
-        ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle) for name, ds in prep.ood_sets.items()]
-        phases.lap("external")
-        assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
-        phases.lap("preview")
-        catalogue = [catalogue_entry(prep.owners[name], type(prep.perturbations[name])) for name in sorted(prep.perturbations)]
-        evaluation = build_results(
-            pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
-            prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
-            prep.warnings, reference, ood_sets, assets, phases)
-        results = evaluation.results
-        # environment only: the count never changes a number (choose_threads)
-        results.environment.threads_reason = chosen[0].reason
-        from .report import render_report_files
-
-        rendered = render_report_files(results, pm)
-        if results.timing is not None:  # results.json only: the report cannot time its own rendering
-            results.timing.phases["report"] = time.perf_counter() - phases.last
-        with AtomicOutputDir(cfg.output.dir) as stage:
-            (stage / "results.json").write_text(dumps(results), encoding="utf-8")
-            if cfg.output.report:
-                (stage / "report.html").write_text(rendered.html, encoding="utf-8")
-                if rendered.tables:
-                    (stage / "tables").mkdir()
-                    for name, text in rendered.tables.items():
-                        (stage / "tables" / name).write_text(text, encoding="utf-8")
-            if cfg.output.save_predictions:
-                buf = io.BytesIO()
-                np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))
-                (stage / "predictions.npz").write_bytes(buf.getvalue())
-        if junit is not None:
-            write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
-        cache.flush()
-        shutil.rmtree(cache_root, ignore_errors=True)
-        for message in [*_grouped_failures(fwd.failures), *fwd.failed_detectors.values(), *evaluation.plugin_failures,
-                        *(w.message for w in results.warning_records if w.alert)]:
-            warn(message)
+        try:  # from the line that tells the user the forward passes begin
+            log(f"medaudit {__version__}: {scenario_count(prep)} of {len(prep.dataset)} samples, on {prep.device}")
+            results = _run_prepared(prep, cache, command=command, started=started, phases=phases,
+                                    trust_pickle=trust_pickle, junit=junit, progress=progress,
+                                    shard_size=shard_size, log=log, config_path=config_path)
+        except KeyboardInterrupt:
+            cache.flush()  # the shard being written when Ctrl-C came is complete, so it counts
+            raise AuditInterrupted(len(list(cache.dir.glob("shard-*.npz"))), cache.dir) from None
         return results
+
+
+def scenario_count(prep: Prepared) -> str:
+    """``91 scenarios (clean, 90 perturbed from 18 perturbations)``: the number the report's summary
+    gives (results.json ``scenarios``, external OOD sets included), with its breakdown."""
+    def n(count: int, noun: str) -> str:
+        return f"{count} {noun}{'s' if count != 1 else ''}"
+
+    parts = ["clean", f"{len(prep.scenarios) - 1} perturbed from {n(len(prep.perturbations), 'perturbation')}"]
+    if prep.ood_sets:
+        parts.append(n(len(prep.ood_sets), "external OOD set"))
+    return f"{n(len(prep.scenarios) + len(prep.ood_sets), 'scenario')} ({', '.join(parts)})"
+
+
+def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: float, phases: PhaseClock,
+                  trust_pickle: bool, junit: Path | None, progress: bool, shard_size: int,
+                  log: Callable[[str], None], config_path: Path | None) -> Results:
+    """The forward passes, results and outputs of a prepared audit (:func:`run_audit`)."""
+    cfg = prep.config
+    chosen: list[ThreadChoice] = []
+
+    def on_threads(choice: ThreadChoice) -> None:
+        chosen.append(choice)
+        if cfg.audit.threads == "auto":
+            log(f"threads: {choice.threads} ({choice.reason})")
+
+    fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
+                      prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
+                      trust_pickle=trust_pickle, on_threads=on_threads)
+    prep.warnings.extend([
+        *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
+                        plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),
+        *(WarningRecord(code="detector-failed", subject=name, plugin=_owner(prep, name), message=msg)
+          for name, msg in fwd.failed_detectors.items())])
+    prep.detectors = [d for d in prep.detectors if d.name not in fwd.failed_detectors]
+    if fwd.resumed_shards:
+        log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
+    phases.lap("forward")
+    reference = (_clean_only(prep, "reference", prep.reference, progress, trust_pickle)
+                 if prep.reference is not None else None)
+    ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle) for name, ds in prep.ood_sets.items()]
+    phases.lap("external")
+    assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
+    phases.lap("preview")
+    catalogue = [catalogue_entry(prep.owners[name], type(prep.perturbations[name])) for name in sorted(prep.perturbations)]
+    evaluation = build_results(
+        prep.pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
+        prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
+        prep.warnings, reference, ood_sets, assets, phases)
+    results = evaluation.results
+    if config_path is not None:
+        results.config_path = str(config_path)
+    # environment only: the count never changes a number (choose_threads)
+    results.environment.threads_reason = chosen[0].reason
+    from .report import render_report_files
+
+    rendered = render_report_files(results, prep.pm)
+    if results.timing is not None:  # results.json only: the report cannot time its own rendering
+        results.timing.phases["report"] = time.perf_counter() - phases.last
+    with AtomicOutputDir(cfg.output.dir) as stage:
+        (stage / "results.json").write_text(dumps(results), encoding="utf-8")
+        if cfg.output.report:
+            (stage / "report.html").write_text(rendered.html, encoding="utf-8")
+            if rendered.tables:
+                (stage / "tables").mkdir()
+                for name, text in rendered.tables.items():
+                    (stage / "tables" / name).write_text(text, encoding="utf-8")
+        if cfg.output.save_predictions:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))
+            (stage / "predictions.npz").write_bytes(buf.getvalue())
+    if junit is not None:
+        write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
+    cache.flush()
+    shutil.rmtree(cache.dir.parent, ignore_errors=True)
+    return results

@@ -15,9 +15,13 @@ Grammar (whitespace around the operator is allowed)::
     scenario   := "clean" | perturbation "@" severity | perturbation "@*" | "*"
 
 A wildcard scenario takes the *worst* value over the matching scenarios (the lowest for a
-higher-is-better metric, the highest otherwise; for ``drop`` the largest drop). The expression
+higher-is-better metric, the highest otherwise; for ``drop`` the largest drop); the check records
+which scenario that was (``checks[].scenario``), so a failure names it. The expression
 states the failure condition: ``clean.accuracy<0.8`` fails the audit when clean accuracy is
 below 0.8. A check whose value is undefined (e.g. AUROC with one class) fails, with the reason.
+
+:func:`validate_checks` refuses, before any forward pass, a path naming a scenario, metric,
+detector or metadata column the audit cannot produce (a :class:`Vocabulary`).
 
 Besides the configured checks, the audit adds a failed ``perturbation:NAME ran`` check for each
 perturbation the user named (``--perturbation``) whose plugin failed in all its scenarios.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +60,8 @@ def parse_check(expr: str) -> ParsedCheck:
     return ParsedCheck(expr.strip(), m["path"].strip(), m["op"], float(m["num"]))
 
 
-def _worst(values: list[float], higher_is_better: bool) -> float:
-    return min(values) if higher_is_better else max(values)
+#: The statistics of a detector in a scenario's ``ood`` (:func:`medaudit.ood_metrics.detection_measures`).
+DETECTION_STATS = ("auroc", "aupr", "fpr95")
 
 
 def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
@@ -70,19 +74,83 @@ def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
     raise ConfigError(f"check path {path!r} names no scenario; scenarios are: {', '.join(scenario_ids)}")
 
 
-def validate_check_scenarios(exprs: list[str], scenario_ids: list[str]) -> None:
-    """Fail before any work when a check names a scenario the audit will not run."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """The names a check path may use in one audit, known before its first forward pass.
+
+    ``metrics`` is None when some metric family does not declare the keys it emits (neither
+    ``headline`` nor ``definitions``): its keys are unknown until it runs, so any metric name is
+    accepted rather than refusing one the plugin may produce. A declared key may also be a
+    per-class prefix (``sensitivity/<class>``), the class named or numbered (``class_names``).
+    """
+
+    scenarios: list[str]
+    metrics: frozenset[str] | None
+    classes: tuple[str, ...]
+    detectors: list[str]
+    columns: list[str]
+
+    def metric_known(self, key: str) -> bool:
+        if self.metrics is None or key in self.metrics:
+            return True
+        prefix, _, suffix = key.partition("/")
+        labels = {*self.classes, *(str(i) for i in range(len(self.classes)))}
+        return prefix in self.metrics and suffix in labels
+
+    def metric_names(self) -> str:
+        per_class = ", ".join(f"{k}/<class>" for k in sorted(self.metrics or ()) if "/" not in k)
+        return f"{', '.join(sorted(self.metrics or ()))} (per class: {per_class}; classes: {', '.join(self.classes)})"
+
+
+def _check_metric(expr: str, key: str, vocab: Vocabulary) -> None:
+    if not vocab.metric_known(key):
+        raise ConfigError(f"--fail-on {expr!r}: no metric {key!r} in this audit; metrics are: {vocab.metric_names()}")
+
+
+def validate_checks(exprs: Iterable[str], vocab: Vocabulary) -> None:
+    """Fail before any work when a check names a scenario, metric, detector statistic or
+    subgroup attribute the audit cannot produce; the message names it and what exists."""
     for expr in exprs:
         path = parse_check(expr).path
-        if not path.startswith("subgroup."):
-            _split_scenario(path, scenario_ids)
+        if path.startswith("subgroup."):
+            parts = path.split(".")
+            if len(parts) != 3 or not parts[2].endswith("_gap"):
+                raise ConfigError(f"--fail-on {expr!r}: subgroup checks are 'subgroup.ATTRIBUTE.METRIC_gap'")
+            # an intersection is named by its columns joined with "×" (docs/subgroups.md)
+            missing = [c for c in parts[1].split("×") if c not in vocab.columns]
+            if missing:
+                raise ConfigError(f"--fail-on {expr!r}: {', '.join(map(repr, missing))} is not a metadata column of the "
+                                  f"data; columns are: {', '.join(vocab.columns) or 'none'}")
+            _check_metric(expr, parts[2][: -len("_gap")], vocab)
+            continue
+        prefix, rest = _split_scenario(path, vocab.scenarios)
+        parts = rest.split(".")
+        if parts[0] == "ood" and len(parts) == 3:
+            if parts[1] not in vocab.detectors:
+                raise ConfigError(f"--fail-on {expr!r}: no detector {parts[1]!r} runs in this audit; detectors are: "
+                                  f"{', '.join(vocab.detectors) or 'none'}")
+            if parts[2] not in DETECTION_STATS:
+                raise ConfigError(f"--fail-on {expr!r}: no detector statistic {parts[2]!r}; statistics are: "
+                                  f"{', '.join(DETECTION_STATS)}")
+        elif prefix.startswith("ood:"):
+            raise ConfigError(f"--fail-on {expr!r}: an external OOD set has detector statistics only, "
+                              f"'{prefix}.ood.DETECTOR.STAT'")
+        elif parts[0] == "drop" and len(parts) >= 2:
+            if prefix == "clean":
+                raise ConfigError(f"--fail-on {expr!r}: drops are from clean, so 'clean' has none; name a perturbed "
+                                  "scenario or '*'")
+            _check_metric(expr, ".".join(parts[1:]), vocab)
+        else:
+            _check_metric(expr, rest, vocab)
 
 
-def _lookup(results: dict[str, Any], path: str) -> float | None:
+def _lookup(results: dict[str, Any], path: str) -> tuple[float | None, str | None]:
+    """The value of ``path`` and the scenario it came from: for a wildcard the worst one, or the
+    first whose value is undefined (then the value is None)."""
     scenarios = results["scenarios"]
     directions: dict[str, bool] = results.get("metric_directions", {})
     if path.startswith("subgroup."):
-        return _subgroup_gap(results, path)
+        return _subgroup_gap(results, path), None
     prefix, rest = _split_scenario(path, [s["id"] for s in scenarios])
     if prefix == "*":
         chosen = [s for s in scenarios if s["perturbation"]]
@@ -110,10 +178,11 @@ def _lookup(results: dict[str, Any], path: str) -> float | None:
     if not known:
         available = sorted(chosen[0]["metrics"]) if chosen else []
         raise ConfigError(f"check path {path!r}: no value {rest!r} in scenario {prefix!r}; metrics are: {', '.join(available)}")
-    defined = [v for v in values if v is not None]
-    if len(defined) < len(values) or not defined:
-        return None
-    return _worst(defined, higher)
+    undefined = next((s["id"] for s, v in zip(chosen, values) if v is None), None)
+    if undefined is not None or not chosen:
+        return None, undefined
+    worst = (min if higher else max)(range(len(values)), key=lambda i: values[i])  # the first of equals
+    return values[worst], chosen[worst]["id"]
 
 
 def _subgroup_gap(results: dict[str, Any], path: str) -> float | None:
@@ -138,14 +207,40 @@ def evaluate_checks(exprs: list[str], results: dict[str, Any]) -> list[dict[str,
     out = []
     for expr in exprs:
         parsed = parse_check(expr)
-        value = _lookup(results, parsed.path)
+        value, scenario = _lookup(results, parsed.path)
         if value is None:
+            where = f" (in {scenario})" if scenario is not None else ""
             out.append({"expr": parsed.expr, "value": None, "passed": False, "threshold": parsed.threshold,
-                        "error": "the value is undefined for this audit (e.g. a single class present)"})
+                        "scenario": scenario,
+                        "error": f"the value is undefined for this audit{where} (e.g. a single class present)"})
             continue
         failed = _OPS[parsed.op](value, parsed.threshold)
-        out.append({"expr": parsed.expr, "value": value, "passed": not failed, "threshold": parsed.threshold, "error": None})
+        out.append({"expr": parsed.expr, "value": value, "passed": not failed, "threshold": parsed.threshold,
+                    "scenario": scenario, "error": None})
     return out
+
+
+def format_value(value: float | None) -> str:
+    """A check's value as people read it: 4 significant digits, or ``undefined``."""
+    return "undefined" if value is None else f"{value:.4g}"
+
+
+def describe_check(check: dict[str, Any]) -> str:
+    """One line that cannot be misread: ``PASS clean.accuracy = 0.988 (fails if < 0.9)``.
+
+    The expression states the failure condition, so printing it bare (``pass: clean.accuracy<0.9``)
+    reads as if accuracy were below 0.9; here the value and the condition are apart. A wildcard
+    check names the scenario whose value decided it.
+    """
+    status = "PASS" if check["passed"] else "FAIL"
+    match = _EXPR.match(check["expr"])
+    if match is None:  # not a threshold check (perturbation:NAME ran)
+        return f"{status} {check['expr']}" + (f": {check['error']}" if check.get("error") else "")
+    path, op = match["path"].strip(), match["op"]
+    scenario = check.get("scenario")
+    where = f" in {scenario}" if scenario and not path.startswith(scenario + ".") else ""
+    line = f"{status} {path}{where} = {format_value(check['value'])} (fails if {op} {match['num']})"
+    return line + (f": {check['error']}" if check.get("error") and check["value"] is None else "")
 
 
 def requested_perturbation_checks(requested: list[str], scenario_ids: list[str],
@@ -180,8 +275,9 @@ def junit_xml(checks: list[dict[str, Any]]) -> str:
     for c in checks:
         lines.append(f'  <testcase classname="medaudit.checks" name={quoteattr(c["expr"])}>')
         if not c["passed"]:
-            msg = c.get("error") or f"value {c['value']!r} meets the failure condition"
-            lines.append(f'    <failure message={quoteattr(msg)}>{escape(c["expr"])}: {escape(str(c["value"]))}</failure>')
+            msg = describe_check(c)
+            lines.append(f'    <failure message={quoteattr(msg)}>{escape(c["expr"])}: {escape(str(c["value"]))}'
+                         f'{escape(" in " + c["scenario"]) if c.get("scenario") else ""}</failure>')
         lines.append("  </testcase>")
     lines.append("</testsuite>")
     return "\n".join(lines) + "\n"

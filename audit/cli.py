@@ -26,6 +26,7 @@ from .errors import MedauditError, PluginError
 from .fastexit import exit_when_done
 from .memory import tune_allocator
 from .plugin_manager import PluginManager, catalogue_entry, get_plugin_manager
+from .results import WarningRecord
 from .settings import config_schema as settings_schema
 from .settings import resolve_settings, starter_plugins_section
 
@@ -54,8 +55,9 @@ def handle_errors(func: F) -> F:
             # tools do, with 128 + SIGPIPE; later writes and the final flush go to /dev/null
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(141)
-        except KeyboardInterrupt:
-            click.echo("medaudit: interrupted; run again with --resume to continue from completed shards", err=True)
+        except KeyboardInterrupt as exc:
+            # an audit's interrupt (medaudit.audit.AuditInterrupted) says what its cache kept
+            click.echo(f"medaudit: {str(exc) or 'interrupted'}", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -116,6 +118,38 @@ def _dotted(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+#: Config files ``run`` reads from the working directory when no ``--config`` is given, in this order.
+DEFAULT_CONFIGS = (Path("medaudit.yaml"), Path("medaudit.toml"))
+
+
+def _config_in_use(given: Path | None) -> Path | None:
+    """``--config``, else the first of :data:`DEFAULT_CONFIGS` present (what ``medaudit init``
+    writes, so a user who ran it is audited with it), else None."""
+    if given is not None:
+        return given
+    return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
+
+
+def _print_warnings(records: list[WarningRecord]) -> None:
+    """The run's warnings on stderr, after its outputs: alerts first, one line each (they may
+    invalidate the evidence), then the others grouped by plugin and kind, then a count."""
+    if not records:
+        return
+    for w in records:
+        if w.alert:
+            _warn(w.message)
+    groups: dict[tuple[str, str], list[WarningRecord]] = {}
+    for w in records:
+        if not w.alert:
+            groups.setdefault((w.plugin or "medaudit", w.code), []).append(w)
+    for (plugin, code), members in groups.items():
+        click.echo(f"medaudit: warning: [{plugin}] {code}" + (f" ({len(members)})" if len(members) > 1 else "")
+                   + ":", err=True)
+        for w in members:
+            click.echo(f"  {w.message}", err=True)
+    click.echo(f"{len(records)} warning{'s' if len(records) != 1 else ''} (see Limitations in the report)", err=True)
+
+
 def _severities(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -165,8 +199,13 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
         quiet: bool) -> None:
-    """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report."""
+    """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
+
+    Without --config, ./medaudit.yaml (then ./medaudit.toml) is read when present; the config
+    used is printed first.
+    """
     from .audit import run_audit
+    from .checks import describe_check
     from .config import read_config_file
 
     if pdf:
@@ -174,6 +213,8 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
 
         if find_chromium() is None:
             raise MedauditError("--pdf needs Chromium or Google Chrome on PATH (or MEDAUDIT_CHROMIUM)")
+    config_path = _config_in_use(config_path)
+    click.echo(f"config: {config_path if config_path else 'none (defaults)'}", err=True)
     file_data = read_config_file(config_path) if config_path else {}
     file_checks = file_data.get("checks", [])
     # --subgroup extends the file's attributes, at the key the file sets them: the setting or its alias
@@ -203,7 +244,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(pm, model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
-                        progress=not quiet, log=log, warn=_warn)
+                        progress=not quiet, log=log, config_path=config_path, required_columns=subgroup)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
@@ -211,11 +252,10 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         from .pdf import html_to_pdf
 
         click.echo(f"pdf:     {html_to_pdf(out_dir / 'report.html', out_dir / 'report.pdf')}")
-    failed = [c for c in results.checks if not c.passed]
     for c in results.checks:
-        status = "pass" if c.passed else "FAIL"
-        click.echo(f"check {status}: {c.expr} (value {c.value if c.value is not None else 'undefined'})")
-    if failed:
+        click.echo(describe_check(c.model_dump()))
+    _print_warnings(results.warning_records)
+    if any(not c.passed for c in results.checks):
         sys.exit(1)
 
 

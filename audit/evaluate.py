@@ -60,10 +60,6 @@ class Evaluation:
     results: Results
     outputs: AuditOutputs
     external_arrays: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-    #: This phase's warnings about plugin objects that failed or were left out (detectors,
-    #: metrics, analyses), also in ``results.warnings``: the CLI repeats them on stderr, where a
-    #: warning list in a file would go unseen.
-    plugin_failures: list[str] = field(default_factory=list)
 
 
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -190,12 +186,10 @@ def build_results(
     # shift.py knows detectors by name only; which plugin provides each is known here, and the
     # message names it too, since the console and the string list show the message alone
     detector_plugin = {d.name: owners.get(id(d)) for d in detectors}
-    detector_records = []
     for w in shift.records:
         owner = None if w.plugin else detector_plugin.get(w.subject)
         if owner:
             w = w.model_copy(update={"plugin": owner, "message": f'{w.message} (detector of plugin "{owner}")'})
-            detector_records.append(w)
         records.append(w)
     phases.lap("detectors")
     release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
@@ -254,11 +248,9 @@ def build_results(
                            quantities=fwd.outputs, task=task)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
-    plugin_failures = [w.message for w in detector_records] + [w.message for w in metric_failures.values()]
 
     def analysis_failed(message: str, plugin: str) -> None:
         records.append(WarningRecord(code="analysis-failed", plugin=plugin, subject=plugin, message=message))
-        plugin_failures.append(message)
 
     for plugin, extra in pm.call_each("medaudit_analyze", on_error=analysis_failed, outputs=outputs, config=cfg):
         for key, value in extra.items():
@@ -336,4 +328,4 @@ def build_results(
     results["checks"] = evaluate_checks(cfg.checks, results) + requested_perturbation_checks(
         cfg.audit.perturbations, ids, fwd.failures)
     results["verdict"] = verdict(clean_floats(results))
-    return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays, plugin_failures)
+    return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays)

@@ -118,6 +118,9 @@ class Check(_Model):
     passed: bool
     threshold: float | None = None
     error: str | None = None
+    scenario: str | None = Field(None, description="the scenario whose value decided the check (for a wildcard check "
+                                                   "the worst one, or the first where the value is undefined); None "
+                                                   "for subgroup and perturbation-ran checks")
 
 
 class SubgroupResult(BaseModel):
@@ -203,6 +206,9 @@ class Results(_Model):
     medaudit_version: str
     created_at: str
     command: str
+    config_path: str | None = Field(None, description="the config file the audit read (given with --config, or "
+                                                      "./medaudit.yaml / ./medaudit.toml found); None: defaults and "
+                                                      "command-line options only")
     seed: int
     model: ModelInfo
     dataset: DatasetInfo

@@ -77,7 +77,8 @@ def run_plain_and_debug(args: list[str]) -> tuple[subprocess.CompletedProcess[st
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("medaudit: warning:")]
+    """stderr without warnings and the ``config: …`` line every run starts with."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("medaudit: warning:", "config: "))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from medaudit.checks import evaluate_checks, junit_xml, parse_check, validate_check_scenarios
+from medaudit.checks import Vocabulary, describe_check, evaluate_checks, junit_xml, parse_check, validate_checks
 from medaudit.errors import ConfigError
 
 
@@ -97,10 +97,77 @@ def test_lookup_errors_name_what_exists(expr: str, pattern: str) -> None:
         evaluate_checks([expr], RESULTS)
 
 
-def test_validate_scenarios_before_running() -> None:
-    validate_check_scenarios(["mri.motion@*.accuracy<0.5", "subgroup.sex.accuracy_gap>0.1"], ["clean", "mri.motion@1"])
-    with pytest.raises(ConfigError, match=r"names no scenario"):
-        validate_check_scenarios(["ct.ring@2.accuracy<0.5"], ["clean", "mri.motion@1"])
+VOCAB = Vocabulary(scenarios=["clean", "mri.motion@1", "mri.motion@3", "ood:inverted"],
+                   metrics=frozenset({"classification", "accuracy", "sensitivity", "ece"}),
+                   classes=("csf", "grey matter"), detectors=["energy", "knn"], columns=["age", "sex"])
+
+
+@pytest.mark.parametrize("expr", [
+    "mri.motion@*.accuracy<0.5", "*.ece>0.2", "clean.sensitivity/csf<0.5", "clean.sensitivity/grey matter<0.5",
+    "clean.sensitivity/1<0.5",  # a class by number, as keys read when task.classes does not match the outputs
+    "mri.motion@3.drop.accuracy>0.1", "*.ood.knn.fpr95>0.5", "ood:inverted.ood.energy.auroc<0.9",
+    "subgroup.sex.accuracy_gap>0.1", "subgroup.sex×age.ece_gap>0.1",
+])
+def test_validate_accepts_what_the_audit_can_produce(expr: str) -> None:
+    validate_checks([expr], VOCAB)
+
+
+@pytest.mark.parametrize(("expr", "pattern"), [
+    ("ct.ring@2.accuracy<0.5", r"names no scenario; scenarios are: clean, mri.motion@1"),
+    ("clean.acuracy<0.5", r"no metric 'acuracy' in this audit; metrics are: accuracy, classification, ece, sensitivity "
+                          r"\(per class: accuracy/<class>.*classes: csf, grey matter\)"),
+    ("*.drop.acc<0.5", r"no metric 'acc'"),
+    ("clean.sensitivity/wm<0.5", r"no metric 'sensitivity/wm'"),
+    ("clean.drop.accuracy>0.1", r"'clean' has none"),
+    ("*.ood.mahalanobis.auroc<0.5", r"no detector 'mahalanobis' runs in this audit; detectors are: energy, knn"),
+    ("*.ood.energy.auc<0.5", r"no detector statistic 'auc'; statistics are: auroc, aupr, fpr95"),
+    ("ood:inverted.accuracy<0.5", r"external OOD set has detector statistics only"),
+    ("subgroup.site.accuracy_gap>0.1", r"'site' is not a metadata column of the data; columns are: age, sex"),
+    ("subgroup.sex×site.accuracy_gap>0.1", r"'site' is not a metadata column"),
+    ("subgroup.sex.acc_gap>0.1", r"no metric 'acc'"),
+    ("subgroup.sex.accuracy>0.1", r"subgroup checks are 'subgroup.ATTRIBUTE.METRIC_gap'"),
+])
+def test_validate_refuses_names_the_audit_cannot_produce(expr: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        validate_checks([expr], VOCAB)
+
+
+def test_undeclared_metric_keys_are_accepted() -> None:
+    # a metric family that declares no keys may emit any: never refuse what it might produce
+    undeclared = Vocabulary(["clean"], None, ("a", "b"), [], [])
+    validate_checks(["clean.youden_j<0.5", "clean.anything/at_all<0.5"], undeclared)
+
+
+@pytest.mark.parametrize(("expr", "scenario", "line"), [
+    ("*.accuracy<0.7", "mri.motion@3", "FAIL *.accuracy in mri.motion@3 = 0.6 (fails if < 0.7)"),
+    ("mri.motion@*.ood.energy.auroc<0.8", "mri.motion@1", "FAIL mri.motion@*.ood.energy.auroc in mri.motion@1 = 0.7 "
+                                                           "(fails if < 0.8)"),
+    ("mri.motion@*.drop.accuracy>0.5", "mri.motion@3", "PASS mri.motion@*.drop.accuracy in mri.motion@3 = 0.3 "
+                                                      "(fails if > 0.5)"),
+    ("clean.accuracy<0.8", "clean", "PASS clean.accuracy = 0.9 (fails if < 0.8)"),
+    ("subgroup.sex.accuracy_gap>0.05", None, "FAIL subgroup.sex.accuracy_gap = 0.1 (fails if > 0.05)"),
+])
+def test_checks_name_the_deciding_scenario(expr: str, scenario: str | None, line: str) -> None:
+    (check,) = evaluate_checks([expr], RESULTS)
+    assert check["scenario"] == scenario
+    assert describe_check(check) == line
+
+
+def test_an_undefined_wildcard_value_names_its_scenario() -> None:
+    results = {**RESULTS, "scenarios": [*RESULTS["scenarios"][:2],
+                                        {**RESULTS["scenarios"][2], "metrics": {"accuracy": est(None)}}]}
+    (check,) = evaluate_checks(["*.accuracy<0.5"], results)
+    assert check["scenario"] == "mri.motion@3" and check["value"] is None and not check["passed"]
+    assert describe_check(check) == ("FAIL *.accuracy in mri.motion@3 = undefined (fails if < 0.5): the value is "
+                                     "undefined for this audit (in mri.motion@3) (e.g. a single class present)")
+
+
+def test_values_are_printed_to_four_significant_digits() -> None:
+    check = {"expr": "clean.accuracy<0.9", "value": 0.98833333333, "passed": True, "scenario": "clean", "error": None}
+    assert describe_check(check) == "PASS clean.accuracy = 0.9883 (fails if < 0.9)"
+    assert describe_check({**check, "value": 123456.7}) == "PASS clean.accuracy = 1.235e+05 (fails if < 0.9)"
+    ran = {"expr": "perturbation:mri.spike ran", "value": 0.0, "passed": False, "error": "it failed"}
+    assert describe_check(ran) == "FAIL perturbation:mri.spike ran: it failed"
 
 
 def test_junit_has_one_case_per_check() -> None:
@@ -110,3 +177,7 @@ def test_junit_has_one_case_per_check() -> None:
     cases = root.findall("testcase")
     assert [c.attrib["name"] for c in cases] == ["clean.accuracy<0.8", "mri.motion@3.ece>0.1", "clean.auroc<0.5"]
     assert [c.find("failure") is not None for c in cases] == [False, True, True]
+    assert cases[1].find("failure").attrib["message"] == "FAIL mri.motion@3.ece = 0.2 (fails if > 0.1)"
+    (wild,) = evaluate_checks(["*.accuracy<0.7"], RESULTS)
+    failure = ET.fromstring(junit_xml([wild])).find("testcase/failure")
+    assert "in mri.motion@3" in failure.attrib["message"] and failure.text.endswith("in mri.motion@3")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import shlex
 import subprocess
 import sys
@@ -27,9 +29,9 @@ CONFIG = ROOT / "examples" / "mni-patches.yaml"
 FAST = ["--perturbation", "intensity.gamma", "--perturbation", "mri.noise", "--severities", "1,5", "--bootstrap", "100"]
 
 
-def run(args: list[str]) -> "subprocess.CompletedProcess[str]":
+def run(args: list[str], cwd: Path | None = None) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "medaudit.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,11 @@ def test_results_match_schema_and_contract(audit_out: Path) -> None:
     assert results["dataset"]["class_counts"] == {"csf_other": 200, "grey_matter": 200, "white_matter": 200}
     # the config file's check comes first, then --fail-on's
     assert results["checks"] == [
-        {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None},
-        {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None}]
+        {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None,
+         "scenario": "clean"},
+        {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None,
+         "scenario": "clean"}]
+    assert results["config_path"] == str(CONFIG)
     assert "intensity" in results["environment"]["plugins"]
     # every catalogue entry names the plugin that provides it
     assert {p["name"]: p["plugin"] for p in results["perturbation_catalogue"]} == {
@@ -112,7 +117,9 @@ def test_failed_check_exits_1(tmp_path: Path) -> None:
                "--quiet", "--perturbation", "intensity.gamma", "--severities", "5", "--bootstrap", "0",
                "--fail-on", "clean.accuracy>0.5"])
     assert res.returncode == 1
-    assert "check FAIL: clean.accuracy>0.5" in res.stdout
+    # the value to 4 significant digits and the failure condition apart: "FAIL clean.accuracy>0.5"
+    # alone read as if accuracy were above 0.5 and wrong
+    assert "PASS clean.accuracy = 0.9883 (fails if < 0.9)\nFAIL clean.accuracy = 0.9883 (fails if > 0.5)\n" in res.stdout
     assert (tmp_path / "o" / "report.html").exists()  # the report is still written
 
 
@@ -121,6 +128,13 @@ def test_failed_check_exits_1(tmp_path: Path) -> None:
     [
         (["--fail-on", "clean.accuracy<<0.5"], "not a check"),
         (["--fail-on", "nosuch.accuracy<0.5"], "names no scenario"),
+        # misspelt names are found before the first forward pass, not after the whole audit
+        (["--fail-on", "clean.acuracy<0.5"], "no metric 'acuracy' in this audit; metrics are: "),
+        (["--fail-on", "*.drop.sensitivity/grey_mater>0.1"], "no metric 'sensitivity/grey_mater'"),
+        (["--fail-on", "*.ood.mahalanobs.auroc<0.5"], "no detector 'mahalanobs' runs in this audit"),
+        (["--fail-on", "subgroup.sex.accuracy_gap>0.1"], "'sex' is not a metadata column of the data; columns are: "
+                                                          "hemisphere, level, voxel"),
+        (["--subgroup", "sex"], "--subgroup sex: not a metadata column of"),
         (["--suite", "nosuchsuite"], "unknown suite"),
         (["--severities", "7"], "audit.severities"),
         (["--device", "tpu"], "audit.device"),
@@ -236,12 +250,15 @@ def test_ood_data_reference_and_subgroups(tmp_path: Path) -> None:
     config = tmp_path / "no-subgroups.yaml"
     config.write_text(CONFIG.read_text().replace("attributes: [hemisphere, level]", "attributes: []"))
     out = tmp_path / "o"
-    res = run(["run", str(MODEL), "--data", str(DATA), "--config", str(config), "--out", str(out), "--quiet",
+    res = run(["run", str(MODEL), "--data", str(DATA), "--config", str(config), "--out", str(out),
                "--perturbation", "intensity.gamma", "--severities", "5", "--bootstrap", "50",
                "--ood-data", str(ood), "--reference", str(ref), "--subgroup", "hemisphere",
                "--save-predictions", "--fail-on", "ood:inverted.ood.mahalanobis.auroc<0.9"])
     assert res.returncode == 0, res.stdout + res.stderr
     results = json.loads((out / "results.json").read_text())
+    # one scenario count: the console's is the report's (results.json scenarios, the external set included)
+    assert len(results["scenarios"]) == 3
+    assert "3 scenarios (clean, 1 perturbed from 1 perturbation, 1 external OOD set) of 600 samples" in res.stderr
     ext = next(s for s in results["scenarios"] if s["id"] == "ood:inverted")
     assert ext["n_samples"] == 200 and ext["metrics"] == {}
     assert ext["ood"]["mahalanobis"]["auroc"]["value"] > 0.9  # inverted contrast is far from the reference
@@ -327,12 +344,14 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
 
     runner_mod.run_shard = crash_on_third
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as interrupted:
             run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256)
     finally:
         runner_mod.run_shard = original
     cached = list((out / ".medaudit-cache").rglob("shard-*.npz"))
     assert len(cached) == 2  # two of three shards finished before the interruption
+    assert str(interrupted.value) == (f"interrupted; 2 completed shard(s) are cached in {cached[0].parent}: run again "
+                                      "with --resume to continue")
     resumed = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256, resume=True)
     a, b = full.model_dump(mode="json"), resumed.model_dump(mode="json")
     for key in VOLATILE_KEYS:
@@ -452,3 +471,84 @@ def test_a_model_at_chance_is_loud_everywhere(tmp_path: Path) -> None:
     summary = html[html.index('<section id="summary">'):html.index('<section id="identity">')]
     assert 'role="alert"' in summary and "near chance on the clean data" in summary
     assert summary.index('role="alert"') < summary.index("Verdict:")  # above the verdict, first thing read
+
+
+def test_run_reads_medaudit_yaml_in_the_working_directory_and_says_which_config(tmp_path: Path) -> None:
+    # `medaudit init` writes ./medaudit.yaml; `run` without --config must use it, and say so
+    (tmp_path / "medaudit.yaml").write_text(CONFIG.read_text(), encoding="utf-8")
+    args = ["run", str(MODEL), "--data", str(DATA), "--out", "o", "--quiet", "--perturbation", "intensity.gamma",
+            "--severities", "5", "--bootstrap", "0"]
+    res = run(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines()[0] == "config: medaudit.yaml"
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["config_path"] == "medaudit.yaml"
+    assert results["scenarios"][0]["metrics"]["accuracy"]["value"] > 0.95  # its input spec, not the defaults' 1/3
+    assert [c["expr"] for c in results["checks"]] == ["clean.accuracy<0.9"]  # its check too
+    # a TOML file when there is no YAML file
+    (tmp_path / "medaudit.yaml").unlink()
+    (tmp_path / "medaudit.toml").write_text('[audit]\nseed = 7\n', encoding="utf-8")
+    res = run([*args, "--out", "t"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines()[0] == "config: medaudit.toml"
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["seed"] == 7
+
+
+def test_run_without_a_config_says_so(tmp_path: Path) -> None:
+    res = run(["run", str(MODEL), "--data", str(DATA), "--out", "o", "--quiet", "--fail-on", "clean.acuracy<0.5"],
+              cwd=tmp_path)
+    assert res.returncode == 2  # the misspelt metric, refused before any work
+    assert res.stderr.splitlines()[0] == "config: none (defaults)"
+
+
+def test_warnings_grouped_at_the_end_with_a_count_and_progress_lines_without_a_terminal(tmp_path: Path) -> None:
+    # no task.classes (classes-inferred, medaudit's) and a subgroup column the data lacks (the
+    # subgroups plugin's): both reach the console, grouped, after the outputs, counted
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.read_text().replace("  classes: [csf_other, grey_matter, white_matter]\n", "")
+                      .replace("attributes: [hemisphere, level]", "attributes: [hemisphere, sex]"), encoding="utf-8")
+    # stderr is a pipe here, as in CI: progress comes as lines (every 10 s; at once with 0)
+    script = ("import sys, medaudit.runner.progress as p; p.LINE_INTERVAL_S = 0; import medaudit.cli as c; "
+              "sys.argv = ['medaudit', *sys.argv[1:]]; c.main()")
+    res = subprocess.run([sys.executable, "-c", script, "run", str(MODEL), "--data", str(DATA), "--config", str(config),
+                          "--out", str(tmp_path / "o"), "--perturbation", "intensity.gamma", "--severities", "1,5",
+                          "--bootstrap", "0", "--fail-on", "*.accuracy<0.9"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 1, res.stderr  # the wildcard check fails ...
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    [check] = [c for c in results["checks"] if c["expr"] == "*.accuracy<0.9"]
+    worst = min((s for s in results["scenarios"] if s["perturbation"]), key=lambda s: s["metrics"]["accuracy"]["value"])
+    assert check["scenario"] == worst["id"]  # ... and names the scenario that failed it
+    assert f"FAIL *.accuracy in {worst['id']} = {worst['metrics']['accuracy']['value']:.4g} (fails if < 0.9)" in res.stdout
+    assert f"<td>{worst['id']}</td>" in (tmp_path / "o" / "report.html").read_text()
+    err = res.stderr.splitlines()
+    assert "\r" not in res.stderr
+    progress = [line for line in err if line.startswith("[medaudit] ")]
+    assert progress and all(re.fullmatch(r"\[medaudit\] \d+% \d/3 scenarios · [\d,]+ samples/s( · eta [\d,]+ s)?", line)
+                            for line in progress), progress
+    assert progress[-1].startswith("[medaudit] 100% 3/3 scenarios")
+    records = results["warning_records"]
+    assert {w["code"] for w in records} >= {"classes-inferred"}
+    assert err[-1] == f"{len(records)} warnings (see Limitations in the report)"
+    assert "medaudit: warning: [medaudit] classes-inferred:" in err
+    subgroup_line = next(i for i, line in enumerate(err) if "'sex' is not a metadata column" in line)
+    assert err[subgroup_line].startswith("  subgroups: attribute 'sex'")
+    assert err[subgroup_line - 1].startswith("medaudit: warning: [subgroups] ")
+    assert err.index("medaudit: warning: [medaudit] classes-inferred:") > max(map(err.index, progress))
+
+
+def test_ctrl_c_before_any_shard_completed_promises_nothing(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "medaudit.cli", "run", str(MODEL), "--data", str(DATA), "--config",
+                             str(CONFIG), "--out", str(tmp_path / "o"), "--bootstrap", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stderr is not None
+    for line in proc.stderr:  # prepared: the forward passes of the 91 scenarios (one shard) begin
+        if " scenarios (clean, " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "medaudit: interrupted before any shard completed; nothing was kept" in err
+    assert "--resume" not in err
+    assert not (tmp_path / "o").exists()

@@ -17,9 +17,10 @@ from .views import (Figure, Row, Series, Table, clean_scenario, degradation, est
 
 def checks_table(r: dict[str, Any]) -> Table:
     t = Table("Configured checks (--fail-on). Each expression states the failure condition: the check "
-              "fails when it holds for the measured value.", ["Check", "Measured value", "Threshold", "Result", "Note"])
+              "fails when it holds for the measured value. Scenario: the one whose value decided the check (for a "
+              "wildcard, the worst).", ["Check", "Scenario", "Measured value", "Threshold", "Result", "Note"])
     for c in r["checks"]:
-        t.rows.append(Row([c["expr"], fmt(c["value"], 4), fmt(c.get("threshold"), 4),
+        t.rows.append(Row([c["expr"], c.get("scenario") or "–", fmt(c["value"], 4), fmt(c.get("threshold"), 4),
                            "pass" if c["passed"] else "FAIL", c.get("error") or ""], "" if c["passed"] else "fail"))
     return t
 
