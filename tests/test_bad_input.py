@@ -393,8 +393,10 @@ def case_pickled_module(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
 
 
 def case_truncated_png_in_workers(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
-    """Row 7 is decoded by a DataLoader worker process (the dry run reads rows 1-4 in-process)."""
-    manifest, names = png_folder(tmp / "data", p)
+    """Row 7 is decoded by a DataLoader worker process: the dry run reads rows 1-4 in-process, and
+    the preprocessing probe's 64 evenly spaced rows of 144 skip rows 6 and 7."""
+    images, labels = p
+    manifest, names = png_folder(tmp / "data", (np.tile(images, (12, 1, 1)), np.tile(labels, 12)))
     truncate(tmp / "data" / names[6])
     return Case([str(MODEL), "--data", str(manifest), "--workers", "2", "--model-batch-size", "4", "--batch-size", "4"],
                 [str(manifest), "row 7", names[6], "truncated or corrupt"])

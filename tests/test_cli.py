@@ -45,7 +45,8 @@ def audit_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_outputs_written(audit_out: Path) -> None:
-    assert sorted(p.name for p in audit_out.iterdir()) == ["predictions.npz", "report.html", "results.json"]
+    assert sorted(p.name for p in audit_out.iterdir()) == ["predictions.npz", "report.html", "results.json", "tables"]
+    assert (audit_out / "tables" / "robustness-scenarios.csv").is_file()
     assert not list(audit_out.parent.glob(".out.partial-*"))
 
 
@@ -269,6 +270,17 @@ def test_ood_data_reference_and_subgroups(tmp_path: Path) -> None:
         assert d["ood_mahalanobis"].shape == (2, 600)
         assert d["external_inverted_ood_mahalanobis"].shape == (200,)
         assert d["external_inverted_probs"].shape == (200, 3)
+        keys = set(d.files)
+    # the README lists every key predictions.npz holds, as a pattern
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = {"scenario_ids": r"scenario_ids", "labels": r"labels", "sample_ids": r"sample_ids", "probs": r"probs",
+                  "`ood_<detector>`": r"ood_\w+", "`external_NAME_probs`": r"external_inverted_probs",
+                  "`external_NAME_ood_<detector>`": r"external_inverted_ood_\w+"}
+    section = readme[readme.index("`predictions.npz` holds"):]
+    section = section[:section.index("\n\n")]
+    for name, pattern in documented.items():
+        assert name in section
+    assert all(any(re.fullmatch(p, k) for p in documented.values()) for k in keys), keys
 
 
 def test_compare_exits_1_on_regression(audit_out: Path, tmp_path: Path) -> None:
