@@ -194,7 +194,7 @@ DEFAULT_MARGIN = 0.05
 
 
 class VerdictConfig(_Section):
-    """How the summary's robustness overview judges drops (see docs/verdict.md)."""
+    """How the summary's robustness overview judges drops (see docs/report.md, "The verdict")."""
 
     margins: dict[str, float] = Field(
         default_factory=lambda: {"*": DEFAULT_MARGIN},

@@ -79,7 +79,8 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     if real or stress:
         parts = []
         if real:
-            parts.append(f"{_plural(len(real), 'perturbation')} break a headline metric beyond its margin")
+            parts.append(f"{_plural(len(real), 'perturbation')} {'breaks' if len(real) == 1 else 'break'} a headline "
+                         "metric beyond its margin")
         if stress:
             parts.append(f"{_plural(len(stress), 'stress test')} {'breaks' if len(stress) == 1 else 'break'} one")
         robustness_text = " and ".join(parts)

@@ -508,7 +508,7 @@ def test_paths_with_spaces_and_unicode(tmp_path: Path, patches: tuple[np.ndarray
     assert results["dataset"]["n_samples"] == N_IMAGES
     assert results["scenarios"][0]["n_samples"] == N_IMAGES
     assert "é" in (out / "report.html").read_text(encoding="utf-8")
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json", "tables"]
 
 
 def test_unlabelled_ood_set_is_scored_like_a_labelled_one(tmp_path: Path, patches: tuple[np.ndarray, np.ndarray]) -> None:

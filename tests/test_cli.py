@@ -483,6 +483,11 @@ def test_a_model_at_chance_is_loud_everywhere(tmp_path: Path) -> None:
     summary = html[html.index('<section id="summary">'):html.index('<section id="identity">')]
     assert 'role="alert"' in summary and "near chance on the clean data" in summary
     assert summary.index('role="alert"') < summary.index("Verdict:")  # above the verdict, first thing read
+    # and the verdict is not a pass, even with no check failing: the evidence itself is in doubt
+    assert results["verdict"]["status"] == "alert" and results["verdict"]["alerts"] == 2
+    assert 'class="verdict verdict-alert">Verdict: <strong>ALERT: THE AUDIT MAY NOT BE MEANINGFUL' in summary
+    # no drop can be "significant" at chance: the old reassuring finding must not be the headline
+    assert "No perturbation caused a statistically significant drop" not in summary.split("Key findings")[0]
 
 
 def test_run_reads_medaudit_yaml_in_the_working_directory_and_says_which_config(tmp_path: Path) -> None:
