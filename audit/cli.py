@@ -248,10 +248,14 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
+    if (out_dir / "tables").is_dir() and config.output.report:
+        click.echo(f"tables:  {out_dir / 'tables'}")
     if pdf and config.output.report:
         from .pdf import html_to_pdf
 
         click.echo(f"pdf:     {html_to_pdf(out_dir / 'report.html', out_dir / 'report.pdf')}")
+    # the verdict first: a passing check must not read as a clean bill of health (see medaudit.verdict)
+    click.echo(f"verdict: {results.verdict.get('headline', '')}")
     for c in results.checks:
         click.echo(describe_check(c.model_dump()))
     _print_warnings(results.warning_records)

@@ -474,6 +474,7 @@ def test_a_model_at_chance_is_loud_everywhere(tmp_path: Path) -> None:
                "--out", str(out), "--suite", "intensity", "--severities", "3", "--bootstrap", "20", "--quiet"])
     assert res.returncode == 0, res.stderr
     assert "warning: the model is near chance on the clean data: balanced accuracy 0.333" in res.stderr
+    assert "verdict: ALERT: THE AUDIT MAY NOT BE MEANINGFUL" in res.stdout
     results = json.loads((out / "results.json").read_text())
     # the preprocessing probe's alert comes too (tests/test_sanity.py)
     assert sorted(w["code"] for w in results["warning_records"] if w["alert"]) == ["near-chance", "preprocessing-suspect"]
@@ -544,6 +545,9 @@ def test_warnings_grouped_at_the_end_with_a_count_and_progress_lines_without_a_t
     assert progress and all(re.fullmatch(r"\[medaudit\] \d+% \d/3 scenarios · [\d,]+ samples/s( · eta [\d,]+ s)?", line)
                             for line in progress), progress
     assert progress[-1].startswith("[medaudit] 100% 3/3 scenarios")
+    assert sum(line.startswith("[medaudit] 100%") for line in progress) == 1  # the end is said once
+    # the verdict precedes the checks on stdout: a failed wildcard check is a FAIL verdict
+    assert res.stdout.index("verdict: FAIL — ") < res.stdout.index("FAIL *.accuracy")
     records = results["warning_records"]
     assert {w["code"] for w in records} >= {"classes-inferred"}
     assert err[-1] == f"{len(records)} warnings (see Limitations in the report)"

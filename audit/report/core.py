@@ -56,6 +56,7 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("Platform", e.get("platform") or "–"),
         ("Device", f"{e['device']} ({e['device_name']})"
                    + (f", {e['threads']} CPU thread{'s' if e['threads'] != 1 else ''}" if e.get("threads") else "")),
+        *([("Thread choice", e["threads_reason"])] if e.get("threads_reason") else []),
         ("Precision", e["precision"] + (", channels-last memory format" if e.get("memory_format") == "channels_last" else "")),
         ("Seed", str(r["seed"])),
         ("Command", r["command"]), ("Created", r["created_at"]),

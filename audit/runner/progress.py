@@ -24,6 +24,7 @@ class Progress:
         self.enabled = enabled
         self.t0 = self.last_line = time.perf_counter()
         self.lines = 0
+        self.printed = -1  # passes at the last line printed
 
     def advance(self, n: int, scenarios: int | None = None) -> None:
         """``n`` more samples done in ``scenarios`` of the scenarios (None: all of them)."""
@@ -48,11 +49,13 @@ class Progress:
                          f"{self.n_scenarios} scenarios · {rate:,.0f} samples/s{eta}\n")
         sys.stderr.flush()
         self.lines += 1
+        self.printed = self.passes
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self.tty:
             sys.stderr.write("\n")
-        elif self.lines:  # a log that showed progress shows its end; a short run stays quiet
+        elif self.lines and self.printed != self.passes:  # a log that showed progress shows its end, once
             self._line(self.passes / max(time.perf_counter() - self.t0, 1e-9))
+        self.enabled = False  # closed once: a second close (error paths close too) prints nothing
