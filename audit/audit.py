@@ -24,7 +24,7 @@ from .checks import Vocabulary, junit_xml, parse_check, validate_checks
 from .config import Config
 from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
-from .errors import ConfigError, DataError, ModelError, PluginError
+from .errors import ConfigError, DataError, ModelError, OutputWidthError, PluginError
 from .evaluate import ExternalSet, build_results
 from .features import make_extractor
 from .metric import Metric
@@ -269,6 +269,24 @@ def _owner(prep: Prepared, detector: str) -> str | None:
     return next((prep.owners.get(id(d)) for d in prep.detectors if d.name == detector), None)
 
 
+def _inferred_classes_error(prep: Prepared, exc: OutputWidthError) -> OutputWidthError:
+    """A model narrower than the classes inferred from the labels: name the first row whose label
+    the model cannot output (a stray label is the usual cause), not just the two counts."""
+    labels = np.asarray(prep.dataset.labels)
+    inferred = any(w.code == "classes-inferred" for w in prep.warnings)
+    if not inferred or labels.ndim != 1 or exc.width >= exc.n_classes:
+        return exc
+    beyond = np.flatnonzero(labels >= exc.width)
+    if not len(beyond):
+        return exc
+    first = int(beyond[0])
+    return OutputWidthError(
+        f"{exc}: task.classes was not set, so the classes were inferred from the labels, and "
+        f"{prep.dataset.describe_sample(first)} has label {prep.config.task.classes[labels[first]]!r}, the first of "
+        f"{len(beyond)} sample(s) whose label the model's {exc.width} outputs cannot express; fix those labels, or "
+        "set task.classes to the model's classes in output order", exc.width, exc.n_classes)
+
+
 def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool, trust_pickle: bool) -> ExternalSet:
     """Forward an extra data set on clean inputs only (detector reference or external OOD set)."""
     fwd = run_forward(prep.model, prep.extract, dataset, prep.config, [Scenario.clean()], {}, prep.device,
@@ -338,9 +356,12 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
         if cfg.audit.threads == "auto":
             log(f"threads: {choice.threads} ({choice.reason})")
 
-    fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
-                      prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
-                      trust_pickle=trust_pickle, on_threads=on_threads)
+    try:
+        fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
+                          prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
+                          trust_pickle=trust_pickle, on_threads=on_threads)
+    except OutputWidthError as exc:
+        raise _inferred_classes_error(prep, exc) from exc
     prep.warnings.extend([
         *(WarningRecord(code="perturbation-failed", scenario=sid, subject=sid.split("@")[0],
                         plugin=prep.owners.get(sid.split("@")[0]), message=msg) for sid, msg in fwd.failures.items()),

@@ -34,6 +34,16 @@ class ModelOutputError(MedauditError):
     """The model produced unusable outputs (NaN/Inf, wrong shape) in a scenario."""
 
 
+class OutputWidthError(ModelOutputError, ModelError):
+    """The model outputs ``width`` values per sample where the task expects ``n_classes``: the
+    audit names the labels behind the class count when they were inferred from the data. A
+    model error too: the dry run finds it before any scenario runs."""
+
+    def __init__(self, message: str, width: int, n_classes: int) -> None:
+        super().__init__(message)
+        self.width, self.n_classes = width, n_classes
+
+
 def one_line(text: object, limit: int = 300) -> str:
     """Exception text squeezed onto one line of at most ``limit`` characters.
 

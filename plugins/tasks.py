@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from medaudit.config import TaskConfig
-from medaudit.errors import DataError, ModelOutputError
+from medaudit.errors import DataError, ModelOutputError, OutputWidthError
 from medaudit.hookspecs import hookimpl
 from medaudit.task import (
     CALIBRATION,
@@ -142,9 +142,9 @@ class MultilabelTask(_ClassificationTask):
 
 def _checked_width(out: Tensor, n_classes: int) -> Tensor:
     if out.shape[1] != n_classes:
-        raise ModelOutputError(
-            f"the model outputs {out.shape[1]} values per sample but task.classes names {n_classes} classes"
-        )
+        raise OutputWidthError(
+            f"the model outputs {out.shape[1]} values per sample but task.classes names {n_classes} classes",
+            int(out.shape[1]), n_classes)
     return out
 
 

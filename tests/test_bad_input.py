@@ -291,6 +291,19 @@ def case_stray_label_inferred(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Ca
                 config=CONFIG_YAML.replace("  classes: [csf_other, grey_matter, white_matter]\n", ""))
 
 
+def case_stray_label_beyond_the_model(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
+    """task.classes not configured, labels 0–3 without a gap, a 3-output model: the row of the
+    first label 3 is named, not just "task.classes names 4 classes"."""
+    labels = p[1].copy()
+    labels[5] = 3
+    data = tmp / "d.npz"
+    np.savez(data, images=p[0], labels=labels)
+    return Case([str(MODEL), "--data", str(data)],
+                ["the model outputs 3 values per sample but task.classes names 4 classes",
+                 f"{data} (sample 5, id '5') has label '3', the first of 1 sample(s)", "set task.classes"],
+                config=CONFIG_YAML.replace("  classes: [csf_other, grey_matter, white_matter]\n", ""))
+
+
 def case_unlabelled_data(tmp: Path, p: tuple[np.ndarray, np.ndarray]) -> Case:
     data = tmp / "d.npz"
     np.savez(data, images=p[0])
@@ -412,6 +425,7 @@ CASES: dict[str, Callable[[Path, tuple[np.ndarray, np.ndarray]], Case]] = {
     "4-unknown-label": case_unknown_label,
     "4-stray-label-index": case_stray_label_index,
     "4-stray-label-inferred": case_stray_label_inferred,
+    "4-stray-label-beyond-the-model": case_stray_label_beyond_the_model,
     "12-unlabelled-data": case_unlabelled_data,
     "12-unlabelled-reference": case_unlabelled_reference,
     "12-ood-set-with-foreign-labels": case_ood_set_with_foreign_labels,
@@ -450,7 +464,7 @@ XFAIL: dict[str, pytest.MarkDecorator] = {}  # both former core bugs are fixed i
 
 VARIANTS = {"2-truncated-png-after-dry-run", "2-png-signature-only", "3-4d-volume-as-2d", "5-inf-pixels",
             "7-model-raises-keeps-its-message", "7-model-raises-after-dry-run", "4-stray-label-index",
-            "4-stray-label-inferred", "12-unlabelled-reference", "12-ood-set-with-foreign-labels"}
+            "4-stray-label-inferred", "4-stray-label-beyond-the-model", "12-unlabelled-reference", "12-ood-set-with-foreign-labels"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=XFAIL[n]) if n in XFAIL else n for n in CASES])

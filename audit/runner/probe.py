@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..errors import ModelError, ModelOutputError
+from ..errors import ModelError, ModelOutputError, OutputWidthError
 from ..model import LoadedModel, check_model_output
 from ..features import Extractor
 from ..task import check_reduced, task_of
@@ -85,6 +85,8 @@ def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, m
     kind = config.model.output if config.model.output != "auto" else task.detect_output_kind(out)
     try:
         reduced = task.reduce(out, kind, config.task)
+    except OutputWidthError as exc:  # keeps its type: the audit can name the labels behind the class count
+        raise OutputWidthError(f"model {model.path}: {exc}", exc.width, exc.n_classes) from None
     except ModelOutputError as exc:
         raise ModelError(f"model {model.path}: {exc}") from None
     check_reduced(task, reduced, config.task, x.shape[0])
