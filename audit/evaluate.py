@@ -30,14 +30,13 @@ from .model import LoadedModel
 from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
 from .results import Results, WarningRecord, clean_floats, metric_info
-from .perturbation import is_stress_test
-from .robustness import breaking_points, summarize as summarize_robustness
+from .robustness import summarize as summarize_robustness
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .task import FAILURE_DETECTION, TEMPERATURE_SCALING, Task, task_of
 from .temperature import temperature_report
 from .timing import PhaseClock
-from .verdict import verdict
+from .verdict import breaking_points_of, verdict
 
 
 @dataclass
@@ -277,11 +276,6 @@ def build_results(
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},
                                       fwd.scenarios, directions)
     info = metric_info(families, owners)
-    judged = list(dict.fromkeys([k for k, v in info.items() if v.headline]
-                                + [k for k in cfg.verdict.margins if k in directions]))
-    stress = {c["name"]: is_stress_test(c.get("stress_test", ()), cfg.input.modality) for c in catalogue}
-    robustness["breaking_points"] = breaking_points({s["id"]: s.get("drop", {}) for s in scenario_results if s["id"] in ids},
-                                                    fwd.scenarios, judged, cfg.verdict.margins, stress)
     forward_s = sum(fwd.seconds.values())
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
@@ -327,5 +321,7 @@ def build_results(
     }
     results["checks"] = evaluate_checks(cfg.checks, results) + requested_perturbation_checks(
         cfg.audit.perturbations, ids, fwd.failures)
+    # from the results dict, as the report derives them for older files: one definition of what is judged
+    robustness["breaking_points"] = breaking_points_of(clean_floats(results))
     results["verdict"] = verdict(clean_floats(results))
     return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays)

@@ -84,7 +84,7 @@ def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
         t = Table("Numeric metadata columns (more than 10 distinct values): distribution over the samples.",
                   ["Column", "Samples", "Missing", "Mean", "Min", "Q1", "Median", "Q3", "Max"])
         for col, st in sorted(numeric.items()):
-            t.rows.append(Row([col, str(st["n"]), str(st["missing"])]
+            t.rows.append(Row([col, str(int(st["n"])), str(int(st["missing"]))]
                               + [f"{st[k]:.4g}" for k in ("mean", "min", "q1", "median", "q3", "max")],
                               "warn" if st["missing"] else ""))
         tables.append(t)
