@@ -8,8 +8,8 @@ perturbation reassures about the wrong thing. The verdict therefore combines, in
 2. ``fail`` — a configured check (``--fail-on`` / ``checks:``) failed;
 3. ``concerns`` — the checks pass (or none are configured) but some perturbation has a *breaking
    point* (:func:`medaudit.robustness.breaking_points`: a drop that significantly exceeds its
-   ``verdict.margins`` margin); stress tests (perturbations unrealistic for the modality) count
-   too but are named apart;
+   ``verdict.margins`` margin), or failed to run (``not_run``: it was never judged); stress tests
+   (perturbations unrealistic for the modality) count too but are named apart;
 4. ``pass`` — checks configured, all pass, nothing breaks;
 5. ``no-checks`` — nothing configured and nothing breaks.
 
@@ -72,6 +72,10 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     passed = sum(1 for c in checks if c.get("passed"))
     alerts = [w for w in results.get("warning_records", []) if w.get("alert")]
     real, stress = breaking(results, False), breaking(results, True)
+    # a perturbation whose scenarios failed was never judged: a verdict silent about it would
+    # reassure about an audit that did not happen in full
+    failed = sorted({w.get("subject") or w.get("scenario") or "?" for w in results.get("warning_records", [])
+                     if w.get("code") == "perturbation-failed"})
     if checks:
         check_text = f"{passed} of {_plural(len(checks), 'configured check')} passed"
     else:
@@ -86,12 +90,14 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         robustness_text = " and ".join(parts)
     else:
         robustness_text = "no perturbation breaks a headline metric beyond its margin"
+    if failed:
+        robustness_text += f"; {_plural(len(failed), 'perturbation')} failed to run and {'is' if len(failed) == 1 else 'are'} not judged ({', '.join(failed)})"
     if alerts:
         status, word = "alert", "ALERT: THE AUDIT MAY NOT BE MEANINGFUL"
         detail = f"{_plural(len(alerts), 'alert')}; {check_text}; {robustness_text}"
     elif passed < len(checks):
         status, word, detail = "fail", "FAIL", f"{check_text}; {robustness_text}"
-    elif real or stress:
+    elif real or stress or failed:
         status = "concerns"
         word = "CHECKS PASS, ROBUSTNESS CONCERNS" if checks else "NO CHECKS, ROBUSTNESS CONCERNS"
         detail = f"{check_text}; {robustness_text}"
@@ -100,4 +106,4 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     else:
         status, word, detail = "no-checks", "NO CHECKS CONFIGURED", robustness_text
     return {"status": status, "headline": f"{word} — {detail}", "checks_passed": passed, "checks_total": len(checks),
-            "alerts": len(alerts), "breaking": real, "stress_breaking": stress}
+            "alerts": len(alerts), "breaking": real, "stress_breaking": stress, "not_run": failed}

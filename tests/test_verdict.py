@@ -131,3 +131,14 @@ def test_numeric_metadata_is_summarised_by_quartiles() -> None:
     assert numeric_summary([str(a) for a in range(30)]) is not None  # a manifest's numeric strings
     assert numeric_summary([1, 2, 3] * 10) is None  # few distinct values: counted instead
     assert numeric_summary(["left", "right"] * 10) is None
+
+
+def test_a_perturbation_that_failed_to_run_is_never_a_pass() -> None:
+    r = results_with([True])
+    for entry in r["robustness"]["breaking_points"].values():
+        entry["metrics"]["accuracy"]["severity"] = None
+    r["warning_records"] = [{"code": "perturbation-failed", "subject": "acme.zipper", "scenario": "acme.zipper@3",
+                             "message": "m"}]
+    v = verdict(r)
+    assert v["status"] == "concerns" and v["not_run"] == ["acme.zipper"]
+    assert v["headline"].endswith("1 perturbation failed to run and is not judged (acme.zipper)")
