@@ -686,3 +686,18 @@ def test_large_permutation_draws_are_chunked_and_reproducible():
     assert first.shape == (600, 2000)
     assert torch.equal(first.sort(dim=1).values, codes.sort().values.expand(600, -1))  # group sizes kept
     assert not torch.equal(first[0], first[1])
+
+
+def test_many_small_groups_are_summarised_once_per_attribute() -> None:
+    """A numeric column without bins makes every value a group in every scenario: the report
+    names them once per attribute, not once per group and scenario."""
+    from medaudit.plugins.subgroups.report import small_group_notes
+
+    rows = [{"attribute": "z", "group": str(v), "scenario": sc, "n": 1 + v % 5, "too_small": True, "metrics": {}}
+            for sc in ("clean", "mri.noise@5") for v in range(40)]
+    rows += [{"attribute": "sex", "group": "X", "scenario": sc, "n": 3, "too_small": True, "metrics": {}}
+             for sc in ("clean", "mri.noise@5")]
+    notes = small_group_notes({"subgroups": rows})
+    assert notes == ["z: 40 groups below subgroups.min_group_size (1–5 samples each, e.g. 0, 1, 2, 3, 4, …); no metrics "
+                     "or tests reported for them. Merge values into bins (subgroups.bins.z) to analyse this attribute.",
+                     "sex = X (clean): 3 samples, below subgroups.min_group_size; no metrics or tests reported for it."]

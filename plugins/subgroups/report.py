@@ -176,9 +176,29 @@ def _readings_intro(r: dict[str, Any]) -> str:
             f"with its {confidence_label(r)} CI):")
 
 
+#: Above this many too-small groups in one attribute, one summary line replaces the list.
+SMALL_GROUPS_LISTED = 10
+
+
 def small_group_notes(r: dict[str, Any]) -> list[str]:
-    return [f"{g['attribute']} = {g['group']} ({g['scenario']}): {g['n']} samples, below subgroups.min_group_size; "
-            "no metrics or tests reported for it." for g in r.get("subgroups", []) if g.get("too_small")]
+    """Groups below ``min_group_size``, from the clean scenario (a group's members, hence its size,
+    are the same in every scenario): one line per group, or one per attribute when it has many
+    (a numeric column without bins makes every value a group)."""
+    small: dict[str, list[dict[str, Any]]] = {}
+    for g in r.get("subgroups", []):
+        if g.get("too_small") and g["scenario"] == "clean":
+            small.setdefault(g["attribute"], []).append(g)
+    notes = []
+    for attr, groups in small.items():
+        if len(groups) <= SMALL_GROUPS_LISTED:
+            notes += [f"{attr} = {g['group']} (clean): {g['n']} samples, below subgroups.min_group_size; no metrics "
+                      "or tests reported for it." for g in groups]
+            continue
+        sizes = [g["n"] for g in groups]
+        notes.append(f"{attr}: {len(groups)} groups below subgroups.min_group_size ({min(sizes)}–{max(sizes)} samples "
+                     f"each, e.g. {', '.join(str(g['group']) for g in groups[:5])}, …); no metrics or tests reported "
+                     f"for them. Merge values into bins (subgroups.bins.{attr}) to analyse this attribute.")
+    return notes
 
 
 def subgroup_finding(r: dict[str, Any]) -> str | None:
