@@ -142,3 +142,13 @@ def test_a_perturbation_that_failed_to_run_is_never_a_pass() -> None:
     v = verdict(r)
     assert v["status"] == "concerns" and v["not_run"] == ["acme.zipper"]
     assert v["headline"].endswith("1 perturbation failed to run and is not judged (acme.zipper)")
+
+
+def test_numeric_metadata_table_spans_the_page_beside_the_counted_columns() -> None:
+    from medaudit.report.core import metadata_views
+
+    r = {"dataset": {"n_samples": 61, "metadata_summary": {"sex": {"F": 30, "M": 31}, "age": {"20": 1}},
+                     "metadata_numeric": {"age": numeric_summary([float(a) for a in range(20, 80)] + [None])}}}
+    quartiles, counted, notes = metadata_views(r)
+    assert quartiles.rows[0].cells[:3] == ["age", "60", "1"] and quartiles.rows[0].flag == "warn"
+    assert [t.caption.split("“")[1].split("”")[0] for t in counted] == ["sex"] and notes == []

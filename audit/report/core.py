@@ -74,20 +74,18 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     return identity
 
 
-def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
-    """Sample counts per metadata value; numeric columns get their quartiles instead, and
-    identifier-like columns a note."""
+def metadata_views(r: dict[str, Any]) -> tuple[Table, list[Table], list[str]]:
+    """The numeric columns' quartiles (one table, full width), sample counts per value of every
+    other column, and notes on identifier-like columns."""
     tables, notes = [], []
     n = r["dataset"]["n_samples"]
     numeric = r["dataset"].get("metadata_numeric", {})
-    if numeric:
-        t = Table("Numeric metadata columns (more than 10 distinct values): distribution over the samples.",
-                  ["Column", "Samples", "Missing", "Mean", "Min", "Q1", "Median", "Q3", "Max"])
-        for col, st in sorted(numeric.items()):
-            t.rows.append(Row([col, str(int(st["n"])), str(int(st["missing"]))]
-                              + [f"{st[k]:.4g}" for k in ("mean", "min", "q1", "median", "q3", "max")],
-                              "warn" if st["missing"] else ""))
-        tables.append(t)
+    quartiles = Table("Numeric metadata columns (more than 10 distinct values): distribution over the samples.",
+                      ["Column", "Samples", "Missing", "Mean", "Min", "Q1", "Median", "Q3", "Max"])
+    for col, st in sorted(numeric.items()):
+        quartiles.rows.append(Row([col, str(int(st["n"])), str(int(st["missing"]))]
+                                  + [f"{st[k]:.4g}" for k in ("mean", "min", "q1", "median", "q3", "max")],
+                                  "warn" if st["missing"] else ""))
     for col, counts in r["dataset"].get("metadata_summary", {}).items():
         if col in numeric:
             continue
@@ -102,7 +100,7 @@ def metadata_views(r: dict[str, Any]) -> tuple[list[Table], list[str]]:
         if listed < n:
             t.rows.append(Row(["(other values)", str(n - listed), f"{100 * (n - listed) / n:.1f}%"]))
         tables.append(t)
-    return tables, notes
+    return quartiles, tables, notes
 
 
 @dataclass

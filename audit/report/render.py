@@ -56,6 +56,7 @@ class ReportView:
     heat_map: HeatMap | None
     checks: Table
     identity: list[tuple[str, str]]
+    metadata_numeric: Table
     metadata_tables: list[Table]
     metadata_notes: list[str]
     catalogue: list[dict[str, Any]]
@@ -149,7 +150,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
     primary = primary_metric(r)
     leads = lead_keys(r)
     clean = clean_scenario(r)
-    metadata_tables, metadata_notes = metadata_views(r)
+    metadata_numeric, metadata_tables, metadata_notes = metadata_views(r)
     records = warning_records(r) + problems
     m = r["model"]
     core_appendix = {
@@ -162,7 +163,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
         findings=findings(r, [f for sec, _ in rendered for f in sec.findings]),
         headlines=robustness_headlines(r) + [h for sec, _ in rendered for h in sec.headlines],
         heat_map=heat_map(r, primary), checks=checks_table(r), identity=identity_rows(r),
-        metadata_tables=metadata_tables, metadata_notes=metadata_notes, catalogue=r["perturbation_catalogue"],
+        metadata_numeric=metadata_numeric, metadata_tables=metadata_tables, metadata_notes=metadata_notes, catalogue=r["perturbation_catalogue"],
         preview_png=r["assets"].get("preview_png"), primary=primary,
         robustness_figure=robustness_figure(r, primary, confidence), breaking=breaking_table(r, leads),
         warnings=warning_groups(records),
