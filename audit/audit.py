@@ -254,7 +254,7 @@ def preview_for(prep: Prepared, left_out: set[str]) -> dict[str, str]:
     """
     from .preview import grid_png_bytes
 
-    image, _ = prep.dataset[0]
+    image, *_ = prep.dataset[0]
     classes = [type(p) for name, p in sorted(prep.perturbations.items()) if name not in left_out]
     try:
         return {"preview_png": base64.b64encode(grid_png_bytes(image, classes, prep.config.audit.seed)).decode()}

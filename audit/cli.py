@@ -468,7 +468,7 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
     if not 0 <= sample < len(dataset):
         raise MedauditError(f"--sample {sample} is out of range; {data} has {len(dataset)} samples")
     _, chosen = plan_scenarios(config, pm.perturbations())
-    image, _ = dataset[sample]
+    image, *_ = dataset[sample]
     write_atomic(output, grid_png_bytes(image, [type(p) for _, p in sorted(chosen.items())], config.audit.seed))
     click.echo(f"wrote {output}")
 

@@ -120,6 +120,22 @@ class TaskConfig(_Section):
     classes: list[str] = Field(default_factory=list, description="class names in model-output order")
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for binary and multilabel tasks")
     target_specificity: float = Field(0.9, gt=0, lt=1)
+    # Segmentation settings (task.type: segmentation); the classification tasks ignore them.
+    background: int | None = Field(0, ge=0, description="segmentation: the class index of the background, left out of "
+                                                        "the mean over foreground classes (null: every class counts)")
+    activation: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="segmentation: softmax (one class per voxel) or sigmoid (independent, possibly "
+                               "overlapping structures); model.output says whether it was already applied")
+    ignore_empty: bool = Field(True, description="segmentation: a class absent from the reference mask gives no Dice/IoU "
+                                                 "for that image (MONAI's ignore_empty); false: 1 if also absent from "
+                                                 "the prediction, else 0")
+    nsd_tolerance_mm: float = Field(1.0, gt=0, description="segmentation: tolerance of the normalised surface Dice, "
+                                                           "in the voxel spacing's units (mm)")
+    boundary_width: int = Field(2, ge=1, description="segmentation: width in voxels of the band around predicted "
+                                                     "boundaries where boundary_ece is measured")
+    failure_dice: float | None = Field(None, gt=0, le=1, description="segmentation: an image whose Dice falls below this "
+                                                                     "is a failure for failure detection (null: 0.8 × "
+                                                                     "the clean median Dice)")
     # The task object of `type`, attached by medaudit.task.bind_task once plugins are loaded.
     _task: Any = PrivateAttr(default=None)
 
@@ -216,6 +232,8 @@ class VerdictConfig(_Section):
 class OutputConfig(_Section):
     dir: Path = Path("medaudit-out")
     save_predictions: bool = False
+    save_labelmaps: list[str] = Field(default_factory=list, description="segmentation, with save_predictions: scenarios "
+                                                                      "whose predicted label maps are saved besides clean")
     report: bool = True
 
 

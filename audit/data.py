@@ -66,6 +66,9 @@ class AuditDataset(Dataset):
     """
 
     format: str = "unknown"
+    #: Whether samples have reference label maps (a segmentation data set): then
+    #: :meth:`read_label_map` reads them and ``__getitem__`` returns them with the voxel spacing.
+    label_maps: bool = False
     #: Why ``labels`` is None (e.g. "the manifest has no 'label' column"), set by the loader.
     unlabelled: str = "the data set holds no labels"
 
@@ -101,9 +104,27 @@ class AuditDataset(Dataset):
         """How an error names a sample (file and row where there is one)."""
         return f"{self.path} (sample {index}, id {self.sample_ids[index]!r})"
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def read_label_map(self, index: int) -> np.ndarray:
+        """The reference label map of sample ``index``: integer class indices with the raw image's
+        spatial shape (no channel axis). Loaders of segmentation data (``label_maps`` True) implement it."""
+        raise NotImplementedError(f"{type(self).__name__} holds no label maps")
+
+    def spacing(self, index: int) -> tuple[float, ...]:
+        """Physical voxel size of sample ``index`` along its spatial axes in array order (mm), from
+        the file's header where it has one (NIfTI, DICOM); 1 per axis otherwise."""
+        return (1.0,) * int(self.input_cfg.dims)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, dict[str, Tensor]]:
+        """``(image, index, extras)``: the preprocessed image and, for a data set with label maps,
+        ``extras`` ``{"labels": [*spatial] integer map, "spacing": [dims] float64}`` resized with it."""
         raw = self.read(index)
-        return preprocess(raw, self.input_cfg, self.describe_sample(index)), index
+        where = self.describe_sample(index)
+        x = preprocess(raw, self.input_cfg, where)
+        if not self.label_maps:
+            return x, index, {}
+        labels, spacing = preprocess_label_map(self.read_label_map(index), raw.shape[1:], self.spacing(index),
+                                               self.input_cfg, where)
+        return x, index, {"labels": labels, "spacing": spacing}
 
     @abstractmethod
     def content_hash(self) -> str:
@@ -235,6 +256,32 @@ def scale_intensity(x: Tensor, cfg: IntensityConfig) -> Tensor:
     if span <= 0:
         return torch.zeros_like(x)
     return ((x - lo) / span).clamp(0.0, 1.0)
+
+
+def preprocess_label_map(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequence[float], cfg: InputConfig,
+                         where: str) -> tuple[Tensor, Tensor]:
+    """A reference label map resized with its image: ``(labels [*spatial], spacing [dims] float64)``.
+
+    The map must have the raw image's spatial shape (a DataError naming both shapes otherwise).
+    Resizing to ``input.spatial_size`` takes the nearest voxel's label (an interpolated label
+    would be a class between two others), and the spacing grows by the same factor per axis so
+    that distances stay in physical units. Labels are kept as uint8 where they fit (a 3-D
+    volume's map is 8× smaller than int64 on its way to the device).
+    """
+    arr = np.asarray(mask)
+    if arr.ndim == len(image_shape) + 1 and arr.shape[0] == 1:
+        arr = arr[0]  # a single-channel mask saved as [1, *spatial]
+    if tuple(arr.shape) != tuple(image_shape):
+        raise DataError(f"{where}: the mask has shape {tuple(arr.shape)} but the image's spatial shape is "
+                        f"{tuple(image_shape)}; a mask must cover its image voxel for voxel")
+    dtype = torch.uint8 if arr.size == 0 or (arr.min() >= 0 and arr.max() < 256) else torch.int64
+    labels = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64)).to(dtype)
+    sp = torch.tensor([float(v) for v in spacing], dtype=torch.float64)
+    size = cfg.spatial_size
+    if size is not None and list(labels.shape) != list(size):
+        sp = sp * torch.tensor([a / b for a, b in zip(labels.shape, size)], dtype=torch.float64)
+        labels = F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0].to(dtype)
+    return labels.contiguous(), sp
 
 
 def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:

@@ -61,6 +61,12 @@ class Perturbation(ABC):
         results, marked as a stress test, and keeps them apart in the robustness verdict.
     severities : Mapping[int, Mapping[str, ParamSpec]]
         Documented parameters of levels 1..5.
+    moves_anatomy : bool
+        Whether it moves the anatomy within the field of view (``geometry.*``). A segmentation
+        audit then replays the same sampled parameters on the reference label map
+        (:meth:`apply_to_labels`), so image and mask stay aligned. Intensity and acquisition
+        artifacts — ``mri.motion`` included, whose ghosts and blur are an acquisition effect while
+        the reference anatomy stays put — leave it False and never touch the mask.
     """
 
     name: ClassVar[str]
@@ -70,6 +76,7 @@ class Perturbation(ABC):
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     stress_test: ClassVar[tuple[str, ...]] = ()
+    moves_anatomy: ClassVar[bool] = False
     severities: ClassVar[Mapping[int, Mapping[str, ParamSpec]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -103,6 +110,24 @@ class Perturbation(ABC):
     @abstractmethod
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """Apply the perturbation with concrete parameters: deterministic and batched."""
+
+    def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        """Replay ``params`` (what :meth:`sample` drew for the image batch) on integer label maps
+        ``[B, 1, *spatial]`` (int64), moving them exactly as :meth:`apply` moved the images but
+        with nearest-neighbour resampling; outside the field of view is label 0.
+
+        Only called for a perturbation that :attr:`moves_anatomy`; the default refuses, so a
+        geometric third-party perturbation without a label replay is left out of a segmentation
+        audit (with a warning) rather than scored against a mask it has moved away from.
+        """
+        raise NotImplementedError(f"perturbation '{self.name}' moves the anatomy but does not implement "
+                                  "apply_to_labels, so reference masks cannot follow it")
+
+    @classmethod
+    def replays_labels(cls) -> bool:
+        """Whether a segmentation audit can score this perturbation: it leaves the anatomy in place,
+        or it moves it and implements :meth:`apply_to_labels`."""
+        return not cls.moves_anatomy or cls.apply_to_labels is not Perturbation.apply_to_labels
 
     def __call__(self, x: Tensor, severity: int, rng: SampleRNG) -> tuple[Tensor, dict[str, Tensor]]:
         """Sample and apply; returns ``(perturbed, params)``. Severity 0 is the identity."""
@@ -178,6 +203,7 @@ class Perturbation(ABC):
             "summary": cls.summary,
             "citation": cls.citation,
             "stress_test": list(cls.stress_test),
+            "moves_anatomy": cls.moves_anatomy,
             "severities": {
                 str(level): {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
                 for level, params in sorted(cls.severities.items())

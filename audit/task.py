@@ -63,6 +63,16 @@ SUBGROUPS = "subgroups"
 TARGET_CLASS = "class"
 #: A set of classes per sample, read into a multi-hot row.
 TARGET_CLASS_SET = "class_set"
+#: A reference label map per sample (segmentation): the data set reads it with each image
+#: (:meth:`medaudit.data.AuditDataset.read_label_map`), perturbations that move the anatomy move
+#: it too, and :meth:`Task.reduce` receives it with the voxel spacing as ``targets``.
+TARGET_LABEL_MAP = "label_map"
+
+#: A ``metric_input`` meaning "every declared quantity": metrics receive the mapping of the
+#: task's quantities (``{name: [N, *shape]}``) instead of one tensor. A task whose per-sample
+#: results are several reduced quantities (a segmentation task's Dice, distances and calibration
+#: statistics) declares it.
+ALL_QUANTITIES = "*"
 
 
 class Task(ABC):
@@ -76,10 +86,11 @@ class Task(ABC):
         One line for ``medaudit plugins`` and the docs.
     targets : str
         What one sample's target is: :data:`TARGET_CLASS` or :data:`TARGET_CLASS_SET` (a loader
-        reads label cells by it), or a task's own kind (a segmentation task: a label map).
+        reads label cells by it), or :data:`TARGET_LABEL_MAP` (a label map per sample, passed to
+        :meth:`reduce` batch by batch).
     metric_input : str
         The declared quantity passed to ``Metric.compute`` as its first argument
-        (``"probs"`` for the classification tasks).
+        (``"probs"`` for the classification tasks), or :data:`ALL_QUANTITIES`.
     capabilities : frozenset[str]
         Which analyses apply (:data:`CLASS_PROBABILITIES`, :data:`SINGLE_LABEL`,
         :data:`CALIBRATION`, :data:`TEMPERATURE_SCALING`, :data:`FAILURE_DETECTION`,
@@ -121,13 +132,18 @@ class Task(ABC):
         shard cache allocate ``[N, *shape]`` per scenario from this, before the first batch)."""
 
     @abstractmethod
-    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> dict[str, Tensor]:
+    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
+               targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """A batch of raw model outputs ``[B, ...]`` → the declared quantities, each ``[B, *shape]``.
 
         Runs on the device inside the forward loop, once per batch and scenario: keep it to
         tensor operations (no host synchronisation, no ``.item()``). A task whose raw outputs are
         large (a segmentation map) reduces them here to per-sample values. Raise
         :class:`medaudit.errors.ModelOutputError` when the output's shape does not fit the task.
+
+        ``targets`` is None unless the task's ``targets`` is :data:`TARGET_LABEL_MAP`; then it is
+        ``{"labels": [B, *spatial] int64, "spacing": [B, dims] float64}`` on the device, the
+        label maps already moved by the scenario's perturbation where it moves the anatomy.
         """
 
     @abstractmethod

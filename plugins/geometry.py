@@ -34,8 +34,16 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
 
     ``p`` is measured in voxels from the image centre, along the tensor's spatial axes in order
     (``(H, W)`` or ``(D, H, W)``); ``matrix`` is ``[B, n, n]``, ``offset`` ``[B, n]`` voxels.
-    Linear interpolation; outside the field of view is 0 (the background after ``[0, 1]`` scaling).
+    Linear interpolation (label maps: :func:`warp_labels`); outside the field of view is 0 (the
+    background after ``[0, 1]`` scaling).
     """
+    return finish_(F.grid_sample(x.float(), _grid(x, matrix, offset), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False), x)
+
+
+def _grid(x: Tensor, matrix: Tensor, offset: Tensor | None) -> Tensor:
+    """The ``grid_sample`` grid of :func:`affine_warp` for a batch shaped like ``x`` (one
+    definition for images and label maps, so a mask follows its image voxel for voxel)."""
     nd = Perturbation.spatial_dims(x)
     b = x.shape[0]
     if matrix.shape != (b, nd, nd):
@@ -44,7 +52,6 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
         offset = torch.zeros(b, nd, device=x.device)
     if offset.shape != (b, nd):
         raise ValueError(f"offset must have shape [{b}, {nd}] for this batch, got {tuple(offset.shape)}")
-    xf = x.float()
     half = host_constant([s / 2.0 for s in x.shape[2:]], x.device)  # voxels per normalised unit
     a = matrix.to(device=x.device, dtype=torch.float32)
     # normalised coordinates u = p / half (align_corners=False): u_in = S^-1 A S u_out + S^-1 t
@@ -52,8 +59,15 @@ def affine_warp(x: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tens
     theta_t = offset.to(device=x.device, dtype=torch.float32) / half[None, :]
     # affine_grid orders coordinates (x, y[, z]) = (W, H[, D]): reverse the tensor axis order
     theta = torch.cat([theta_a.flip(1, 2), theta_t.flip(1)[:, :, None]], dim=2)
-    grid = affine_grid(theta, x.shape)
-    return finish_(F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False), x)
+    return affine_grid(theta, x.shape)
+
+
+def warp_labels(labels: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
+    """:func:`affine_warp` of integer label maps ``[B, 1, *spatial]``: the same sampling grid, the
+    nearest voxel's label (interpolating labels would invent classes between them), 0 outside."""
+    # float32 holds label indices exactly (far beyond 255 classes); no [0, 1] clamp for labels
+    warped = F.grid_sample(labels.float(), _grid(labels, matrix, offset), mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped.round().to(labels.dtype)
 
 
 def _linear_matrices(scale: Tensor, offset: Tensor, n: int) -> Tensor:
@@ -153,6 +167,12 @@ def zoom(x: Tensor, log_scale: float | Tensor) -> Tensor:
 
 def flip_lr(x: Tensor, flip: float | Tensor) -> Tensor:
     """Mirror the last spatial axis of the samples whose ``flip`` is 1 (0 keeps them)."""
+    return finish_(_flip_columns(x.float(), flip), x)
+
+
+def _flip_columns(x: Tensor, flip: float | Tensor) -> Tensor:
+    """``x`` (any dtype) with the last axis reversed where ``flip`` is 1: :func:`flip_lr` without
+    the intensity contract, so label maps keep their values."""
     f = batch_param(flip, "flip", x, 0.0, 1.0).round().clamp(0.0, 1.0).to(torch.bool)
     w = x.shape[-1]
     cols = torch.arange(w, device=x.device)
@@ -161,7 +181,7 @@ def flip_lr(x: Tensor, flip: float | Tensor) -> Tensor:
     # sync to pick the flipped samples. The index is expanded (stride 0), not materialised.
     order = torch.where(f[:, None], w - 1 - cols[None, :], cols[None, :])  # [B, W]
     index = order.reshape(x.shape[0], *([1] * (x.ndim - 2)), w).expand(x.shape)
-    return finish_(torch.gather(x.float(), -1, index), x)
+    return torch.gather(x, -1, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +206,7 @@ class Rotation(Perturbation):
 
     name = "geometry.rotation"
     suite = "geometry"
+    moves_anatomy = True
     modalities = ("any",)
     summary = "Small rotation about the image centre (patient positioning)."
     citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
@@ -207,6 +228,11 @@ class Rotation(Perturbation):
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return rotate(x, params["angle_deg"], params.get("axis"))
 
+    def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        axis = params.get("axis")
+        r = rotation_matrix(params["angle_deg"].to(labels.device), None if axis is None else axis.to(labels.device))
+        return warp_labels(labels, r.transpose(1, 2))
+
 
 class Translation(Perturbation):
     r"""Translation of the content within the field of view (positioning, cropping offset).
@@ -223,6 +249,7 @@ class Translation(Perturbation):
 
     name = "geometry.translation"
     suite = "geometry"
+    moves_anatomy = True
     modalities = ("any",)
     summary = "Content shifted within the field of view."
     citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
@@ -245,6 +272,10 @@ class Translation(Perturbation):
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return translate(x, params["shift"])
 
+    def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        eye = torch.eye(labels.ndim - 2, device=labels.device).expand(labels.shape[0], -1, -1)
+        return warp_labels(labels, eye, -params["shift"].to(labels.device).float())
+
 
 class Scale(Perturbation):
     r"""Isotropic zoom in or out about the image centre (magnification, field-of-view change).
@@ -259,6 +290,7 @@ class Scale(Perturbation):
 
     name = "geometry.scale"
     suite = "geometry"
+    moves_anatomy = True
     modalities = ("any",)
     summary = "Content magnified or shrunk about the image centre."
     citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomAffine."
@@ -275,6 +307,10 @@ class Scale(Perturbation):
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return zoom(x, params["log_scale"])
+
+    def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        inv = torch.exp(-params["log_scale"].to(labels.device).float())
+        return warp_labels(labels, torch.diag_embed(inv[:, None].expand(labels.shape[0], labels.ndim - 2)))
 
 
 class FlipLR(Perturbation):
@@ -293,6 +329,7 @@ class FlipLR(Perturbation):
 
     name = "geometry.flip_lr"
     suite = "geometry"
+    moves_anatomy = True
     modalities = ("any",)
     summary = "Left-right mirror (laterality error) of a fraction of the samples."
     citation = "Pérez-García et al., TorchIO, Comput. Methods Programs Biomed. 208 (2021), RandomFlip; DICOM PS3.3 C.7.6.1.1.1, Patient Orientation."
@@ -305,6 +342,9 @@ class FlipLR(Perturbation):
 
     def apply(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return flip_lr(x, params["flip"])
+
+    def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return _flip_columns(labels, params["flip"])
 
 
 PERTURBATIONS: list[type[Perturbation]] = [Rotation, Translation, Scale, FlipLR]

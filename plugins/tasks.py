@@ -96,7 +96,8 @@ class BinaryTask(_ClassificationTask):
     def quantities(self, cfg: TaskConfig) -> dict[str, tuple[int, ...]]:
         return {"probs": (2,)}
 
-    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> dict[str, Tensor]:
+    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
+               targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         out = _as_columns(out)
         if out.shape[1] == 1:
             p1 = torch.sigmoid(out[:, 0]) if kind == "logits" else out[:, 0]
@@ -117,7 +118,8 @@ class MulticlassTask(_ClassificationTask):
     def read_targets(self, raw: Any, cfg: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
         return read_class_labels(raw, cfg.classes, where)
 
-    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> dict[str, Tensor]:
+    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
+               targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         out = _checked_width(_as_columns(out), len(cfg.classes))
         return {"probs": torch.softmax(out, dim=1) if kind == "logits" else out}
 
@@ -135,7 +137,8 @@ class MultilabelTask(_ClassificationTask):
     def read_targets(self, raw: Any, cfg: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
         return read_multi_hot(raw, cfg.classes, where, self.name)
 
-    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> dict[str, Tensor]:
+    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
+               targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         out = _checked_width(_as_columns(out), len(cfg.classes))
         return {"probs": torch.sigmoid(out) if kind == "logits" else out}
 

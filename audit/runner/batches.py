@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from ..data import AuditDataset
-from ..errors import MedauditError
+from ..errors import MedauditError, ModelOutputError
+from ..task import TARGET_LABEL_MAP, Task
 
 
 def auto_workers(dataset: AuditDataset) -> int:
@@ -23,7 +24,13 @@ def auto_workers(dataset: AuditDataset) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def prefetched(batches: Iterator[tuple[Tensor, Tensor]], depth: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
+#: One batch as the shard loop consumes it: images ``[B, C, ...]`` in ``[0, 1]``, dataset indices
+#: ``[B]`` int64, and the data set's extras (``labels`` ``[B, *spatial]`` and ``spacing`` ``[B, dims]``
+#: for a segmentation data set; empty otherwise), see :meth:`medaudit.data.AuditDataset.__getitem__`.
+Batch = tuple[Tensor, Tensor, dict[str, Tensor]]
+
+
+def prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
     """``batches``, produced up to ``depth`` ahead by a background thread.
 
     On an accelerator the main thread only queues work, so preprocessing a batch on it (about
@@ -69,14 +76,14 @@ def prefetched(batches: Iterator[tuple[Tensor, Tensor]], depth: int = 2) -> Iter
 
 
 def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: int, num_workers: int,
-                    pin_memory: bool) -> Iterator[tuple[Tensor, Tensor]]:
+                    pin_memory: bool) -> Iterator[Batch]:
     """Batches of ``dataset[start:stop]`` in order, decoded by DataLoader workers."""
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=False)
     try:
-        for x, idx in loader:
-            yield x, idx.to(torch.int64)
+        for x, idx, extras in loader:
+            yield x, idx.to(torch.int64), extras
     except MedauditError as exc:
         # A worker process re-raises our error with its whole traceback folded into the message;
         # the user gets the one-line message the loader wrote (the traceback is for --debug).
@@ -88,10 +95,22 @@ def iterate_batches(dataset: AuditDataset, start: int, stop: int, batch_size: in
 
 
 def shard_batches(dataset: AuditDataset, start: int, stop: int, batch_size: int, num_workers: int,
-                  device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+                  device: torch.device) -> Iterator[Batch]:
     """The batches of one shard as :func:`~medaudit.runner.shard.run_shard` consumes them: pinned
     and prefetched by a thread on an accelerator when no worker processes decode them."""
     batches = iterate_batches(dataset, start, stop, batch_size, num_workers, device.type == "cuda")
     if num_workers == 0 and device.type != "cpu":
         batches = prefetched(batches)
     return batches
+
+
+def device_targets(task: Task, extras: dict[str, Tensor], device: torch.device) -> dict[str, Tensor] | None:
+    """The batch's label maps and spacing as :meth:`Task.reduce` takes them (int64 labels, on the
+    device), for a task whose targets are label maps; None for any other task."""
+    if task.targets != TARGET_LABEL_MAP:
+        return None
+    if "labels" not in extras:
+        raise ModelOutputError(f"a {task.name} task needs a reference label map per sample, but the data set "
+                               "holds none (a manifest 'mask' column, or a 'masks' array in a .npz)")
+    return {"labels": extras["labels"].to(device, non_blocking=True).long(),
+            "spacing": extras["spacing"].to(device, non_blocking=True)}

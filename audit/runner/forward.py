@@ -50,8 +50,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     n = len(dataset)
     mean, std = normalisation(config, device)
     chunk = config.audit.model_batch_size
-    first_x, _ = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
-    probe = probe_model(model, extract, first_x, n, config, device, mean, std)
+    first_x, _, first_extras = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
+    probe = probe_model(model, extract, first_x, n, config, device, mean, std, first_extras)
     if on_threads is not None:
         threads = choose_threads(config.audit.threads, device,
                                  chunk_calls(extract, first_x, n, config, device, mean, std, probe))

@@ -20,6 +20,7 @@ from ..errors import ModelError, ModelOutputError, OutputWidthError
 from ..model import LoadedModel, check_model_output
 from ..features import Extractor
 from ..task import check_reduced, task_of
+from .batches import device_targets
 from .device import autocast
 
 # The forward passes' memory format by its name in a unit of work (and in results.json, where
@@ -65,8 +66,10 @@ def expected_in_channels(module: object) -> int | None:
     return None
 
 
-def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, mean: Tensor, std: Tensor) -> str:
-    """Run one clean batch to validate the model against the input spec; returns the output kind."""
+def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, mean: Tensor, std: Tensor,
+            targets: dict[str, Tensor] | None = None) -> str:
+    """Run one clean batch to validate the model against the input spec; returns the output kind.
+    ``targets``: the batch's label maps, for a task that reduces outputs against them."""
     xn = (x - mean) / std
     try:
         out, _ = extract(xn)
@@ -84,7 +87,8 @@ def dry_run(model: LoadedModel, extract: Extractor, x: Tensor, config: Config, m
     task = task_of(config.task)
     kind = config.model.output if config.model.output != "auto" else task.detect_output_kind(out)
     try:
-        reduced = task.reduce(out, kind, config.task)
+        reduced = (task.reduce(out, kind, config.task) if targets is None
+                   else task.reduce(out, kind, config.task, targets))
     except OutputWidthError as exc:  # keeps its type: the audit can name the labels behind the class count
         raise OutputWidthError(f"model {model.path}: {exc}", exc.width, exc.n_classes) from None
     except ModelOutputError as exc:
@@ -148,12 +152,14 @@ def choose_memory_format(model: LoadedModel, extract: Extractor, x: Tensor, conf
 
 
 def probe_model(model: LoadedModel, extract: Extractor, first_x: Tensor, n: int, config: Config,
-                device: torch.device, mean: Tensor, std: Tensor) -> ModelProbe:
+                device: torch.device, mean: Tensor, std: Tensor, first_extras: dict[str, Tensor] | None = None) -> ModelProbe:
     """Dry run, short-chunk check and memory format on ``first_x`` (the first model chunk of the
-    ``n`` samples); converts the model to the chosen memory format."""
+    ``n`` samples, with its ``first_extras``: label maps for a segmentation task); converts the
+    model to the chosen memory format."""
     chunk = config.audit.model_batch_size
     with torch.inference_mode():
-        output_kind = dry_run(model, extract, first_x.to(device), config, mean, std)
+        targets = device_targets(task_of(config.task), first_extras or {}, device)
+        output_kind = dry_run(model, extract, first_x.to(device), config, mean, std, targets)
         # The short last chunk at its own size: one small call now instead of a padded full
         # chunk in every scenario (up to 17 % more model work where the chunk is large).
         rest = n % chunk

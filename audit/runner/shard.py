@@ -38,6 +38,7 @@ from ..perturbation import Perturbation
 from ..config import TaskConfig
 from ..rng import SampleRNG, sample_keys, stream_key
 from ..task import Task
+from .batches import device_targets
 from .device import autocast
 from .guard import ValueGuard, metadata_problem
 from .probe import exception_line
@@ -172,13 +173,16 @@ class _ShardRows:
         return self.rows.pop(key).cpu()
 
 
-def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, scenarios: Sequence[Scenario],
+def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start: int, stop: int, scenarios: Sequence[Scenario],
               perturbations: dict[str, Perturbation], spec: ForwardSpec,
               on_batch: Callable[[int], None] | None = None) -> UnitOutputs:
     """Evaluate every scenario on one shard of the data (the audit's unit of work).
 
-    ``batches`` yields ``(images [B, C, ...] in [0, 1], dataset indices [B])`` for the samples
-    ``start..stop-1`` in order.
+    ``batches`` yields ``(images [B, C, ...] in [0, 1], dataset indices [B], extras)`` for the
+    samples ``start..stop-1`` in order (see :data:`~medaudit.runner.batches.Batch`). For a task
+    whose targets are label maps, a perturbation that moves the anatomy replays its parameters on
+    the batch's label maps (:meth:`~medaudit.perturbation.Perturbation.apply_to_labels`) before
+    the task reduces the outputs against them.
     """
     rows = _ShardRows(stop - start)
     # Embeddings a detector computes off the device's critical path arrive as futures, resolved at
@@ -203,9 +207,10 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                                   f"raised in embed ({type(exc).__name__}: {exc}); it is left out")
 
     offset = 0
-    for x, idx in batches:
+    for x, idx, extras in batches:
         x = x.to(spec.device, non_blocking=True)
         idx = idx.to(spec.device, non_blocking=True)
+        targets = device_targets(spec.task, extras, spec.device)
         for scenario in scenarios:
             if scenario.id in failed:
                 continue
@@ -222,6 +227,15 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                 perturbation_failed(scenario, problem)
                 clock.stop(scenario.id)
                 continue
+            scenario_targets = targets
+            if targets is not None and pert is not None and pert.moves_anatomy:
+                try:  # the reference anatomy moves with the image: same parameters, nearest label
+                    moved = pert.apply_to_labels(targets["labels"][:, None], p)[:, 0]
+                except Exception as exc:
+                    perturbation_failed(scenario, "raised in apply_to_labels", f" ({type(exc).__name__}: {exc})")
+                    clock.stop(scenario.id)
+                    continue
+                scenario_targets = {**targets, "labels": moved.long()}
             if pert is not None:
                 values.observe(scenario.id, xp)
             xn = (xp.float() - spec.mean) / spec.std
@@ -244,7 +258,10 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor]], start: int, stop: int, s
                                  "produced)") from exc
             out = out.float()
             finite[scenario.id] &= torch.isfinite(out).all()
-            for name, value in spec.task.reduce(out, spec.output_kind, spec.task_config).items():  # type: ignore[arg-type]
+            reduced = (spec.task.reduce(out, spec.output_kind, spec.task_config)  # type: ignore[arg-type]
+                       if scenario_targets is None else
+                       spec.task.reduce(out, spec.output_kind, spec.task_config, scenario_targets))  # type: ignore[arg-type]
+            for name, value in reduced.items():
                 rows.put(("outputs", name, scenario.id), offset, value)
             for d in spec.detectors:
                 if (d.needs == "features" and feats is None) or d.name in failed_detectors:
