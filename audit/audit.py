@@ -37,7 +37,7 @@ from .rng import RNG_VERSION
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
-from .task import CLASS_PROBABILITIES, LabelError, Task, bind_task
+from .task import CLASS_PROBABILITIES, VOXEL_CLASS_SCORES, LabelError, Task, bind_task
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -151,7 +151,7 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
             warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
                 f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
         detectors = [d for d in detectors if d.needs != "features"]
-    if CLASS_PROBABILITIES not in task.capabilities:
+    if not {CLASS_PROBABILITIES, VOXEL_CLASS_SCORES} & task.capabilities:
         skipped = {}
         for d in detectors:
             if d.needs != "features":

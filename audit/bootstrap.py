@@ -306,7 +306,7 @@ def evaluate(
     """
     if validate:
         check_predictions(probs, labels, ctx.task, weights)
-    n = probs.shape[0]
+    n = weights.shape[1]  # probs may be a task's mapping of quantities (medaudit.task.ALL_QUANTITIES)
     chunk = max(1, chunk_elements(weights.device) // max(n, 1))
     raw: dict[str, Tensor] = {}
     token = _VALIDATED.set((probs, labels, ctx.task, weights))

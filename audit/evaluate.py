@@ -33,7 +33,7 @@ from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
-from .task import FAILURE_DETECTION, TEMPERATURE_SCALING, Task, task_of
+from .task import ALL_QUANTITIES, FAILURE_DETECTION, TARGET_LABEL_MAP, TEMPERATURE_SCALING, Task, task_of
 from .temperature import temperature_report
 from .timing import PhaseClock
 from .verdict import breaking_points_of, verdict
@@ -79,7 +79,7 @@ def _scenario_metrics(metrics: list[Metric], task: Task, outputs: dict[str, Tens
         task.check_outputs(outputs, labels, weights)
     except ValueError as exc:
         raise ModelOutputError(f"unusable model outputs in scenario {scenario_id}: {exc}") from None
-    probs = outputs[task.metric_input]
+    probs: Any = outputs if task.metric_input == ALL_QUANTITIES else outputs[task.metric_input]
     estimates: dict[str, Any] = {}
     raw: dict[str, Tensor] = {}
     families: dict[str, Metric] = {}
@@ -177,11 +177,18 @@ def build_results(
     labels_d, weights_d = labels.to(dev), weights.to(dev)
 
     ref_emb = {k: v[0] for k, v in reference.forward.embeddings.items()} if reference is not None else None
-    shift = evaluate_detectors(detectors, fwd.embeddings, labels, fwd.outputs[task.metric_input], ids, weights_d,
+    # Detectors fit on image-level classes; a label-map task has none (its labels say which classes a
+    # mask holds), so its images are one in-distribution class for the class-conditional detectors.
+    label_maps = task.targets == TARGET_LABEL_MAP
+    shift = evaluate_detectors(detectors, fwd.embeddings, torch.zeros(n, dtype=torch.int64) if label_maps else labels,
+                               fwd.outputs.get(task.metric_input), ids, weights_d,
                                cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
-                               reference_labels=reference.labels if reference is not None else None,
+                               reference_labels=None if reference is None else (
+                                   torch.zeros(reference.identity.n_samples, dtype=torch.int64) if label_maps
+                                   else reference.labels),
                                output_kind=fwd.output_kind, device=dev,
-                               failure_detection=FAILURE_DETECTION in task.capabilities, task_name=task.name)
+                               failure_detection=FAILURE_DETECTION in task.capabilities, task_name=task.name,
+                               explain_skip=not label_maps)
     # shift.py knows detectors by name only; which plugin provides each is known here, and the
     # message names it too, since the console and the string list show the message alone
     detector_plugin = {d.name: owners.get(id(d)) for d in detectors}

@@ -124,6 +124,7 @@ def evaluate_detectors(
     device: torch.device | None = None,
     failure_detection: bool | None = None,
     task_name: str = "multilabel",
+    explain_skip: bool = True,
 ) -> ShiftResult:
     """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
 
@@ -156,7 +157,8 @@ def evaluate_detectors(
     failure_detection : bool, optional
         Whether the task has one true class per sample, so scores are also evaluated at separating
         wrong predictions from right ones (the task's ``failure_detection`` capability); default:
-        whether ``labels`` is ``[N]``. When not, a warning names ``task_name``.
+        whether ``labels`` is ``[N]``. When not, a warning names ``task_name`` (unless
+        ``explain_skip`` is False: a task that measures failures its own way, e.g. by Dice).
 
     Returns
     -------
@@ -176,7 +178,7 @@ def evaluate_detectors(
     result = ShiftResult(fitting="reference" if reference is not None else "cross-fitted")
     if failure_detection is None:
         failure_detection = labels.ndim == 1
-    if not failure_detection:
+    if not failure_detection and explain_skip:
         result.records.append(WarningRecord(
             code="failure-detection-skipped",
             message=f"ood: failure detection needs one true class per sample and is skipped for {task_name} "

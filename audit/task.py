@@ -57,6 +57,9 @@ TEMPERATURE_SCALING = "temperature_scaling"
 FAILURE_DETECTION = "failure_detection"
 #: The subgroup analysis (per-group metrics and gaps) applies.
 SUBGROUPS = "subgroups"
+#: The raw outputs are class scores per voxel (a segmentation map ``[B, K, *spatial]``): output-based
+#: OOD detectors apply, each image scored by the mean of its voxels' scores.
+VOXEL_CLASS_SCORES = "voxel_class_scores"
 
 # What one sample's target is (Task.targets); loaders read label cells accordingly.
 #: One class per sample (a name or an index).

@@ -88,7 +88,7 @@ def test_png_8_and_16_bit_with_metadata_and_unicode_paths(tmp_path: Path) -> Non
     assert r16.shape == (1, 12, 10) and r16.max() > 255
     np.testing.assert_array_equal(r16[0], img16)
     np.testing.assert_array_equal(ds.read(2), np.moveaxis(rgb, -1, 0))
-    x, idx = ds[2]  # RGB to a 1-channel model becomes luminance in [0, 1]
+    x, idx, _ = ds[2]  # RGB to a 1-channel model becomes luminance in [0, 1]
     assert tuple(x.shape) == (1, 12, 10) and idx == 2 and float(x.min()) >= 0 and float(x.max()) <= 1
     ident = ds.identity()
     assert ident.class_counts == {"benign": 2, "malignant": 1} and ident.format == "manifest"
@@ -137,7 +137,7 @@ def test_nifti_3d_2d_and_big_endian(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.read(0), vol[None])
     big = ds.read(1)
     assert big.dtype.byteorder == ">" and big.shape == (1, 33, 41, 25)
-    x, _ = ds[1]  # preprocess must cope with non-native byte order
+    x, *_ = ds[1]  # preprocess must cope with non-native byte order
     expected = preprocess(big.astype(np.int16), ds.input_cfg, "native copy")
     assert tuple(x.shape) == (1, 8, 8, 8) and torch.equal(x, expected)
 

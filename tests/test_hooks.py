@@ -183,7 +183,7 @@ def test_hook_medaudit_open_dataset(tmp_path: Path) -> None:
     config = Config(task={"type": "binary", "classes": ["a", "b"]})
     ds = open_dataset(pm, path, config)
     assert isinstance(ds, ToyDataset) and len(ds) == 5
-    image, index = ds[3]
+    image, index, _ = ds[3]
     assert index == 3 and image.shape == (1, 4, 4)
     # other formats still reach the built-in loaders (firstresult: the first non-None wins)
     npz = tmp_path / "d.npz"

@@ -14,6 +14,7 @@ import csv
 import math
 import re
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from medaudit.data import AuditDataset, resolve_dims
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import ImageFormatError
-from medaudit.task import TARGET_CLASS_SET, LabelError, class_list, task_of
+from medaudit.task import TARGET_CLASS_SET, TARGET_LABEL_MAP, LabelError, class_list, task_of
 
 from .common import check_channel_count, finalize_labels
 from .dicom import DICOM_FIELDS, dicom_header_values, dicom_series_files
@@ -79,7 +80,7 @@ def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict[str, str | None
     if dupes:
         raise DataError(f"{csv_path}: manifest has duplicated column names {dupes}; rename them")
     # Canonical lower-case names for the two required columns; metadata columns keep their case.
-    names = ["path" if h == "path" else "label" if h == "label" else header[k] for k, h in enumerate(lower)]
+    names = [h if h in ("path", "label", "mask") else header[k] for k, h in enumerate(lower)]
     rows: list[dict[str, str | None]] = []
     for cells in body:
         if not any(c.strip() for c in cells):
@@ -115,6 +116,20 @@ def _multilabel_cells(cells: list[str | None], task: TaskConfig, where: str, sam
     return out
 
 
+class _MaskColumn:
+    """The 'mask' files of a manifest as a lazy sequence: the task reads one label map at a time
+    (which classes it holds, and that its values are classes), never all of them at once."""
+
+    def __init__(self, dataset: ManifestDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.mask_files)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.dataset.read_label_map(i) for i in range(len(self)))
+
+
 class ManifestDataset(AuditDataset):
     """Images listed in a CSV manifest: ``path,label[,metadata columns…]``."""
 
@@ -123,7 +138,9 @@ class ManifestDataset(AuditDataset):
     def __init__(self, csv_path: Path, config: Config) -> None:
         input_cfg, task = config.input, config.task
         names, rows = _read_manifest(csv_path)
-        labelled = "label" in names
+        label_maps = task_of(task).targets == TARGET_LABEL_MAP
+        # a segmentation task's targets are the 'mask' column's label maps; 'label' is then metadata
+        labelled = ("mask" if label_maps else "label") in names
         root = csv_path.parent
         self.rel_paths: list[str] = []
         self.files: list[Path] = []
@@ -133,7 +150,10 @@ class ManifestDataset(AuditDataset):
             cell = row["path"]
             if cell is None:
                 raise DataError(f"{csv_path}, row {i + 1}: empty 'path' cell; give the image path relative to {root}")
-            if labelled and row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
+            if labelled and label_maps and row["mask"] is None:
+                raise DataError(f"{csv_path}, row {i + 1} ({cell}): empty 'mask' cell; give the path of the image's "
+                                "label map (relative to the manifest's folder)")
+            if labelled and not label_maps and row["label"] is None and task_of(task).targets != TARGET_CLASS_SET:
                 raise DataError(f"{csv_path}, row {i + 1} ({cell}): empty 'label' cell; give the class name or index")
             p = _resolve_row_path(root, cell)
             self.rel_paths.append(cell)
@@ -155,15 +175,23 @@ class ManifestDataset(AuditDataset):
             if input_cfg.dims == "auto" else input_cfg
         where = str(csv_path)
         labels: np.ndarray | None = None
+        self.mask_files: list[Path] = []
+        self.mask_kinds: list[str] = []
         if not labelled:
-            self.unlabelled = f"the manifest has no 'label' column (columns: {names})"
+            self.unlabelled = f"the manifest has no '{'mask' if label_maps else 'label'}' column (columns: {names})"
+        elif label_maps:
+            self._find_masks(csv_path, [row["mask"] for row in rows])  # type: ignore[misc]
+            self.label_maps = True
+            self.path, self.input_cfg = csv_path, input_cfg  # read_label_map, before the base class sets them
+            labels, task = finalize_labels(_MaskColumn(self), task, where, self.rel_paths)
         elif task_of(task).targets == TARGET_CLASS_SET:
             cells = _multilabel_cells([row["label"] for row in rows], task, where, self.rel_paths)
             labels, task = finalize_labels(cells, task, where, self.rel_paths)
         else:
             labels, task = finalize_labels([row["label"] for row in rows], task, where, self.rel_paths)
+        targets = ("path", "mask") if label_maps else ("path", "label")
         metadata: dict[str, list[Any]] = {
-            name: _infer_column([row[name] for row in rows]) for name in names if name not in ("path", "label")
+            name: _infer_column([row[name] for row in rows]) for name in names if name not in targets
         }
         metadata.update(self._dicom_metadata(csv_path, set(n.lower() for n in names)))
         super().__init__(csv_path, self.rel_paths, labels, metadata, input_cfg, task)
@@ -212,6 +240,55 @@ class ManifestDataset(AuditDataset):
 
     def describe_sample(self, index: int) -> str:
         return f"{self.path}, row {index + 1} ({self.rel_paths[index]})"
+
+    def _find_masks(self, csv_path: Path, cells: list[str]) -> None:
+        """Resolve the 'mask' column: every file exists and is a format the readers read."""
+        for i, cell in enumerate(cells):
+            p = _resolve_row_path(csv_path.parent, cell)
+            if not p.exists():
+                raise DataError(f"{csv_path}, row {i + 1}: mask file {cell!r} does not exist (looked for {p}); fix the "
+                                "path (relative to the manifest's folder) or remove the row")
+            kind = file_kind(p)
+            if kind is None:
+                raise DataError(f"{csv_path}, row {i + 1}: mask {cell!r} is not a supported image file (supported: {SUPPORTED})")
+            self.mask_files.append(p)
+            self.mask_kinds.append(kind)
+
+    def read_label_map(self, index: int) -> np.ndarray:
+        """The 'mask' file of row ``index + 1`` as class indices ``[*spatial]`` (a single channel)."""
+        path = self.mask_files[index]
+        where = f"{self.path}, row {index + 1} (mask {path.name})"
+        try:
+            arr = READERS[self.mask_kinds[index]](path, int(self.input_cfg.dims))
+        except Exception as exc:  # decoders raise anything from OSError to zlib.error on damaged files
+            raise DataError(f"{where}: cannot read the mask ({type(exc).__name__}: {one_line(exc)}); re-export it or "
+                            "remove the row") from None
+        if arr.shape[0] != 1:
+            raise DataError(f"{where}: the mask has {arr.shape[0]} channels; a mask is one channel of class indices "
+                            "(save an RGB-coloured mask as its class indices)")
+        return arr[0]
+
+    def spacing(self, index: int) -> tuple[float, ...]:
+        """Voxel size from the image's header: NIfTI pixdim, DICOM PixelSpacing (and the slice
+        spacing of a series); 1 per axis for formats without one."""
+        dims = int(self.input_cfg.dims)
+        kind, path = self.kinds[index], self.files[index]
+        try:
+            if kind == "nifti":
+                import nibabel as nib
+
+                zooms = nib.load(path).header.get_zooms()
+                return tuple(float(z) for z in zooms[:dims])
+            if kind == "dicom" and dims == 2:
+                import pydicom
+
+                ps = pydicom.dcmread(path, stop_before_pixels=True).get("PixelSpacing")
+                if ps is not None:
+                    return (float(ps[0]), float(ps[1]))
+        except Exception as exc:
+            raise DataError(f"{self.describe_sample(index)}: cannot read the voxel spacing from the header "
+                            f"({type(exc).__name__}: {one_line(exc)})") from None
+        return (1.0,) * dims
 
     def read(self, index: int) -> np.ndarray:
         kind, path = self.kinds[index], self.files[index]

@@ -20,7 +20,7 @@ from medaudit.data import AuditDataset, resolve_dims, to_channel_first
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import looks_channels_last
-from medaudit.task import TARGET_CLASS_SET, task_of
+from medaudit.task import TARGET_CLASS_SET, TARGET_LABEL_MAP, task_of
 
 from .common import check_channel_count, dims_from_shape, finalize_labels
 
@@ -88,7 +88,8 @@ class NpzDataset(AuditDataset):
             raise DataError(f"{path}: not a readable .npz file ({one_line(exc)}); re-save it with np.savez") from None
         with zf:
             members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
-            image_key, label_key, meta_prefix = self._choose_keys(path, members)
+            label_maps = task_of(config.task).targets == TARGET_LABEL_MAP
+            image_key, label_key, meta_prefix = self._choose_keys(path, members, label_maps)
             try:
                 shape, _, dtype = _npz_member_header(zf, members[image_key])
             except (ValueError, OSError, zipfile.BadZipFile) as exc:
@@ -130,9 +131,21 @@ class NpzDataset(AuditDataset):
             check_channel_count((c, *sample_shape), input_cfg, f"{path} ({image_key!r})")
         ids = [str(i) for i in range(n)]
         labels = None
+        self._masks: np.ndarray | None = None
         if raw_labels is None:
-            self.unlabelled = f"it holds no {'test_labels' if image_key == 'test_images' else 'labels'} array " \
+            wanted = "masks" if label_maps else "labels"
+            self.unlabelled = f"it holds no {'test_' + wanted if image_key == 'test_images' else wanted} array " \
                               f"(arrays: {sorted(members)})"
+        elif label_maps:
+            spatial = sample_shape[:-1] if self.channels_last else sample_shape[len(sample_shape) - input_cfg.dims:]
+            masks = raw_labels[:, 0] if raw_labels.ndim == len(spatial) + 2 and raw_labels.shape[1] == 1 else raw_labels
+            if tuple(masks.shape[1:]) != tuple(spatial):
+                raise DataError(f"{path}: {label_key!r} has shape {tuple(raw_labels.shape)} but the images' spatial shape "
+                                f"is {tuple(spatial)} ({image_key!r} {tuple(shape)}); a mask must cover its image voxel "
+                                "for voxel: store [N, *spatial] class indices")
+            self._masks = masks
+            self.label_maps = True
+            labels, task = finalize_labels(masks, task, f"{path} ({label_key!r})", ids)
         else:
             labels, task = self._labels(raw_labels, task, f"{path} ({label_key!r})", ids)
         metadata: dict[str, list[Any]] = {}
@@ -147,10 +160,17 @@ class NpzDataset(AuditDataset):
         self.classes = list(task.classes)
 
     @staticmethod
-    def _choose_keys(path: Path, members: dict[str, str]) -> tuple[str, str | None, str]:
-        """The images, labels (None: an unlabelled set) and metadata-prefix keys."""
+    def _choose_keys(path: Path, members: dict[str, str], label_maps: bool = False) -> tuple[str, str | None, str]:
+        """The images, labels (None: an unlabelled set) and metadata-prefix keys; for a task whose
+        targets are label maps, the labels are the ``masks`` (``test_masks``) array."""
         # MedMNIST files hold train_/val_/test_ splits; an audit evaluates the test split.
         test_prefix = "test_meta_" if any(k.startswith("test_meta_") for k in members) else "meta_"
+        if label_maps:
+            for images, masks, prefix in (("images", "masks", "meta_"), ("test_images", "test_masks", test_prefix)):
+                if images in members:
+                    return images, (masks if masks in members else None), prefix
+            raise DataError(f"{path}: expected arrays 'images' and 'masks' (a segmentation task), found "
+                            f"{sorted(members) or 'none'}; re-save with np.savez(path, images=..., masks=..., meta_<column>=...)")
         if "images" in members and "labels" in members:
             return "images", "labels", "meta_"
         if "test_images" in members and "test_labels" in members:
@@ -217,6 +237,11 @@ class NpzDataset(AuditDataset):
         # np.array copies one image out of the memory map: torch needs a writable array.
         sample = np.array(self._image_array()[index])
         return to_channel_first(sample, self.input_cfg.dims, self.channels_last)
+
+    def read_label_map(self, index: int) -> np.ndarray:
+        if self._masks is None:
+            raise DataError(f"{self.path}: holds no masks")
+        return np.array(self._masks[index])
 
     def content_hash(self) -> str:
         return sha256_files([self.path])

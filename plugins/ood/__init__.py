@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from medaudit.detector import Detector
 from medaudit.hookspecs import hookimpl
+from medaudit.task import VOXEL_CLASS_SCORES, task_of
 from medaudit.sections import ReportSection
 
 from .detectors import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, OutputDetector, Spectral,
@@ -34,8 +35,11 @@ __all__ = [
 def medaudit_detectors(config: Config) -> list[Detector]:
     """The built-in detectors, with ``plugins.ood.energy_temperature`` and ``plugins.ood.knn_k``."""
     settings = config.plugin_settings("ood")
-    return [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy(), Mahalanobis(), KNN(settings.knn_k),
-            Spectral()]
+    outputs: list[OutputDetector] = [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy()]
+    if VOXEL_CLASS_SCORES in task_of(config.task).capabilities:
+        for d in outputs:
+            d.voxelwise = True  # a segmentation map: each image scores the mean of its voxels' scores
+    return [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral()]
 
 
 @hookimpl

@@ -17,6 +17,7 @@ See docs/ood.md for formulas, conventions and citations.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar, Literal
@@ -59,9 +60,23 @@ class OutputDetector(Detector):
 
     def __init__(self) -> None:
         self.output_kind: OutputKind = "logits"
+        #: The outputs are per-voxel class maps ``[B, K, *spatial]`` (a segmentation task): the
+        #: embedding is then the image's mean voxel score ``[B, 1]``, and the score that mean.
+        self.voxelwise = False
 
     def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
+        if self.voxelwise:
+            k = logits.shape[1]
+            voxels = logits.movedim(1, -1).reshape(-1, k)
+            return self.score_rows(voxels).reshape(logits.shape[0], -1).mean(dim=1, keepdim=True)
         return logits[:, None] if logits.ndim == 1 else logits
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        return embeddings[:, 0].double() if self.voxelwise else self.score_rows(embeddings)
+
+    @abstractmethod
+    def score_rows(self, embeddings: Tensor) -> Tensor:
+        """Scores ``[N]`` of rows of class scores ``[N, K]`` (samples, or a map's voxels)."""
 
     def probs(self, embeddings: Tensor) -> Tensor:
         x = two_class(embeddings.double(), self.output_kind)
@@ -75,7 +90,7 @@ class MSP(OutputDetector):
     summary = "negative maximum softmax probability"
     citation = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and Out-of-Distribution Examples, ICLR 2017"
 
-    def score(self, embeddings: Tensor) -> Tensor:
+    def score_rows(self, embeddings: Tensor) -> Tensor:
         return -self.probs(embeddings).max(dim=1).values
 
 
@@ -87,7 +102,7 @@ class MaxLogit(OutputDetector):
     summary = "negative maximum logit"
     citation = "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
 
-    def score(self, embeddings: Tensor) -> Tensor:
+    def score_rows(self, embeddings: Tensor) -> Tensor:
         return -two_class(embeddings.double()).max(dim=1).values
 
 
@@ -108,7 +123,7 @@ class Energy(OutputDetector):
             raise ValueError(f"energy temperature must be positive and finite, got {temperature}")
         self.temperature = float(temperature)
 
-    def score(self, embeddings: Tensor) -> Tensor:
+    def score_rows(self, embeddings: Tensor) -> Tensor:
         t = self.temperature
         return -t * torch.logsumexp(two_class(embeddings.double()) / t, dim=1)
 
@@ -120,7 +135,7 @@ class Entropy(OutputDetector):
     summary = "entropy of the predicted class distribution"
     citation = "Shannon entropy of the softmax output; e.g. Hendrycks et al., ICLR 2019 (outlier exposure)"
 
-    def score(self, embeddings: Tensor) -> Tensor:
+    def score_rows(self, embeddings: Tensor) -> Tensor:
         p = self.probs(embeddings)
         return -torch.special.xlogy(p, p).sum(dim=1)
 
