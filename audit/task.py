@@ -149,6 +149,17 @@ class Task(ABC):
         label maps already moved by the scenario's perturbation where it moves the anatomy.
         """
 
+    def prediction_map(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> Tensor | None:
+        """The predicted label map of each sample ``[B, *spatial]`` (uint8), for a task whose outputs
+        are maps: saved for the scenarios ``output.save_labelmaps`` names (and clean) with
+        ``--save-predictions``, and drawn in the report's overlays. None (the default): no maps."""
+        return None
+
+    def prediction_arrays(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> dict[str, np.ndarray]:
+        """The per-sample arrays ``predictions.npz`` holds for this task (``[S, N, …]`` each); by
+        default every declared quantity under its own name."""
+        return {name: value.numpy() for name, value in quantities.items()}
+
     @abstractmethod
     def check_outputs(self, outputs: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None) -> None:
         """Validate one scenario's quantities (``[N, *shape]`` each) against the targets.

@@ -76,7 +76,15 @@ def forward_spec(unit: WorkUnit, config: Config, extract: Extractor, detectors: 
     mean, std = normalisation(config, device)
     return ForwardSpec(extract, task_of(config.task), config.task, unit.output_kind, mean, std, unit.seed,
                        device, config.audit.precision, detectors, unit.model_batch_size, owners, unit.model_path,
-                       MEMORY_FORMATS[unit.memory_format], unit.pad_last)
+                       MEMORY_FORMATS[unit.memory_format], unit.pad_last, saved_maps(config))
+
+
+def saved_maps(config: Config) -> frozenset[str]:
+    """The scenarios whose predicted label maps an audit keeps: with ``output.save_predictions``,
+    clean and those ``output.save_labelmaps`` names (a task without maps keeps none anyway)."""
+    if not config.output.save_predictions:
+        return frozenset()
+    return frozenset({"clean", *config.output.save_labelmaps})
 
 
 def _selected(unit: WorkUnit, scenarios: Sequence[Scenario], detectors: Sequence[Detector]) -> tuple[list[Scenario], list[Detector]]:

@@ -30,6 +30,7 @@ class ForwardResult:
     failures: dict[str, str] = field(default_factory=dict)  # scenario id -> why it was left out
     failed_detectors: dict[str, str] = field(default_factory=dict)
     memory_format: str = "contiguous"  # of the forward passes: "contiguous" or "channels_last"
+    maps: dict[str, Tensor] = field(default_factory=dict)  # scenario -> predicted label maps [N, *spatial]
 
     @property
     def probs(self) -> Tensor:
@@ -88,8 +89,10 @@ def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], det
     params = {sid: {k: torch.cat([u.params[sid][k] for u in holding[sid]]) for k in holding[sid][0].params.get(sid, {})}
               for sid in ids}
     seconds = {sid: sum(u.seconds.get(sid, 0.0) for u in holding[sid]) for sid in ids}
+    maps = {sid: torch.cat([u.maps.pop(sid) for u in holding[sid]]) for sid in ids
+            if holding[sid] and all(sid in u.maps for u in holding[sid])}
     units.clear()
     del holding
     release_free_memory()  # the units' parts, now merged
     return ForwardResult(scenarios, outputs, embeddings, params, seconds, output_kind, resumed, failures,
-                         failed_detectors, memory_format)
+                         failed_detectors, memory_format, maps)

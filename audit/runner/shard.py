@@ -55,6 +55,8 @@ class UnitOutputs:
     embeddings: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     params: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Predicted label maps [n, *spatial] uint8 of the scenarios ForwardSpec.save_maps names.
+    maps: dict[str, Tensor] = field(default_factory=dict)
     # Plugin failures: scenario id -> message (a perturbation raised), detector -> message (embed raised).
     failed: dict[str, str] = field(default_factory=dict)
     failed_detectors: dict[str, str] = field(default_factory=dict)
@@ -83,6 +85,7 @@ class ForwardSpec:
     model_path: str = "the model"
     memory_format: torch.memory_format | None = None
     pad_last: bool = False  # zero-pad a short last chunk (a model with a fixed batch size)
+    save_maps: frozenset[str] = frozenset()  # scenarios whose predicted label maps are kept (Task.prediction_map)
 
 
 def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: Perturbation | None,
@@ -162,7 +165,8 @@ class _ShardRows:
         """Write ``value`` ``[B, ...]`` at rows ``offset..offset+B``; ValueError if its shape changed."""
         buf = self.rows.get(key)
         if buf is None:
-            buf = self.rows[key] = value.new_full((self.n, *value.shape[1:]), float("nan"))
+            fill = float("nan") if value.is_floating_point() else 0
+            buf = self.rows[key] = value.new_full((self.n, *value.shape[1:]), fill)
         if value.shape[1:] != buf.shape[1:]:
             raise ValueError(f"per-sample shape {tuple(value.shape[1:])} differs from the earlier batches' "
                              f"{tuple(buf.shape[1:])}")
@@ -263,6 +267,10 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
                        spec.task.reduce(out, spec.output_kind, spec.task_config, scenario_targets))  # type: ignore[arg-type]
             for name, value in reduced.items():
                 rows.put(("outputs", name, scenario.id), offset, value)
+            if scenario.id in spec.save_maps:
+                labelmap = spec.task.prediction_map(out, spec.output_kind, spec.task_config)  # type: ignore[arg-type]
+                if labelmap is not None:
+                    rows.put(("maps", scenario.id), offset, labelmap)
             for d in spec.detectors:
                 if (d.needs == "features" and feats is None) or d.name in failed_detectors:
                     continue
@@ -318,5 +326,6 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
         embeddings={sid: {name: rows.pop(key) for name in detector_names if (key := ("embeddings", sid, name)) in rows.rows}
                     for sid in kept},
         params={sid: {k: rows.pop(("params", sid, k)) for k in param_keys[sid]} for sid in kept},
+        maps={sid: rows.pop(key) for sid in kept if (key := ("maps", sid)) in rows.rows},
         seconds=seconds, failed=failed, failed_detectors=failed_detectors,
     )

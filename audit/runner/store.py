@@ -51,6 +51,8 @@ def to_arrays(outputs: UnitOutputs) -> dict[str, np.ndarray]:
     for sid, pp in outputs.params.items():
         for name, t in pp.items():
             arrays[f"param|{sid}|{name}"] = t.numpy()
+    for sid, t in outputs.maps.items():
+        arrays[f"map|{sid}"] = t.numpy()
     for sid, msg in outputs.failed.items():
         arrays[f"fail|{sid}"] = np.asarray(msg)
     for det, msg in outputs.failed_detectors.items():
@@ -75,6 +77,8 @@ def from_arrays(start: int, stop: int, arrays: dict[str, np.ndarray]) -> UnitOut
         elif kind == "param":
             sid, _, name = rest.partition("|")
             out.params.setdefault(sid, {})[name] = torch.from_numpy(arr)
+        elif kind == "map":
+            out.maps[rest] = torch.from_numpy(arr)
         elif kind == "sec":
             out.seconds[rest] = float(arr)
         elif kind == "fail":

@@ -1,0 +1,121 @@
+"""Voxel-level calibration of segmentation maps, kept per image as sufficient statistics.
+
+The metrics are over voxels — every voxel of every image a sample, with the same definitions as
+the classification task's (:mod:`medaudit.binning`: equal-width bins, confidences clipped to
+``[eps, 1 − eps]`` as netcal does, a confidence of 1 in the last bin) — but the bootstrap resamples
+*images*. So the forward loop keeps, per image, bin counts and sums (:func:`calibration_stats`),
+and the metrics are computed from their weighted sums over images (:func:`calibration_from_stats`):
+an integer weight ``w`` on an image is exactly that image repeated ``w`` times. Sums are float64:
+float32 loses whole voxels past 2²⁴ per bin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medaudit.binning import bin_index, clip_confidence, ece_mce_ace_from_bins, equal_width_edges
+from medaudit.weighted import safe_div
+
+
+def _binned(index: Tensor, n_bins: int, *values: Tensor) -> Tensor:
+    """Per-image sums over voxels into bins: ``index`` ``[B, V]`` (or ``[B, K, V]``), values of the
+    same shape → ``[B, (K,) n_bins, len(values)]`` float64."""
+    out = torch.zeros(*index.shape[:-1], n_bins, len(values), dtype=torch.float64, device=index.device)
+    for j, v in enumerate(values):
+        out[..., j].scatter_add_(-1, index, v.double())
+    return out
+
+
+def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-image sufficient statistics of the voxel calibration metrics.
+
+    Parameters
+    ----------
+    probs : Tensor ``[B, K, *S]``, class probabilities per voxel (rows over K sum to 1)
+    ref : Tensor ``[B, *S]`` int, the reference classes
+    n_bins : int
+    band : Tensor ``[B, *S]`` bool, optional
+        Voxels of the boundary band (:func:`boundary_band`).
+
+    Returns
+    -------
+    dict: ``top`` ``[B, n_bins, 3]`` (voxels, confidence sum, hit sum of the top label),
+    ``classwise`` ``[B, K, n_bins, 3]`` (voxels, sum of p_k, sum of 1[y = k]), ``band`` like
+    ``top`` over the band's voxels (zeros without one), ``brier``, ``nll`` (sums over voxels),
+    ``voxels``, ``entropy`` and ``msp`` (means over voxels), each ``[B]``.
+    """
+    b, k = probs.shape[:2]
+    p = probs.reshape(b, k, -1)
+    y = ref.reshape(b, -1).long()
+    edges = equal_width_edges(n_bins, probs.device)
+    clipped = clip_confidence(p)  # [B, K, V] float64
+    conf, pred = clipped.max(dim=1)
+    hit = (pred == y).double()
+    top_index = bin_index(conf, edges)
+    ones = torch.ones_like(conf)
+    top = _binned(top_index, n_bins, ones, conf, hit)
+    onehot = F.one_hot(y, k).movedim(-1, 1).double()  # [B, K, V]
+    classwise = _binned(bin_index(clipped, edges), n_bins, torch.ones_like(clipped), clipped, onehot)
+    if band is None:
+        band_stats = torch.zeros_like(top)
+    else:
+        inside = band.reshape(b, -1).double()
+        band_stats = _binned(top_index, n_bins, inside, conf * inside, hit * inside)
+    pd = p.double()
+    eps = torch.finfo(probs.dtype).eps
+    p_true = pd.gather(1, y[:, None])[:, 0]
+    return {
+        "top": top, "classwise": classwise, "band": band_stats,
+        "brier": ((pd - onehot) ** 2).sum(dim=(1, 2)),
+        "nll": -torch.log(p_true.clamp(min=eps)).sum(dim=1),
+        "voxels": torch.full((b,), float(y.shape[1]), dtype=torch.float64, device=probs.device),
+        "entropy": -torch.special.xlogy(pd, pd).sum(dim=1).mean(dim=1),
+        "msp": pd.amax(dim=1).mean(dim=1),
+    }
+
+
+def boundary_band(pred_labels: Tensor, width: int) -> Tensor:
+    """Voxels within ``width`` voxels (Chebyshev distance, a ``(2w+1)``-cube) of a predicted
+    boundary, ``[B, *S]`` bool. A boundary voxel has a face neighbour of another predicted class;
+    the image border is not a boundary."""
+    nd = pred_labels.ndim - 1
+    lab = pred_labels.long()
+    boundary = torch.zeros_like(lab, dtype=torch.bool)
+    for axis in range(1, nd + 1):
+        n = lab.shape[axis]
+        differs = lab.narrow(axis, 0, n - 1) != lab.narrow(axis, 1, n - 1)
+        boundary.narrow(axis, 0, n - 1).logical_or_(differs)
+        boundary.narrow(axis, 1, n - 1).logical_or_(differs)
+    pool = F.max_pool2d if nd == 2 else F.max_pool3d
+    return pool(boundary[:, None].float(), 2 * width + 1, stride=1, padding=width)[:, 0] > 0
+
+
+def calibration_from_stats(stats: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
+    """``ece``, ``classwise_ece``, ``brier``, ``nll`` and ``boundary_ece`` ``[R]`` from per-image
+    statistics ``[N, …]`` (:func:`calibration_stats`) and image weights ``[R, N]``."""
+    w = weights.double()
+    top = torch.einsum("rn,nbj->rbj", w, stats["top"].double())
+    ece = ece_mce_ace_from_bins(top[..., 0], top[..., 1], top[..., 2])[0]
+    band = torch.einsum("rn,nbj->rbj", w, stats["band"].double())
+    boundary_ece = ece_mce_ace_from_bins(band[..., 0], band[..., 1], band[..., 2])[0]
+    cw = torch.einsum("rn,nkbj->rkbj", w, stats["classwise"].double())
+    voxels = w @ stats["voxels"].double()
+    per_class = safe_div((cw[..., 2] - cw[..., 1]).abs().sum(dim=2), voxels[:, None].expand(-1, cw.shape[1]))
+    return {"ece": ece, "classwise_ece": per_class.mean(dim=1), "boundary_ece": boundary_ece,
+            "brier": safe_div(w @ stats["brier"].double(), voxels), "nll": safe_div(w @ stats["nll"].double(), voxels)}
+
+
+def reliability_bins(stats: dict[str, Tensor]) -> dict[str, Any]:
+    """The voxel reliability diagram of all images: per bin the voxel count, mean confidence and
+    accuracy (None for an empty bin), JSON-ready."""
+    top = stats["top"].double().sum(dim=0)
+    n_bins = top.shape[0]
+    count = top[:, 0]
+    mean = [None if c == 0 else float(s / c) for c, s in zip(count.tolist(), top[:, 1].tolist())]
+    acc = [None if c == 0 else float(h / c) for c, h in zip(count.tolist(), top[:, 2].tolist())]
+    return {"edges": equal_width_edges(n_bins).tolist(), "count": [int(c) for c in count.tolist()],
+            "confidence": mean, "accuracy": acc}

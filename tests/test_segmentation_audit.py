@@ -1,0 +1,239 @@
+"""A segmentation audit end to end: masks through the loaders, perturbations, the task's device-side
+reduction, the metrics and the CLI, on phantoms whose right answers are known."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from medaudit.config import Config
+from medaudit.errors import DataError
+from medaudit.plugin_manager import get_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Threshold(nn.Module):
+    """A 'segmentation network' with a known answer: class 1 where the [0, 1] image is above 0.5.
+
+    Two output maps, logits ±20·(x − 0.5): the voxel's class flips exactly at the threshold and the
+    outputs are confident, so a phantom whose disc is bright gets Dice 1 on clean images.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 20.0 * (x[:, :1] - 0.5)
+        return torch.cat([-z, z], dim=1)
+
+
+def save_model(path: Path, dims: int) -> Path:
+    example = torch.rand(2, 1, *([12] * dims))
+    torch.jit.save(torch.jit.trace(Threshold(), example), str(path))
+    return path
+
+
+def disc_phantoms(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright discs (left-right symmetric about the image's centre column) on a dark background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    images, masks = [], []
+    for _ in range(n):
+        r = rng.uniform(5, 10)
+        cy = rng.uniform(12, 20)
+        inside = (yy - cy) ** 2 + (xx - size / 2) ** 2 < r ** 2
+        images.append(np.where(inside, 200, 20).astype(np.uint8))
+        masks.append(inside.astype(np.uint8))
+    return np.stack(images), np.stack(masks)
+
+
+def run_cli(args: list[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "medaudit.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+CONFIG_2D = """\
+input: {channels: 1, dims: 2, mean: [0.0], std: [1.0], intensity: {scaling: fixed, max_value: 255}}
+task: {type: segmentation, classes: [background, disc]}
+audit: {bootstrap: 50, seed: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def seg2d(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    d = tmp_path_factory.mktemp("seg2d")
+    images, masks = disc_phantoms(12)
+    np.savez(d / "discs.npz", images=images, masks=masks, meta_site=np.array(["a", "b"] * 6))
+    (d / "seg.yaml").write_text(CONFIG_2D)
+    return save_model(d / "threshold.pt", 2), d / "discs.npz", d / "seg.yaml"
+
+
+@pytest.fixture(scope="module")
+def audit2d(seg2d: tuple[Path, Path, Path]) -> dict:
+    model, data, config = seg2d
+    out = model.parent / "out"
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(config), "--out", str(out), "--quiet",
+                   "--perturbation", "geometry.flip_lr", "--perturbation", "intensity.inversion",
+                   "--perturbation", "geometry.translation", "--severities", "1,5",
+                   "--fail-on", "geometry.flip_lr@5.drop.dice>0.05"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    return json.loads((out / "results.json").read_text())
+
+
+def scenario(results: dict, sid: str) -> dict:
+    return next(s for s in results["scenarios"] if s["id"] == sid)
+
+
+def test_clean_phantoms_score_perfectly(audit2d: dict) -> None:
+    clean = scenario(audit2d, "clean")["metrics"]
+    assert clean["dice"]["value"] == pytest.approx(1.0)
+    assert clean["dice/disc"]["value"] == pytest.approx(1.0)
+    assert clean["iou"]["value"] == pytest.approx(1.0)
+    assert clean["hd95"]["value"] == pytest.approx(0.0)
+    assert clean["nsd"]["value"] == pytest.approx(1.0)
+    assert clean["volume_error"]["value"] == pytest.approx(0.0)
+    for key in ("ece", "classwise_ece", "brier", "nll", "boundary_ece"):
+        assert key in clean and clean[key]["value"] >= 0
+    assert "dice/background" not in clean  # the background is not a structure the audit scores
+    assert audit2d["model"]["task"] == "segmentation"
+    assert audit2d["dataset"]["class_counts"] == {"background": 12, "disc": 12}  # images holding each class
+
+
+def test_a_geometric_perturbation_moves_the_mask_with_the_image(audit2d: dict) -> None:
+    # the discs are symmetric about the flip axis: image and mask flip together, Dice stays 1
+    flip = scenario(audit2d, "geometry.flip_lr@5")
+    assert flip["metrics"]["dice"]["value"] == pytest.approx(1.0)
+    assert audit2d["checks"][0]["passed"] is True
+    # a translation moves the disc off its original place: if the mask stayed, Dice would fall
+    moved = scenario(audit2d, "geometry.translation@5")["metrics"]["dice"]["value"]
+    assert moved > 0.97
+
+
+def test_an_intensity_perturbation_never_touches_the_mask(audit2d: dict) -> None:
+    # inverted intensities: the threshold model labels the background as disc; the reference stays
+    inverted = scenario(audit2d, "intensity.inversion@5")
+    assert inverted["metrics"]["dice"]["value"] < 0.5
+    assert inverted["drop"]["dice"]["significant"] is True
+
+
+def test_output_detectors_score_maps_per_image(audit2d: dict) -> None:
+    ood = scenario(audit2d, "intensity.inversion@5")["ood"]
+    assert {"msp", "entropy", "energy"} <= set(ood)
+
+
+def test_model_output_of_another_size_is_an_error_naming_both_shapes(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.nn.functional.avg_pool2d(x[:, :1], 2)
+            return torch.cat([-z, z], dim=1)
+
+    model = tmp_path / "pool.pt"
+    torch.jit.save(torch.jit.trace(Pool(), torch.rand(2, 1, 8, 8)), str(model))
+    _, data, config = seg2d
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(config), "--out", str(tmp_path / "o"),
+                   "--quiet", "--perturbation", "intensity.gamma", "--severities", "1"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "(16, 16)" in res.stderr and "(32, 32)" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _manifest(tmp_path: Path, masks: list[np.ndarray], shapes_ok: bool = True) -> Path:
+    images, _ = disc_phantoms(len(masks))
+    rows = ["path,mask,site"]
+    for i, m in enumerate(masks):
+        Image.fromarray(images[i]).save(tmp_path / f"img{i}.png")
+        Image.fromarray(m.astype(np.uint8)).save(tmp_path / f"mask{i}.png")
+        rows.append(f"img{i}.png,mask{i}.png,s{i % 2}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "manifest.csv"
+
+
+def _open(path: Path, classes: list[str]) -> object:
+    cfg = Config.model_validate({"input": {"channels": 1, "dims": 2}, "task": {"type": "segmentation", "classes": classes}})
+    pm = get_plugin_manager()
+    from medaudit.audit import open_dataset
+    from medaudit.task import bind_task
+
+    bind_task(cfg, pm.tasks())
+    return open_dataset(pm, path, cfg)
+
+
+def test_manifest_mask_column_reads_label_maps(tmp_path: Path) -> None:
+    _, masks = disc_phantoms(4)
+    ds = _open(_manifest(tmp_path, list(masks)), ["background", "disc"])
+    x, index, extras = ds[2]  # type: ignore[index]
+    assert extras["labels"].shape == (32, 32) and torch.equal(extras["labels"].long(), torch.from_numpy(masks[2]).long())
+    assert extras["spacing"].tolist() == [1.0, 1.0]
+    assert ds.metadata == {"site": ["s0", "s1", "s0", "s1"]}  # type: ignore[attr-defined]
+
+
+def test_mask_with_a_value_outside_the_classes_names_file_and_row(tmp_path: Path) -> None:
+    _, masks = disc_phantoms(3)
+    masks[1][0, 0] = 7
+    with pytest.raises(DataError, match=r"row 2.* mask value 7, but task.classes names 2 classes"):
+        _open(_manifest(tmp_path, list(masks)), ["background", "disc"])
+
+
+def test_missing_mask_file_names_the_row(tmp_path: Path) -> None:
+    _, masks = disc_phantoms(2)
+    manifest = _manifest(tmp_path, list(masks))
+    (tmp_path / "mask1.png").unlink()
+    with pytest.raises(DataError, match=r"row 2: mask file 'mask1.png' does not exist"):
+        _open(manifest, ["background", "disc"])
+
+
+def test_mask_of_another_shape_is_an_error_through_the_cli(tmp_path: Path) -> None:
+    _, masks = disc_phantoms(3)
+    bad = list(masks)
+    bad[2] = np.zeros((16, 16), dtype=np.uint8)
+    manifest = _manifest(tmp_path, bad)
+    (tmp_path / "seg.yaml").write_text(CONFIG_2D)
+    model = save_model(tmp_path / "m.pt", 2)
+    res = run_cli(["run", str(model), "--data", str(manifest), "--config", str(tmp_path / "seg.yaml"),
+                   "--out", str(tmp_path / "o"), "--quiet", "--perturbation", "intensity.gamma", "--severities", "1"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "row 3" in res.stderr and "(16, 16)" in res.stderr and "(32, 32)" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_npz_masks_of_another_shape_are_refused(tmp_path: Path) -> None:
+    images, masks = disc_phantoms(3)
+    np.savez(tmp_path / "d.npz", images=images, masks=masks[:, :16])
+    with pytest.raises(DataError, match=r"'masks' has shape \(3, 16, 32\) but the images' spatial shape is \(32, 32\)"):
+        _open(tmp_path / "d.npz", ["background", "disc"])
+
+
+def test_3d_nifti_segmentation_audit_end_to_end(tmp_path: Path) -> None:
+    """Spheres in anisotropic NIfTI volumes: spacing from the header reaches the surface metrics."""
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:12, :16, :16] + 0.5
+    rows = ["path,mask"]
+    for i in range(6):
+        r = rng.uniform(3, 5)
+        inside = (zz - 6) ** 2 + (yy - 8) ** 2 + (xx - 8) ** 2 < r ** 2
+        affine = np.diag([2.0, 1.0, 1.0, 1.0])
+        nib.save(nib.Nifti1Image(np.where(inside, 200, 20).astype(np.float32), affine), tmp_path / f"v{i}.nii.gz")
+        nib.save(nib.Nifti1Image(inside.astype(np.uint8), affine), tmp_path / f"m{i}.nii.gz")
+        rows.append(f"v{i}.nii.gz,m{i}.nii.gz")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "seg.yaml").write_text(CONFIG_2D.replace("dims: 2", "dims: 3"))
+    model = save_model(tmp_path / "m.pt", 3)
+    out = tmp_path / "out"
+    res = run_cli(["run", str(model), "--data", str(tmp_path / "manifest.csv"), "--config", str(tmp_path / "seg.yaml"),
+                   "--out", str(out), "--quiet", "--perturbation", "geometry.rotation", "--perturbation", "mri.noise",
+                   "--severities", "3"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    results = json.loads((out / "results.json").read_text())
+    clean = scenario(results, "clean")["metrics"]
+    assert clean["dice"]["value"] == pytest.approx(1.0)
+    rotated = scenario(results, "geometry.rotation@3")["metrics"]
+    assert rotated["dice"]["value"] > 0.85  # the mask turned with the sphere (nearest vs linear at the rim)
+    assert scenario(results, "mri.noise@3")["metrics"]["hd95"]["value"] >= 0
