@@ -34,6 +34,7 @@ from .perturbation import Perturbation
 from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
+from .runner.executor import saved_maps
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
@@ -215,6 +216,10 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
         warnings += [WarningRecord(code="suite-joined", plugin=provider, message=m)
                      for m in pm.suite_warnings(catalogue, plugin=provider)]
     scenarios, perturbations = plan_scenarios(config, catalogue)
+    unknown_maps = sorted(set(config.output.save_labelmaps) - {s.id for s in scenarios})
+    if unknown_maps:
+        raise ConfigError(f"output.save_labelmaps: {unknown_maps} are not scenarios of this audit; name scenario ids "
+                          f"such as {scenarios[-1].id!r} (clean is always saved)")
     # Which plugin contributed each object, so a failure during the audit can name it.
     owners: dict[object, str] = {name: plugin for name, (plugin, _cls) in catalogue.items()}
     metrics = []
@@ -243,7 +248,7 @@ def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
         # outputs differ in the last bits between device kinds (and "auto" picks the memory format by device)
         "device": prep.device.type,
         "scenarios": [s.id for s in prep.scenarios], "detectors": [d.name for d in prep.detectors],
-        "shard_size": shard_size,
+        "shard_size": shard_size, "maps": sorted(saved_maps(cfg)),
     })
 
 
@@ -402,7 +407,7 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
                     (stage / "tables" / name).write_text(text, encoding="utf-8")
         if cfg.output.save_predictions:
             buf = io.BytesIO()
-            np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays))
+            np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays, fwd.maps, cfg.task))
             (stage / "predictions.npz").write_bytes(buf.getvalue())
     if junit is not None:
         write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import TaskConfig
 from .outputs import AuditOutputs
+from .task import TARGET_LABEL_MAP
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -62,15 +64,24 @@ class AtomicOutputDir:
                 self.out.rmdir()
 
 
-def predictions_arrays(outputs: AuditOutputs, external: dict[str, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """The arrays of ``predictions.npz`` (documented in the README)."""
+def predictions_arrays(outputs: AuditOutputs, external: dict[str, dict[str, torch.Tensor]],
+                       maps: dict[str, torch.Tensor] | None = None,
+                       task_config: TaskConfig | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``predictions.npz`` (documented in the README). A task whose targets are
+    label maps writes its per-image metrics and the predicted label maps ``labelmaps_<scenario>``
+    of the saved scenarios instead of ``labels``."""
+    task = outputs.task
     arrays: dict[str, np.ndarray] = {
         "scenario_ids": np.array([s.id for s in outputs.scenarios]),
-        "labels": outputs.labels.numpy(),
         "sample_ids": np.array(outputs.sample_ids),
-        # every per-sample quantity the task keeps: "probs" [S, N, K] for the built-in tasks
-        **{name: value.numpy() for name, value in outputs.quantities.items()},
+        # the per-sample quantities the task keeps: "probs" [S, N, K] for the classification tasks
+        **task.prediction_arrays(outputs.quantities, task_config if task_config is not None else TaskConfig(
+            type=outputs.ctx.task, classes=list(outputs.ctx.classes))),
     }
+    if task.targets != TARGET_LABEL_MAP:
+        arrays["labels"] = outputs.labels.numpy()
+    for sid, labelmaps in (maps or {}).items():
+        arrays[f"labelmaps_{sid}"] = labelmaps.numpy()
     for name, scores in outputs.ood_scores.items():
         arrays[f"ood_{name}"] = scores.numpy()
     for set_name, tensors in external.items():

@@ -237,3 +237,35 @@ def test_3d_nifti_segmentation_audit_end_to_end(tmp_path: Path) -> None:
     rotated = scenario(results, "geometry.rotation@3")["metrics"]
     assert rotated["dice"]["value"] > 0.85  # the mask turned with the sphere (nearest vs linear at the rim)
     assert scenario(results, "mri.noise@3")["metrics"]["hd95"]["value"] >= 0
+
+
+def test_predictions_hold_per_image_metrics_and_the_saved_label_maps(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
+    model, data, _ = seg2d
+    out = tmp_path / "out"
+    config = tmp_path / "seg.yaml"
+    config.write_text(CONFIG_2D + "output: {save_labelmaps: [intensity.inversion@5]}\n")
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(config), "--out", str(out), "--quiet",
+                   "--perturbation", "geometry.flip_lr", "--perturbation", "intensity.inversion", "--severities", "5",
+                   "--save-predictions"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    with np.load(out / "predictions.npz", allow_pickle=False) as npz:
+        keys = set(npz.files)
+        assert {"dice", "dice_per_class", "hd95", "labelmaps_clean", "labelmaps_intensity.inversion@5"} <= keys
+        assert "labels" not in keys and "probs" not in keys and "labelmaps_geometry.flip_lr@5" not in keys
+        ids = list(npz["scenario_ids"])
+        assert npz["dice"].shape == (3, 12) and npz["dice_per_class"].shape == (3, 12, 2)
+        np.testing.assert_allclose(npz["dice"][ids.index("clean")], 1.0)
+        clean = npz["labelmaps_clean"]
+        assert clean.dtype == np.uint8 and clean.shape == (12, 32, 32)
+        _, masks = disc_phantoms(12)
+        np.testing.assert_array_equal(clean, masks)  # the threshold model reproduces the discs
+        np.testing.assert_array_equal(npz["labelmaps_intensity.inversion@5"], 1 - masks)
+
+
+def test_unknown_scenario_in_save_labelmaps_is_a_config_error(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
+    model, data, _ = seg2d
+    config = tmp_path / "seg.yaml"
+    config.write_text(CONFIG_2D + "output: {save_labelmaps: [mri.motion@9]}\n")
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(config), "--out", str(tmp_path / "o"),
+                   "--quiet", "--perturbation", "intensity.gamma", "--severities", "1", "--save-predictions"])
+    assert res.returncode == 2 and "output.save_labelmaps" in res.stderr and "mri.motion@9" in res.stderr

@@ -150,6 +150,23 @@ class SegmentationTask(Task):
                        "entropy": stats["entropy"], "msp": stats["msp"]})
         return {name: value.float() for name, value in result.items()}
 
+    def prediction_map(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> Tensor | None:
+        """The arg-max class of every voxel (the most probable structure for sigmoid outputs), uint8."""
+        return out.argmax(dim=1).to(torch.uint8)
+
+    def prediction_arrays(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> dict[str, np.ndarray]:
+        """``dice``, ``iou``, … ``[S, N]`` (each image's mean over foreground classes) with
+        ``<name>_per_class`` ``[S, N, K]``, and the per-image ``entropy`` and ``msp``; the voxel
+        calibration statistics stay internal."""
+        fg = [k for k in range(len(cfg.classes)) if k != cfg.background]
+        arrays: dict[str, np.ndarray] = {}
+        for name in PER_CLASS:
+            values = quantities[name]
+            arrays[name] = torch.nanmean(values[..., fg], dim=-1).numpy()
+            arrays[f"{name}_per_class"] = values.numpy()
+        arrays.update({name: quantities[name].numpy() for name in ("entropy", "msp")})
+        return arrays
+
     def check_outputs(self, outputs: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None) -> None:
         n = targets.shape[0]
         for name, value in outputs.items():

@@ -1,0 +1,153 @@
+"""The segmentation kernels against independent references: MONAI's metrics and scipy's EDT for
+the overlap and surface measures, medaudit's per-sample calibration metrics (themselves tested
+against netcal) and scikit-learn for the voxel calibration statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric, SurfaceDistanceMetric
+from netcal.metrics import ECE
+from scipy import ndimage
+from sklearn.metrics import log_loss
+
+from medaudit.metric import MetricContext
+from medaudit.plugins.calibration.metrics import CalibrationMetrics
+from medaudit.plugins.segmentation.measures import distance_to, edges, one_hot, overlap, surface_metrics
+from medaudit.plugins.segmentation.voxel_calibration import boundary_band, calibration_from_stats, calibration_stats
+
+CASES = [((3, 32, 40), (1.0, 0.7)), ((2, 12, 16, 20), (2.5, 1.0, 0.8)), ((2, 20, 24), (1.0, 1.0))]
+
+
+def blobs(shape: tuple[int, ...], seed: int, k: int = 3) -> torch.Tensor:
+    """Label maps of smooth random blobs (thresholded smoothed noise), classes 0..k-1."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for _ in range(shape[0]):
+        a = ndimage.gaussian_filter(rng.random(shape[1:]), 2)
+        maps.append(np.digitize(a, np.quantile(a, np.linspace(0, 1, k + 1)[1:-1])))
+    return torch.from_numpy(np.stack(maps))
+
+
+@pytest.mark.parametrize("shape,spacing", CASES)
+def test_overlap_and_surface_measures_equal_monai(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    pred, ref = one_hot(blobs(shape, 1), 3), one_hot(blobs(shape, 2), 3)
+    sp = torch.tensor([spacing] * shape[0])
+    ov = overlap(pred, ref)
+    sm = surface_metrics(pred, ref, sp, 1.0)
+    p, r = pred.float(), ref.float()
+    torch.testing.assert_close(ov["dice"], DiceMetric(include_background=True, reduction="none")(p, r))
+    torch.testing.assert_close(ov["iou"], MeanIoU(include_background=True, reduction="none")(p, r))
+    kw = {"include_background": True, "reduction": "none"}
+    torch.testing.assert_close(sm["hd95"], HausdorffDistanceMetric(percentile=95, **kw)(p, r, spacing=list(spacing)),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sm["assd"], SurfaceDistanceMetric(symmetric=True, **kw)(p, r, spacing=list(spacing)),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sm["nsd"], SurfaceDiceMetric(class_thresholds=[1.0] * 3, **kw)(p, r, spacing=list(spacing)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_edges_and_distance_equal_scipy_with_a_border_object() -> None:
+    mask = torch.zeros(1, 1, 10, 12, dtype=torch.bool)
+    mask[0, 0, 0:4, 3:9] = True  # touches the top border: its border row is boundary (zero padding)
+    mask[0, 0, 7, 10] = True  # a single voxel is its own boundary
+    e = edges(mask)
+    expected = mask[0, 0].numpy() & ~ndimage.binary_erosion(mask[0, 0].numpy(), border_value=0)
+    np.testing.assert_array_equal(e[0, 0].numpy(), expected)
+    d = distance_to(e, torch.tensor([[1.5, 0.5]]))
+    np.testing.assert_allclose(d[0, 0].numpy(), ndimage.distance_transform_edt(~expected, sampling=(1.5, 0.5)), rtol=1e-5)
+    assert torch.isinf(distance_to(torch.zeros(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 2))).all()
+
+
+@pytest.mark.parametrize("ignore_empty", [True, False])
+def test_empty_classes_follow_monai_for_overlap(ignore_empty: bool) -> None:
+    ref = torch.zeros(3, 8, 8, dtype=torch.int64)
+    pred = torch.zeros(3, 8, 8, dtype=torch.int64)
+    ref[0, 2:5, 2:5] = 1  # image 0: class 1 in the reference only
+    pred[1, 2:5, 2:5] = 1  # image 1: class 1 in the prediction only; image 2: absent from both
+    p, r = one_hot(pred, 2), one_hot(ref, 2)
+    ov = overlap(p, r, ignore_empty=ignore_empty)
+    monai = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)(p.float(), r.float())
+    torch.testing.assert_close(ov["dice"], monai, equal_nan=True)
+    sm = surface_metrics(p, r, torch.ones(3, 2), 1.0)
+    assert torch.isinf(sm["hd95"][0, 1]) and torch.isinf(sm["hd95"][1, 1]) and torch.isnan(sm["hd95"][2, 1])
+    assert sm["nsd"][0, 1] == 0 and torch.isnan(sm["nsd"][2, 1])
+    assert torch.isnan(ov["volume_error"][2, 1]) and ov["volume_error"][0, 1] == 1.0
+
+
+def softmax_maps(shape: tuple[int, ...], k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(shape[0], k, *shape[1:], generator=g), dim=1)
+    probs[(0, slice(None)) + (0,) * (len(shape) - 1)] = torch.tensor([1.0] + [0.0] * (k - 1))  # a confidence of exactly 1: the last bin
+    ref = torch.randint(0, k, (shape[0], *shape[1:]), generator=g)
+    return probs, ref
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 11), (3, 5, 6, 7)])
+def test_voxel_calibration_equals_per_sample_metrics_on_the_voxels(shape: tuple[int, ...]) -> None:
+    probs, ref = softmax_maps(shape, 3, 0)
+    stats = calibration_stats(probs, ref, 15)
+    ones = torch.ones(1, shape[0])
+    got = calibration_from_stats(stats, ones)
+    flat_p = probs.movedim(1, -1).reshape(-1, 3)
+    flat_y = ref.reshape(-1)
+    ctx = MetricContext("multiclass", ("a", "b", "c"), n_bins=15)
+    per_sample = CalibrationMetrics().compute(flat_p, flat_y, torch.ones(1, flat_y.numel(), dtype=torch.float64), ctx)
+    for key in ("ece", "classwise_ece", "brier", "nll"):
+        torch.testing.assert_close(got[key], per_sample[key], rtol=1e-9, atol=1e-12)
+    # independently: netcal's ECE on top-label confidences (3 labels occur: netcal stays multiclass)
+    netcal = ECE(bins=15).measure(flat_p.double().numpy(), flat_y.numpy())
+    assert float(got["ece"][0]) == pytest.approx(netcal, abs=1e-9)
+    # scikit-learn clips a probability of 0 at float64's eps, medaudit (as netcal) at the input dtype's:
+    # compare on the voxels whose true-class probability is not 0
+    keep = flat_p[torch.arange(len(flat_y)), flat_y] > 0
+    sub = calibration_from_stats(calibration_stats(probs[1:], ref[1:], 15), torch.ones(1, shape[0] - 1))
+    rest = flat_p.reshape(shape[0], -1, 3)[1:].reshape(-1, 3).double().numpy()
+    assert bool(keep.all()) or float(sub["nll"][0]) == pytest.approx(
+        log_loss(ref[1:].reshape(-1).numpy(), rest, labels=[0, 1, 2]), rel=1e-6)
+    onehot = torch.nn.functional.one_hot(flat_y, 3).double()
+    assert float(got["brier"][0]) == pytest.approx(float(((flat_p.double() - onehot) ** 2).sum(dim=1).mean()), rel=1e-9)
+
+
+def test_integer_image_weights_equal_replicated_images() -> None:
+    probs, ref = softmax_maps((4, 8, 8), 3, 1)
+    stats = calibration_stats(probs, ref, 15, band=boundary_band(probs.argmax(dim=1), 1))
+    counts = torch.tensor([[2.0, 0.0, 1.0, 3.0]])
+    idx = torch.tensor([0, 0, 2, 3, 3, 3])
+    replicated = calibration_stats(probs[idx], ref[idx], 15, band=boundary_band(probs[idx].argmax(dim=1), 1))
+    weighted = calibration_from_stats(stats, counts)
+    plain = calibration_from_stats(replicated, torch.ones(1, 6))
+    for key in weighted:
+        torch.testing.assert_close(weighted[key], plain[key], rtol=1e-12, atol=1e-12)
+
+
+def test_boundary_band_equals_scipy_dilation_and_boundary_ece_uses_only_the_band() -> None:
+    labels = blobs((2, 20, 24), 5)
+    band = boundary_band(labels, 2)
+    for i in range(2):
+        lab = labels[i].numpy()
+        boundary = np.zeros_like(lab, dtype=bool)
+        for axis in range(2):
+            d = np.diff(lab, axis=axis) != 0
+            lo = [slice(None)] * 2
+            hi = [slice(None)] * 2
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            boundary[tuple(lo)] |= d
+            boundary[tuple(hi)] |= d
+        expected = ndimage.binary_dilation(boundary, structure=np.ones((3, 3)), iterations=2)
+        np.testing.assert_array_equal(band[i].numpy(), expected)
+    probs, ref = softmax_maps((2, 20, 24), 3, 2)
+    got = calibration_from_stats(calibration_stats(probs, ref, 15, band=band), torch.ones(1, 2))
+    inside = band.reshape(-1)
+    flat_p = probs.movedim(1, -1).reshape(-1, 3)[inside]
+    flat_y = ref.reshape(-1)[inside]
+    ctx = MetricContext("multiclass", ("a", "b", "c"), n_bins=15)
+    ece_band = CalibrationMetrics().compute(flat_p, flat_y, torch.ones(1, flat_y.numel(), dtype=torch.float64), ctx)["ece"]
+    torch.testing.assert_close(got["boundary_ece"], ece_band, rtol=1e-9, atol=1e-12)
+
+
+def test_surface_metrics_on_a_3d_volume_run_with_bounded_blocks() -> None:
+    pred, ref = one_hot(blobs((2, 64, 64, 64), 3, k=2), 2), one_hot(blobs((2, 64, 64, 64), 4, k=2), 2)
+    sm = surface_metrics(pred, ref, torch.ones(2, 3), 1.0)
+    assert sm["hd95"].shape == (2, 2) and torch.isfinite(sm["hd95"]).all()
