@@ -124,6 +124,14 @@ def test_an_intensity_perturbation_never_touches_the_mask(audit2d: dict) -> None
     assert inverted["drop"]["dice"]["significant"] is True
 
 
+def test_dice_failures_are_analysed_per_scenario(audit2d: dict) -> None:
+    seg = audit2d["analyses"]["segmentation"]
+    assert seg["failure_threshold"] == pytest.approx(0.8)  # 0.8 × the clean median Dice of 1
+    inverted = seg["failure_detection"]["intensity.inversion@5"]["mean_entropy"]
+    assert inverted["failures"] == inverted["images"] == 12  # every inverted image fails
+    assert seg["failure_detection"]["clean"]["msp"]["failures"] == 0
+
+
 def test_output_detectors_score_maps_per_image(audit2d: dict) -> None:
     ood = scenario(audit2d, "intensity.inversion@5")["ood"]
     assert {"msp", "entropy", "energy"} <= set(ood)

@@ -151,3 +151,32 @@ def test_surface_metrics_on_a_3d_volume_run_with_bounded_blocks() -> None:
     pred, ref = one_hot(blobs((2, 64, 64, 64), 3, k=2), 2), one_hot(blobs((2, 64, 64, 64), 4, k=2), 2)
     sm = surface_metrics(pred, ref, torch.ones(2, 3), 1.0)
     assert sm["hd95"].shape == (2, 2) and torch.isfinite(sm["hd95"]).all()
+
+
+def test_dice_failure_detection_equals_sklearn_auroc() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from medaudit.config import Config
+    from medaudit.outputs import AuditOutputs, Scenario
+    from medaudit.plugins.segmentation.failure import failure_analysis
+
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    dice_fg = torch.rand(n, generator=g)
+    dice = torch.stack([torch.ones(n), dice_fg], dim=1)[None]  # [1, N, 2]; class 0 is background
+    entropy = (1 - dice_fg + 0.3 * torch.rand(n, generator=g))[None]
+    score = torch.rand(1, n, generator=g)
+    score[0, :5] = float("nan")  # samples that fitted a cross-fitted detector carry no weight
+    cfg = Config.model_validate({"task": {"type": "segmentation", "classes": ["bg", "fg"]}})
+    ctx = MetricContext("segmentation", ("bg", "fg"))
+    outputs = AuditOutputs([Scenario.clean()], [str(i) for i in range(n)], torch.zeros(n, 2), None, {}, [], ctx,
+                           torch.ones(1, n), 0.95, 0, {"knn": score}, quantities={"dice": dice, "entropy": entropy})
+    result = failure_analysis(outputs, cfg)
+    threshold = 0.8 * float(torch.median(dice_fg))  # torch's lower median, as nanmedian
+    assert result["failure_threshold"] == pytest.approx(threshold)
+    failed = (dice_fg < threshold).numpy()
+    got = result["failure_detection"]["clean"]
+    assert got["mean_entropy"]["auroc"]["value"] == pytest.approx(roc_auc_score(failed, entropy[0].numpy()))
+    assert got["knn"]["auroc"]["value"] == pytest.approx(roc_auc_score(failed[5:], score[0, 5:].numpy()))
+    assert got["knn"]["images"] == n - 5 and got["mean_entropy"]["failures"] == int(failed.sum())
+    assert result["uncertainty_dice_correlation"]["clean"] < -0.5  # more uncertain where Dice is low
