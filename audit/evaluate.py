@@ -167,8 +167,11 @@ def build_results(
     ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, n_bins,
                         cfg.task.target_specificity)
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
-    records = list(warnings) + [WarningRecord(code="small-sample", scenario="clean", message=w)
-                                for w in small_n_warnings(labels, list(cfg.task.classes), "clean")]
+    # a label-map task's labels say which classes each mask holds: per-class sample counts (meant for
+    # AUROC, sensitivity) do not apply, only the number of images the bootstrap resamples
+    small = (small_n_warnings(labels, list(cfg.task.classes), "clean") if task.targets != TARGET_LABEL_MAP else
+             [f"clean: {n} images (< 30); bootstrap intervals over images are unreliable"] if n < 30 else [])
+    records = list(warnings) + [WarningRecord(code="small-sample", scenario="clean", message=w) for w in small]
     ids = [s.id for s in fwd.scenarios]
     # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
     # The same weights (drawn on the CPU from the seed) are used wherever they run.

@@ -277,3 +277,11 @@ def test_unknown_scenario_in_save_labelmaps_is_a_config_error(tmp_path: Path, se
     res = run_cli(["run", str(model), "--data", str(data), "--config", str(config), "--out", str(tmp_path / "o"),
                    "--quiet", "--perturbation", "intensity.gamma", "--severities", "1", "--save-predictions"])
     assert res.returncode == 2 and "output.save_labelmaps" in res.stderr and "mri.motion@9" in res.stderr
+
+
+def test_report_has_the_segmentation_section(audit2d: dict, seg2d: tuple[Path, Path, Path]) -> None:
+    html = (seg2d[0].parent / "out" / "report.html").read_text()
+    assert 'id="segmentation"' in html
+    assert "Dice per class against severity" in html and "Voxel reliability diagram" in html
+    assert (seg2d[0].parent / "out" / "tables" / "segmentation-failure_detection.csv").is_file()
+    assert "<script" not in html.lower()

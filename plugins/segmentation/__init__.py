@@ -14,10 +14,12 @@ from medaudit.config import Config
 from medaudit.hookspecs import hookimpl
 from medaudit.metric import Metric
 from medaudit.outputs import AuditOutputs
+from medaudit.sections import ReportSection
 from medaudit.task import Task
 
 from .failure import failure_analysis
 from .metrics import DistanceMetrics, OverlapMetrics, VoxelCalibration
+from .report import segmentation_sections
 from .task import SegmentationTask
 
 MEDAUDIT_API_VERSION = 1
@@ -40,3 +42,8 @@ def medaudit_analyze(outputs: AuditOutputs, config: Config) -> dict[str, Any] | 
     if outputs.ctx.task != SegmentationTask.name:
         return None
     return {"segmentation": failure_analysis(outputs, config)}
+
+
+@hookimpl
+def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
+    return segmentation_sections(results)

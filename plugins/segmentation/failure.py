@@ -54,7 +54,10 @@ def failure_analysis(outputs: AuditOutputs, config: Config) -> dict[str, Any]:
                 "images": int(valid.sum())}
         entropy = outputs.quantities["entropy"][s].double()
         ok = ~torch.isnan(dice[s]) & ~torch.isnan(entropy)
-        rho = spearmanr(entropy[ok].numpy(), dice[s][ok].numpy()).statistic if int(ok.sum()) > 2 else float("nan")
+        x, y = entropy[ok], dice[s][ok]
+        # undefined for fewer than 3 images or a constant side (e.g. Dice 1 everywhere)
+        defined = len(x) > 2 and bool(x.std() > 0) and bool(y.std() > 0)
+        rho = spearmanr(x.numpy(), y.numpy()).statistic if defined else float("nan")
         correlation[scenario.id] = None if rho != rho else float(rho)
     return {"failure_threshold": threshold, "failure_threshold_source": source,
             "failure_detection": detection, "uncertainty_dice_correlation": correlation}

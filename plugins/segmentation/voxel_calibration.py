@@ -110,12 +110,14 @@ def calibration_from_stats(stats: dict[str, Tensor], weights: Tensor) -> dict[st
 
 
 def reliability_bins(stats: dict[str, Tensor]) -> dict[str, Any]:
-    """The voxel reliability diagram of all images: per bin the voxel count, mean confidence and
-    accuracy (None for an empty bin), JSON-ready."""
+    """The voxel reliability diagram of all images, in the format of the per-sample one
+    (``{"kind", "bins": [{"lower", "upper", "confidence", "accuracy", "count"}]}``; ``confidence``
+    and ``accuracy`` None for an empty bin), JSON-ready."""
     top = stats["top"].double().sum(dim=0)
-    n_bins = top.shape[0]
-    count = top[:, 0]
-    mean = [None if c == 0 else float(s / c) for c, s in zip(count.tolist(), top[:, 1].tolist())]
-    acc = [None if c == 0 else float(h / c) for c, h in zip(count.tolist(), top[:, 2].tolist())]
-    return {"edges": equal_width_edges(n_bins).tolist(), "count": [int(c) for c in count.tolist()],
-            "confidence": mean, "accuracy": acc}
+    edges = equal_width_edges(top.shape[0]).tolist()
+    bins = []
+    for b, (count, conf, hit) in enumerate(top.tolist()):
+        bins.append({"lower": edges[b], "upper": edges[b + 1], "count": int(count),
+                     "confidence": None if count == 0 else conf / count,
+                     "accuracy": None if count == 0 else hit / count})
+    return {"kind": "top-label, over voxels", "bins": bins}
