@@ -120,7 +120,7 @@ def test_unknown_task_type_names_the_available_ones(monkeypatch: pytest.MonkeyPa
     res = _cli(monkeypatch, [("ordinal", OrdinalPlugin())],
                ["run", str(MODEL), "--data", str(DATA), "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 2
-    assert "task.type: unknown task 'regression'; available: ['binary', 'multiclass', 'multilabel', 'ordinal']" in res.output
+    assert "task.type: unknown task 'regression'; available: ['binary', 'multiclass', 'multilabel', 'ordinal', 'segmentation']" in res.output
     assert not (tmp_path / "o").exists()
 
 
