@@ -88,8 +88,8 @@ def distance_to(edges: Tensor, spacing: Tensor) -> Tensor:
     """
     nd = edges.ndim - 2
     b, k = edges.shape[:2]
-    f = torch.where(edges, 0.0, float("inf")).float()
-    for axis in range(nd):
+    f = _first_axis_squared(edges, spacing[:, 0])
+    for axis in range(1, nd):
         dim = 2 + axis
         n = edges.shape[dim]
         moved = f.movedim(dim, -1)
@@ -105,6 +105,20 @@ def distance_to(edges: Tensor, spacing: Tensor) -> Tensor:
             out[:, start:start + chunk] = (part[:, :, None, :] + cost[:, None]).amin(dim=-1)
         f = out.reshape(b, k, *rest, n).movedim(-1, dim)
     return f.sqrt()
+
+
+def _first_axis_squared(edges: Tensor, spacing: Tensor) -> Tensor:
+    """Squared physical distance to the nearest True voxel along the first spatial axis (inf where
+    the line has none), in O(V): the nearest index at or before each voxel is a running maximum,
+    the one at or after a running minimum (a reversed running maximum)."""
+    n = edges.shape[2]
+    shape = [1, 1, n] + [1] * (edges.ndim - 3)
+    idx = torch.arange(n, device=edges.device, dtype=torch.float32).reshape(shape)
+    before = torch.where(edges, idx, float("-inf")).cummax(dim=2).values
+    after = -torch.where(edges, -idx, float("-inf")).flip(2).cummax(dim=2).values.flip(2)
+    gap = torch.minimum(idx - before, after - idx)  # inf where the line has no True voxel
+    s = spacing.float().reshape(-1, *[1] * (edges.ndim - 1))
+    return (gap * s) ** 2
 
 
 def _percentile(values: Tensor, count: Tensor, q: float) -> Tensor:

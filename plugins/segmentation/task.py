@@ -134,7 +134,12 @@ class SegmentationTask(Task):
             # the voxel's most probable structure, for the calibration statistics and the band
             pred_labels = probs.argmax(dim=1)
         result = dict(overlap(pred, ref, ignore_empty=cfg.ignore_empty))
-        surface = surface_metrics(pred, ref, spacing.float(), cfg.nsd_tolerance_mm)
+        # The background's surface is the foreground's seen from outside and is never reported:
+        # distances (the costly part of the reduction) are computed for the other classes only.
+        fg = [c for c in range(k) if c != cfg.background]
+        surface = {key: torch.full((out.shape[0], k), float("nan"), device=out.device) for key in ("hd95", "assd", "nsd")}
+        for key, value in surface_metrics(pred[:, fg], ref[:, fg], spacing.float(), cfg.nsd_tolerance_mm).items():
+            surface[key][:, fg] = value
         # A class present on one side only has no finite surface distance; it scores the image
         # diagonal (the largest distance possible in the field of view) rather than inf, so means
         # and confidence intervals stay finite while a missed structure still counts as the worst.
