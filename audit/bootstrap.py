@@ -23,7 +23,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .metric import Metric, MetricContext
 from .rng import stream_generator
-from .task import PROB_SUM_ATOL, Task, task_named
+from .task import ALL_QUANTITIES, PROB_SUM_ATOL, Task, task_named
 
 __all__ = [
     "PROB_SUM_ATOL",
@@ -143,7 +143,8 @@ def check_predictions(probs: Tensor, labels: Tensor, task: str | Task, weights: 
             task = task_named(task)
         except ConfigError:
             raise ValueError(f"unknown task {name!r}") from None
-    task.check_outputs({task.metric_input: probs}, labels, weights)
+    # a task whose metrics take every quantity (ALL_QUANTITIES) is handed the mapping itself
+    task.check_outputs(probs if task.metric_input == ALL_QUANTITIES else {task.metric_input: probs}, labels, weights)
 
 
 # ---------------------------------------------------------------------------------------------

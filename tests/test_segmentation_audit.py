@@ -285,3 +285,45 @@ def test_report_has_the_segmentation_section(audit2d: dict, seg2d: tuple[Path, P
     assert "Dice per class against severity" in html and "Voxel reliability diagram" in html
     assert (seg2d[0].parent / "out" / "tables" / "segmentation-failure_detection.csv").is_file()
     assert "<script" not in html.lower()
+
+
+def test_subgroups_report_dice_gaps_computed_from_the_maps(tmp_path: Path) -> None:
+    """Site 'b' images carry a dim outer ring that the reference includes but the threshold model
+    calls background: the subgroup analysis must find site b's Dice lower by exactly what the
+    maps say, and the `subgroup.site.dice_gap` gate must fail on it."""
+    images, masks = disc_phantoms(24, seed=5)
+    site = np.array(["a", "b"] * 12)
+    yy, xx = np.mgrid[:32, :32] + 0.5
+    for i in np.flatnonzero(site == "b"):
+        ring = masks[i].astype(bool)
+        # grow the reference by a 2-pixel ring the image shows at 100 (below the model's threshold)
+        grown = np.zeros_like(ring)
+        cy, cx = np.argwhere(ring).mean(axis=0) + 0.5
+        r = np.sqrt(ring.sum() / np.pi)
+        grown = (yy - cy) ** 2 + (xx - cx) ** 2 < (r + 2) ** 2
+        images[i] = np.where(ring, 200, np.where(grown, 100, 20))
+        masks[i] = grown.astype(np.uint8)
+    np.savez(tmp_path / "sites.npz", images=images, masks=masks, meta_site=site)
+    (tmp_path / "seg.yaml").write_text(CONFIG_2D + "subgroups: {attributes: [site], min_group_size: 5, permutations: 199}\n")
+    model = save_model(tmp_path / "threshold.pt", 2)
+    out = tmp_path / "out"
+    res = run_cli(["run", str(model), "--data", str(tmp_path / "sites.npz"), "--config", str(tmp_path / "seg.yaml"),
+                   "--out", str(out), "--quiet", "--perturbation", "mri.noise", "--severities", "5",
+                   "--fail-on", "subgroup.site.dice_gap>0.05"])
+    assert res.returncode == 1, res.stderr + res.stdout
+    results = json.loads((out / "results.json").read_text())
+    pred = images > 127.5  # the model's answer on clean images
+    dice = 2 * (pred & (masks == 1)).sum(axis=(1, 2)) / (pred.sum(axis=(1, 2)) + (masks == 1).sum(axis=(1, 2)))
+    groups = {(g["scenario"], g["group"]): g for g in results["subgroups"] if g["attribute"] == "site"}
+    for name in ("a", "b"):
+        assert groups[("clean", name)]["metrics"]["dice"]["value"] == pytest.approx(dice[site == name].mean(), abs=1e-9)
+    assert dice[site == "a"].mean() == pytest.approx(1.0)
+    gap = next(g for g in results["analyses"]["subgroup_gaps"] if g["scenario"] == "clean" and g["metric"] == "dice")
+    assert gap["worst_group"] == "b"
+    assert gap["gap"]["value"] == pytest.approx(dice[site == "a"].mean() - dice[site == "b"].mean(), abs=1e-9)
+    assert gap["p_value"] < 0.05
+    # the perturbed scenario reports the segmentation headline metrics per group, with drops
+    noisy = groups[("mri.noise@5", "b")]
+    assert {"dice", "nsd", "hd95"} <= set(noisy["metrics"]) and "dice" in noisy["drop"]
+    check = next(c for c in results["checks"] if c["expr"].startswith("subgroup.site.dice_gap"))
+    assert not check["passed"] and check["value"] == pytest.approx(gap["gap"]["value"], abs=1e-9)

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from medaudit.config import TaskConfig
 from medaudit.errors import DataError, ModelOutputError, OutputWidthError
-from medaudit.task import ALL_QUANTITIES, TARGET_LABEL_MAP, VOXEL_CLASS_SCORES, LabelError, OutputKind, Task, class_list
+from medaudit.task import (ALL_QUANTITIES, SUBGROUPS, TARGET_LABEL_MAP, VOXEL_CLASS_SCORES, LabelError, OutputKind, Task,
+                           class_list)
 
 from .measures import one_hot, overlap, surface_metrics
 from .voxel_calibration import boundary_band, calibration_stats
@@ -49,7 +50,7 @@ class SegmentationTask(Task):
                    "probabilities); targets are label maps (a manifest 'mask' column, or a 'masks' array)")
     targets = TARGET_LABEL_MAP
     metric_input = ALL_QUANTITIES
-    capabilities = frozenset({VOXEL_CLASS_SCORES})
+    capabilities = frozenset({VOXEL_CLASS_SCORES, SUBGROUPS})
 
     def validate_config(self, cfg: TaskConfig) -> None:
         if cfg.classes and cfg.background is not None and cfg.background >= len(cfg.classes):

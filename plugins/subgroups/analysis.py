@@ -12,12 +12,12 @@ from torch import Tensor
 from medaudit.bootstrap import evaluate, interval, paired_drop
 from medaudit.metric import MetricContext, class_names
 from medaudit.outputs import AuditOutputs, Scenario
-from medaudit.task import SINGLE_LABEL
+from medaudit.task import ALL_QUANTITIES, CLASS_PROBABILITIES, SINGLE_LABEL
 
 from .attributes import Attribute, build_attributes
 from .gaps import gap_entries
 from .permutations import Permutations, holm
-from .rows import HEADLINE, RATES, ScenarioRows, generic_rows, headline_rows, rest_rows
+from .rows import HEADLINE, RATES, MetricInput, ScenarioRows, generic_rows, headline_rows, rest_rows, take
 
 
 def analysed_scenarios(scenarios: Sequence[Scenario]) -> list[tuple[int, Scenario]]:
@@ -33,19 +33,36 @@ def analysed_scenarios(scenarios: Sequence[Scenario]) -> list[tuple[int, Scenari
     return chosen + sorted(worst.values(), key=lambda t: t[0])
 
 
-def measured_headline(outputs: AuditOutputs, scenario_index: int) -> list[str]:
-    """The :data:`HEADLINE` keys that the audit's metrics emit (one point-estimate evaluation).
+def scenario_input(outputs: AuditOutputs, scenario_index: int) -> MetricInput:
+    """What the task's metrics receive for one scenario, on the CPU: its ``metric_input``
+    quantity ``[N, …]`` (class probabilities for the classification tasks), or the mapping of
+    every quantity for a task that declares :data:`~medaudit.task.ALL_QUANTITIES` (segmentation's
+    per-image Dice, distances and voxel-calibration statistics)."""
+    name = outputs.task.metric_input
+    if name == ALL_QUANTITIES:
+        return {key: q[scenario_index].detach().cpu() for key, q in outputs.quantities.items()}
+    return outputs.quantities[name][scenario_index].detach().cpu()
 
-    Perturbed scenarios report only these, so a subgroup table never shows a metric that the
-    audit itself was not configured to compute (e.g. ECE without the calibration plugin).
+
+def measured_headline(outputs: AuditOutputs, scenario_index: int) -> list[str]:
+    """The metrics perturbed scenarios report, among those the audit's metrics emit (one
+    point-estimate evaluation), so a subgroup table never shows a metric that the audit itself
+    was not configured to compute (e.g. ECE without the calibration plugin).
+
+    Classification tasks: the :data:`HEADLINE` keys (the group-sum fast path computes them).
+    Other tasks (e.g. segmentation): each metric family's declared ``headline`` keys
+    (``dice``, ``nsd``, ``hd95``, ``ece``, …), computed through the metrics themselves.
     """
-    n = outputs.probs.shape[1]
+    n = len(outputs.sample_ids)
     if n == 0:
         return []
     ones = torch.ones(1, n)
-    _, raw = evaluate(outputs.metrics, outputs.probs[scenario_index].detach().cpu(), outputs.labels.detach().cpu(),
+    _, raw = evaluate(outputs.metrics, scenario_input(outputs, scenario_index), outputs.labels.detach().cpu(),
                       ones, outputs.ctx, outputs.confidence)
-    return [key for key in HEADLINE if key in raw]
+    if CLASS_PROBABILITIES in outputs.task.capabilities:
+        return [key for key in HEADLINE if key in raw]
+    declared = [key for m in outputs.metrics if outputs.ctx.task in m.tasks for key in m.headline]
+    return [key for key in dict.fromkeys(declared) if key in raw]
 
 
 def _class_counts(labels: Tensor, names: Sequence[str]) -> dict[str, int]:
@@ -60,13 +77,13 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     warnings: list[str] = []
     attrs = build_attributes(outputs.metadata, cfg, warnings)
     ctx = outputs.ctx
-    probs_all = outputs.probs.detach().cpu()
     labels = outputs.labels.detach().cpu()
     # float32 counts as given: every path converts its chunk of rows (a float64 copy of the whole
     # [1 + R, N] matrix was the analysis phase's peak memory at 30,000 samples)
     weights = outputs.bootstrap_weights.detach().cpu()
-    k = probs_all.shape[-1]
-    names = class_names(ctx, k)
+    # multi-hot targets (multilabel; which classes a segmentation's reference map holds) have K
+    # columns; single-label tasks name K through their class probabilities
+    names = class_names(ctx, labels.shape[1] if labels.ndim == 2 else int(outputs.probs.shape[-1]))
     # rounded so that 0.95 gives exactly 0.05 and an adjusted p of 0.05 is not "significant"
     alpha = round(1.0 - outputs.confidence, 12)
     scenarios = analysed_scenarios(outputs.scenarios)
@@ -97,7 +114,7 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         labels_e = labels[sel]
         clean_rows: ScenarioRows | None = None
         for s_index, sc in scenarios:
-            probs_e = probs_all[s_index][sel]
+            probs_e = take(scenario_input(outputs, s_index), sel)
             is_clean = s_index == clean_i
             rows = _scenario_rows(outputs, probs_e, labels_e, w_e, codes_e, n_e, perms, is_clean, fast, set(headline))
             if is_clean:
@@ -145,10 +162,11 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     return {"subgroups": subgroups, "subgroup_gaps": gaps, "subgroup_settings": settings, "warnings": warnings}
 
 
-def _scenario_rows(outputs: AuditOutputs, probs: Tensor, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,
+def _scenario_rows(outputs: AuditOutputs, probs: MetricInput, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,
                    perms: Permutations | None, is_clean: bool, fast: bool, headline: set[str]) -> ScenarioRows:
     """Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path).
-    Each group's rest (:func:`rest_rows`) is computed with the same path as the groups."""
+    Each group's rest (:func:`rest_rows`) is computed with the same path as the groups. ``probs``
+    is the task's metric input; the fast path (single-label tasks) needs class probabilities."""
     ctx, conf = outputs.ctx, outputs.confidence
     binary = ctx.task == "binary"
     if n_groups == 0:

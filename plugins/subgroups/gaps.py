@@ -38,7 +38,7 @@ def gap_entries(sc: Scenario, attr: Attribute, eligible: list[int], rows: Scenar
         boot = rows.boot[key]
         point = boot[0]
         include = torch.isfinite(point)
-        entry: dict[str, Any] = {**base, "metric": key, "kind": "calibration" if key in ("ece", "ace", "mce", "classwise_ece") else "performance",
+        entry: dict[str, Any] = {**base, "metric": key, "kind": "calibration" if key in ("ece", "ace", "mce", "classwise_ece", "boundary_ece") else "performance",
                                  "higher_is_better": higher, "n_groups": int(include.sum())}
         if int(include.sum()) < 2:
             entry.update(gap=dict(_UNDEFINED), worst_group=None, worst_value=None, best_group=None, ratio=None,

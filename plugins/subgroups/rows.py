@@ -9,8 +9,9 @@ samples of the other groups), for the worst-group-vs-rest differences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
@@ -33,6 +34,18 @@ _CHUNK_ELEMENTS = 1 << 21
 _EXACT_F32_TOTAL = 4096
 
 
+#: What a task's metrics receive: one quantity ``[N, …]`` (class probabilities), or the mapping of
+#: every per-sample quantity of a task whose ``metric_input`` is ``ALL_QUANTITIES`` (segmentation).
+MetricInput: TypeAlias = Tensor | Mapping[str, Tensor]
+
+
+def take(x: MetricInput, sel: Tensor) -> MetricInput:
+    """The samples ``sel`` (a mask or indices) of a metric input, tensor or mapping."""
+    if isinstance(x, Mapping):
+        return {key: value[sel] for key, value in x.items()}
+    return x[sel]
+
+
 @dataclass
 class ScenarioRows:
     """Per-group rows of one (scenario, attribute): bootstrap ``[1 + R, G]``, permutations ``[P, G]``
@@ -46,10 +59,10 @@ class ScenarioRows:
 
 #: ``rows(probs, labels, w, grp, n_groups) -> {key: [R, n_groups]}``: one of the two paths above with
 #: its other arguments bound (see :func:`rest_rows`).
-GroupRows = Callable[[Tensor, Tensor, Tensor, Tensor, int], dict[str, Tensor]]
+GroupRows = Callable[[MetricInput, Tensor, Tensor, Tensor, int], dict[str, Tensor]]
 
 
-def rest_rows(rows: GroupRows, probs: Tensor, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
+def rest_rows(rows: GroupRows, probs: MetricInput, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
               boot: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each metric of every group's *rest*, ``{key: [R, G]}``: column ``g`` is the metric on the
     pooled samples of every other group (``grp != g``) with the same weight rows, so a group's
@@ -66,7 +79,7 @@ def rest_rows(rows: GroupRows, probs: Tensor, labels: Tensor, w: Tensor, grp: Te
     for g in range(n_groups):
         sel = grp != g
         one = torch.zeros(int(sel.sum()), dtype=torch.int64)
-        for key, val in rows(probs[sel], labels[sel], w[:, sel], one, 1).items():
+        for key, val in rows(take(probs, sel), labels[sel], w[:, sel], one, 1).items():
             parts.setdefault(key, []).append(val[:, 0])
     return {key: torch.stack(vals, dim=1) for key, vals in parts.items()}
 
@@ -181,7 +194,7 @@ def _group_auroc(scores: Tensor, positive: Tensor, w: Tensor, grp: Tensor, n_gro
 
 
 def generic_rows(
-    metrics: Sequence[Metric], probs: Tensor, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
+    metrics: Sequence[Metric], probs: MetricInput, labels: Tensor, w: Tensor, grp: Tensor, n_groups: int,
     ctx: MetricContext, confidence: float, keep: set[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, bool]]:
     """Every metric of every group on every row via :func:`medaudit.bootstrap.evaluate`, ``{key: [R, G]}``.
@@ -200,7 +213,7 @@ def generic_rows(
             per_group: dict[str, list[Tensor]] = {}
             for g in range(n_groups):
                 sel = grp == g
-                _, raw = evaluate([metric], probs[sel], labels[sel], w[:, sel], ctx, confidence)
+                _, raw = evaluate([metric], take(probs, sel), labels[sel], w[:, sel], ctx, confidence)
                 for key, val in raw.items():
                     per_group.setdefault(key, []).append(val)
             got = {key: torch.stack(vals, dim=1) for key, vals in per_group.items()}
