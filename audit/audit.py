@@ -35,6 +35,7 @@ from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner.executor import saved_maps
+from .runner.merge import ForwardResult
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
@@ -270,6 +271,20 @@ def preview_for(prep: Prepared, left_out: set[str]) -> dict[str, str]:
         return {}
 
 
+def overlays_for(prep: Prepared, fwd: ForwardResult) -> dict[str, str]:
+    """The report's overlays of a task whose outputs are maps (:mod:`medaudit.overlays`); a set
+    that cannot be drawn is a warning, never a lost audit."""
+    from .overlays import overlay_assets
+
+    try:
+        return overlay_assets(prep.dataset, prep.config, prep.extract, prep.perturbations, fwd, prep.device)
+    except Exception as exc:  # a figure must not cost the audit its results
+        prep.warnings.append(WarningRecord(
+            code="overlays-failed",
+            message=f"the overlays of image, reference and prediction could not be drawn ({type(exc).__name__}: {exc})"))
+        return {}
+
+
 def _owner(prep: Prepared, detector: str) -> str | None:
     return next((prep.owners.get(id(d)) for d in prep.detectors if d.name == detector), None)
 
@@ -381,6 +396,7 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle) for name, ds in prep.ood_sets.items()]
     phases.lap("external")
     assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
+    assets.update(overlays_for(prep, fwd))
     phases.lap("preview")
     catalogue = [catalogue_entry(prep.owners[name], type(prep.perturbations[name])) for name in sorted(prep.perturbations)]
     evaluation = build_results(

@@ -197,7 +197,7 @@ class Timing(_Model):
         description="wall seconds of the run's phases, in order: startup (process start to the audit: interpreter, "
                     "imports, arguments; Linux only), prepare (loading, dry run), forward (perturbing "
                     "and the model, detector embeddings), external (--reference / --ood-data: forward and scoring), preview (the "
-                    "example grid), detectors, metrics (with bootstrap), analyses (subgroups and other analysis "
+                    "example grid, and the overlays of a segmentation audit), detectors, metrics (with bootstrap), analyses (subgroups and other analysis "
                     "plugins), calibration (temperature scaling), and, in results.json only, report (rendering the report)")
 
 
@@ -234,7 +234,8 @@ class Results(_Model):
                                           "and the perturbations that break a headline metric (medaudit.verdict); "
                                           "absent from older results files")
     timing: Timing | None = None
-    assets: dict[str, str] = Field(default_factory=dict, description="base64 images the report embeds")
+    assets: dict[str, str] = Field(default_factory=dict, description="base64 images the report embeds (`<name>_png`), "
+                                   "with the alt text of an overlay (`overlay_<position>_alt`)")
 
 
 def clean_floats(obj: Any) -> Any:

@@ -9,7 +9,10 @@ data set under the configured spec; when the model is near chance on them
 and normalisations and names the one under which the model does far better, as an ``alert``
 warning record (code ``preprocessing-suspect``): printed on the console and shown as the
 report's banner. The audit still runs as configured (it may be auditing a broken model on
-purpose). Single-label classification tasks only (arg-max predictions); other tasks are skipped.
+purpose). Single-label classification tasks are scored by the balanced accuracy of their arg-max
+predictions; tasks whose outputs are label maps (segmentation) by the voxel balanced accuracy of
+their predicted maps against the reference maps (every probe voxel a sample: a constant map, or
+one that ignores the image, also scores 1/K); other tasks are skipped.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import torch
 from torch import Tensor
 
 from .config import Config, IntensityConfig
-from .data import AuditDataset, preprocess
+from .data import AuditDataset, preprocess, preprocess_label_map
 from .features import Extractor
 from .results import WarningRecord
 from .runner.device import autocast
 from .scoring import NEAR_CHANCE_MARGIN, balanced_accuracy, near_chance
-from .task import CLASS_PROBABILITIES, SINGLE_LABEL, task_of
+from .task import CLASS_PROBABILITIES, SINGLE_LABEL, TARGET_LABEL_MAP, task_of
 
 #: Probe samples, evenly spaced over the data set (so sorted data still give every class), by
 #: ``input.dims``: a few dozen images cost well under a second; volumes are read and resized too.
@@ -90,16 +93,32 @@ def _describe(spec: _Spec, config: Config) -> str:
 def preprocessing_probe(extract: Extractor, dataset: AuditDataset, config: Config,
                         device: torch.device) -> WarningRecord | None:
     """The ``preprocessing-suspect`` alert, or None (model not near chance as configured, no
-    spec far better, a task without arg-max predictions, or a model that fails on the probe
-    samples, which the dry run that follows reports)."""
+    spec far better, a task without arg-max predictions or label maps, or a model that fails on
+    the probe samples, which the dry run that follows reports)."""
     task = task_of(config.task)
-    if not {CLASS_PROBABILITIES, SINGLE_LABEL} <= task.capabilities:
+    maps = task.targets == TARGET_LABEL_MAP
+    if not maps and not {CLASS_PROBABILITIES, SINGLE_LABEL} <= task.capabilities:
         return None
     indices = probe_indices(len(dataset), config.input.dims)
-    labels = torch.as_tensor(dataset.labels[indices])
     raws = [dataset.read(i) for i in indices]
     where = [dataset.describe_sample(i) for i in indices]
+    try:
+        labels = (torch.cat([preprocess_label_map(dataset.read_label_map(i), r.shape[1:], dataset.spacing(i),
+                                                  config.input, w)[0].flatten() for i, r, w in zip(indices, raws, where)])
+                  if maps else torch.as_tensor(dataset.labels[indices]))
+    except Exception:  # a bad mask is the data set's error, raised by the forward passes with its row
+        return None
     chunk = config.audit.model_batch_size
+    measure = "a voxel balanced accuracy" if maps else "a balanced accuracy"
+
+    def predict(out: Tensor, kind: str) -> Tensor:
+        """Arg-max classes: per voxel of the predicted map, or per sample."""
+        if maps:
+            pred = task.prediction_map(out, kind, config.task)  # type: ignore[arg-type]
+            if pred is None:
+                raise ValueError(f"task {task.name!r} gives no prediction map")
+            return pred.flatten().long()
+        return task.reduce(out, kind, config.task)["probs"].float().argmax(dim=1)  # type: ignore[arg-type]
     k = len(config.task.classes)
 
     def scaled(intensity: IntensityConfig) -> Tensor:
@@ -115,7 +134,7 @@ def preprocessing_probe(extract: Extractor, dataset: AuditDataset, config: Confi
             for start in range(0, len(x), chunk):
                 out, _ = extract(((x[start:start + chunk] - m) / s).to(device))
                 kind = config.model.output if config.model.output != "auto" else task.detect_output_kind(out)
-                predicted.append(task.reduce(out, kind, config.task)["probs"].float().argmax(dim=1).cpu())
+                predicted.append(predict(out, kind).cpu())
         return balanced_accuracy(torch.cat(predicted), labels)
 
     configured_spec = _Spec(config.input.intensity, list(config.input.mean), list(config.input.std))
@@ -142,6 +161,6 @@ def preprocessing_probe(extract: Extractor, dataset: AuditDataset, config: Confi
     value, spec = best
     return WarningRecord(
         code="preprocessing-suspect", scenario="clean", subject="input", alert=True,
-        message=(f"with {_describe(spec, config)} the model scores a balanced accuracy of {value:.2f} on "
+        message=(f"with {_describe(spec, config)} the model scores {measure} of {value:.2f} on "
                  f"{len(indices)} probe samples ({configured:.2f} as configured): check your input spec against how "
                  "the model was trained"))

@@ -155,6 +155,13 @@ class Task(ABC):
         ``--save-predictions``, and drawn in the report's overlays. None (the default): no maps."""
         return None
 
+    def sample_quality(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> Tensor | None:
+        """One score per sample ``[N]`` from its reduced quantities (``[N, *shape]`` each), higher is
+        better, NaN where undefined: for a task with :meth:`prediction_map`, the report's overlays
+        draw the clean data's best, median and worst samples by it and label every panel with it
+        (segmentation: the mean Dice over foreground classes). None (the default): no overlays."""
+        return None
+
     def prediction_arrays(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> dict[str, np.ndarray]:
         """The per-sample arrays ``predictions.npz`` holds for this task (``[S, N, …]`` each); by
         default every declared quantity under its own name."""

@@ -114,7 +114,7 @@ def test_the_default_spec_of_the_issue_points_to_fixed_scaling(pm) -> None:  # n
 
 def test_tasks_without_arg_max_predictions_are_skipped(pm) -> None:  # noqa: ANN001
     prep = prepare(pm, MODEL, DATA, load_config(CONFIG, {"input.intensity.scaling": "none"}))
-    prep.config.task._task = type("Regression", (), {"capabilities": frozenset()})()  # no class probabilities
+    prep.config.task._task = type("Regression", (), {"capabilities": frozenset(), "targets": "class"})()  # no class probabilities
     assert preprocessing_probe(prep.extract, prep.dataset, prep.config, prep.device) is None
 
 

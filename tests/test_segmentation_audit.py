@@ -3,6 +3,8 @@ reduction, the metrics and the CLI, on phantoms whose right answers are known.""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -245,6 +247,11 @@ def test_3d_nifti_segmentation_audit_end_to_end(tmp_path: Path) -> None:
     rotated = scenario(results, "geometry.rotation@3")["metrics"]
     assert rotated["dice"]["value"] > 0.85  # the mask turned with the sphere (nearest vs linear at the rim)
     assert scenario(results, "mri.noise@3")["metrics"]["hd95"]["value"] >= 0
+    from PIL import Image
+
+    # 3D overlays: one slice per sample (severity 3 only: a column for clean and one for 3)
+    png = Image.open(io.BytesIO(base64.b64decode(results["assets"]["overlay_best_png"])))
+    assert png.size == (250 + 2 * 128, 56 + 2 * 128 + 34)
 
 
 def test_predictions_hold_per_image_metrics_and_the_saved_label_maps(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
@@ -327,3 +334,116 @@ def test_subgroups_report_dice_gaps_computed_from_the_maps(tmp_path: Path) -> No
     assert {"dice", "nsd", "hd95"} <= set(noisy["metrics"]) and "dice" in noisy["drop"]
     check = next(c for c in results["checks"] if c["expr"].startswith("subgroup.site.dice_gap"))
     assert not check["passed"] and check["value"] == pytest.approx(gap["gap"]["value"], abs=1e-9)
+
+
+def site_phantoms(tmp_path: Path) -> Path:
+    """24 disc phantoms whose site-b images carry a dim reference ring the model misses (Dice < 1)."""
+    images, masks = disc_phantoms(24, seed=5)
+    site = np.array(["a", "b"] * 12)
+    yy, xx = np.mgrid[:32, :32] + 0.5
+    for i in np.flatnonzero(site == "b"):
+        disc = masks[i].astype(bool)
+        cy, cx = np.argwhere(disc).mean(axis=0) + 0.5
+        grown = (yy - cy) ** 2 + (xx - cx) ** 2 < (np.sqrt(disc.sum() / np.pi) + 1 + i % 3) ** 2
+        images[i] = np.where(disc, 200, np.where(grown, 100, 20))
+        masks[i] = grown.astype(np.uint8)
+    np.savez(tmp_path / "sites.npz", images=images, masks=masks, meta_site=site)
+    return tmp_path / "sites.npz"
+
+
+def test_overlay_samples_are_best_median_and_worst_without_repeats() -> None:
+    from medaudit.overlays import pick_samples
+
+    q = torch.tensor([0.5, float("nan"), 0.9, 0.1, 0.9, 0.7])
+    assert pick_samples(q) == [("best", 2), ("median", 5), ("worst", 3)]  # ties: the lower index
+    assert pick_samples(torch.tensor([0.3, 0.8])) == [("best", 1), ("worst", 0)]  # lower median = worst
+    assert pick_samples(torch.tensor([0.4])) == [("best", 0)]
+    assert pick_samples(torch.tensor([float("nan")])) == []
+
+
+def test_overlay_replay_shows_what_the_audit_scored(tmp_path: Path) -> None:
+    """Replayed panels (image, moved reference, prediction) score exactly what the audit's batched
+    pass scored for those samples, perturbations that move the anatomy included."""
+    from medaudit.audit import prepare
+    from medaudit.config import load_config
+    from medaudit.overlays import overlay_grid, replay
+    from medaudit.runner import run_forward
+    from medaudit.task import task_of
+
+    data = site_phantoms(tmp_path)
+    config = CONFIG_2D.replace("audit: {", "audit: {suites: [], perturbations: [geometry.rotation, mri.noise], "
+                                          "severities: [1, 3, 5], ")
+    (tmp_path / "seg.yaml").write_text(config)
+    model = save_model(tmp_path / "threshold.pt", 2)
+    prep = prepare(get_plugin_manager(warn=lambda m: None), model, data, load_config(tmp_path / "seg.yaml"))
+    fwd = run_forward(prep.model, prep.extract, prep.dataset, prep.config, prep.scenarios, prep.perturbations,
+                      prep.device)
+    task = task_of(prep.config.task)
+    indices = [1, 6, 23]
+    panels = replay(prep.dataset, indices, prep.config, prep.extract, fwd.scenarios, prep.perturbations, fwd, prep.device)
+    columns, rows = overlay_grid(fwd.scenarios)
+    assert columns == [1, 3, 5] and list(rows) == ["geometry.rotation", "mri.noise"]
+    for s, sc in enumerate(fwd.scenarios):
+        audited = task.sample_quality({k: v[s] for k, v in fwd.outputs.items()}, prep.config.task)
+        for j, i in enumerate(indices):
+            assert panels[j][sc.id].quality == pytest.approx(float(audited[i]), abs=1e-12), (sc.id, i)
+    clean = panels[0]["clean"]
+    with np.load(data) as d:
+        np.testing.assert_array_equal(clean.reference, d["masks"][1])
+        np.testing.assert_allclose(clean.image, d["images"][1] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(clean.prediction, clean.image > 0.5)
+    rotated = panels[0]["geometry.rotation@5"]
+    assert not np.array_equal(rotated.reference, clean.reference)  # the reference moved with the image
+
+
+def test_report_draws_overlays_of_the_best_median_and_worst_clean_samples(tmp_path: Path) -> None:
+    from html import unescape
+
+    from PIL import Image
+
+    data = site_phantoms(tmp_path)
+    (tmp_path / "seg.yaml").write_text(CONFIG_2D)
+    model = save_model(tmp_path / "threshold.pt", 2)
+    out = tmp_path / "out"
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(tmp_path / "seg.yaml"), "--out", str(out),
+                   "--quiet", "--perturbation", "mri.noise", "--perturbation", "intensity.gamma", "--severities", "1,3,5",
+                   "--save-predictions"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    results = json.loads((out / "results.json").read_text())
+    with np.load(out / "predictions.npz") as p:
+        dice = p["dice"][list(p["scenario_ids"]).index("clean")]
+        ids = list(p["sample_ids"])
+    order = np.argsort(-dice, kind="stable")
+    expected = {"best": ids[order[0]], "median": ids[order[(len(order) - 1) // 2]], "worst": ids[order[-1]]}
+    html = (out / "report.html").read_text()
+    for pos, sid in expected.items():
+        alt = results["assets"][f"overlay_{pos}_alt"]
+        assert alt.startswith(f"Sample {sid}, the {pos} of the clean data")
+        assert f"{dice[ids.index(sid)]:.3f} clean" in alt
+        png = Image.open(io.BytesIO(base64.b64decode(results["assets"][f"overlay_{pos}_png"])))
+        # a title row, two perturbation rows, a legend; clean + severities 1, 3, 5
+        assert png.size == (250 + 4 * 128, 56 + 2 * 128 + 34)
+        assert f'alt="{alt}"' in unescape(html)
+    assert dice[ids.index(expected["worst"])] < 0.9 < dice[ids.index(expected["best"])]
+
+
+def test_preprocessing_probe_scores_voxels_of_a_segmentation_model(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
+    """/25 instead of /255 puts every voxel above the threshold model's cut: a constant map, voxel
+    balanced accuracy 1/2 (chance for two classes); min-max scaling gives it back (1.00)."""
+    model, data, config = seg2d
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(config.read_text().replace("max_value: 255", "max_value: 25"))
+    out = tmp_path / "out"
+    res = run_cli(["run", str(model), "--data", str(data), "--config", str(wrong), "--out", str(out), "--quiet",
+                   "--perturbation", "mri.noise", "--severities", "1"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    message = ("with `input.intensity.scaling: minmax` the model scores a voxel balanced accuracy of 1.00 on 12 probe "
+               "samples (0.50 as configured)")
+    assert message in res.stderr
+    results = json.loads((out / "results.json").read_text())
+    alert = next(w for w in results["warning_records"] if w["code"] == "preprocessing-suspect")
+    assert alert["alert"] and message in alert["message"]
+    # the correct spec raises nothing
+    assert "preprocessing-suspect" not in run_cli(["run", str(model), "--data", str(data), "--config", str(config),
+                                                   "--out", str(tmp_path / "ok"), "--quiet", "--perturbation",
+                                                   "mri.noise", "--severities", "1"]).stderr

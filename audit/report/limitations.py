@@ -47,6 +47,7 @@ IMPACT = {
     "metric-failed": "The metric is absent from the results; checks on it are undefined and count as failed.",
     "analysis-failed": "The analysis (e.g. subgroups) is absent or partial.",
     "preview-failed": "Only the example grid is missing; no number is affected.",
+    "overlays-failed": "Only the overlays of image, reference and prediction are missing; no number is affected.",
     "small-sample": "Intervals are wide and the bootstrap less reliable for the named quantity; read its value as a "
                     "rough estimate.",
     "external-set": "The external set is scored for shift detection only; classification metrics do not apply to it.",

@@ -92,4 +92,4 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     if len(outputs) != len(units):
         raise RuntimeError(f'executor "{executor.name}" returned {len(outputs) - resumed} of the {len(todo)} units it was given')
     return merge_units(outputs, n, scenarios, detectors, probe.output_kind, resumed,
-                       "contiguous" if probe.memory_format == "contiguous" else "channels_last")
+                       "contiguous" if probe.memory_format == "contiguous" else "channels_last", probe.pad_last)

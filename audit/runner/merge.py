@@ -31,6 +31,7 @@ class ForwardResult:
     failed_detectors: dict[str, str] = field(default_factory=dict)
     memory_format: str = "contiguous"  # of the forward passes: "contiguous" or "channels_last"
     maps: dict[str, Tensor] = field(default_factory=dict)  # scenario -> predicted label maps [N, *spatial]
+    pad_last: bool = False  # the model accepts only full chunks of audit.model_batch_size (found by the probe)
 
     @property
     def probs(self) -> Tensor:
@@ -66,7 +67,7 @@ def merge_rows(holding: dict[str, list[UnitOutputs]], ids: list[str], n: int,
 
 
 def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], detectors: Sequence[Detector],
-                output_kind: str, resumed: int, memory_format: str) -> ForwardResult:
+                output_kind: str, resumed: int, memory_format: str, pad_last: bool = False) -> ForwardResult:
     """The audit's forward result from the outputs of units covering ``0..n-1`` for every
     scenario (in any order; each unit a subset of the scenarios × a shard).
 
@@ -95,4 +96,4 @@ def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], det
     del holding
     release_free_memory()  # the units' parts, now merged
     return ForwardResult(scenarios, outputs, embeddings, params, seconds, output_kind, resumed, failures,
-                         failed_detectors, memory_format, maps)
+                         failed_detectors, memory_format, maps, pad_last)

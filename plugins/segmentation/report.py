@@ -1,6 +1,7 @@
 """The segmentation section of the report: Dice per class against severity, the voxel reliability
-diagram and the Dice-failure detection table. Built on the public view helpers only, from
-results.json alone."""
+diagram, the Dice-failure detection table and the overlays of image, reference and prediction (drawn
+by the audit, in results.json ``assets``). Built on the public view helpers only, from results.json
+alone."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ TEMPLATE = """\
 {% if voxels %}{% with f = voxels %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
 {% if failures %}{% with t = failures %}{% include "sections/_table.html" %}{% endwith %}{% endif %}
 <p class="note">{{ threshold }} Every score's failure-detection AUROC in every scenario is in the appendix and in <code>tables/segmentation-failure_detection.csv</code>.</p>
+{% for o in overlays %}
+<figure>
+  <img class="preview" src="data:image/png;base64,{{ o.png }}" alt="{{ o.alt }}">
+  <figcaption>{{ o.caption }}</figcaption>
+</figure>
+{% endfor %}
 """
+
+#: The clean samples the audit draws (medaudit.overlays.POSITIONS), in this order.
+OVERLAY_POSITIONS = ("best", "median", "worst")
 
 
 def _worst(r: dict[str, Any], key: str, n: int) -> list[dict[str, Any]]:
@@ -102,6 +112,22 @@ def failure_tables(r: dict[str, Any]) -> tuple[Table | None, Table | None]:
     return (compact if compact.rows else None), full
 
 
+def overlays(r: dict[str, Any]) -> list[dict[str, str]]:
+    """The overlays the audit drew (results.json ``assets``), best, median and worst clean Dice."""
+    assets = r.get("assets", {})
+    out = []
+    for pos in OVERLAY_POSITIONS:
+        png = assets.get(f"overlay_{pos}_png")
+        if png is None:
+            continue
+        alt = assets.get(f"overlay_{pos}_alt", f"The {pos} clean sample under every perturbation.")
+        out.append({"png": png, "alt": alt, "caption": (
+            f"{alt} Each panel's number is that panel's Dice (mean over foreground classes), computed from the maps "
+            "drawn: the sample was run again on its own, so a voxel on a knife-edge between classes can differ from the "
+            "audit's batched pass. 3D images show the slice with the most reference foreground.")})
+    return out
+
+
 def segmentation_sections(r: dict[str, Any]) -> list[ReportSection]:
     if r.get("model", {}).get("task") != "segmentation":
         return []
@@ -119,5 +145,6 @@ def segmentation_sections(r: dict[str, Any]) -> list[ReportSection]:
         headlines.append(("Segmentation", text))
     return [ReportSection(
         id="segmentation", title="Segmentation", template=TEMPLATE, order=350,
-        context={"dice": dice_figure(r), "voxels": voxel_reliability(r), "failures": compact, "threshold": threshold},
+        context={"dice": dice_figure(r), "voxels": voxel_reliability(r), "failures": compact, "threshold": threshold,
+                 "overlays": overlays(r)},
         headlines=headlines, appendix=[full] if full is not None else [])]

@@ -160,6 +160,11 @@ class SegmentationTask(Task):
         """The arg-max class of every voxel (the most probable structure for sigmoid outputs), uint8."""
         return out.argmax(dim=1).to(torch.uint8)
 
+    def sample_quality(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> Tensor | None:
+        """Each image's Dice averaged over the foreground classes its maps define (NaN: none)."""
+        fg = [k for k in range(quantities["dice"].shape[-1]) if k != cfg.background]
+        return torch.nanmean(quantities["dice"][..., fg], dim=-1)
+
     def prediction_arrays(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> dict[str, np.ndarray]:
         """``dice``, ``iou``, … ``[S, N]`` (each image's mean over foreground classes) with
         ``<name>_per_class`` ``[S, N, K]``, and the per-image ``entropy`` and ``msp``; the voxel
