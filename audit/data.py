@@ -106,7 +106,9 @@ class AuditDataset(Dataset):
 
     def read_label_map(self, index: int) -> np.ndarray:
         """The reference label map of sample ``index``: integer class indices with the raw image's
-        spatial shape (no channel axis). Loaders of segmentation data (``label_maps`` True) implement it."""
+        spatial shape (no channel axis), or, for overlapping structures, a bool array ``[K, *spatial]``
+        of one map per structure (:func:`structure_maps`). Loaders of segmentation data
+        (``label_maps`` True) implement it."""
         raise NotImplementedError(f"{type(self).__name__} holds no label maps")
 
     def spacing(self, index: int) -> tuple[float, ...]:
@@ -258,9 +260,29 @@ def scale_intensity(x: Tensor, cfg: IntensityConfig) -> Tensor:
     return ((x - lo) / span).clamp(0.0, 1.0)
 
 
+def structure_maps(masks: np.ndarray, where: str, row: int | None = None) -> np.ndarray:
+    """A mask with a channel axis, ``[K, *spatial]`` (or ``[N, K, *spatial]`` for a whole array):
+    one 0/1 map per structure (structures that may overlap, for ``task.activation: sigmoid``),
+    returned as bool. Loaders hand such masks on as bool arrays and label maps as integer arrays,
+    so the task tells the two apart whatever the number of spatial axes. A value other than 0 and 1
+    is a DataError naming ``where`` (and the row)."""
+    arr = np.asarray(masks)
+    binary = (arr == 0) | (arr == 1)
+    if not binary.all():
+        bad = np.argwhere(~binary)[0]
+        at = f", row {row + 1}" if row is not None else (f", row {int(bad[0]) + 1}" if arr.ndim > 1 else "")
+        k = arr.shape[0] if row is not None else arr.shape[1]
+        raise DataError(f"{where}{at}: the mask has {k} channels, so it is read as one 0/1 map per structure "
+                        f"(overlapping structures), but it holds the value {arr[tuple(bad)].item()!r}; store class indices "
+                        "in one channel, or 0/1 in every structure's channel (an RGB-coloured mask must be saved as "
+                        "its class indices)")
+    return arr.astype(bool)
+
+
 def preprocess_label_map(mask: np.ndarray, image_shape: Sequence[int], spacing: Sequence[float], cfg: InputConfig,
                          where: str) -> tuple[Tensor, Tensor]:
-    """A reference label map resized with its image: ``(labels [*spatial], spacing [dims] float64)``.
+    """A reference label map resized with its image: ``(labels [*spatial], spacing [dims] float64)``,
+    or ``labels [K, *spatial]`` for the structure maps of a bool mask (:func:`structure_maps`).
 
     The map must have the raw image's spatial shape (a DataError naming both shapes otherwise).
     Resizing to ``input.spatial_size`` takes the nearest voxel's label (an interpolated label
@@ -269,18 +291,22 @@ def preprocess_label_map(mask: np.ndarray, image_shape: Sequence[int], spacing: 
     volume's map is 8× smaller than int64 on its way to the device).
     """
     arr = np.asarray(mask)
-    if arr.ndim == len(image_shape) + 1 and arr.shape[0] == 1:
+    structures = arr.dtype == np.bool_ and arr.ndim == len(image_shape) + 1
+    if not structures and arr.ndim == len(image_shape) + 1 and arr.shape[0] == 1:
         arr = arr[0]  # a single-channel mask saved as [1, *spatial]
-    if tuple(arr.shape) != tuple(image_shape):
+    spatial = arr.shape[1:] if structures else arr.shape
+    if tuple(spatial) != tuple(image_shape):
         raise DataError(f"{where}: the mask has shape {tuple(arr.shape)} but the image's spatial shape is "
                         f"{tuple(image_shape)}; a mask must cover its image voxel for voxel")
     dtype = torch.uint8 if arr.size == 0 or (arr.min() >= 0 and arr.max() < 256) else torch.int64
     labels = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64)).to(dtype)
     sp = torch.tensor([float(v) for v in spacing], dtype=torch.float64)
     size = cfg.spatial_size
-    if size is not None and list(labels.shape) != list(size):
-        sp = sp * torch.tensor([a / b for a, b in zip(labels.shape, size)], dtype=torch.float64)
-        labels = F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0].to(dtype)
+    if size is not None and list(spatial) != list(size):
+        sp = sp * torch.tensor([a / b for a, b in zip(spatial, size)], dtype=torch.float64)
+        channels = labels if structures else labels[None]
+        resized = F.interpolate(channels[None].float(), size=tuple(size), mode="nearest-exact")[0].to(dtype)
+        labels = resized if structures else resized[0]
     return labels.contiguous(), sp
 
 

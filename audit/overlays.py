@@ -37,7 +37,7 @@ from .perturbation import Perturbation
 from .runner.batches import device_targets
 from .runner.device import autocast, normalisation
 from .runner.merge import ForwardResult
-from .runner.shard import chunked_forward, perturb_batch
+from .runner.shard import chunked_forward, move_labels, perturb_batch
 from .task import task_of
 
 #: Severities drawn per perturbation, where the audit ran them.
@@ -46,7 +46,7 @@ OVERLAY_SEVERITIES = (1, 3, 5)
 POSITIONS = ("best", "median", "worst")
 CELL_PX = 128
 LABEL_PX = 250
-TITLE_PX = 56
+TITLE_PX = 72  # two lines of title, then the column headings
 LEGEND_PX = 34
 MARGIN_PX = 4
 FONT_PX = 16
@@ -59,7 +59,8 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 @dataclass
 class Panel:
     """One drawn cell: the perturbed image ``[H, W]`` (grey) or ``[H, W, 3]`` in [0, 1], the
-    reference and predicted label maps ``[H, W]`` and the quality computed from them."""
+    reference and predicted maps — class indices ``[H, W]``, or one 0/1 map per structure
+    ``[K, H, W]`` — and the quality computed from them."""
 
     image: np.ndarray
     reference: np.ndarray
@@ -123,10 +124,15 @@ def replay(dataset: AuditDataset, indices: Sequence[int], config: Config, extrac
     targets = device_targets(task, extras, device)
     assert targets is not None  # only tasks with label-map targets have prediction maps
     clean_ref = targets["labels"]
-    nd = clean_ref.ndim - 1
+    structures = clean_ref.ndim == x.ndim  # [B, K, *S]: one map per structure
+    nd = x.ndim - 2
     slices: list[int | None] = [None] * len(indices)
     if nd == 3:  # the slice with the most reference foreground, fixed for the sample's whole grid
-        fg = clean_ref != cfg.background if cfg.background is not None else torch.ones_like(clean_ref, dtype=torch.bool)
+        if structures:
+            keep = [k for k in range(clean_ref.shape[1]) if k != cfg.background]
+            fg = clean_ref[:, keep].bool().any(dim=1)
+        else:
+            fg = clean_ref != cfg.background if cfg.background is not None else torch.ones_like(clean_ref, dtype=torch.bool)
         slices = [int(v) for v in fg.flatten(2).sum(dim=2).argmax(dim=1)]
     panels: list[dict[str, Panel]] = [{} for _ in indices]
     with torch.inference_mode():
@@ -135,7 +141,7 @@ def replay(dataset: AuditDataset, indices: Sequence[int], config: Config, extrac
             xp, p = perturb_batch(x, idx, sc, pert, config.audit.seed)
             labels = clean_ref
             if pert is not None and pert.moves_anatomy:
-                labels = pert.apply_to_labels(clean_ref[:, None], p)[:, 0].long()
+                labels = move_labels(pert, clean_ref, p, x.ndim)
             with autocast(config.audit.precision, device):
                 out, _ = chunked_forward(extract, (xp.float() - mean) / std, config.audit.model_batch_size, fwd.pad_last)
             out = out.float()
@@ -164,23 +170,35 @@ def _colour(k: int, background: int | None) -> tuple[int, int, int]:
     return PALETTE[(k - (1 if background is not None and k > background else 0)) % len(PALETTE)]
 
 
+def _channels(maps: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class indices ``[H, W]`` or structure maps ``[K, H, W]`` → bool ``[K, H, W]``."""
+    if maps.ndim == 3:
+        return maps.astype(bool)
+    return np.stack([maps == k for k in range(n_classes)])
+
+
 def _cell(panel: Panel, inner: int, n_classes: int, background: int | None) -> np.ndarray:
-    """The RGB uint8 cell: grey image, prediction filled, reference outlined, all in class colours."""
+    """The RGB uint8 cell: grey image, prediction filled, reference outlined, all in class colours
+    (structures that overlap are filled one over the other)."""
     img = _fit(panel.image, inner)
     rgb = (np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img) * 255.0
-    ref, pred = _fit(panel.reference, inner), _fit(panel.prediction, inner)
-    edge = np.zeros(ref.shape, dtype=bool)
-    edge[1:] |= ref[1:] != ref[:-1]
-    edge[:-1] |= ref[:-1] != ref[1:]
-    edge[:, 1:] |= ref[:, 1:] != ref[:, :-1]
-    edge[:, :-1] |= ref[:, :-1] != ref[:, 1:]
+    ref = _fit(np.moveaxis(_channels(panel.reference, n_classes), 0, -1), inner)
+    pred = _fit(np.moveaxis(_channels(panel.prediction, n_classes), 0, -1), inner)
     for k in range(n_classes):
         if k == background:
             continue
         colour = np.array(_colour(k, background), dtype=np.float64)
-        fill = pred == k
+        fill = pred[..., k]
         rgb[fill] = (1 - FILL_ALPHA) * rgb[fill] + FILL_ALPHA * colour
-        rgb[edge & (ref == k)] = colour
+        mask = ref[..., k]
+        edge = np.zeros_like(mask)  # reference voxels with a face neighbour outside it, or on the border
+        edge[1:] |= mask[1:] & ~mask[:-1]
+        edge[:-1] |= mask[:-1] & ~mask[1:]
+        edge[:, 1:] |= mask[:, 1:] & ~mask[:, :-1]
+        edge[:, :-1] |= mask[:, :-1] & ~mask[:, 1:]
+        edge[[0, -1]] |= mask[[0, -1]]
+        edge[:, [0, -1]] |= mask[:, [0, -1]]
+        rgb[edge] = colour
     return np.round(rgb).astype(np.uint8)
 
 
@@ -195,7 +213,7 @@ def draw(panels: Mapping[str, Panel], columns: Sequence[int], rows: Mapping[str,
     pen = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=FONT_PX)
     inner = CELL_PX - 2 * MARGIN_PX
-    pen.text((MARGIN_PX, MARGIN_PX), title, fill="black", font=font)
+    pen.multiline_text((MARGIN_PX, MARGIN_PX), title, fill="black", font=font, spacing=4)
     for c, label in enumerate(["clean", *(f"severity {s}" for s in columns)]):
         pen.text((LABEL_PX + c * CELL_PX + CELL_PX // 2, TITLE_PX - FONT_PX), label, fill="black", font=font, anchor="mm")
     for r, (name, by_severity) in enumerate(rows.items() or [("clean", {})]):
@@ -249,8 +267,8 @@ def overlay_assets(dataset: AuditDataset, config: Config, extract: Extractor, pe
     assets: dict[str, str] = {}
     for (position, i), sample_panels in zip(picks, panels):
         sid = dataset.sample_ids[i]
-        title = (f"{position} of the clean data: sample {sid} (score {float(quality[i]):.3f}); "
-                 "fill: prediction, outline: reference; number: the panel's score")
+        title = (f"{position} of the clean data: sample {sid} (score {float(quality[i]):.3f})\n"
+                 "fill: prediction; outline: reference; number: the panel's score")
         png = draw(sample_panels, columns, rows, title, classes, config.task.background)
         assets[f"overlay_{position}_png"] = base64.b64encode(png).decode()
         assets[f"overlay_{position}_alt"] = (

@@ -113,8 +113,9 @@ class Perturbation(ABC):
 
     def apply_to_labels(self, labels: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """Replay ``params`` (what :meth:`sample` drew for the image batch) on integer label maps
-        ``[B, 1, *spatial]`` (int64), moving them exactly as :meth:`apply` moved the images but
-        with nearest-neighbour resampling; outside the field of view is label 0.
+        ``[B, C, *spatial]`` (int64; ``C`` is 1 for a map of class indices, K for one 0/1 map per
+        structure), moving them exactly as :meth:`apply` moved the images but with
+        nearest-neighbour resampling, every channel alike; outside the field of view is label 0.
 
         Only called for a perturbation that :attr:`moves_anatomy`; the default refuses, so a
         geometric third-party perturbation without a label replay is left out of a segmentation

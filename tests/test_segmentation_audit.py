@@ -251,7 +251,7 @@ def test_3d_nifti_segmentation_audit_end_to_end(tmp_path: Path) -> None:
 
     # 3D overlays: one slice per sample (severity 3 only: a column for clean and one for 3)
     png = Image.open(io.BytesIO(base64.b64decode(results["assets"]["overlay_best_png"])))
-    assert png.size == (250 + 2 * 128, 56 + 2 * 128 + 34)
+    assert png.size == (250 + 2 * 128, 72 + 2 * 128 + 34)
 
 
 def test_predictions_hold_per_image_metrics_and_the_saved_label_maps(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:
@@ -422,7 +422,7 @@ def test_report_draws_overlays_of_the_best_median_and_worst_clean_samples(tmp_pa
         assert f"{dice[ids.index(sid)]:.3f} clean" in alt
         png = Image.open(io.BytesIO(base64.b64decode(results["assets"][f"overlay_{pos}_png"])))
         # a title row, two perturbation rows, a legend; clean + severities 1, 3, 5
-        assert png.size == (250 + 4 * 128, 56 + 2 * 128 + 34)
+        assert png.size == (250 + 4 * 128, 72 + 2 * 128 + 34)
         assert f'alt="{alt}"' in unescape(html)
     assert dice[ids.index(expected["worst"])] < 0.9 < dice[ids.index(expected["best"])]
 
@@ -447,3 +447,97 @@ def test_preprocessing_probe_scores_voxels_of_a_segmentation_model(tmp_path: Pat
     assert "preprocessing-suspect" not in run_cli(["run", str(model), "--data", str(data), "--config", str(config),
                                                    "--out", str(tmp_path / "ok"), "--quiet", "--perturbation",
                                                    "mri.noise", "--severities", "1"]).stderr
+
+
+class TwoThresholds(nn.Module):
+    """Two sigmoid structures with known answers: 'outer' where the [0, 1] image is above 0.3,
+    'inner' where it is above 0.6 (inner lies inside outer: the structures overlap)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([20.0 * (x[:, :1] - 0.3), 20.0 * (x[:, :1] - 0.6)], dim=1)
+
+
+def nested_discs(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An outer disc (intensity 120) holding an inner disc (220): masks [N, 2, H, W], one 0/1 map per structure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx, r = rng.uniform(13, 19), rng.uniform(13, 19), rng.uniform(7, 11)
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        outer, inner = d2 < r ** 2, d2 < (r / 2) ** 2
+        images.append(np.where(inner, 220, np.where(outer, 120, 10)).astype(np.uint8))
+        masks.append(np.stack([outer, inner]).astype(np.uint8))
+    return np.stack(images), np.stack(masks)
+
+
+CONFIG_SIGMOID = """\
+input: {channels: 1, dims: 2, mean: [0.0], std: [1.0], intensity: {scaling: fixed, max_value: 255}}
+task: {type: segmentation, classes: [outer, inner], activation: sigmoid, background: null}
+audit: {bootstrap: 50, seed: 3}
+"""
+
+
+def test_overlapping_structures_of_a_sigmoid_model_end_to_end(tmp_path: Path) -> None:
+    images, masks = nested_discs(10)
+    np.savez(tmp_path / "nested.npz", images=images, masks=masks)
+    (tmp_path / "seg.yaml").write_text(CONFIG_SIGMOID)
+    model = tmp_path / "two.pt"
+    torch.jit.save(torch.jit.trace(TwoThresholds(), torch.rand(2, 1, 12, 12)), str(model))
+    out = tmp_path / "out"
+    res = run_cli(["run", str(model), "--data", str(tmp_path / "nested.npz"), "--config", str(tmp_path / "seg.yaml"),
+                   "--out", str(out), "--quiet", "--perturbation", "geometry.rotation", "--perturbation", "mri.noise",
+                   "--severities", "1,5", "--save-predictions"])
+    assert res.returncode == 0, res.stderr + res.stdout
+    results = json.loads((out / "results.json").read_text())
+    clean = scenario(results, "clean")["metrics"]
+    for key in ("dice", "dice/outer", "dice/inner", "nsd"):
+        assert clean[key]["value"] == pytest.approx(1.0), key
+    assert clean["hd95"]["value"] == pytest.approx(0.0)
+    # both structures turn with the image: nearest-neighbour masks against linearly resampled discs
+    assert scenario(results, "geometry.rotation@5")["metrics"]["dice/inner"]["value"] > 0.8
+    with np.load(out / "predictions.npz") as p:
+        maps = p["labelmaps_clean"]
+        assert maps.shape == (10, 2, 32, 32) and maps.dtype == np.uint8
+        np.testing.assert_array_equal(maps, masks)  # overlapping predicted structures, each its own map
+    assert "overlay_best_png" in results["assets"]
+
+
+def test_structure_masks_need_a_sigmoid_model_and_values_0_or_1(tmp_path: Path) -> None:
+    images, masks = nested_discs(4)
+    np.savez(tmp_path / "nested.npz", images=images, masks=masks)
+    (tmp_path / "softmax.yaml").write_text(CONFIG_SIGMOID.replace("activation: sigmoid", "activation: softmax"))
+    model = tmp_path / "two.pt"
+    torch.jit.save(torch.jit.trace(TwoThresholds(), torch.rand(2, 1, 12, 12)), str(model))
+    res = run_cli(["run", str(model), "--data", str(tmp_path / "nested.npz"), "--config", str(tmp_path / "softmax.yaml"),
+                   "--out", str(tmp_path / "o1"), "--quiet"])
+    assert res.returncode == 2 and "needs task.activation: sigmoid" in res.stderr and "row 1" in res.stderr
+    assert not (tmp_path / "o1").exists()
+    masks[2, 1, 5, 5] = 3
+    np.savez(tmp_path / "bad.npz", images=images, masks=masks)
+    (tmp_path / "seg.yaml").write_text(CONFIG_SIGMOID)
+    res = run_cli(["run", str(model), "--data", str(tmp_path / "bad.npz"), "--config", str(tmp_path / "seg.yaml"),
+                   "--out", str(tmp_path / "o2"), "--quiet"])
+    assert res.returncode == 2 and "bad.npz" in res.stderr and "row 3" in res.stderr and "value 3" in res.stderr
+
+
+def test_manifest_structure_masks_from_channel_files(tmp_path: Path) -> None:
+    """K-channel .npy mask files in a manifest are read as structure maps (bool [K, *S])."""
+    from medaudit.config import load_config
+
+    images, masks = nested_discs(3, seed=4)
+    rows = ["path,mask"]
+    for i in range(3):
+        np.save(tmp_path / f"i{i}.npy", images[i])
+        np.save(tmp_path / f"m{i}.npy", masks[i])
+        rows.append(f"i{i}.npy,m{i}.npy")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "seg.yaml").write_text(CONFIG_SIGMOID)
+    from medaudit.audit import open_dataset
+
+    dataset = open_dataset(get_plugin_manager(warn=lambda m: None), tmp_path / "manifest.csv",
+                           load_config(tmp_path / "seg.yaml"), role="--data")
+    _, _, extras = dataset[1]
+    assert extras["labels"].shape == (2, 32, 32)
+    np.testing.assert_array_equal(extras["labels"].numpy(), masks[1])
+    np.testing.assert_array_equal(dataset.labels, np.ones((3, 2)))  # both structures in every image

@@ -30,12 +30,17 @@ def blobs(shape: tuple[int, ...], seed: int, k: int = 3) -> torch.Tensor:
     return torch.from_numpy(np.stack(maps))
 
 
+#: Both ways of computing the surface distances: the device transform and scipy's at the boundaries.
+METHODS = ["torch", "scipy"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape,spacing", CASES)
-def test_overlap_and_surface_measures_equal_monai(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+def test_overlap_and_surface_measures_equal_monai(shape: tuple[int, ...], spacing: tuple[float, ...], method: str) -> None:
     pred, ref = one_hot(blobs(shape, 1), 3), one_hot(blobs(shape, 2), 3)
     sp = torch.tensor([spacing] * shape[0])
     ov = overlap(pred, ref)
-    sm = surface_metrics(pred, ref, sp, 1.0)
+    sm = surface_metrics(pred, ref, sp, 1.0, method=method)
     p, r = pred.float(), ref.float()
     torch.testing.assert_close(ov["dice"], DiceMetric(include_background=True, reduction="none")(p, r))
     torch.testing.assert_close(ov["iou"], MeanIoU(include_background=True, reduction="none")(p, r))
@@ -60,8 +65,9 @@ def test_edges_and_distance_equal_scipy_with_a_border_object() -> None:
     assert torch.isinf(distance_to(torch.zeros(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 2))).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ignore_empty", [True, False])
-def test_empty_classes_follow_monai_for_overlap(ignore_empty: bool) -> None:
+def test_empty_classes_follow_monai_for_overlap(ignore_empty: bool, method: str) -> None:
     ref = torch.zeros(3, 8, 8, dtype=torch.int64)
     pred = torch.zeros(3, 8, 8, dtype=torch.int64)
     ref[0, 2:5, 2:5] = 1  # image 0: class 1 in the reference only
@@ -70,8 +76,9 @@ def test_empty_classes_follow_monai_for_overlap(ignore_empty: bool) -> None:
     ov = overlap(p, r, ignore_empty=ignore_empty)
     monai = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)(p.float(), r.float())
     torch.testing.assert_close(ov["dice"], monai, equal_nan=True)
-    sm = surface_metrics(p, r, torch.ones(3, 2), 1.0)
+    sm = surface_metrics(p, r, torch.ones(3, 2), 1.0, method=method)
     assert torch.isinf(sm["hd95"][0, 1]) and torch.isinf(sm["hd95"][1, 1]) and torch.isnan(sm["hd95"][2, 1])
+    assert torch.isinf(sm["assd"][0, 1]) and torch.isnan(sm["assd"][2, 1])
     assert sm["nsd"][0, 1] == 0 and torch.isnan(sm["nsd"][2, 1])
     assert torch.isnan(ov["volume_error"][2, 1]) and ov["volume_error"][0, 1] == 1.0
 
@@ -147,10 +154,21 @@ def test_boundary_band_equals_scipy_dilation_and_boundary_ece_uses_only_the_band
     torch.testing.assert_close(got["boundary_ece"], ece_band, rtol=1e-9, atol=1e-12)
 
 
-def test_surface_metrics_on_a_3d_volume_run_with_bounded_blocks() -> None:
+def test_surface_metrics_on_a_3d_volume_run_with_bounded_blocks_and_agree_between_methods() -> None:
     pred, ref = one_hot(blobs((2, 64, 64, 64), 3, k=2), 2), one_hot(blobs((2, 64, 64, 64), 4, k=2), 2)
-    sm = surface_metrics(pred, ref, torch.ones(2, 3), 1.0)
+    sp = torch.tensor([[1.2, 0.9, 1.0], [1.0, 1.0, 1.0]])
+    sm = surface_metrics(pred, ref, sp, 1.0, method="torch")
     assert sm["hd95"].shape == (2, 2) and torch.isfinite(sm["hd95"]).all()
+    for key, value in surface_metrics(pred, ref, sp, 1.0, method="scipy").items():
+        torch.testing.assert_close(value, sm[key], rtol=1e-5, atol=1e-5)
+
+
+def test_edges_of_thin_and_border_touching_masks_equal_scipy_erosion() -> None:
+    masks = torch.from_numpy(np.random.default_rng(7).random((3, 2, 9, 1, 7)) > 0.4)  # an axis of length 1
+    e = edges(masks)
+    for idx in np.ndindex(3, 2):
+        m = masks[idx].numpy()
+        np.testing.assert_array_equal(e[idx].numpy(), m & ~ndimage.binary_erosion(m, border_value=0))
 
 
 def test_dice_failure_detection_equals_sklearn_auroc() -> None:
@@ -180,3 +198,36 @@ def test_dice_failure_detection_equals_sklearn_auroc() -> None:
     assert got["knn"]["auroc"]["value"] == pytest.approx(roc_auc_score(failed[5:], score[0, 5:].numpy()))
     assert got["knn"]["images"] == n - 5 and got["mean_entropy"]["failures"] == int(failed.sum())
     assert result["uncertainty_dice_correlation"]["clean"] < -0.5  # more uncertain where Dice is low
+
+
+def test_structure_calibration_equals_the_multilabel_metrics_on_the_voxel_structure_pairs() -> None:
+    """Sigmoid maps with overlapping reference structures: every (voxel, structure) pair is a binary
+    prediction, scored as medaudit's multilabel calibration metrics (tested against netcal) score
+    the flattened voxels: Brier and NLL summed over structures, classwise ECE the mean of each
+    structure's ECE, ECE the positive-class ECE pooled over structures."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.sigmoid(3 * torch.randn(3, 2, 10, 12, generator=g))
+    ref = torch.rand(3, 2, 10, 12, generator=g) < probs  # calibrated by construction, up to noise
+    ref[:, 1] &= ref[:, 0]  # structure 1 lies inside structure 0: they overlap
+    got = calibration_from_stats(calibration_stats(probs, ref, 15), torch.ones(1, 3))
+    flat_p = probs.movedim(1, -1).reshape(-1, 2)
+    flat_y = ref.movedim(1, -1).reshape(-1, 2).long()
+    ones = torch.ones(1, flat_y.shape[0], dtype=torch.float64)
+    multilabel = CalibrationMetrics().compute(flat_p, flat_y, ones, MetricContext("multilabel", ("a", "b"), n_bins=15))
+    for key in ("brier", "nll"):
+        torch.testing.assert_close(got[key], multilabel[key], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["classwise_ece"], multilabel["ece"], rtol=1e-9, atol=1e-12)
+    pooled = CalibrationMetrics().compute(flat_p.reshape(-1, 1), flat_y.reshape(-1, 1),
+                                          torch.ones(1, flat_y.numel(), dtype=torch.float64),
+                                          MetricContext("multilabel", ("pair",), n_bins=15))
+    torch.testing.assert_close(got["ece"], pooled["ece"], rtol=1e-9, atol=1e-12)
+    # scikit-learn: the NLL is the per-structure binary log loss, summed over structures
+    bce = sum(log_loss(flat_y[:, c].numpy(), flat_p[:, c].double().numpy(), labels=[0, 1]) for c in range(2))
+    assert float(got["nll"][0]) == pytest.approx(bce, rel=1e-6)
+
+
+def test_boundary_band_of_structures_is_the_union_of_each_structures_band() -> None:
+    labels = blobs((2, 20, 24), 6)
+    structures = torch.stack([labels >= 1, labels == 2], dim=1)  # overlapping: class 2 lies inside "≥ 1"
+    union = boundary_band((labels >= 1).long(), 2) | boundary_band((labels == 2).long(), 2)
+    torch.testing.assert_close(boundary_band(structures, 2), union)

@@ -97,6 +97,15 @@ def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: 
     return perturbation(x, scenario.severity, SampleRNG(keys))
 
 
+def move_labels(perturbation: Perturbation, labels: Tensor, params: dict[str, Tensor], image_ndim: int) -> Tensor:
+    """Reference maps ``[B, *S]`` (class indices) or ``[B, K, *S]`` (a map per structure) moved by a
+    perturbation that moves the anatomy, with the parameters it drew for the images ``[B, C, *S]``
+    (``image_ndim`` axes): the same grid, the nearest voxel's label."""
+    if labels.ndim == image_ndim:
+        return perturbation.apply_to_labels(labels, params).long()
+    return perturbation.apply_to_labels(labels[:, None], params)[:, 0].long()
+
+
 def chunked_forward(extract: Extractor, x: Tensor, chunk: int, pad_last: bool = False) -> tuple[Tensor, Tensor | None]:
     """Call the model on chunks of ``chunk`` samples of ``x`` and concatenate; a shorter last
     chunk runs at its own size, or zero-padded to ``chunk`` with ``pad_last``."""
@@ -234,7 +243,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
             scenario_targets = targets
             if targets is not None and pert is not None and pert.moves_anatomy:
                 try:  # the reference anatomy moves with the image: same parameters, nearest label
-                    moved = pert.apply_to_labels(targets["labels"][:, None], p)[:, 0]
+                    moved = move_labels(pert, targets["labels"], p, x.ndim)
                 except Exception as exc:
                     perturbation_failed(scenario, "raised in apply_to_labels", f" ({type(exc).__name__}: {exc})")
                     clock.stop(scenario.id)

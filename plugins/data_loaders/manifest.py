@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medaudit.config import Config, TaskConfig
-from medaudit.data import AuditDataset, resolve_dims
+from medaudit.data import AuditDataset, resolve_dims, structure_maps
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import ImageFormatError
@@ -255,7 +255,8 @@ class ManifestDataset(AuditDataset):
             self.mask_kinds.append(kind)
 
     def read_label_map(self, index: int) -> np.ndarray:
-        """The 'mask' file of row ``index + 1`` as class indices ``[*spatial]`` (a single channel)."""
+        """The 'mask' file of row ``index + 1``: class indices ``[*spatial]`` (one channel), or one
+        0/1 map per structure ``[K, *spatial]`` bool (:func:`~medaudit.data.structure_maps`)."""
         path = self.mask_files[index]
         where = f"{self.path}, row {index + 1} (mask {path.name})"
         try:
@@ -264,9 +265,8 @@ class ManifestDataset(AuditDataset):
             raise DataError(f"{where}: cannot read the mask ({type(exc).__name__}: {one_line(exc)}); re-export it or "
                             "remove the row") from None
         if arr.shape[0] != 1:
-            raise DataError(f"{where}: the mask has {arr.shape[0]} channels; a mask is one channel of class indices "
-                            "(save an RGB-coloured mask as its class indices)")
-        return arr[0]
+            return structure_maps(arr, where)
+        return arr[0].astype(np.uint8) if arr.dtype == np.bool_ else arr[0]
 
     def spacing(self, index: int) -> tuple[float, ...]:
         """Voxel size from the image's header: NIfTI pixdim, DICOM PixelSpacing (and the slice

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from medaudit.config import Config, TaskConfig
-from medaudit.data import AuditDataset, resolve_dims, to_channel_first
+from medaudit.data import AuditDataset, resolve_dims, structure_maps, to_channel_first
 from medaudit.errors import DataError, one_line
 from medaudit.hashing import sha256_files
 from medaudit.imagefile import looks_channels_last
@@ -138,11 +138,17 @@ class NpzDataset(AuditDataset):
                               f"(arrays: {sorted(members)})"
         elif label_maps:
             spatial = sample_shape[:-1] if self.channels_last else sample_shape[len(sample_shape) - input_cfg.dims:]
-            masks = raw_labels[:, 0] if raw_labels.ndim == len(spatial) + 2 and raw_labels.shape[1] == 1 else raw_labels
-            if tuple(masks.shape[1:]) != tuple(spatial):
+            channels = raw_labels.ndim == len(spatial) + 2
+            masks = raw_labels[:, 0] if channels and raw_labels.shape[1] == 1 else raw_labels
+            if tuple(masks.shape[2 if channels and raw_labels.shape[1] > 1 else 1:]) != tuple(spatial):
                 raise DataError(f"{path}: {label_key!r} has shape {tuple(raw_labels.shape)} but the images' spatial shape "
                                 f"is {tuple(spatial)} ({image_key!r} {tuple(shape)}); a mask must cover its image voxel "
-                                "for voxel: store [N, *spatial] class indices")
+                                "for voxel: store [N, *spatial] class indices (or [N, K, *spatial] 0/1 maps of "
+                                "overlapping structures)")
+            if masks.ndim == len(spatial) + 2:  # one 0/1 map per structure: bool, as the task reads them
+                masks = structure_maps(masks, f"{path} ({label_key!r})")
+            elif masks.dtype == np.bool_:  # a bool label map holds classes 0 and 1: integers, not structures
+                masks = masks.astype(np.uint8)
             self._masks = masks
             self.label_maps = True
             labels, task = finalize_labels(masks, task, f"{path} ({label_key!r})", ids)

@@ -1,8 +1,11 @@
 """Overlap and surface-distance measures of label maps, batched on the device.
 
 Every function takes one-hot maps ``[B, K, *spatial]`` (bool; 2 or 3 spatial axes) and returns
-``[B, K]`` per image and class, with no host synchronisation and no data-dependent shapes, so the
-segmentation task can call them inside the forward loop. Conventions follow MONAI (tested
+``[B, K]`` per image and class, with no host synchronisation and no data-dependent shapes on an
+accelerator, so the segmentation task can call them inside the forward loop. On the CPU, where
+there is no device queue to stall, :func:`surface_metrics` evaluates scipy's exact distance
+transform at the boundary voxels instead (``method="scipy"``): the same distances, at a fraction of
+the torch transform's brute-force O(V·n) axes. Conventions follow MONAI (tested
 against ``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric``, ``SurfaceDistanceMetric`` and
 ``SurfaceDiceMetric``):
 
@@ -17,6 +20,9 @@ gives ``inf`` HD95 and ASSD and NSD 0; absent from both sides, NaN for all three
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,22 +64,17 @@ def overlap(pred: Tensor, ref: Tensor, ignore_empty: bool = True) -> dict[str, T
 def edges(mask: Tensor) -> Tensor:
     """Boundary voxels of bool masks ``[B, K, *S]``: ``mask`` minus its erosion by the face
     neighbours, with zero padding (a mask touching the image border has a boundary there)."""
-    nd = mask.ndim - 2
-    padded = F.pad(mask.float(), (1, 1) * nd)
-    eroded = mask.clone()
-    for axis in range(nd):
-        for shift in (0, 2):  # the neighbour before and after along this axis
-            eroded &= _neighbour(padded, axis, shift, mask.shape)
-    return mask & ~eroded
-
-
-def _neighbour(padded: Tensor, axis: int, shift: int, shape: torch.Size) -> Tensor:
-    """The face neighbour along ``axis`` (``shift`` 0: before, 2: after) of every voxel, read from
-    the zero-padded masks."""
-    index = [slice(None), slice(None)]
-    for a in range(len(shape) - 2):
-        index.append(slice(shift, shift + shape[2 + a]) if a == axis else slice(1, 1 + shape[2 + a]))
-    return padded[tuple(index)].bool()
+    interior = mask.clone()
+    for axis in range(2, mask.ndim):
+        n = mask.shape[axis]
+        if n < 2:
+            interior.zero_()
+            break
+        interior.narrow(axis, 1, n - 1).logical_and_(mask.narrow(axis, 0, n - 1))  # the neighbour before
+        interior.narrow(axis, 0, n - 1).logical_and_(mask.narrow(axis, 1, n - 1))  # the neighbour after
+        interior.narrow(axis, 0, 1).zero_()  # outside the image is background
+        interior.narrow(axis, n - 1, 1).zero_()
+    return mask & ~interior
 
 
 def distance_to(edges: Tensor, spacing: Tensor) -> Tensor:
@@ -136,14 +137,22 @@ def _percentile(values: Tensor, count: Tensor, q: float) -> Tensor:
     return torch.where(count > 0, interpolated, torch.full_like(interpolated, float("nan")))
 
 
-def surface_metrics(pred: Tensor, ref: Tensor, spacing: Tensor, tolerance: float) -> dict[str, Tensor]:
+def surface_metrics(pred: Tensor, ref: Tensor, spacing: Tensor, tolerance: float,
+                    method: Literal["auto", "torch", "scipy"] = "auto") -> dict[str, Tensor]:
     """HD95, ASSD and normalised surface Dice per image and class, ``[B, K]`` float32 each.
 
     ``hd95``: the larger of the two directed 95th percentiles of boundary-to-boundary distances;
     ``assd``: the mean of both directions' distances taken together; ``nsd``: the share of both
     boundaries within ``tolerance`` of the other. See the module docstring for empty classes.
+
+    ``method``: ``"torch"`` computes every voxel's distance with :func:`distance_to` on the
+    maps' device (no host synchronisation); ``"scipy"`` (CPU tensors) evaluates
+    ``scipy.ndimage.distance_transform_edt`` at the boundary voxels only; ``"auto"`` picks scipy on
+    the CPU and torch elsewhere. Both are exact; they agree to float32 rounding.
     """
     e_p, e_r = edges(pred), edges(ref)
+    if method == "scipy" or (method == "auto" and pred.device.type == "cpu"):
+        return _surface_metrics_scipy(e_p, e_r, spacing, tolerance)
     to_ref, to_pred = distance_to(e_r, spacing), distance_to(e_p, spacing)
     inf = float("inf")
     d_pr = torch.where(e_p, to_ref, inf).flatten(2)  # pred boundary → reference boundary
@@ -160,3 +169,30 @@ def surface_metrics(pred: Tensor, ref: Tensor, spacing: Tensor, tolerance: float
     within = ((d_pr <= tolerance) & e_p.flatten(2)).sum(dim=2) + ((d_rp <= tolerance) & e_r.flatten(2)).sum(dim=2)
     nsd = torch.where(total > 0, within.float() / total.clamp(min=1), float("nan"))
     return {"hd95": hd95.float(), "assd": assd.float(), "nsd": nsd.float()}
+
+
+def _surface_metrics_scipy(e_p: Tensor, e_r: Tensor, spacing: Tensor, tolerance: float) -> dict[str, Tensor]:
+    """:func:`surface_metrics` from boundary masks on the CPU: per image and class, the exact EDT
+    of each boundary's complement (scipy), read at the other boundary's voxels."""
+    from scipy.ndimage import distance_transform_edt
+
+    b, k = e_p.shape[:2]
+    out = np.full((3, b, k), np.nan)
+    p_np, r_np, sp = e_p.cpu().numpy(), e_r.cpu().numpy(), spacing.double().cpu().numpy()
+    for i in range(b):
+        for c in range(k):
+            p, r = p_np[i, c], r_np[i, c]
+            has_p, has_r = bool(p.any()), bool(r.any())
+            if not (has_p or has_r):
+                continue  # absent from both sides: NaN
+            if not (has_p and has_r):
+                out[:, i, c] = (np.inf, np.inf, 0.0)  # a boundary on one side only
+                continue
+            d_pr = distance_transform_edt(~r, sampling=sp[i])[p]  # pred boundary → reference boundary
+            d_rp = distance_transform_edt(~p, sampling=sp[i])[r]
+            both = np.concatenate([d_pr, d_rp])
+            out[0, i, c] = max(np.percentile(d_pr, 95.0), np.percentile(d_rp, 95.0))
+            out[1, i, c] = both.mean()
+            out[2, i, c] = np.count_nonzero(both <= tolerance) / both.size
+    hd95, assd, nsd = (torch.from_numpy(v).float().to(e_p.device) for v in out)
+    return {"hd95": hd95, "assd": assd, "nsd": nsd}

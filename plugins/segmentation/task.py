@@ -58,15 +58,34 @@ class SegmentationTask(Task):
                              "(0-based); set it to the background's index, or null when no class is background")
 
     def read_targets(self, raw: Any, cfg: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
-        """Label maps (any iterable of integer arrays, read lazily one at a time) → which classes
-        each holds (multi-hot ``[N, K]``) and the classes (inferred ``0..max`` when not configured).
+        """Label maps (any iterable of integer arrays, read lazily one at a time; bool ``[K, *S]``
+        arrays hold one map per structure) → which classes each holds (multi-hot ``[N, K]``) and the
+        classes (inferred ``0..max``, or one per structure, when not configured).
 
         A value that is not a class index is a :class:`~medaudit.task.LabelError` naming the row.
         """
         classes = list(cfg.classes)
         counts: list[np.ndarray] = []
+        first: dict[bool, int] = {}  # the first row of each kind of mask: structure maps or class indices
         for row, mask in enumerate(raw if isinstance(raw, Iterable) else [raw]):
             arr = np.asarray(mask)
+            structures = bool(arr.dtype == np.bool_ and arr.ndim >= 3)
+            first.setdefault(structures, row)
+            if len(first) == 2:
+                raise LabelError(where, row, f"has {'structure maps' if structures else 'a map of class indices'}, but "
+                                             f"row {first[not structures] + 1} has "
+                                             f"{'a map of class indices' if structures else 'structure maps'}; every mask "
+                                             "of a data set must be of one kind")
+            if structures:  # [K, *S]: one map per structure (medaudit.data.structure_maps)
+                if cfg.activation != "sigmoid":
+                    raise LabelError(where, row, f"has a mask with {arr.shape[0]} channels, one 0/1 map per structure "
+                                                 "(structures that may overlap), which needs task.activation: sigmoid; "
+                                                 "store one channel of class indices for a softmax model")
+                if classes and arr.shape[0] != len(classes):
+                    raise LabelError(where, row, f"has {arr.shape[0]} structure maps, but task.classes names "
+                                                 f"{class_list(classes)}")
+                counts.append(arr.reshape(arr.shape[0], -1).sum(axis=1))
+                continue
             if arr.dtype.kind == "f":
                 if not np.isfinite(arr).all() or not np.equal(np.mod(arr, 1), 0).all():
                     raise LabelError(where, row, "has a mask with non-integer values; a mask holds class indices")
@@ -111,29 +130,33 @@ class SegmentationTask(Task):
         if targets is None:
             raise ModelOutputError("a segmentation task needs the reference label maps of the batch")
         labels, spacing = targets["labels"], targets["spacing"]
-        nd = labels.ndim - 1
+        # a reference with a channel axis holds one 0/1 map per structure (overlapping structures)
+        structures = labels.ndim == out.ndim
+        nd = labels.ndim - (2 if structures else 1)
         if out.ndim != nd + 2:
             raise ModelOutputError(f"a {nd}-D segmentation model must output [B, K, {'D, ' if nd == 3 else ''}H, W] class "
                                    f"maps, got shape {tuple(out.shape)}")
-        if tuple(out.shape[2:]) != tuple(labels.shape[1:]):
+        if tuple(out.shape[2:]) != tuple(labels.shape[-nd:]):
             raise ModelOutputError(f"the model's output maps have spatial size {tuple(out.shape[2:])} but its input "
-                                   f"is {tuple(labels.shape[1:])}; medaudit compares outputs with the masks voxel for "
+                                   f"is {tuple(labels.shape[-nd:])}; medaudit compares outputs with the masks voxel for "
                                    "voxel, so the model must output maps of its input's size")
         k = len(cfg.classes)
         if out.shape[1] != k:
             raise OutputWidthError(f"the model outputs {out.shape[1]} class maps but task.classes names {k} classes",
                                    int(out.shape[1]), k)
         out = out.float()
-        ref = one_hot(labels, k)
+        ref = labels.bool() if structures else one_hot(labels, k)
         if cfg.activation == "softmax":
             probs = torch.softmax(out, dim=1) if kind == "logits" else out
             pred_labels = probs.argmax(dim=1)
             pred = one_hot(pred_labels, k)
+            cal_ref, band_of = labels, pred_labels
         else:
             probs = torch.sigmoid(out) if kind == "logits" else out
             pred = probs > 0.5
-            # the voxel's most probable structure, for the calibration statistics and the band
-            pred_labels = probs.argmax(dim=1)
+            # independent structures: each (voxel, structure) a binary prediction; the band follows
+            # every predicted structure's boundary
+            cal_ref, band_of = ref, pred
         result = dict(overlap(pred, ref, ignore_empty=cfg.ignore_empty))
         # The background's surface is the foreground's seen from outside and is never reported:
         # distances (the costly part of the reduction) are computed for the other classes only.
@@ -144,20 +167,24 @@ class SegmentationTask(Task):
         # A class present on one side only has no finite surface distance; it scores the image
         # diagonal (the largest distance possible in the field of view) rather than inf, so means
         # and confidence intervals stay finite while a missed structure still counts as the worst.
-        extent = torch.tensor(labels.shape[1:], device=labels.device, dtype=torch.float32)
+        extent = torch.tensor(labels.shape[-nd:], device=labels.device, dtype=torch.float32)
         diagonal = (extent[None, :] * spacing.float()).pow(2).sum(dim=1).sqrt()[:, None]
         for key in ("hd95", "assd"):
             v = surface[key]
             result[key] = torch.where(torch.isinf(v), diagonal.expand_as(v), v)
         result["nsd"] = surface["nsd"]
-        stats = calibration_stats(probs, labels, N_BINS, band=boundary_band(pred_labels, cfg.boundary_width))
+        stats = calibration_stats(probs, cal_ref, N_BINS, band=boundary_band(band_of, cfg.boundary_width))
         result.update({"cal_top": stats["top"], "cal_classwise": stats["classwise"], "cal_band": stats["band"],
                        "brier": stats["brier"], "nll": stats["nll"], "voxels": stats["voxels"],
                        "entropy": stats["entropy"], "msp": stats["msp"]})
         return {name: value.float() for name, value in result.items()}
 
     def prediction_map(self, out: Tensor, kind: OutputKind, cfg: TaskConfig) -> Tensor | None:
-        """The arg-max class of every voxel (the most probable structure for sigmoid outputs), uint8."""
+        """Softmax: the arg-max class of every voxel ``[B, *S]``. Sigmoid: one 0/1 map per structure
+        ``[B, K, *S]`` (probability above 0.5; structures may overlap). uint8."""
+        if cfg.activation == "sigmoid":
+            probs = torch.sigmoid(out.float()) if kind == "logits" else out
+            return (probs > 0.5).to(torch.uint8)
         return out.argmax(dim=1).to(torch.uint8)
 
     def sample_quality(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> Tensor | None:

@@ -33,10 +33,20 @@ def _binned(index: Tensor, n_bins: int, *values: Tensor) -> Tensor:
 def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | None = None) -> dict[str, Tensor]:
     """Per-image sufficient statistics of the voxel calibration metrics.
 
+    Two kinds of maps. One class per voxel (softmax; ``ref`` a label map ``[B, *S]``): top-label
+    statistics. Independent structures (sigmoid; ``ref`` bool ``[B, K, *S]``, one map per
+    structure, which may overlap): every (voxel, structure) pair is a binary prediction with
+    positive-class confidence ``p_k``, as for a multilabel classifier — ``top`` pools the
+    structures' positive-class statistics, ``brier`` and ``nll`` sum the squared errors and binary
+    cross-entropies over structures, ``entropy`` sums the binary entropies and ``msp`` averages
+    ``max(p_k, 1 − p_k)`` over structures.
+
     Parameters
     ----------
-    probs : Tensor ``[B, K, *S]``, class probabilities per voxel (rows over K sum to 1)
-    ref : Tensor ``[B, *S]`` int, the reference classes
+    probs : Tensor ``[B, K, *S]``, class probabilities per voxel (softmax: rows over K sum to 1;
+        sigmoid: independent probabilities)
+    ref : Tensor ``[B, *S]`` int, the reference classes; or bool ``[B, K, *S]``, the reference
+        structures of a sigmoid model
     n_bins : int
     band : Tensor ``[B, *S]`` bool, optional
         Voxels of the boundary band (:func:`boundary_band`).
@@ -49,6 +59,8 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     ``voxels``, ``entropy`` and ``msp`` (means over voxels), each ``[B]``.
     """
     b, k = probs.shape[:2]
+    if ref.ndim == probs.ndim:
+        return _structure_stats(probs, ref, n_bins, band)
     p = probs.reshape(b, k, -1)
     y = ref.reshape(b, -1).long()
     edges = equal_width_edges(n_bins, probs.device)
@@ -78,18 +90,49 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     }
 
 
+def _structure_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | None) -> dict[str, Tensor]:
+    """:func:`calibration_stats` of independent structures (sigmoid): ``ref`` bool ``[B, K, *S]``."""
+    b, k = probs.shape[:2]
+    p = probs.reshape(b, k, -1)
+    y = ref.reshape(b, k, -1).double()
+    edges = equal_width_edges(n_bins, probs.device)
+    clipped = clip_confidence(p)  # [B, K, V] float64, the positive-class confidence of each structure
+    index = bin_index(clipped, edges)
+    classwise = _binned(index, n_bins, torch.ones_like(clipped), clipped, y)
+    if band is None:
+        band_stats = torch.zeros_like(classwise[:, 0])
+    else:
+        inside = band.reshape(b, 1, -1).double().expand_as(clipped)
+        band_stats = _binned(index, n_bins, inside, clipped * inside, y * inside).sum(dim=1)
+    pd = p.double()
+    eps = torch.finfo(probs.dtype).eps
+    q = pd.clamp(eps, 1 - eps)
+    voxels = p.shape[2]
+    return {
+        "top": classwise.sum(dim=1), "classwise": classwise, "band": band_stats,
+        "brier": ((pd - y) ** 2).sum(dim=(1, 2)),
+        "nll": -(y * torch.log(q) + (1 - y) * torch.log1p(-q)).sum(dim=(1, 2)),
+        "voxels": torch.full((b,), float(voxels), dtype=torch.float64, device=probs.device),
+        "entropy": -(torch.special.xlogy(pd, pd) + torch.special.xlogy(1 - pd, 1 - pd)).sum(dim=1).mean(dim=1),
+        "msp": torch.maximum(pd, 1 - pd).mean(dim=(1, 2)),
+    }
+
+
 def boundary_band(pred_labels: Tensor, width: int) -> Tensor:
     """Voxels within ``width`` voxels (Chebyshev distance, a ``(2w+1)``-cube) of a predicted
-    boundary, ``[B, *S]`` bool. A boundary voxel has a face neighbour of another predicted class;
-    the image border is not a boundary."""
-    nd = pred_labels.ndim - 1
-    lab = pred_labels.long()
+    boundary, ``[B, *S]`` bool. A boundary voxel has a face neighbour of another predicted class
+    (``pred_labels`` ``[B, *S]``), or, for independent structures (bool ``[B, K, *S]``), a face
+    neighbour on the other side of any structure's boundary; the image border is not a boundary."""
+    structures = pred_labels.dtype == torch.bool
+    lab = pred_labels if structures else pred_labels.long()[:, None]
+    nd = lab.ndim - 2
     boundary = torch.zeros_like(lab, dtype=torch.bool)
-    for axis in range(1, nd + 1):
+    for axis in range(2, nd + 2):
         n = lab.shape[axis]
         differs = lab.narrow(axis, 0, n - 1) != lab.narrow(axis, 1, n - 1)
         boundary.narrow(axis, 0, n - 1).logical_or_(differs)
         boundary.narrow(axis, 1, n - 1).logical_or_(differs)
+    boundary = boundary.any(dim=1)
     pool = F.max_pool2d if nd == 2 else F.max_pool3d
     return pool(boundary[:, None].float(), 2 * width + 1, stride=1, padding=width)[:, 0] > 0
 
@@ -120,4 +163,4 @@ def reliability_bins(stats: dict[str, Tensor]) -> dict[str, Any]:
         bins.append({"lower": edges[b], "upper": edges[b + 1], "count": int(count),
                      "confidence": None if count == 0 else conf / count,
                      "accuracy": None if count == 0 else hit / count})
-    return {"kind": "top-label, over voxels", "bins": bins}
+    return {"kind": "over voxels: top-label (softmax), positive-class pooled over structures (sigmoid)", "bins": bins}
