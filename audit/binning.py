@@ -67,6 +67,18 @@ def equal_width_edges(n_bins: int, device: torch.device | None = None) -> Tensor
     return torch.from_numpy(np.linspace(0.0, 1.0, n_bins + 1)).to(device)
 
 
+def equal_width_bin_index(values: Tensor, edges: Tensor) -> Tensor:
+    """:func:`bin_index` for :func:`equal_width_edges` (shared ``[B + 1]``), by arithmetic: the
+    bin ``floor(value · B)`` corrected by one comparison with each of its edges, which rounding can
+    put it one bin off. Equal to :func:`bin_index` everywhere (values on an edge included), and a
+    fraction of ``searchsorted``'s cost on the millions of voxels of a segmentation map."""
+    n_bins = edges.shape[-1] - 1
+    index = (values * n_bins).floor_().clamp_(0, n_bins - 1).long()
+    index -= (values < edges[index]).long()
+    index += ((values >= edges[(index + 1).clamp_(max=n_bins)]) & (index < n_bins - 1)).long()
+    return index.clamp_(0, n_bins - 1)
+
+
 def bin_index(values: Tensor, edges: Tensor) -> Tensor:
     """Bin of each value: ``[lo, hi)`` bins, the last one closed (``numpy.histogramdd``).
 

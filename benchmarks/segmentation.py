@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/segmentation.py --dims 2 --size 256 --n 32
     python benchmarks/segmentation.py --dims 3 --size 96 --n 8 --batch-size 2
+    python benchmarks/segmentation.py --channels 8,16,32 --res-units 0   # a toy UNet
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ def make_data(out: Path, n: int, size: int, dims: int) -> Path:
     return path
 
 
-def make_model(out: Path, dims: int, size: int) -> Path:
+def make_model(out: Path, dims: int, size: int, channels: tuple[int, ...], res_units: int) -> Path:
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2)).eval()
+    net = UNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=channels,
+               strides=(2,) * (len(channels) - 1), num_res_units=res_units).eval()
     path = out / f"unet{dims}d.pt"
     torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, *[size] * dims)), str(path))
     return path
@@ -85,15 +87,22 @@ def main() -> None:
     ap.add_argument("--perturbations", default="mri.noise,mri.bias_field,geometry.rotation,intensity.gamma")
     ap.add_argument("--severities", default="1,3,5")
     ap.add_argument("--bootstrap", type=int, default=200)
+    # MONAI's tutorial UNet (spleen segmentation): a model of the size teams deploy. "8,16,32" with
+    # --res-units 0 is a toy whose forward pass costs less than any exact surface metric.
+    ap.add_argument("--channels", default="16,32,64,128,256")
+    ap.add_argument("--res-units", type=int, default=2)
     args = ap.parse_args()
     names = args.perturbations.split(",")
     severities = args.severities.split(",")
     n_scenarios = 1 + len(names) * len(severities)
     print(f"# medaudit segmentation benchmark — torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}")
-    print(f"{args.dims}D {args.size}^{args.dims}, N={args.n}, {n_scenarios} scenarios, batch {args.batch_size}")
+    print(f"{args.dims}D {args.size}^{args.dims}, N={args.n}, {n_scenarios} scenarios, batch {args.batch_size}, "
+          f"MONAI UNet channels {args.channels}, {args.res_units} residual units")
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        data, model = make_data(tmpdir, args.n, args.size, args.dims), make_model(tmpdir, args.dims, args.size)
+        channels = tuple(int(c) for c in args.channels.split(","))
+        data = make_data(tmpdir, args.n, args.size, args.dims)
+        model = make_model(tmpdir, args.dims, args.size, channels, args.res_units)
         cfg = tmpdir / "seg.yaml"
         cfg.write_text(f"input: {{channels: 1, dims: {args.dims}, mean: [0.5], std: [0.25], "
                        "intensity: {scaling: fixed, max_value: 255}}\n"

@@ -231,3 +231,24 @@ def test_boundary_band_of_structures_is_the_union_of_each_structures_band() -> N
     structures = torch.stack([labels >= 1, labels == 2], dim=1)  # overlapping: class 2 lies inside "≥ 1"
     union = boundary_band((labels >= 1).long(), 2) | boundary_band((labels == 2).long(), 2)
     torch.testing.assert_close(boundary_band(structures, 2), union)
+
+
+def test_channel_max_equals_torch_max_with_ties_to_the_first_channel() -> None:
+    from medaudit.plugins.segmentation.measures import channel_max
+
+    x = torch.randint(0, 3, (4, 5, 6, 7)).float()  # many ties
+    values, index = channel_max(x)
+    ref_values, ref_index = x.max(dim=1)
+    torch.testing.assert_close(values, ref_values)
+    torch.testing.assert_close(index, x.argmax(dim=1))
+    assert torch.equal(index, ref_index)
+
+
+def test_equal_width_bin_index_equals_searchsorted_on_edges_and_between() -> None:
+    from medaudit.binning import bin_index, equal_width_bin_index, equal_width_edges
+
+    for n_bins in (10, 15, 7):
+        edges = equal_width_edges(n_bins)
+        values = torch.cat([edges, torch.nextafter(edges, torch.zeros_like(edges)),
+                            torch.nextafter(edges, torch.ones_like(edges)), torch.rand(10_000, dtype=torch.float64)])
+        torch.testing.assert_close(equal_width_bin_index(values, edges), bin_index(values, edges), rtol=0, atol=0)

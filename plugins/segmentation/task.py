@@ -32,7 +32,7 @@ from medaudit.errors import DataError, ModelOutputError, OutputWidthError
 from medaudit.task import (ALL_QUANTITIES, SUBGROUPS, TARGET_LABEL_MAP, VOXEL_CLASS_SCORES, LabelError, OutputKind, Task,
                            class_list)
 
-from .measures import one_hot, overlap, surface_metrics
+from .measures import channel_max, one_hot, overlap, surface_metrics
 from .voxel_calibration import boundary_band, calibration_stats
 
 #: Bins of the voxel reliability statistics (equal width, as medaudit's per-sample ECE).
@@ -148,7 +148,7 @@ class SegmentationTask(Task):
         ref = labels.bool() if structures else one_hot(labels, k)
         if cfg.activation == "softmax":
             probs = torch.softmax(out, dim=1) if kind == "logits" else out
-            pred_labels = probs.argmax(dim=1)
+            pred_labels = channel_max(probs)[1]
             pred = one_hot(pred_labels, k)
             cal_ref, band_of = labels, pred_labels
         else:
@@ -185,7 +185,7 @@ class SegmentationTask(Task):
         if cfg.activation == "sigmoid":
             probs = torch.sigmoid(out.float()) if kind == "logits" else out
             return (probs > 0.5).to(torch.uint8)
-        return out.argmax(dim=1).to(torch.uint8)
+        return channel_max(out)[1].to(torch.uint8)
 
     def sample_quality(self, quantities: Mapping[str, Tensor], cfg: TaskConfig) -> Tensor | None:
         """Each image's Dice averaged over the foreground classes its maps define (NaN: none)."""

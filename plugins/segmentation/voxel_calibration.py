@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medaudit.binning import bin_index, clip_confidence, ece_mce_ace_from_bins, equal_width_edges
+from medaudit.binning import clip_confidence, ece_mce_ace_from_bins, equal_width_bin_index, equal_width_edges
 from medaudit.weighted import safe_div
+
+from .measures import channel_max, one_hot
 
 
 def _binned(index: Tensor, n_bins: int, *values: Tensor) -> Tensor:
@@ -65,13 +67,13 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     y = ref.reshape(b, -1).long()
     edges = equal_width_edges(n_bins, probs.device)
     clipped = clip_confidence(p)  # [B, K, V] float64
-    conf, pred = clipped.max(dim=1)
+    conf, pred = channel_max(clipped)
     hit = (pred == y).double()
-    top_index = bin_index(conf, edges)
+    top_index = equal_width_bin_index(conf, edges)
     ones = torch.ones_like(conf)
     top = _binned(top_index, n_bins, ones, conf, hit)
-    onehot = F.one_hot(y, k).movedim(-1, 1).double()  # [B, K, V]
-    classwise = _binned(bin_index(clipped, edges), n_bins, torch.ones_like(clipped), clipped, onehot)
+    onehot = one_hot(y, k).double()  # [B, K, V]
+    classwise = _binned(equal_width_bin_index(clipped, edges), n_bins, torch.ones_like(clipped), clipped, onehot)
     if band is None:
         band_stats = torch.zeros_like(top)
     else:
@@ -86,7 +88,7 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
         "nll": -torch.log(p_true.clamp(min=eps)).sum(dim=1),
         "voxels": torch.full((b,), float(y.shape[1]), dtype=torch.float64, device=probs.device),
         "entropy": -torch.special.xlogy(pd, pd).sum(dim=1).mean(dim=1),
-        "msp": pd.amax(dim=1).mean(dim=1),
+        "msp": channel_max(pd)[0].mean(dim=1),
     }
 
 
@@ -97,7 +99,7 @@ def _structure_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | Non
     y = ref.reshape(b, k, -1).double()
     edges = equal_width_edges(n_bins, probs.device)
     clipped = clip_confidence(p)  # [B, K, V] float64, the positive-class confidence of each structure
-    index = bin_index(clipped, edges)
+    index = equal_width_bin_index(clipped, edges)
     classwise = _binned(index, n_bins, torch.ones_like(clipped), clipped, y)
     if band is None:
         band_stats = torch.zeros_like(classwise[:, 0])
