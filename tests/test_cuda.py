@@ -86,3 +86,47 @@ def test_audit_on_cuda_with_bf16(tmp_path: Path) -> None:
     assert results["scenarios"][0]["metrics"]["accuracy"]["value"] > 0.9
     assert results["scenarios"][0]["ood"] == {}  # clean has no OOD entry; perturbed ones do
     assert "mahalanobis" in results["scenarios"][-1]["ood"]
+
+
+def test_segmentation_reduction_on_cuda_matches_cpu() -> None:
+    """The device path (torch distance transform, no host synchronisation) against the CPU's
+    (scipy's transform at the boundaries): the same per-image quantities."""
+    from medaudit.config import TaskConfig
+    from medaudit.plugins.segmentation.task import SegmentationTask
+
+    g = torch.Generator().manual_seed(2)
+    logits = 4 * torch.randn(3, 3, 24, 30, generator=g)
+    logits = torch.nn.functional.avg_pool2d(logits, 5, stride=1, padding=2)  # blobs, not salt and pepper
+    labels = torch.nn.functional.avg_pool2d(torch.randn(3, 3, 24, 30, generator=g), 5, stride=1, padding=2).argmax(1)
+    spacing = torch.tensor([[1.0, 0.8]] * 3, dtype=torch.float64)
+    cfg = TaskConfig(type="segmentation", classes=["bg", "a", "b"])
+    task = SegmentationTask()
+    cpu = task.reduce(logits, "logits", cfg, {"labels": labels, "spacing": spacing})
+    gpu = task.reduce(logits.cuda(), "logits", cfg, {"labels": labels.cuda(), "spacing": spacing.cuda()})
+    for name, value in cpu.items():
+        torch.testing.assert_close(gpu[name].cpu(), value, rtol=1e-4, atol=1e-4, equal_nan=True, msg=name)
+
+
+def test_segmentation_audit_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_segmentation_audit import CONFIG_2D, disc_phantoms, save_model
+
+    images, masks = disc_phantoms(12)
+    import numpy as np
+
+    np.savez(tmp_path / "discs.npz", images=images, masks=masks)
+    (tmp_path / "seg.yaml").write_text(CONFIG_2D)
+    model = save_model(tmp_path / "t.pt", 2)
+    metrics = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        res = subprocess.run([sys.executable, "-m", "medaudit.cli", "run", str(model), "--data", str(tmp_path / "discs.npz"),
+                              "--config", str(tmp_path / "seg.yaml"), "--out", str(out), "--device", device, "--quiet",
+                              "--perturbation", "geometry.rotation", "--perturbation", "mri.noise", "--severities", "1,5"],
+                             capture_output=True, text=True, env={**os.environ})
+        assert res.returncode == 0, res.stderr
+        results = json.loads((out / "results.json").read_text())
+        metrics[device] = {s["id"]: s["metrics"] for s in results["scenarios"]}
+    for sid, values in metrics["cpu"].items():
+        for key in ("dice", "hd95", "nsd", "ece"):
+            assert metrics["cuda"][sid][key]["value"] == pytest.approx(values[key]["value"], rel=1e-3, abs=1e-3), (sid, key)
