@@ -61,7 +61,7 @@ def test_the_example_passes_its_check_with_a_good_clean_dice(audit: tuple[int, P
 def test_strong_noise_breaks_the_example_and_a_flip_does_not(audit: tuple[int, Path, dict[str, Any]]) -> None:
     _, _, results = audit
     noise = scenario(results, "mri.noise@5")["drop"]["dice"]
-    assert noise["value"] > 0.3 and noise["significant"] is True  # 0.92 → 0.42 at the time of writing
+    assert noise["value"] > 0.2 and noise["significant"] is True  # 0.93 → 0.62 at the time of writing
     # trained with left-right flips: flipping image and mask together costs (almost) nothing
     assert abs(scenario(results, "geometry.flip_lr@5")["drop"]["dice"]["value"]) < 0.01
     assert "mri.noise" in results["verdict"]["breaking"]
