@@ -11,9 +11,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """The model's classification head, ``logits = features @ weight.T + bias``: the last linear
+    layer, fed by the (pooled) features of the configured layer. Detectors that reshape features
+    before the head (ReAct, ASH, SCALE, DICE, ViM, …) recompute logits with it."""
+
+    weight: Tensor  # [K, D]
+    bias: Tensor  # [K]
+
+    def __call__(self, features: Tensor) -> Tensor:
+        """Logits ``[N, K]`` of pooled features ``[N, D]`` (in the features' dtype and device)."""
+        w = self.weight.to(features.device, features.dtype)
+        return features @ w.T + self.bias.to(features.device, features.dtype)
 
 
 class Detector(ABC):
@@ -28,12 +44,19 @@ class Detector(ABC):
         skipped, with a limitation noted in the report, when no layer is configured.
     summary, citation : str
         For the report's catalogue.
+    needs_head : bool
+        The detector also needs the model's classification head (:class:`LinearHead`); the
+        audit sets :attr:`head` before the forward passes, and leaves the detector out with a
+        warning where the model has no linear head fed by the feature layer.
     """
 
     name: ClassVar[str]
     needs: ClassVar[Literal["logits", "features"]] = "logits"
+    needs_head: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    #: Set by the audit for a detector that :attr:`needs_head` (tests set it directly).
+    head: LinearHead | None = None
 
     def embed(self, logits: Tensor, features: Tensor | None) -> Tensor | Future[Tensor]:
         """Reduce one batch to per-sample embeddings ``[B, D]`` (on the batch's device).
