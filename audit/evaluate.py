@@ -191,7 +191,7 @@ def build_results(
                                    else reference.labels),
                                output_kind=fwd.output_kind, device=dev,
                                failure_detection=FAILURE_DETECTION in task.capabilities, task_name=task.name,
-                               explain_skip=not label_maps)
+                               explain_skip=not label_maps, feature_layer=cfg.model.feature_layer)
     # shift.py knows detectors by name only; which plugin provides each is known here, and the
     # message names it too, since the console and the string list show the message alone
     detector_plugin = {d.name: owners.get(id(d)) for d in detectors}

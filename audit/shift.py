@@ -63,6 +63,17 @@ class ShiftResult:
         return {"fitting": self.fitting, "ood": self.ood, "failure_detection": self.failure_detection}
 
 
+#: Fewest distinct scores a detector must give the clean data (or half of them, for fewer than
+#: twice as many samples) to be reported: a constant, or nearly constant, score cannot rank inputs,
+#: and its AUROC would read 0.5 whatever the shift — a reassuring number from a broken detector.
+MIN_DISTINCT_SCORES = 10
+
+
+def distinct_floor(n: int) -> int:
+    """The :data:`MIN_DISTINCT_SCORES` floor for ``n`` clean samples (at least 2)."""
+    return max(2, min(MIN_DISTINCT_SCORES, n // 2))
+
+
 def cross_fit_halves(n: int, seed: int) -> tuple[Tensor, Tensor]:
     """Indices of halves A and B of ``n`` samples (a permutation from the audit seed's stream
     ``"cross-fit"``; A gets ``n // 2``)."""
@@ -125,6 +136,7 @@ def evaluate_detectors(
     failure_detection: bool | None = None,
     task_name: str = "multilabel",
     explain_skip: bool = True,
+    feature_layer: str | None = None,
 ) -> ShiftResult:
     """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
 
@@ -159,6 +171,9 @@ def evaluate_detectors(
         wrong predictions from right ones (the task's ``failure_detection`` capability); default:
         whether ``labels`` is ``[N]``. When not, a warning names ``task_name`` (unless
         ``explain_skip`` is False: a task that measures failures its own way, e.g. by Dice).
+    feature_layer : str, optional
+        The layer feature-based detectors read, named in the warning that skips a detector whose
+        clean scores take fewer than :func:`distinct_floor` distinct values.
 
     Returns
     -------
@@ -224,6 +239,17 @@ def evaluate_detectors(
         if bool(torch.isnan(scores).any()) or bool(torch.isinf(scores).any()):
             result.records.append(WarningRecord(code="detector-skipped", subject=name,
                                                 message=f"ood: detector {name!r} skipped: it produced non-finite scores"))
+            continue
+        distinct = int(torch.unique(scores[clean]).numel())
+        if distinct < distinct_floor(n):
+            source = (f"layer {feature_layer!r}" if det.needs == "features" and feature_layer else
+                      "the feature layer" if det.needs == "features" else "the model's outputs")
+            result.records.append(WarningRecord(
+                code="detector-constant", subject=name,
+                message=(f"ood: detector {name!r} skipped: its scores of the {n} clean samples take {distinct} distinct "
+                         f"value(s) (fewer than {distinct_floor(n)}), so it cannot rank inputs and its AUROC would read "
+                         f"0.5 whatever the shift; it reads {source}, which gives it nothing to tell inputs apart "
+                         "(e.g. 1×1 feature maps for spectral, or saturated outputs)")))
             continue
         result.scores[name] = scores.float()
         result.fitted[name] = fits

@@ -175,3 +175,42 @@ def test_external_set_is_scored_by_the_detectors_fitted_for_the_audit(with_refer
     torch.testing.assert_close(scores["mahalanobis"], expected.float())
     ref_measures = detection_measures(expected, res.scores["mahalanobis"][0].double(), w_ext.double(), w.double())
     assert measures["mahalanobis"]["auroc"]["value"] == pytest.approx(float(ref_measures["auroc"][0]))
+
+
+class Constant(Detector):
+    """A broken detector: the same score for every input, or one of two values."""
+
+    name = "constant"
+    needs = "features"
+
+    def __init__(self, levels: int = 1) -> None:
+        self.levels = levels
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        return (embeddings[:, 0] % self.levels).double()
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_constant_detector_is_skipped_loudly_never_reported_at_chance(levels: int) -> None:
+    s, n = 2, 40
+    res = evaluate_detectors([Constant(levels), Recorder()], {"constant": _index_embeddings(s, n),
+                                                               "recorder": _index_embeddings(s, n)},
+                             torch.zeros(n, dtype=torch.long), _probs(s, n), ["clean", "a@1"], bootstrap_weights(n, 5, 0),
+                             0.95, seed=7, feature_layer="layer4")
+    assert "constant" not in res.ood["a@1"] and "recorder" in res.ood["a@1"]
+    [record] = [r for r in res.records if r.subject == "constant"]
+    assert record.code == "detector-constant"
+    assert f"take {levels} distinct value(s) (fewer than 10)" in record.message and "layer 'layer4'" in record.message
+
+
+def test_spectral_on_1x1_maps_is_skipped_with_the_layer_explained() -> None:
+    """A layer whose maps are 1×1 (a DenseNet's last block at small inputs) has one singular value
+    per sample: no spectrum. The detector must be skipped with the reason, not score AUROC 0.5."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 30, 16, 1, 1, generator=g)
+    emb = torch.stack([Spectral().embed(None, maps[i]) for i in range(2)])
+    res = evaluate_detectors([Spectral()], {"spectral": emb}, torch.zeros(30, dtype=torch.long), _probs(2, 30),
+                             ["clean", "a@1"], bootstrap_weights(30, 5, 0), 0.95, seed=1, feature_layer="features")
+    assert res.ood.get("a@1", {}).get("spectral") is None
+    [record] = res.records
+    assert record.code == "detector-skipped" and "1×1" in record.message and "no spatial extent" in record.message

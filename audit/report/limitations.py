@@ -44,6 +44,8 @@ IMPACT = {
     "perturbation-failed": "The named scenarios are missing from every table and from the verdict: robustness to that "
                            "perturbation is not established.",
     "detector-failed": "The detector's scores are absent; the other detectors are unaffected.",
+    "detector-constant": "The detector gave (nearly) constant scores, so it is left out rather than reported at chance; "
+                         "shift detection rests on the other detectors.",
     "metric-failed": "The metric is absent from the results; checks on it are undefined and count as failed.",
     "analysis-failed": "The analysis (e.g. subgroups) is absent or partial.",
     "preview-failed": "Only the example grid is missing; no number is affected.",

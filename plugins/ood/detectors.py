@@ -327,11 +327,12 @@ def spectral_signature(features: Tensor) -> Tensor | Future[Tensor]:
     ``F_b = features[b].reshape(C, H·W[·D])``; ``σ_b = svdvals(F_b)`` (descending,
     ``min(C, H·W)`` values); signature ``log(max(σ_b / Σ_j σ_bj, 1e-12))``. Dividing by the sum
     makes the signature invariant to a global rescaling of the activations, so it describes the
-    *shape* of the spectrum (how many directions carry the energy). ``[B, D]`` features have no
-    spatial extent; they give a NaN signature and the detector is skipped. On CUDA the result
+    *shape* of the spectrum (how many directions carry the energy). ``[B, D]`` features and 1×1
+    maps have no spatial extent (one singular value: a constant signature); they give a NaN
+    signature and the detector is skipped. On CUDA the result
     is a future (see :func:`_signature_on_host`).
     """
-    if features.ndim < 3:
+    if features.ndim < 3 or features[0, 0].numel() == 1:  # [B, D], or 1×1 maps: one singular value, no spectrum
         return torch.full((features.shape[0], 1), float("nan"), dtype=torch.float32, device=features.device)
     mats = features.double().flatten(2)
     # σ² are the eigenvalues of the smaller Gram matrix F Fᵀ (or Fᵀ F): a batched symmetric
@@ -442,7 +443,8 @@ class Spectral(Detector):
             raise ValueError(f"spectral needs at least 2 reference samples, got {x.shape[0]}")
         if bool(torch.isnan(x).any()):
             raise ValueError("spectral signatures are undefined: the feature layer has no spatial extent "
-                             "(its output is [B, D]); choose a convolutional layer")
+                             "(its output is [B, D], or its maps are 1×1: one singular value, no spectrum); "
+                             "choose an earlier convolutional layer")
         self.mean = x.mean(0, keepdim=True)
         if self.scoring == "whitened":
             cov, _ = ledoit_wolf(x - self.mean)
