@@ -61,7 +61,7 @@ def parse_check(expr: str) -> ParsedCheck:
 
 
 #: The statistics of a detector in a scenario's ``ood`` (:func:`medaudit.ood_metrics.detection_measures`).
-DETECTION_STATS = ("auroc", "aupr", "fpr95")
+DETECTION_STATS = ("auroc", "aupr", "fpr95", "fpr95_in", "aupr_trapz")
 
 
 def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
@@ -168,7 +168,7 @@ def _lookup(results: dict[str, Any], path: str) -> tuple[float | None, str | Non
     elif parts[0] == "ood" and len(parts) == 3:
         det, stat = parts[1], parts[2]
         values = [s.get("ood", {}).get(det, {}).get(stat, {}).get("value") for s in chosen]
-        higher = stat != "fpr95"
+        higher = stat not in ("fpr95", "fpr95_in")
         known = any(det in s.get("ood", {}) for s in chosen)
     else:
         key = rest

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .bootstrap import chunk_elements
 
-__all__ = ["auroc", "auroc_within", "aupr", "fpr_at_tpr", "fpr95", "detection_measures"]
+__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "fpr_at_tpr", "fpr95", "fpr95_in", "detection_measures"]
 
 
 
@@ -69,7 +69,7 @@ class _Sorted:
         neg_sorted, self.neg_order = torch.sort(sn, stable=True)
         pos_desc, self.pos_order = torch.sort(sp, dim=-1, descending=True, stable=True)
         self.lt = torch.searchsorted(neg_sorted, pos_desc, right=False)
-        le = torch.searchsorted(neg_sorted, pos_desc, right=True)
+        self.le = le = torch.searchsorted(neg_sorted, pos_desc, right=True)
         # positives tying a negative, in set-major order: set, position, and negatives below / at most
         self.tie_set, tie_i = (le != self.lt).nonzero(as_tuple=True)
         self.tie_flat = self.tie_set * pos_desc.shape[-1] + tie_i
@@ -77,6 +77,7 @@ class _Sorted:
         self.tie_first, self.tie_last = _set_bounds(self.tie_set, pos_desc.shape[0])
         neg_pos = -pos_desc  # ascending within each set, for the tie-group ends among positives
         end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
+        self.start = torch.searchsorted(neg_pos, neg_pos, right=False)  # first positive of each one's tie group
         # positives before the last of their tie group: their TP mass is the group end's
         early_set, early_i = (end != torch.arange(end.shape[-1], device=device)).nonzero(as_tuple=True)
         self.early = early_set * end.shape[-1] + early_i
@@ -116,6 +117,8 @@ class _Curves(NamedTuple):
     fp: Tensor  # negative mass scoring >= s_i
     wn: Tensor  # negative mass per row, [R, 1]
     tied: Tensor  # [R, S]: Σ_i Wp_i × negative mass tying s_i
+    Cn: Tensor  # [R, Nneg + 1]: prefix sums of the negatives' weights in ascending score order
+    srt: "_Sorted"  # the score orders they were read in
 
 
 def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
@@ -130,7 +133,7 @@ def _curves(srt: _Sorted, w_pos: Tensor, w_neg: Tensor) -> _Curves:
         flat[:, srt.early] = flat[:, srt.early_end]
     tie_mass = Wp.flatten(1)[:, srt.tie_flat] * (Cn[:, srt.tie_le] - Cn[:, srt.tie_lt])
     tied = _segment_sums(tie_mass, srt.tie_first, srt.tie_last)
-    return _Curves(Wp, tp, _take(wn - Cn, srt.lt), wn, tied)
+    return _Curves(Wp, tp, _take(wn - Cn, srt.lt), wn, tied, Cn, srt)
 
 
 def _undefined(wp: Tensor, wn: Tensor, value: Tensor) -> Tensor:
@@ -151,6 +154,19 @@ def _aupr(c: _Curves) -> Tensor:
     flagged = torch.add(c.tp, c.fp).clamp_min_(1e-300)
     precision = torch.div(c.tp, flagged, out=flagged)
     return _undefined(wp, c.wn, torch.linalg.vecdot(c.Wp, precision) / wp.clamp_min(1e-300))
+
+
+def _aupr_trapz(c: _Curves) -> Tensor:
+    srt, wp = c.srt, c.tp[..., -1]
+    # The PR curve's points in recall order: at each distinct positive score s_i, (R_i, P_i); just
+    # above it (the lowest threshold that does not yet flag s_i), recall is the positive mass
+    # strictly above s_i and precision is read with the negative mass strictly above s_i.
+    above = torch.gather(c.Wp.cumsum(-1) - c.Wp, -1, srt.start.expand(c.Wp.shape))
+    fp_gt = c.wn[..., None] - _take(c.Cn, srt.le)
+    before = torch.where((above + fp_gt) > 0, above / (above + fp_gt).clamp_min(1e-300), torch.ones_like(above))
+    at = c.tp / torch.add(c.tp, c.fp).clamp_min(1e-300)
+    area = torch.linalg.vecdot(c.Wp, 0.5 * (before + at))
+    return _undefined(wp, c.wn, area / wp.clamp_min(1e-300))
 
 
 def _fpr_at(c: _Curves, tpr: float) -> Tensor:
@@ -240,15 +256,41 @@ def fpr95(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) 
     return fpr_at_tpr(scores_pos, scores_neg, w_pos, w_neg, 0.95)
 
 
+def fpr95_in(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
+    """FPR at 95 % TPR with the **clean** (in-distribution) inputs as the positive class, as ODIN
+    (Liang et al., ICLR 2018) and much of the OOD literature before OpenOOD report it: the share of
+    shifted inputs (``scores_pos``) *not* flagged when the threshold lets at least 95 % of clean
+    inputs (``scores_neg``) through. :func:`fpr95` with the roles and the score's sign swapped
+    (flagging ``−s ≥ t`` is passing ``s ≤ −t``); ``scores_pos`` may be ``[S, Npos]`` sets, each
+    against the same clean scores (results ``[S, R]``).
+    """
+    if scores_pos.ndim == 2:
+        return torch.stack([fpr95_in(p, scores_neg, w_pos, w_neg) for p in scores_pos])
+    return fpr_at_tpr(-scores_neg, -scores_pos, w_neg, w_pos, 0.95)
+
+
+def aupr_trapz(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> Tensor:
+    """Area under the precision-recall curve (positives = shifted) by the **trapezoidal rule**, as
+    OpenOOD reports AUPR (scikit-learn's ``auc(recall, precision)`` of ``precision_recall_curve``,
+    whose curve starts at recall 0, precision 1). :func:`aupr` is the step-wise average precision;
+    the trapezoid interpolates linearly between the curve's points, which is slightly optimistic
+    (Davis & Goadrich 2006). Returns a float64 ``[R]`` tensor.
+    """
+    return _chunked(_aupr_trapz, scores_pos, scores_neg, w_pos, w_neg)
+
+
 def detection_measures(scores_pos: Tensor, scores_neg: Tensor, w_pos: Tensor, w_neg: Tensor) -> dict[str, Tensor]:
-    """``auroc``, ``aupr`` and ``fpr95`` together (one sort and one pass over the weight rows).
+    """``auroc``, ``aupr``, ``fpr95`` and ``aupr_trapz`` together (one sort and one pass over the
+    weight rows), and ``fpr95_in`` (:func:`fpr95_in`, the clean-positive convention).
 
     ``scores_pos`` may be ``[S, Npos]``: ``S`` sets of positives (scenarios) against the same
     negatives, each with the weights ``w_pos``; the results are then ``[S, R]``, computed with
     one sort of the negatives and their prefix sums shared by every set.
     """
-    return _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda c: _fpr_at(c, 0.95)},
-                         scores_pos, scores_neg, w_pos, w_neg)
+    out = _chunked_many({"auroc": _auroc, "aupr": _aupr, "fpr95": lambda c: _fpr_at(c, 0.95), "aupr_trapz": _aupr_trapz},
+                        scores_pos, scores_neg, w_pos, w_neg)
+    out["fpr95_in"] = fpr95_in(scores_pos, scores_neg, w_pos, w_neg)
+    return out
 
 
 def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:

@@ -541,7 +541,7 @@ def test_unlabelled_ood_set_is_scored_like_a_labelled_one(tmp_path: Path, patche
     unlabelled, labelled = by_id["ood:unlabelled"]["ood"], by_id["ood:manifest"]["ood"]
     assert unlabelled and set(unlabelled) == set(labelled)
     for detector, measures in unlabelled.items():
-        assert set(measures) == {"auroc", "aupr", "fpr95"}
+        assert set(measures) == {"auroc", "aupr", "fpr95", "fpr95_in", "aupr_trapz"}
         for name, value in measures.items():
             assert value["value"] is not None and value["value"] == labelled[detector][name]["value"], (detector, name)
     assert by_id["ood:unlabelled"]["n_samples"] == N_IMAGES

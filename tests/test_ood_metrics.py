@@ -208,3 +208,59 @@ def test_auroc_within_with_and_without_ties_matches_weighted_sklearn(ties: str) 
         for r in range(w.shape[0]):
             want = roc_auc_score(y, scores[s].numpy(), sample_weight=w[r].numpy())
             assert got[s, r].item() == pytest.approx(want, abs=1e-12)
+
+
+def _sk_trapz(pos: np.ndarray, neg: np.ndarray, w_pos: np.ndarray | None = None, w_neg: np.ndarray | None = None) -> float:
+    from sklearn.metrics import auc, precision_recall_curve
+
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    w = None if w_pos is None else np.r_[w_pos, w_neg]
+    precision, recall, _ = precision_recall_curve(y, np.r_[pos, neg], sample_weight=w)
+    return float(auc(recall, precision))
+
+
+def _sk_fpr95_in(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ODIN's convention: clean (neg) is the positive class, scored by −s; FPR at 95 % TPR."""
+    y = np.r_[np.ones(len(neg)), np.zeros(len(pos))]
+    fpr, tpr, _ = roc_curve(y, -np.r_[neg, pos], drop_intermediate=False)
+    return float(fpr[np.argmax(tpr >= 0.95)])
+
+
+@pytest.mark.parametrize("ties", ["none", "coarse", "all"])
+def test_aupr_trapz_and_fpr95_in_match_sklearn(ties: str) -> None:
+    from medaudit.ood_metrics import aupr_trapz, detection_measures, fpr95_in
+
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(120, generator=g) + 1.0, torch.randn(170, generator=g)
+    if ties == "coarse":
+        pos, neg = torch.round(pos * 2) / 2, torch.round(neg * 2) / 2
+    elif ties == "all":
+        pos, neg = torch.zeros(120), torch.zeros(170)
+    p, n = pos.double().numpy(), neg.double().numpy()
+    assert float(aupr_trapz(pos, neg, _ones(120), _ones(170))[0]) == pytest.approx(_sk_trapz(p, n), abs=1e-12)
+    assert float(fpr95_in(pos, neg, _ones(120), _ones(170))[0]) == pytest.approx(_sk_fpr95_in(p, n), abs=1e-12)
+    # bootstrap counts equal the explicitly resampled sets (one weight row shared, paired)
+    w = bootstrap_weights(120, 3, 1)[1:]
+    wn = bootstrap_weights(170, 3, 2)[1:]
+    got = aupr_trapz(pos, neg, w, wn)
+    for r in range(3):
+        rp, rn = np.repeat(p, w[r].long().numpy()), np.repeat(n, wn[r].long().numpy())
+        assert float(got[r]) == pytest.approx(_sk_trapz(rp, rn), abs=1e-12)
+        assert float(fpr95_in(pos, neg, w[r:r + 1], wn[r:r + 1])[0]) == pytest.approx(_sk_fpr95_in(rp, rn), abs=1e-12)
+    # several scenarios at once, as the audit calls it
+    sets = torch.stack([pos, pos - 0.5])
+    both = detection_measures(sets, neg, _ones(120), _ones(170))
+    for j in range(2):
+        assert float(both["aupr_trapz"][j, 0]) == pytest.approx(_sk_trapz(sets[j].double().numpy(), n), abs=1e-12)
+        assert float(both["fpr95_in"][j, 0]) == pytest.approx(_sk_fpr95_in(sets[j].double().numpy(), n), abs=1e-12)
+
+
+def test_aupr_trapz_with_fractional_weights_matches_sklearn_sample_weight() -> None:
+    from medaudit.ood_metrics import aupr_trapz
+
+    g = torch.Generator().manual_seed(5)
+    pos, neg = torch.round(torch.randn(40, generator=g) * 2) / 2 + 0.5, torch.round(torch.randn(60, generator=g) * 2) / 2
+    wp, wn = torch.rand(1, 40, generator=g), torch.rand(1, 60, generator=g)
+    wp[0, :3] = 0  # zero-weight positives add thresholds but no recall
+    expected = _sk_trapz(pos.double().numpy(), neg.double().numpy(), wp[0].double().numpy(), wn[0].double().numpy())
+    assert float(aupr_trapz(pos, neg, wp, wn)[0]) == pytest.approx(expected, abs=1e-9)

@@ -95,7 +95,7 @@ def test_ood_and_failure_results_match_sklearn() -> None:
     assert ood["aupr"]["value"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert ood["auroc"]["value"] > 0.8
     assert ood["auroc"]["ci_low"] <= ood["auroc"]["value"] <= ood["auroc"]["ci_high"]
-    assert set(ood) == {"auroc", "aupr", "fpr95"} and "clean" not in res.ood
+    assert set(ood) == {"auroc", "aupr", "fpr95", "fpr95_in", "aupr_trapz"} and "clean" not in res.ood
     for i, sid in enumerate(["clean", "blur@3"]):
         wrong = (probs[i].argmax(1) != labels).numpy()
         fd = res.failure_detection[sid]["msp"]
