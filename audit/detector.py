@@ -57,6 +57,11 @@ class Detector(ABC):
     citation: ClassVar[str] = ""
     #: Set by the audit for a detector that :attr:`needs_head` (tests set it directly).
     head: LinearHead | None = None
+    #: How the intervals of this detector's AUROCs (shift detection, failure detection) are
+    #: computed: the audit's percentile bootstrap, or DeLong's asymptotic variance
+    #: (:func:`medaudit.ood_metrics.delong_interval`); the built-in plugin sets it from
+    #: ``plugins.ood.auroc_ci``.
+    auroc_ci: Literal["bootstrap", "delong"] = "bootstrap"
 
     def embed(self, logits: Tensor, features: Tensor | None) -> Tensor | Future[Tensor]:
         """Reduce one batch to per-sample embeddings ``[B, D]`` (on the batch's device).

@@ -277,6 +277,7 @@ def build_results(
                                                           "sha256": reference.identity.sha256,
                                                           "n_samples": reference.identity.n_samples},
             "detectors": sorted(shift.scores),
+            "auroc_ci": {name: shift.auroc_ci.get(name, "bootstrap") for name in sorted(shift.scores)},
         }
     calibration: dict[str, Any] = {}
     if TEMPERATURE_SCALING in task.capabilities:

@@ -22,6 +22,7 @@ A row where the positives or the negatives carry zero total weight yields NaN (u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from .bootstrap import chunk_elements
 
-__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "fpr_at_tpr", "fpr95", "fpr95_in", "detection_measures"]
+__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "delong_interval", "fpr_at_tpr", "fpr95", "fpr95_in",
+           "detection_measures"]
 
 
 
@@ -348,3 +350,44 @@ def auroc_within(scores: Tensor, positive: Tensor, weights: Tensor) -> Tensor:
     if not out:
         return torch.empty(s, 0, dtype=torch.float64, device=dev)
     return torch.cat(out).T
+
+
+def _placements(scores_pos: Tensor, scores_neg: Tensor) -> tuple[Tensor, Tensor]:
+    """DeLong's structural components: for each positive the share of negatives it outranks
+    (ties ½), ``V10 [m]``, and for each negative the share of positives outranking it, ``V01 [n]``;
+    by sorting, O((m + n) log(m + n))."""
+    sp, sn = scores_pos.double().flatten(), scores_neg.double().flatten()
+    neg_sorted, pos_sorted = sn.sort().values, sp.sort().values
+    below = torch.searchsorted(neg_sorted, sp, right=False)
+    at_most = torch.searchsorted(neg_sorted, sp, right=True)
+    v10 = (below + 0.5 * (at_most - below)).double() / sn.numel()
+    pos_below = torch.searchsorted(pos_sorted, sn, right=False)
+    pos_at_most = torch.searchsorted(pos_sorted, sn, right=True)
+    v01 = (sp.numel() - pos_at_most + 0.5 * (pos_at_most - pos_below)).double() / sp.numel()
+    return v10, v01
+
+
+def delong_interval(scores_pos: Tensor, scores_neg: Tensor, confidence: float = 0.95,
+                    paired: bool = False) -> dict[str, float | None]:
+    """AUROC (positives = shifted, ties ½) with DeLong's asymptotic normal interval (DeLong,
+    DeLong & Clarke-Pearson, Biometrics 1988), ``{value, ci_low, ci_high}``, clipped to [0, 1].
+
+    ``AUC = mean(V10) = mean(V01)``; independent positives and negatives:
+    ``Var = S10 / m + S01 / n`` with ``S10``, ``S01`` the sample variances (ddof 1) of the
+    structural components (:func:`_placements`). ``paired``: positive ``i`` and negative ``i``
+    are the same input (clean and shifted, ``m = n``), so the U-statistic's first-order projection
+    is ``(V10_i + V01_i)`` per input: ``Var = S(V10 + V01) / n`` (the covariance of the two
+    components enters, as in DeLong's comparison of correlated curves). Unweighted: the interval
+    describes the data as they are, with no resampling.
+    """
+    m, n = scores_pos.numel(), scores_neg.numel()
+    if m < 2 or n < 2:
+        return {"value": None, "ci_low": None, "ci_high": None}
+    if paired and m != n:
+        raise ValueError(f"paired DeLong needs one positive per negative, got {m} and {n}")
+    v10, v01 = _placements(scores_pos, scores_neg)
+    auc = float(v10.mean())
+    var = float((v10 + v01).var() / n) if paired else float(v10.var() / m + v01.var() / n)
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64)))
+    half = z * math.sqrt(max(var, 0.0))
+    return {"value": auc, "ci_low": max(0.0, auc - half), "ci_high": min(1.0, auc + half)}

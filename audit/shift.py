@@ -32,7 +32,7 @@ from torch import Tensor
 from .bootstrap import interval
 from .detector import Detector
 from .memory import release_free_memory
-from .ood_metrics import auroc_within, detection_measures
+from .ood_metrics import auroc_within, delong_interval, detection_measures
 from .results import WarningRecord
 from .rng import stream_generator
 
@@ -53,6 +53,8 @@ class ShiftResult:
     # Detector name -> its fitted copies: [fitted on the reference], or [fitted on half A,
     # fitted on half B]; :func:`evaluate_external` scores external sets with them.
     fitted: dict[str, list[Detector]] = field(default_factory=dict)
+    # Detector name -> "delong" for detectors whose AUROC intervals are DeLong's (others: bootstrap).
+    auroc_ci: dict[str, str] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
@@ -256,14 +258,25 @@ def evaluate_detectors(
         scores = scores.to(dev)
         # every scenario against the same clean scores: one batched call shares their sort
         shifted = [s for s in range(len(scenario_ids)) if s != clean]
+        delong = det.auroc_ci == "delong"
         if shifted:
             measures = detection_measures(scores[shifted], scores[clean], weights, weights)
             for j, s in enumerate(shifted):
-                result.ood.setdefault(scenario_ids[s], {})[name] = {k: interval(v[j], confidence) for k, v in measures.items()}
+                entry = {k: interval(v[j], confidence) for k, v in measures.items()}
+                if delong:  # sample i clean and sample i shifted are the same input: paired
+                    entry["auroc"] = delong_interval(scores[s].cpu(), scores[clean].cpu(), confidence, paired=True)
+                result.ood.setdefault(scenario_ids[s], {})[name] = entry
         if failure_detection:
             failure = _failure_auroc(scores, probs.to(dev), labels.to(dev), weights)
+            wrong = (probs.argmax(dim=-1) != labels).cpu() if delong else None
             for s, sid in enumerate(scenario_ids):
-                result.failure_detection.setdefault(sid, {})[name] = interval(failure[s], confidence)
+                if wrong is not None:  # wrong and right predictions are different inputs: unpaired
+                    value = delong_interval(scores[s].cpu()[wrong[s]], scores[s].cpu()[~wrong[s]], confidence)
+                else:
+                    value = interval(failure[s], confidence)
+                result.failure_detection.setdefault(sid, {})[name] = value
+        if delong:
+            result.auroc_ci[name] = "delong"
     return result
 
 

@@ -264,3 +264,53 @@ def test_aupr_trapz_with_fractional_weights_matches_sklearn_sample_weight() -> N
     wp[0, :3] = 0  # zero-weight positives add thresholds but no recall
     expected = _sk_trapz(pos.double().numpy(), neg.double().numpy(), wp[0].double().numpy(), wn[0].double().numpy())
     assert float(aupr_trapz(pos, neg, wp, wn)[0]) == pytest.approx(expected, abs=1e-9)
+
+
+def _naive_delong(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """DeLong et al. (1988) from the definitions, O(m·n): ψ(x, y) = 1[x > y] + ½ 1[x = y],
+    V10_i = mean_j ψ(x_i, y_j), V01_j = mean_i ψ(x_i, y_j), Var = S10/m + S01/n."""
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    return float(psi.mean()), float(v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_delong_interval_equals_the_definition(tied: bool) -> None:
+    from scipy.stats import norm
+
+    from medaudit.ood_metrics import delong_interval
+
+    g = torch.Generator().manual_seed(6)
+    pos, neg = torch.randn(70, generator=g) + 0.7, torch.randn(90, generator=g)
+    if tied:
+        pos, neg = torch.round(pos), torch.round(neg)
+    auc, var = _naive_delong(pos.double().numpy(), neg.double().numpy())
+    got = delong_interval(pos, neg, 0.9)
+    half = norm.ppf(0.95) * np.sqrt(var)
+    assert got["value"] == pytest.approx(auc, abs=1e-12)
+    assert got["ci_low"] == pytest.approx(auc - half, abs=1e-12) and got["ci_high"] == pytest.approx(auc + half, abs=1e-12)
+    assert got["value"] == pytest.approx(roc_auc_score(np.r_[np.ones(70), np.zeros(90)], np.r_[pos, neg]), abs=1e-12)
+
+
+def test_paired_delong_covers_the_true_auroc_of_correlated_pairs() -> None:
+    """Clean and shifted scores of the same inputs are correlated; the paired variance accounts for
+    it. Over 300 simulated audits its 95 % interval covers the true AUROC about 95 % of the time,
+    where the unpaired formula (which ignores the correlation) over-covers."""
+    from scipy.stats import norm
+
+    from medaudit.ood_metrics import delong_interval
+
+    rho, shift, n = 0.8, 0.5, 60
+    # shifted ~ N(shift, 1) and clean ~ N(0, 1): P(shifted_i > clean_j) for the n² − n pairs i ≠ j
+    truth = float(norm.cdf(shift / np.sqrt(2)))
+    rng = np.random.default_rng(0)
+    hits_paired = hits_unpaired = 0
+    for _ in range(300):
+        clean = rng.normal(size=n)
+        shifted = rho * clean + np.sqrt(1 - rho ** 2) * rng.normal(size=n) + shift
+        p = delong_interval(torch.from_numpy(shifted), torch.from_numpy(clean), 0.95, paired=True)
+        u = delong_interval(torch.from_numpy(shifted), torch.from_numpy(clean), 0.95)
+        hits_paired += p["ci_low"] <= truth <= p["ci_high"]
+        hits_unpaired += u["ci_low"] <= truth <= u["ci_high"]
+    assert 0.90 <= hits_paired / 300 <= 0.99
+    assert hits_unpaired > hits_paired  # wider: the positive correlation between the pairs is ignored

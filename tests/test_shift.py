@@ -214,3 +214,23 @@ def test_spectral_on_1x1_maps_is_skipped_with_the_layer_explained() -> None:
     assert res.ood.get("a@1", {}).get("spectral") is None
     [record] = res.records
     assert record.code == "detector-skipped" and "1×1" in record.message and "no spatial extent" in record.message
+
+
+def test_delong_intervals_replace_the_bootstrap_ones_when_a_detector_asks() -> None:
+    from medaudit.ood_metrics import delong_interval
+
+    s, n = 2, 50
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(s, n, 4, generator=g)
+    emb[1] += 0.7
+    det = MSP()
+    det.auroc_ci = "delong"
+    probs = torch.softmax(emb[..., :3], dim=-1)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    res = evaluate_detectors([det], {"msp": emb[..., :3]}, labels, probs, ["clean", "a@1"],
+                             bootstrap_weights(n, 20, 0), 0.95, seed=1)
+    scores = res.scores["msp"].double()
+    assert res.ood["a@1"]["msp"]["auroc"] == pytest.approx(delong_interval(scores[1], scores[0], 0.95, paired=True))
+    wrong = probs[1].argmax(-1) != labels
+    assert res.failure_detection["a@1"]["msp"] == pytest.approx(delong_interval(scores[1][wrong], scores[1][~wrong], 0.95))
+    assert res.auroc_ci == {"msp": "delong"}

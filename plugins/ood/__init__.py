@@ -39,7 +39,10 @@ def medaudit_detectors(config: Config) -> list[Detector]:
     if VOXEL_CLASS_SCORES in task_of(config.task).capabilities:
         for d in outputs:
             d.voxelwise = True  # a segmentation map: each image scores the mean of its voxels' scores
-    return [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral()]
+    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral()]
+    for d in detectors:
+        d.auroc_ci = settings.auroc_ci
+    return detectors
 
 
 @hookimpl

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from medaudit.settings import PluginSettings, legacy_key
@@ -14,3 +16,7 @@ class OodSettings(PluginSettings):
                                       json_schema_extra=legacy_key("audit.energy_temperature"))
     knn_k: int = Field(50, ge=1, description="neighbour rank k of the knn detector (capped at n-1)",
                        json_schema_extra=legacy_key("audit.knn_k"))
+    auroc_ci: Literal["bootstrap", "delong"] = Field(
+        "bootstrap", description="intervals of the detectors' AUROCs (shift and failure detection): the audit's "
+                                 "percentile bootstrap, or DeLong's asymptotic variance (an analytic normal interval; "
+                                 "paired for clean vs shifted)")
