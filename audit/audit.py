@@ -26,7 +26,7 @@ from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, OutputWidthError, PluginError
 from .evaluate import ExternalSet, build_results
-from .features import make_extractor
+from .features import FeatureChoice, choose_feature_layer, make_extractor
 from .metric import Metric
 from .model import LoadedModel
 from .outputs import Scenario
@@ -37,6 +37,7 @@ from .rng import RNG_VERSION
 from .runner.executor import saved_maps
 from .runner.merge import ForwardResult
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
+from .runner.device import normalisation
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
 from .task import CLASS_PROBABILITIES, VOXEL_CLASS_SCORES, LabelError, Task, bind_task
@@ -129,8 +130,29 @@ def _set_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def _feature_choice(model: LoadedModel, config: Config, dataset: AuditDataset, device: torch.device,
+                    warnings: list[WarningRecord]) -> FeatureChoice:
+    """Resolve ``model.feature_layer`` (``auto`` by default) on the first few samples and record
+    the choice in the config: the rest of the audit (work units included) reads the named layer."""
+    settle_dims(dataset, config)
+    mean, std = normalisation(config, device)
+    x = torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    try:
+        choice = choose_feature_layer(model, config.model.feature_layer, (x - mean) / std)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the dry run that follows names what the model cannot take
+        choice = FeatureChoice(None if config.model.feature_layer == "auto" else config.model.feature_layer, "none",
+                               note=f"the feature layer could not be chosen ({type(exc).__name__}: {exc})")
+    if choice.source == "none" and config.model.feature_layer == "auto":
+        warnings.append(WarningRecord(code="feature-layer-auto", message=choice.note))
+    config.model = config.model.model_copy(update={"feature_layer": choice.layer})
+    config.model._feature_choice = choice
+    return choice
+
+
 def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, warnings: list[WarningRecord],
-               owners: dict[object, str]) -> list[Detector]:
+               owners: dict[object, str], choice: FeatureChoice | None = None) -> list[Detector]:
     detectors = []
     for plugin, ds in pm.call_each("medaudit_detectors", config=config):
         for d in ds:
@@ -143,7 +165,8 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
             raise ConfigError(f"audit.detectors: unknown detector(s) {unknown}; available: {sorted(known)}")
         detectors = [d for d in detectors if d.name in config.audit.detectors]
     if not feature_ok:
-        why = ("model.feature_layer is not set" if config.model.feature_layer is None
+        why = (choice.note if choice is not None and choice.layer is None and choice.note else
+               "model.feature_layer is not set" if config.model.feature_layer in (None, "auto")
                else f"layer {config.model.feature_layer!r} could not be captured")
         skipped: dict[str, list[str]] = {}
         for d in detectors:
@@ -153,6 +176,20 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
             warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
                 f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
         detectors = [d for d in detectors if d.needs != "features"]
+    headless: dict[str, list[str]] = {}
+    for d in detectors:
+        if not d.needs_head:
+            continue
+        if choice is not None and choice.head is not None:
+            d.head = choice.head
+        else:
+            headless.setdefault(owners[id(d)], []).append(d.name)
+    for plugin, names in headless.items():
+        why = choice.note if choice is not None and choice.note else "no linear classification head was found"
+        warnings.append(WarningRecord(code="head-detectors-skipped", plugin=plugin, message=(
+            f'detectors {names} of plugin "{plugin}" did not run: they recompute logits with the model\'s linear '
+            f"head, and {why}")))
+    detectors = [d for d in detectors if not (d.needs_head and d.head is None)]
     if not {CLASS_PROBABILITIES, VOXEL_CLASS_SCORES} & task.capabilities:
         skipped = {}
         for d in detectors:
@@ -208,6 +245,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     taken: set[str] = set()
     ood_sets = {_set_name(p, taken): open_dataset(pm, p, config, "--ood-data") for p in ood_paths}
     model = load_model(pm, model_path, config, trust_pickle).to(device)
+    choice = _feature_choice(model, config, dataset, device, warnings)
     extract, feature_warning = make_extractor(model, config.model.feature_layer)
     if feature_warning:
         warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning))
@@ -231,7 +269,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                 metrics.append(m)
     if not metrics:
         raise PluginError("no metric plugin is available for this task; is medaudit installed correctly? (`medaudit plugins`)")
-    detectors = _detectors(pm, config, task, feature_ok, warnings, owners)
+    detectors = _detectors(pm, config, task, feature_ok, warnings, owners, choice)
     validate_checks(config.checks, Vocabulary(
         scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets], metrics=_metric_keys(metrics),
         classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns))

@@ -107,10 +107,14 @@ class ModelConfig(_Section):
     output: Literal["auto", "logits", "probabilities"] = "auto"
     arch: str | None = Field(None, description="'module:factory' building the network for a state dict")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    feature_layer: str | None = Field(None, description="named submodule whose output feature-based detectors use")
+    feature_layer: str | None = Field(
+        "auto", description="named submodule whose output feature-based detectors use; 'auto' (the default) finds "
+                            "the layer feeding the linear classification head; null turns feature detectors off")
     name: str | None = None
     description: str | None = None
     intended_use: str | None = None
+    # How the layer was chosen (medaudit.features.FeatureChoice), set by the audit once it resolved "auto".
+    _feature_choice: Any = PrivateAttr(default=None)
 
 
 class TaskConfig(_Section):
@@ -364,7 +368,7 @@ STARTER_CONFIG = """\
 model:
   format: auto            # auto | torchscript | export | state_dict | onnx | pickle
   output: auto            # auto | logits | probabilities
-  # feature_layer: features # named submodule for feature-based OOD detectors
+  # feature_layer: auto     # the layer feeding the classification head; or a named submodule; null: none
   # intended_use: "Triage of ... in adults; not for ..."
 
 input:

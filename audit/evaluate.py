@@ -61,6 +61,16 @@ class Evaluation:
     external_arrays: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
+def _feature_identity(cfg: Config) -> dict[str, Any]:
+    """results.json ``model.feature_layer`` (the layer feature detectors read), how it was chosen
+    (``feature_layer_source``: config, auto or none, with a note) and the verified linear head."""
+    choice = cfg.model._feature_choice
+    return {"feature_layer": cfg.model.feature_layer,
+            "feature_layer_source": None if choice is None else choice.source,
+            "feature_layer_note": None if choice is None else choice.note,
+            "head": None if choice is None else choice.head_name}
+
+
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     return {k: {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())} for k, v in params.items() if v.numel()}
 
@@ -306,6 +316,7 @@ def build_results(
             "task_capabilities": sorted(task.capabilities),
             "dtype": model.dtype, "summary": model.summary, "output_kind": fwd.output_kind,
             "name": cfg.model.name, "description": cfg.model.description, "intended_use": cfg.model.intended_use,
+            **_feature_identity(cfg),
         },
         "dataset": {
             "path": identity.path, "sha256": identity.sha256, "n_samples": identity.n_samples,

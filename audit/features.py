@@ -28,13 +28,14 @@ extractor yields ``None`` features so feature-based detectors are skipped.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .detector import LinearHead
 from .errors import ConfigError
 from .model import LoadedModel
 
@@ -103,6 +104,11 @@ def _fx_scopes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
                 path = path[len("L['self']."):]
             scopes.setdefault(path, []).append(node)
     return scopes
+
+
+def pool(features: Tensor) -> Tensor:
+    """Global average pooling ``[B, C, *spatial] -> [B, C]``; ``[B, D]`` features pass through."""
+    return features.flatten(2).mean(dim=2) if features.ndim > 2 else features
 
 
 def _unwrap(module: Any) -> Any:
@@ -218,7 +224,7 @@ def _script_extractor(module: torch.jit.ScriptModule, layer: str) -> FeatureExtr
         sub: Any = module
         for part in path:
             sub = getattr(sub, part)
-        callee = sub.forward.graph.copy()
+        callee = sub._c._get_method("forward").graph.copy()  # traced submodules expose forward as a plain function
         with graph.insert_point_guard(node):
             outs = graph.insertGraph(callee, list(node.inputs()))
         node.output().replaceAllUsesWith(outs[0])
@@ -278,3 +284,164 @@ def make_extractor(model: LoadedModel, layer: str | None) -> tuple[FeatureExtrac
         return plain, (f"model.feature_layer {layer!r} exists in this {model.format} model but its output cannot be "
                        f"captured ({reason}); feature-based detectors are skipped. Choose a layer that forward calls "
                        "once, outside if/loop blocks, or save the model as a state dict with model.arch")
+
+
+# ---------------------------------------------------------------------------------------------
+# model.feature_layer: auto — the layer that feeds the classification head
+# ---------------------------------------------------------------------------------------------
+
+#: Layers tried, from the head backwards, before settling for the best found so far.
+AUTO_CANDIDATES = 16
+
+
+@dataclass
+class FeatureChoice:
+    """Which layer feature-based detectors read and which linear head the model classifies with.
+
+    ``layer`` None: no features (detectors that need them are skipped); ``head`` None: no linear
+    head was verified on ``layer`` (detectors that need it are skipped); ``note`` says how the
+    choice was made, or why nothing was found, in words for results.json and the report.
+    """
+
+    layer: str | None
+    source: str  # "config", "auto", or "none"
+    head_name: str | None = None
+    head: LinearHead | None = None
+    note: str = ""
+
+
+def _ordered_layers(module: Any) -> list[str]:
+    """Layer names in registration order (forward order for the usual Sequential-style networks)."""
+    names = [n for n, _ in module.named_modules() if n] if isinstance(module, nn.Module) else []
+    if isinstance(module, torch.fx.GraphModule):
+        names += [p for p in _fx_scopes(module) if p and p not in names]
+    return names
+
+
+def _head(module: Any, k: int) -> tuple[str, Tensor, Tensor | None] | None:
+    """The last parameter pair ``<name>.weight [k, D]`` (and ``<name>.bias [k]``): the linear layer
+    whose outputs are the model's ``k`` class scores, found by its parameters so that eager,
+    TorchScript and exported modules are searched alike."""
+    if not isinstance(module, nn.Module):
+        return None
+    params = dict(module.named_parameters())
+    found = None
+    for name, w in params.items():
+        if name.endswith("weight") and w.ndim == 2 and w.shape[0] == k:
+            prefix = name[: -len("weight")].rstrip(".")
+            bias = params.get(f"{prefix}.bias" if prefix else "bias")
+            found = (prefix, w.detach(), None if bias is None or bias.shape != (k,) else bias.detach())
+    return found
+
+
+def _verified(head: tuple[str, Tensor, Tensor | None], features: Tensor, logits: Tensor) -> LinearHead | None:
+    """The head when the model's logits are ``pool(features) @ weight.T + bias`` on this batch."""
+    _, w, b = head
+    pooled = pool(features.float())
+    if pooled.ndim != 2 or pooled.shape[1] != w.shape[1]:
+        return None
+    candidate = LinearHead(w, b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    expected = logits.float()
+    got = candidate(pooled)
+    tol = 1e-3 * float(expected.abs().max().clamp_min(1.0))
+    return candidate if got.shape == expected.shape and bool((got - expected).abs().max() <= tol) else None
+
+
+def _spatial(features: Tensor) -> bool:
+    return features.ndim > 2 and features[0, 0].numel() > 1
+
+
+def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -> FeatureChoice:
+    """Resolve ``model.feature_layer`` (``"auto"``, a layer name, or None) on a sample batch ``x``
+    (normalised, on the model's device) and find the linear head the detectors of the post-hoc zoo
+    recompute logits with.
+
+    ``auto`` finds the head — the last linear layer whose outputs are the model's class scores —
+    and walks the layers registered before it, backwards (skipping the head's own containers;
+    top-level stages before their inner layers), up to :data:`AUTO_CANDIDATES` of them: the first whose globally pooled output reproduces the
+    model's logits through the head (``pool(f) @ Wᵀ + b``, checked on ``x``) and still has spatial
+    extent (a feature map, which ``spectral`` needs) is chosen; else the best found (verified
+    without spatial extent, e.g. a flattened vector; or the last layer with a feature map, the
+    head then unverified). A named layer is used as given, the head verified on it. Models whose
+    outputs are not ``[B, K]`` class scores (segmentation maps) have no head: ``auto`` chooses
+    nothing and says to name a layer.
+    """
+    module = _unwrap(model.module)
+    if requested is None:
+        return FeatureChoice(None, "none", note="model.feature_layer is null: feature-based detectors are off")
+    with torch.inference_mode():
+        logits = module(x)
+    logits = logits if isinstance(logits, Tensor) else _first_tensor(logits)
+    head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
+
+    def capture(layer: str) -> Tensor | None:
+        extract, warning = make_extractor(model, layer)
+        if warning is not None:
+            return None
+        try:
+            with torch.inference_mode():
+                _, feats = extract(x)
+        except Exception:  # a layer the capture cannot run: not a candidate
+            return None
+        finally:
+            extract.close()
+        return feats if isinstance(feats, Tensor) and feats.ndim >= 2 and feats.shape[0] == x.shape[0] else None
+
+    if requested != "auto":
+        feats = capture(requested)
+        verified = _verified(head, feats, logits) if head is not None and feats is not None else None
+        note = (f"head {head[0]!r} verified on layer {requested!r}" if verified is not None else
+                f"no linear head reproduces the model's logits from the pooled output of {requested!r}; detectors "
+                "that need the head are skipped")
+        return FeatureChoice(requested, "config", head[0] if verified is not None else None, verified, note)
+    if head is None:
+        return FeatureChoice(None, "none", note=(
+            "model.feature_layer: auto looks for the layer feeding a linear classification head, and this model's "
+            "outputs are not [B, K] class scores from one (e.g. a segmentation network); name a layer, e.g. a UNet's "
+            "bottleneck, to run the feature-based detectors"))
+    names = _ordered_layers(module)
+    stop = names.index(head[0]) if head[0] in names else len(names)
+    ancestors = {n for n in names if head[0].startswith(n + ".")}
+    # backwards from the head, the network's stages before their inner layers (depth first): a
+    # deep network's last block holds hundreds of leaves, and the stage's output is the one pooled
+    before = [n for n in reversed(names[:stop]) if n not in ancestors]
+    candidates = sorted(before, key=lambda n: n.count("."))[:AUTO_CANDIDATES]
+    flat_verified: tuple[str, LinearHead] | None = None
+    last_map: str | None = None
+    def outermost(name: str, feats: Tensor) -> str:
+        """The shallowest container of ``name`` with the very same output (``stage`` for ``stage.1``)."""
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            if parent in names and parent not in ancestors:
+                same = capture(parent)
+                if same is not None and same.shape == feats.shape and torch.equal(same, feats):
+                    return parent
+        return name
+
+    for name in candidates:
+        feats = capture(name)
+        if feats is None:
+            continue
+        verified = _verified(head, feats, logits)
+        if verified is not None and _spatial(feats):
+            name = outermost(name, feats)
+            return FeatureChoice(name, "auto", head[0], verified,
+                                 f"auto: {name!r}, whose globally pooled output feeds the linear head {head[0]!r}")
+        if verified is not None and flat_verified is None:
+            flat_verified = (name, verified)
+        if last_map is None and _spatial(feats):
+            last_map = outermost(name, feats)
+    if flat_verified is not None:
+        name, verified = flat_verified
+        return FeatureChoice(name, "auto", head[0], verified, (
+            f"auto: {name!r}, the input of the linear head {head[0]!r} (no feature map before it reproduces the "
+            "logits when pooled; spectral needs a map and is skipped)"))
+    if last_map is not None:
+        return FeatureChoice(last_map, "auto", None, None, (
+            f"auto: {last_map!r}, the last feature map before the linear layer {head[0]!r}, whose pooled output does "
+            "not reproduce the logits through it (the head reads more than a global average, e.g. a crop or "
+            "a flattened map); detectors that need the head are skipped"))
+    return FeatureChoice(None, "none", note=(
+        f"model.feature_layer: auto found the linear head {head[0]!r} but no layer before it whose output can be "
+        "captured; name a layer to run the feature-based detectors"))

@@ -83,6 +83,13 @@ class ModelInfo(_Model):
     name: str | None = None
     description: str | None = None
     intended_use: str | None = None
+    feature_layer: str | None = Field(None, description="the layer feature-based detectors read (model.feature_layer, "
+                                                        "'auto' resolved), or null")
+    feature_layer_source: str | None = Field(None, description="config (named by the user), auto (chosen by medaudit) "
+                                                               "or none")
+    feature_layer_note: str | None = Field(None, description="how the layer was chosen, or why none was")
+    head: str | None = Field(None, description="the linear classification head verified on the feature layer (its "
+                                               "module name), which head-based detectors recompute logits with")
 
 
 class DatasetInfo(_Model):

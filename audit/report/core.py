@@ -48,6 +48,9 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("Model file", m["path"]), ("Model SHA-256", m["sha256"]), ("Model format", m["format"]),
         ("Parameters", f"{m['num_parameters']:,}"), ("Architecture", m["summary"]), ("Output", m["output_kind"]),
         ("Task", f"{m['task']}: {', '.join(m['classes'])}"),
+        *([("Feature layer", (m.get("feature_layer") or "none") + (f" — {m['feature_layer_note']}"
+                                                                     if m.get("feature_layer_note") else ""))]
+          if "feature_layer" in m else []),
         ("Dataset", d["path"]), ("Dataset SHA-256", d["sha256"]), ("Dataset format", d.get("format") or "–"),
         ("Samples", str(d["n_samples"])),
         ("Class counts", ", ".join(f"{k}: {v}" for k, v in d["class_counts"].items())),

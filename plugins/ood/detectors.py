@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from medaudit.detector import Detector
+from medaudit.features import pool
 from medaudit.task import OutputKind
 
 # Smallest normalised singular value kept before the log: a rank-deficient map has exact zeros.
@@ -143,11 +144,6 @@ class Entropy(OutputDetector):
 # ---------------------------------------------------------------------------------------------
 # Shared numerics
 # ---------------------------------------------------------------------------------------------
-
-
-def pool(features: Tensor) -> Tensor:
-    """Global average pooling ``[B, C, *spatial] -> [B, C]``; ``[B, D]`` features pass through."""
-    return features.flatten(2).mean(dim=2) if features.ndim > 2 else features
 
 
 def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:

@@ -1,0 +1,110 @@
+"""model.feature_layer: auto — the layer feeding the linear head, found in eager, TorchScript and
+torch.export models (and a MONAI network nobody here wrote), with the head verified on it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medaudit.features import choose_feature_layer
+from medaudit.model import LoadedModel
+
+
+class GapNet(nn.Module):
+    """The common classifier shape: conv stages, global average pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stage(self.stem(x))), 1))
+
+
+class CropNet(nn.Module):
+    """A head that reads a crop of the map, not its global average (the bundled example's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)[:, :, :2, :2].flatten(1))
+
+
+def loaded(module: object, fmt: str) -> LoadedModel:
+    return LoadedModel(module=module, path=Path("m.pt"), format=fmt, sha256="", num_parameters=0,  # type: ignore[arg-type]
+                       dtype="float32", summary="")
+
+
+def formats(net: nn.Module, x: torch.Tensor) -> dict[str, LoadedModel]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)
+    exported = torch.export.export(net, (x,))
+    return {"eager": loaded(net, "state_dict"), "torchscript": loaded(scripted, "torchscript"),
+            "export": loaded(torch.export.unflatten(exported), "export"),
+            "export-flat": loaded(exported.module(), "export")}
+
+
+@pytest.mark.parametrize("fmt", ["eager", "torchscript", "export", "export-flat"])
+def test_auto_finds_the_map_feeding_the_head_in_every_format(fmt: str) -> None:
+    torch.manual_seed(0)
+    net = GapNet().eval()
+    x = torch.randn(4, 1, 12, 12)
+    choice = choose_feature_layer(formats(net, x)[fmt], "auto", x)
+    assert choice.source == "auto" and choice.layer == "stage" and choice.head_name == "fc"
+    # the verified head reproduces the model's logits from the pooled map
+    feats = net.stage(net.stem(x))
+    torch.testing.assert_close(choice.head(feats.mean(dim=(2, 3))), net(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(choice.head.weight, net.fc.weight.detach())
+
+
+def test_auto_on_a_monai_densenet_picks_its_feature_stage() -> None:
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.trace(net, x)
+    for model in (loaded(net, "state_dict"), loaded(scripted, "torchscript")):
+        choice = choose_feature_layer(model, "auto", x)
+        # MONAI's head starts with an in-place ReLU, which rewrites the `features` stage's output
+        # tensor in place: what is captured (and what the detectors see) is that activated map, whose
+        # pooled value is exactly the linear layer's input
+        assert choice.layer == "features" and choice.head_name == "class_layers.out", choice.note
+        feats = torch.relu(net.features(x))
+        torch.testing.assert_close(choice.head(feats.mean(dim=(2, 3))), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_head_that_reads_a_crop_keeps_the_map_but_no_head() -> None:
+    torch.manual_seed(0)
+    net = CropNet().eval()
+    choice = choose_feature_layer(loaded(net, "state_dict"), "auto", torch.randn(3, 1, 8, 8))
+    assert choice.layer == "features" and choice.head is None and "does not reproduce the logits" in choice.note
+
+
+def test_a_named_layer_wins_and_its_head_is_verified() -> None:
+    torch.manual_seed(0)
+    net = GapNet().eval()
+    x = torch.randn(4, 1, 12, 12)
+    choice = choose_feature_layer(loaded(net, "state_dict"), "stem", x)
+    assert choice.source == "config" and choice.layer == "stem" and choice.head is None  # 8 channels ≠ fc's 16
+    assert choose_feature_layer(loaded(net, "state_dict"), "stage", x).head_name == "fc"
+    assert choose_feature_layer(loaded(net, "state_dict"), None, x).layer is None
+
+
+def test_a_segmentation_network_has_no_head_to_find() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    choice = choose_feature_layer(loaded(net, "state_dict"), "auto", torch.randn(2, 1, 8, 8))
+    assert choice.layer is None and choice.source == "none" and "name a layer" in choice.note
