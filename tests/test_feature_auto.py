@@ -108,3 +108,41 @@ def test_a_segmentation_network_has_no_head_to_find() -> None:
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     choice = choose_feature_layer(loaded(net, "state_dict"), "auto", torch.randn(2, 1, 8, 8))
     assert choice.layer is None and choice.source == "none" and "name a layer" in choice.note
+
+
+def test_an_audit_without_feature_settings_runs_the_feature_detectors_and_the_zoo(tmp_path: Path) -> None:
+    """No model.feature_layer anywhere: auto finds `stage` and the head `fc`, and every feature
+    detector — the zoo's head-based ones included — reports on the shifted scenario."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = GapNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(net), str(tmp_path / "gap.pt"))
+    rng = np.random.default_rng(0)
+    images = (rng.random((60, 12, 12)) * 255).astype(np.uint8)
+    labels = rng.integers(0, 3, 60)  # an untrained model: the detectors need classes, not accuracy
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    (tmp_path / "c.yaml").write_text("input: {channels: 1, dims: 2, mean: [0.0], std: [1.0], "
+                                     "intensity: {scaling: fixed, max_value: 255}}\n"
+                                     "task: {type: multiclass, classes: [a, b, c]}\naudit: {bootstrap: 20}\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "medaudit.cli", "run", str(tmp_path / "gap.pt"), "--data",
+                          str(tmp_path / "d.npz"), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--quiet",
+                          "--perturbation", "intensity.inversion", "--severities", "5"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode in (0, 1), res.stderr
+    results = json.loads((out / "results.json").read_text())
+    model = results["model"]
+    assert (model["feature_layer"], model["feature_layer_source"], model["head"]) == ("stage", "auto", "fc")
+    ood = next(s for s in results["scenarios"] if s["id"] == "intensity.inversion@5")["ood"]
+    for name in ("mahalanobis", "knn", "spectral", "vim", "react", "ash", "scale", "dice_sparse", "rmd", "she",
+                 "nnguide", "fdbd", "gen", "kl_matching"):
+        assert ood[name]["auroc"]["value"] is not None, name
+    assert "Feature layer" in (out / "report.html").read_text()

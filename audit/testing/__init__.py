@@ -45,7 +45,9 @@ from .detectors import (
     check_detector_embed_shape,
     check_detector_score_contract,
     check_detector_score_keeps_state,
+    head_batch,
     synthetic_batch,
+    toy_head,
 )
 from .entry_points import check_entry_point
 from .loaders import DatasetLoader, check_loader_bad_file, check_loader_missing_file, check_loader_opens_valid

@@ -1,4 +1,9 @@
-"""Detector checks: embedding shape, the score contract, an obvious shift, state and determinism."""
+"""Detector checks: embedding shape, the score contract, an obvious shift, state and determinism.
+
+A detector that declares ``needs_head`` is checked as the audit hands it over: with the linear
+head of a toy classifier (:func:`toy_head`) and data whose logits that head produces
+(:func:`head_batch`); the others on :func:`synthetic_batch`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..detector import Detector
+from ..detector import Detector, LinearHead
 from .records import Check, Subject
 
 def detector_checks(sub: Subject) -> Iterator[Check]:
@@ -44,13 +49,57 @@ def synthetic_batch(n: int, shifted: bool, feature_shape: tuple[int, ...] = (8, 
     return logits.to(device), feats.reshape(n, *feature_shape).to(device), labels.to(device)
 
 
+def toy_head(feature_shape: tuple[int, ...] = (8, 2, 2), k: int = 3, device: str = "cpu") -> LinearHead:
+    """The linear head of :func:`head_batch`'s toy classifier: row ``c`` is class ``c``'s pooled
+    pattern minus the mean pattern, so each class's own pattern scores highest and a map without
+    class structure scores all classes alike."""
+    patterns = _patterns(feature_shape, k)
+    pooled = patterns.reshape(k, feature_shape[0], -1).mean(dim=2)
+    weight = pooled - pooled.mean(dim=0, keepdim=True)
+    return LinearHead(weight.to(device), torch.zeros(k, device=device))
+
+
+def _patterns(feature_shape: tuple[int, ...], k: int) -> Tensor:
+    f = int(np.prod(feature_shape))
+    return 3.0 * torch.randn(k, f, generator=torch.Generator().manual_seed(4321)).abs()
+
+
+def head_batch(n: int, shifted: bool, feature_shape: tuple[int, ...] = (8, 2, 2), k: int = 3, seed: int = 0,
+               device: str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`synthetic_batch` for detectors that recompute logits with the head (``needs_head``):
+    non-negative maps (as after a ReLU) and logits that *are* :func:`toy_head` of the pooled maps.
+    In distribution: each class's non-negative pattern plus a little activation noise. Shifted
+    (the obvious case): weak activations with no class pattern, so the logits are near uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % k
+    f = int(np.prod(feature_shape))
+    noise = torch.randn(n, f, generator=gen).abs()
+    feats = 0.3 * noise if shifted else _patterns(feature_shape, k)[labels] + 0.1 * noise
+    maps = feats.reshape(n, *feature_shape)
+    logits = toy_head(feature_shape, k)(maps.reshape(n, feature_shape[0], -1).mean(dim=2))
+    return logits.to(device), maps.to(device), labels.to(device)
+
+
+def _batch(det: Detector, n: int, shifted: bool, feature_shape: tuple[int, ...], seed: int,
+           device: str) -> tuple[Tensor, Tensor, Tensor]:
+    return (head_batch if det.needs_head else synthetic_batch)(n, shifted, feature_shape, seed=seed, device=device)
+
+
+def _with_head(det: Detector, feature_shape: tuple[int, ...], device: str) -> Detector:
+    """``det`` as the audit hands it over: a detector that needs the head gets the toy one."""
+    if det.needs_head and det.head is None:
+        det = copy.deepcopy(det)
+        det.head = toy_head(feature_shape, device=device)
+    return det
+
+
 def _embed(det: Detector, logits: Tensor, feats: Tensor) -> Tensor:
     return det.embed(logits, feats if det.needs == "features" else None)
 
 
 def _fitted(det: Detector, feature_shape: tuple[int, ...], device: str) -> Detector:
-    fresh = copy.deepcopy(det)
-    logits, feats, labels = synthetic_batch(120, False, feature_shape, seed=0, device=device)
+    fresh = copy.deepcopy(_with_head(det, feature_shape, device))
+    logits, feats, labels = _batch(fresh, 120, False, feature_shape, 0, device)
     fresh.fit(_embed(fresh, logits, feats), labels)
     return fresh
 
@@ -84,7 +133,8 @@ def check_detector_declaration(det: Detector) -> None:
 
 def check_detector_embed_shape(det: Detector, feature_shape: tuple[int, ...] = (8, 2, 2), device: str = "cpu") -> None:
     """``embed`` returns ``[B, D]`` on the batch's device, each row depending only on its sample."""
-    logits, feats, _ = synthetic_batch(6, False, feature_shape, device=device)
+    det = _with_head(det, feature_shape, device)
+    logits, feats, _ = _batch(det, 6, False, feature_shape, 0, device)
     emb = _embed(det, logits, feats)
     assert isinstance(emb, Tensor) and emb.ndim == 2 and emb.shape[0] == 6, (
         f"embed() returned shape {tuple(getattr(emb, 'shape', ()))}; expected [B, D] with B = 6")
@@ -97,7 +147,7 @@ def check_detector_score_contract(det: Detector, feature_shape: tuple[int, ...] 
     """After ``fit``, ``score`` returns finite floats ``[N]``, one per embedding."""
     fitted = _fitted(det, feature_shape, device)
     for shifted in (False, True):
-        logits, feats, _ = synthetic_batch(30, shifted, feature_shape, seed=11, device=device)
+        logits, feats, _ = _batch(fitted, 30, shifted, feature_shape, 11, device)
         s = fitted.score(_embed(fitted, logits, feats))
         assert isinstance(s, Tensor) and s.shape == (30,), f"score() returned shape {tuple(getattr(s, 'shape', ()))}; expected [N] = (30,)"
         assert torch.is_floating_point(s), f"score() returned dtype {s.dtype}; expected floating point"
@@ -107,8 +157,8 @@ def check_detector_score_contract(det: Detector, feature_shape: tuple[int, ...] 
 def check_detector_detects_obvious_shift(det: Detector, feature_shape: tuple[int, ...] = (8, 2, 2), device: str = "cpu") -> None:
     """Scores are higher for obviously shifted data than for in-distribution data (AUROC > 0.9)."""
     fitted = _fitted(det, feature_shape, device)
-    li, fi, _ = synthetic_batch(40, False, feature_shape, seed=12, device=device)
-    lo, fo, _ = synthetic_batch(40, True, feature_shape, seed=13, device=device)
+    li, fi, _ = _batch(fitted, 40, False, feature_shape, 12, device)
+    lo, fo, _ = _batch(fitted, 40, True, feature_shape, 13, device)
     s_in = fitted.score(_embed(fitted, li, fi)).double().cpu()
     s_out = fitted.score(_embed(fitted, lo, fo)).double().cpu()
     # AUROC of "shifted" vs "in-distribution" by pairwise comparison (ties count one half)
@@ -121,8 +171,8 @@ def check_detector_score_keeps_state(det: Detector, feature_shape: tuple[int, ..
     """``score`` does not modify the fitted state (the same detector scores every scenario)."""
     fitted = _fitted(det, feature_shape, device)
     before = _state(fitted)
-    li, fi, _ = synthetic_batch(20, False, feature_shape, seed=14, device=device)
-    lo, fo, _ = synthetic_batch(20, True, feature_shape, seed=15, device=device)
+    li, fi, _ = _batch(fitted, 20, False, feature_shape, 14, device)
+    lo, fo, _ = _batch(fitted, 20, True, feature_shape, 15, device)
     first = fitted.score(_embed(fitted, li, fi))
     fitted.score(_embed(fitted, lo, fo))
     again = fitted.score(_embed(fitted, li, fi))
@@ -138,6 +188,6 @@ def check_detector_deterministic(det: Detector, feature_shape: tuple[int, ...] =
         a = _fitted(det, feature_shape, device)
         torch.manual_seed(2)
         b = _fitted(det, feature_shape, device)
-    logits, feats, _ = synthetic_batch(20, True, feature_shape, seed=16, device=device)
+    logits, feats, _ = _batch(a, 20, True, feature_shape, 16, device)
     sa, sb = a.score(_embed(a, logits, feats)), b.score(_embed(b, logits, feats))
     assert torch.equal(sa, sb), "two fits on the same data give different scores; do not use global RNGs"

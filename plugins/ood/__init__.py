@@ -1,7 +1,10 @@
-"""Built-in OOD / shift detectors (msp, max_logit, energy, entropy, mahalanobis, knn, spectral),
+"""Built-in OOD / shift detectors (msp, max_logit, energy, entropy, mahalanobis, knn, spectral and
+the post-hoc zoo: vim, react, ash, scale, dice_sparse, gen, rmd, kl_matching, she, nnguide, fdbd),
 their report section and their settings.
 
-Modules: :mod:`.detectors` (the detectors; its docstring states the conventions), :mod:`.report`
+Modules: :mod:`.detectors` (the detectors; its docstring states the conventions), :mod:`.zoo_fitted`
+and :mod:`.zoo_shaping` (the zoo: fitted feature-space scores, and activation shaping before the
+head), :mod:`.report`
 (the "OOD and shift detection" section), :mod:`.settings` (``plugins.ood``); this module holds
 the hooks and the public names. See docs/ood.md for formulas, conventions and citations.
 """
@@ -19,6 +22,8 @@ from .detectors import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, Output
                         kth_nn_distance, ledoit_wolf, pool, spectral_signature, two_class)
 from .report import ood_sections
 from .settings import OodSettings
+from .zoo_fitted import GEN, RMD, SHE, KLMatching, NNGuide, ViM
+from .zoo_shaping import ASH, DICE, FDBD, SCALE, ReAct
 
 if TYPE_CHECKING:  # annotation only: detectors need nothing from the config module at run time
     from medaudit.config import Config
@@ -26,7 +31,8 @@ if TYPE_CHECKING:  # annotation only: detectors need nothing from the config mod
 MEDAUDIT_API_VERSION = 1
 
 __all__ = [
-    "KNN", "MSP", "Energy", "Entropy", "Mahalanobis", "MaxLogit", "OodSettings", "OutputDetector", "Spectral",
+    "ASH", "DICE", "FDBD", "GEN", "KNN", "MSP", "RMD", "SCALE", "SHE", "Energy", "Entropy", "KLMatching", "Mahalanobis",
+    "MaxLogit", "NNGuide", "OodSettings", "OutputDetector", "ReAct", "Spectral", "ViM",
     "kth_nn_distance", "ledoit_wolf", "pool", "spectral_signature", "two_class",
 ]
 
@@ -35,11 +41,16 @@ __all__ = [
 def medaudit_detectors(config: Config) -> list[Detector]:
     """The built-in detectors, with ``plugins.ood.energy_temperature`` and ``plugins.ood.knn_k``."""
     settings = config.plugin_settings("ood")
-    outputs: list[OutputDetector] = [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy()]
-    if VOXEL_CLASS_SCORES in task_of(config.task).capabilities:
+    outputs: list[OutputDetector] = [MSP(), MaxLogit(), Energy(settings.energy_temperature), Entropy(), GEN()]
+    maps = VOXEL_CLASS_SCORES in task_of(config.task).capabilities
+    if maps:
         for d in outputs:
             d.voxelwise = True  # a segmentation map: each image scores the mean of its voxels' scores
-    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral()]
+    else:
+        outputs.append(KLMatching())  # templates per predicted class: an image has no single prediction
+    # the zoo's head-based detectors run where the audit verified a linear head (needs_head)
+    zoo: list[Detector] = [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
+    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral(), *zoo]
     for d in detectors:
         d.auroc_ci = settings.auroc_ci
     return detectors
