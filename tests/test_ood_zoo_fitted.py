@@ -11,7 +11,6 @@ the same formulas in float64 (numpy / scikit-learn) pin the definitions tightly 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
