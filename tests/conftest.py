@@ -44,3 +44,14 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
     return out
+
+
+#: pytorch-ood 0.4.0's per-sample scores of the post-hoc detectors on fixed feature maps (README beside it).
+OOD_REFERENCE = Path(__file__).parent / "data" / "ood-reference" / "pytorch_ood_reference.npz"
+
+
+@pytest.fixture(scope="session")
+def ood_reference() -> dict[str, np.ndarray]:
+    """The arrays of :data:`OOD_REFERENCE`, loaded once."""
+    with np.load(OOD_REFERENCE) as f:
+        return {k: f[k] for k in f.files}

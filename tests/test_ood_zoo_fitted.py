@@ -12,7 +12,6 @@ the same formulas in float64 (numpy / scikit-learn) pin the definitions tightly 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ from medaudit.testing import (check_detector_declaration, check_detector_detects
                               check_detector_score_keeps_state)
 from medaudit.plugins.ood.zoo_fitted import GEN, RMD, SHE, KLMatching, NNGuide, ViM, topk_mean_inner
 
-DATA = Path(__file__).parent / "data" / "ood-reference" / "pytorch_ood_reference.npz"
 
 MAKERS: dict[str, Callable[[], Detector]] = {
     "vim": lambda: ViM(d=16),
@@ -64,9 +62,8 @@ TOL: dict[str, tuple[float, float]] = {
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict[str, np.ndarray]:
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
+def ref(ood_reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return ood_reference
 
 
 def head_of(ref: dict[str, np.ndarray]) -> LinearHead:

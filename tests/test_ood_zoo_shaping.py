@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ import torch
 from medaudit.detector import LinearHead
 from medaudit.plugins.ood.zoo_shaping import ASH, DICE, FDBD, SCALE, ReAct, linear_percentile
 
-DATA = Path(__file__).parent / "data" / "ood-reference" / "pytorch_ood_reference.npz"
 RTOL, ATOL = 1e-5, 1e-5
 
 #: medaudit detector -> (fixture key, constructor); pytorch-ood's scores are already oriented
@@ -33,9 +31,8 @@ REFERENCED = {
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict[str, np.ndarray]:
-    with np.load(DATA) as f:
-        return {k: f[k] for k in f.files}
+def ref(ood_reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return ood_reference
 
 
 def head_of(ref: dict[str, np.ndarray]) -> LinearHead:

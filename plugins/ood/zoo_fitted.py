@@ -32,7 +32,7 @@ from torch import Tensor
 
 from medaudit.detector import Detector, LinearHead
 
-from .detectors import OutputDetector, pool, two_class
+from .detectors import OutputDetector, pool, query_chunk, two_class
 
 #: Fewest reference samples a fitted detector accepts.
 _MIN_FIT = 2
@@ -133,14 +133,12 @@ def topk_mean_inner(queries: Tensor, bank: Tensor, k: int, block: int | None = N
     ``block`` entries (default 2**21 on a CPU, 2**24 on an accelerator, as
     :func:`.kth_nn_distance`), so memory stays bounded as the bank grows with the data set.
     """
-    if block is None:
-        block = 1 << 21 if bank.device.type == "cpu" else 1 << 24
-    n, m = queries.shape[0], bank.shape[0]
+    n = queries.shape[0]
     out = bank.new_empty(n)
     if n == 0:
         return out
     queries = queries.to(bank.dtype)
-    chunk = max(1, min(4096, block // max(1, m)))
+    chunk = query_chunk(bank, block)
     for s in range(0, n, chunk):
         q = queries[s : s + chunk]
         out[s : s + q.shape[0]] = (q @ bank.T).topk(k, dim=1).values.mean(dim=1)

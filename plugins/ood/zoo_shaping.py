@@ -237,16 +237,21 @@ class ASH(_ShapedEnergy):
 
     def shaped_pooled(self, features: Tensor) -> Tensor:
         x, c, s = _flat_map(features)
-        k = _kept(x.shape[1], self.percentile)
-        top, idx = torch.topk(x, k, dim=1)
-        top = top.double()
-        s1 = x.double().sum(dim=1)
-        s2 = top.sum(dim=1)
-        ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
+        top, idx, ratio = _top_and_ratio(x, self.percentile)
         # GAP of the pruned map: add each kept element to its channel (element j is in channel j // S)
         pooled = torch.zeros(x.shape[0], c, dtype=torch.float64, device=x.device)
         pooled.scatter_add_(1, torch.div(idx, s, rounding_mode="floor"), top)
         return pooled / s * torch.exp(ratio)[:, None]
+
+
+def _top_and_ratio(x: Tensor, percentile: float) -> tuple[Tensor, Tensor, Tensor]:
+    """ASH-S's and SCALE's shared step on flattened maps ``[B, n]``: the top-``k`` activations
+    (float64) and their indices, and ``r = s₁ / s₂``, the total over the kept sum (0 where the kept
+    sum is 0, so that the factor ``exp(r)`` is 1)."""
+    top, idx = torch.topk(x, _kept(x.shape[1], percentile), dim=1)
+    top = top.double()
+    s1, s2 = x.double().sum(dim=1), top.sum(dim=1)
+    return top, idx, torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
 
 
 class SCALE(_ShapedEnergy):
@@ -271,12 +276,8 @@ class SCALE(_ShapedEnergy):
 
     def shaped_pooled(self, features: Tensor) -> Tensor:
         x, c, s = _flat_map(features)
-        k = _kept(x.shape[1], self.percentile)
-        s2 = torch.topk(x, k, dim=1).values.double().sum(dim=1)
-        xd = x.double()
-        s1 = xd.sum(dim=1)
-        ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
-        return xd.reshape(x.shape[0], c, s).mean(dim=2) * torch.exp(ratio)[:, None]
+        _, _, ratio = _top_and_ratio(x, self.percentile)
+        return x.double().reshape(x.shape[0], c, s).mean(dim=2) * torch.exp(ratio)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
