@@ -193,13 +193,13 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
     if not {CLASS_PROBABILITIES, VOXEL_CLASS_SCORES} & task.capabilities:
         skipped = {}
         for d in detectors:
-            if d.needs != "features":
+            if d.needs == "logits":
                 skipped.setdefault(owners[id(d)], []).append(d.name)
         for plugin, names in skipped.items():
             warnings.append(WarningRecord(code="output-detectors-skipped", plugin=plugin, message=(
                 f'output-based detectors {names} of plugin "{plugin}" did not run: the outputs of a {task.name} '
                 "task are not class scores")))
-        detectors = [d for d in detectors if d.needs == "features"]
+        detectors = [d for d in detectors if d.needs != "logits"]
     return detectors
 
 

@@ -39,9 +39,11 @@ class Detector(ABC):
     ----------------
     name : str
         Public key in results.json (``ood``) and predictions.npz (``ood_<name>``).
-    needs : "logits" | "features"
+    needs : "logits" | "features" | "inputs"
         ``"features"`` detectors receive the configured layer's output in :meth:`embed` and are
         skipped, with a limitation noted in the report, when no layer is configured.
+        ``"inputs"`` detectors receive the (perturbed) input images ``[B, C, *spatial]`` in
+        ``[0, 1]``, before normalisation, as their second argument: model-free baselines.
     summary, citation : str
         For the report's catalogue.
     needs_head : bool
@@ -51,7 +53,7 @@ class Detector(ABC):
     """
 
     name: ClassVar[str]
-    needs: ClassVar[Literal["logits", "features"]] = "logits"
+    needs: ClassVar[Literal["logits", "features", "inputs"]] = "logits"
     needs_head: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""

@@ -245,7 +245,8 @@ def evaluate_detectors(
         distinct = int(torch.unique(scores[clean]).numel())
         if distinct < distinct_floor(n):
             source = (f"layer {feature_layer!r}" if det.needs == "features" and feature_layer else
-                      "the feature layer" if det.needs == "features" else "the model's outputs")
+                      "the feature layer" if det.needs == "features" else
+                      "the input images" if det.needs == "inputs" else "the model's outputs")
             result.records.append(WarningRecord(
                 code="detector-constant", subject=name,
                 message=(f"ood: detector {name!r} skipped: its scores of the {n} clean samples take {distinct} distinct "

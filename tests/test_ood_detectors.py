@@ -29,7 +29,7 @@ def test_catalogue_names_and_needs() -> None:
     dets = medaudit_detectors(default_config())
     assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "gen", "kl_matching", "mahalanobis", "knn",
                                       "spectral", "vim", "react", "ash", "scale", "dice_sparse", "rmd", "she", "nnguide",
-                                      "fdbd"]
+                                      "fdbd", "histogram"]
     assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "spectral", "vim", "react", "ash",
                                                                 "scale", "dice_sparse", "rmd", "she", "nnguide", "fdbd"}
     assert {d.name for d in dets if d.needs_head} == {"vim", "react", "ash", "scale", "dice_sparse", "she", "nnguide",

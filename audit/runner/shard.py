@@ -284,7 +284,8 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
                 if (d.needs == "features" and feats is None) or d.name in failed_detectors:
                     continue
                 try:
-                    emb = d.embed(out, feats.float() if feats is not None else None)
+                    second = xp.float() if d.needs == "inputs" else (feats.float() if feats is not None else None)
+                    emb = d.embed(out, second)
                     if isinstance(emb, Future):
                         pending.setdefault((scenario.id, d.name), []).append((offset, emb))
                     else:

@@ -94,6 +94,8 @@ def _with_head(det: Detector, feature_shape: tuple[int, ...], device: str) -> De
 
 
 def _embed(det: Detector, logits: Tensor, feats: Tensor) -> Tensor:
+    if det.needs == "inputs":  # images in [0, 1]: the toy maps squashed, shift included
+        return det.embed(logits, torch.sigmoid(feats / 4.0))
     return det.embed(logits, feats if det.needs == "features" else None)
 
 
@@ -125,10 +127,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_detector_declaration(det: Detector) -> None:
-    """A non-empty ``name`` usable as a results key and ``needs`` of ``"logits"`` or ``"features"``."""
+    """A non-empty ``name`` usable as a results key and ``needs`` of ``"logits"``, ``"features"`` or ``"inputs"``."""
     assert isinstance(det, Detector), f"{det!r} is not a medaudit.detector.Detector instance"
     assert isinstance(det.name, str) and det.name.strip() and " " not in det.name, f"name {det.name!r} must be a non-empty str without spaces"
-    assert det.needs in ("logits", "features"), f"needs must be 'logits' or 'features', got {det.needs!r}"
+    assert det.needs in ("logits", "features", "inputs"), (
+        f"needs must be 'logits', 'features' or 'inputs', got {det.needs!r}")
 
 
 def check_detector_embed_shape(det: Detector, feature_shape: tuple[int, ...] = (8, 2, 2), device: str = "cpu") -> None:

@@ -1,10 +1,11 @@
 """Built-in OOD / shift detectors (msp, max_logit, energy, entropy, mahalanobis, knn, spectral and
-the post-hoc zoo: vim, react, ash, scale, dice_sparse, gen, rmd, kl_matching, she, nnguide, fdbd),
+the post-hoc zoo: vim, react, ash, scale, dice_sparse, gen, rmd, kl_matching, she, nnguide, fdbd;
+and the model-free floor, histogram),
 their report section and their settings.
 
 Modules: :mod:`.detectors` (the detectors; its docstring states the conventions), :mod:`.zoo_fitted`
 and :mod:`.zoo_shaping` (the zoo: fitted feature-space scores, and activation shaping before the
-head), :mod:`.report`
+head), :mod:`.histogram` (the intensity-histogram baseline), :mod:`.report`
 (the "OOD and shift detection" section), :mod:`.settings` (``plugins.ood``); this module holds
 the hooks and the public names. See docs/ood.md for formulas, conventions and citations.
 """
@@ -20,6 +21,7 @@ from medaudit.sections import ReportSection
 
 from .detectors import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, OutputDetector, Spectral,
                         kth_nn_distance, ledoit_wolf, pool, spectral_signature, two_class)
+from .histogram import Histogram, intensity_histograms
 from .report import ood_sections
 from .settings import OodSettings
 from .zoo_fitted import GEN, RMD, SHE, KLMatching, NNGuide, ViM
@@ -31,9 +33,9 @@ if TYPE_CHECKING:  # annotation only: detectors need nothing from the config mod
 MEDAUDIT_API_VERSION = 1
 
 __all__ = [
-    "ASH", "DICE", "FDBD", "GEN", "KNN", "MSP", "RMD", "SCALE", "SHE", "Energy", "Entropy", "KLMatching", "Mahalanobis",
+    "ASH", "DICE", "FDBD", "GEN", "Histogram", "KNN", "MSP", "RMD", "SCALE", "SHE", "Energy", "Entropy", "KLMatching", "Mahalanobis",
     "MaxLogit", "NNGuide", "OodSettings", "OutputDetector", "ReAct", "Spectral", "ViM",
-    "kth_nn_distance", "ledoit_wolf", "pool", "spectral_signature", "two_class",
+    "intensity_histograms", "kth_nn_distance", "ledoit_wolf", "pool", "spectral_signature", "two_class",
 ]
 
 
@@ -50,7 +52,7 @@ def medaudit_detectors(config: Config) -> list[Detector]:
         outputs.append(KLMatching())  # templates per predicted class: an image has no single prediction
     # the zoo's head-based detectors run where the audit verified a linear head (needs_head)
     zoo: list[Detector] = [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
-    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral(), *zoo]
+    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral(), *zoo, Histogram()]
     for d in detectors:
         d.auroc_ci = settings.auroc_ci
     return detectors
