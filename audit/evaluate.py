@@ -232,6 +232,7 @@ def build_results(
             "id": sc.id, "suite": sc.suite, "perturbation": sc.perturbation, "severity": sc.severity,
             "n_samples": n, "metrics": estimates, "drop": drop, "curves": curves,
             "ood": shift.ood.get(sc.id, {}), "failure_detection": shift.failure_detection.get(sc.id, {}),
+            "flagged_errors": shift.flagged_errors.get(sc.id, {}),
             "params": _summaries(fwd.params.get(sc.id, {})),
             "throughput": n / seconds if seconds > 0 else None,
         })

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .bootstrap import chunk_elements
 
-__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "delong_interval", "fpr_at_tpr", "fpr95", "fpr95_in",
-           "detection_measures"]
+__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "delong_interval", "flagged_share", "fpr_at_tpr", "fpr95",
+           "fpr95_in", "detection_measures"]
 
 
 
@@ -391,3 +391,31 @@ def delong_interval(scores_pos: Tensor, scores_neg: Tensor, confidence: float = 
     z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64)))
     half = z * math.sqrt(max(var, 0.0))
     return {"value": auc, "ci_low": max(0.0, auc - half), "ci_high": min(1.0, auc + half)}
+
+
+def flagged_share(scores: Tensor, positive: Tensor, clean_scores: Tensor, weights: Tensor,
+                  keep: float = 0.95) -> Tensor:
+    """The share of the positives (e.g. wrong predictions) that a detector flags at the operating
+    point that keeps ``keep`` of the clean inputs, per weight row.
+
+    On each row ``r`` the threshold ``t_r`` is the smallest clean score at which the clean inputs
+    scoring at most ``t_r`` carry at least ``keep`` of the row's clean weight (a weighted lower
+    ``keep``-quantile of ``clean_scores``); an input is flagged when its score is above ``t_r``,
+    so at most ``1 − keep`` of the clean weight is flagged. Returns
+    ``Σ_i w_ri 1[positive_i] 1[s_i > t_r] / Σ_i w_ri 1[positive_i]`` ``[S, R]`` for ``scores``
+    and ``positive`` ``[S, N]`` (one set per scenario, sharing the clean scores ``[N]`` and the
+    weights ``[R, N]``); NaN where a row gives the positives no weight.
+    """
+    w = weights.double()
+    order = torch.argsort(clean_scores.double(), stable=True)
+    sorted_clean = clean_scores.double()[order]
+    cum = w[:, order].cumsum(dim=1)  # [R, N]
+    first = torch.searchsorted(cum, keep * cum[:, -1:] * (1 - 1e-12))  # first index reaching keep·total
+    threshold = sorted_clean[first.clamp_max(sorted_clean.numel() - 1)]  # [R, 1]
+    rows = []
+    for s_scores, s_pos in zip(scores.double(), positive):  # one [R, N] block per scenario
+        pos = w * s_pos.double()
+        total = pos.sum(dim=1)
+        hit = (pos * (s_scores[None] > threshold)).sum(dim=1)
+        rows.append(torch.where(total > 0, hit / total.clamp_min(1e-300), torch.full_like(total, float("nan"))))
+    return torch.stack(rows)

@@ -62,6 +62,9 @@ class ScenarioResult(_Model):
     drop: dict[str, Drop] = Field(default_factory=dict)
     ood: dict[str, dict[str, Estimate]] = Field(default_factory=dict)
     failure_detection: dict[str, Estimate] = Field(default_factory=dict)
+    flagged_errors: dict[str, Estimate] = Field(
+        default_factory=dict, description="per detector: the share of this scenario's wrong predictions it flags at "
+                                          "the threshold that lets 95% of clean inputs through")
     params: dict[str, ParamSummary] = Field(default_factory=dict)
     curves: dict[str, Any] = Field(default_factory=dict)
     throughput: float | None = Field(None, description="samples per second of this scenario's forward passes")

@@ -32,7 +32,7 @@ from torch import Tensor
 from .bootstrap import interval
 from .detector import Detector
 from .memory import release_free_memory
-from .ood_metrics import auroc_within, delong_interval, detection_measures
+from .ood_metrics import auroc_within, delong_interval, detection_measures, flagged_share
 from .results import WarningRecord
 from .rng import stream_generator
 
@@ -47,6 +47,8 @@ class ShiftResult:
 
     ood: dict[str, dict[str, dict[str, Interval]]] = field(default_factory=dict)
     failure_detection: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    # scenario -> detector -> share of the wrong predictions flagged where 95 % of clean inputs pass
+    flagged_errors: dict[str, dict[str, Interval]] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
     records: list[WarningRecord] = field(default_factory=list)  # results.json warning_records
     fitting: str = "cross-fitted"
@@ -269,6 +271,10 @@ def evaluate_detectors(
                 result.ood.setdefault(scenario_ids[s], {})[name] = entry
         if failure_detection:
             failure = _failure_auroc(scores, probs.to(dev), labels.to(dev), weights)
+            errors = probs.to(dev).argmax(dim=-1) != labels.to(dev)
+            flagged = flagged_share(scores, errors, scores[clean], weights)
+            for s, sid in enumerate(scenario_ids):
+                result.flagged_errors.setdefault(sid, {})[name] = interval(flagged[s], confidence)
             wrong = (probs.argmax(dim=-1) != labels).cpu() if delong else None
             for s, sid in enumerate(scenario_ids):
                 if wrong is not None:  # wrong and right predictions are different inputs: unpaired

@@ -314,3 +314,27 @@ def test_paired_delong_covers_the_true_auroc_of_correlated_pairs() -> None:
         hits_unpaired += u["ci_low"] <= truth <= u["ci_high"]
     assert 0.90 <= hits_paired / 300 <= 0.99
     assert hits_unpaired > hits_paired  # wider: the positive correlation between the pairs is ignored
+
+
+def test_flagged_share_by_hand_and_on_resamples() -> None:
+    """The threshold lets 95 % of the clean inputs through; the share is of the errors above it."""
+    from medaudit.ood_metrics import flagged_share
+
+    clean = torch.arange(1.0, 21.0)  # 20 clean scores 1..20: 95 % pass at t = 19, so only > 19 is flagged
+    scores = torch.tensor([[5.0, 19.0, 19.5, 25.0, 30.0, 1.0] + [0.0] * 14])
+    wrong = torch.tensor([[True, True, True, True, False, False] + [False] * 14])
+    got = flagged_share(scores, wrong, clean, torch.ones(1, 20))
+    assert float(got[0, 0]) == pytest.approx(2 / 4)  # 19.5 and 25 of the errors 5, 19, 19.5, 25
+    # a weight row equals the explicitly resampled data
+    g = torch.Generator().manual_seed(2)
+    clean, shifted = torch.randn(50, generator=g), torch.randn(50, generator=g) + 1
+    wrong = torch.rand(50, generator=g) < 0.4
+    w = bootstrap_weights(50, 3, 5)
+    rows = flagged_share(shifted[None], wrong[None], clean, w)[0]
+    for r in range(4):
+        idx = np.repeat(np.arange(50), w[r].long().numpy())
+        c = np.sort(clean.numpy()[idx])
+        t = c[int(np.ceil(0.95 * len(c))) - 1]  # the smallest clean score with 95 % at or below it
+        errs = wrong.numpy()[idx]
+        expected = (shifted.numpy()[idx][errs] > t).mean()
+        assert float(rows[r]) == pytest.approx(expected, abs=1e-12)
