@@ -71,7 +71,7 @@ class _Sorted:
         neg_sorted, self.neg_order = torch.sort(sn, stable=True)
         pos_desc, self.pos_order = torch.sort(sp, dim=-1, descending=True, stable=True)
         self.lt = torch.searchsorted(neg_sorted, pos_desc, right=False)
-        self.le = le = torch.searchsorted(neg_sorted, pos_desc, right=True)
+        le = torch.searchsorted(neg_sorted, pos_desc, right=True)
         # positives tying a negative, in set-major order: set, position, and negatives below / at most
         self.tie_set, tie_i = (le != self.lt).nonzero(as_tuple=True)
         self.tie_flat = self.tie_set * pos_desc.shape[-1] + tie_i
@@ -79,7 +79,14 @@ class _Sorted:
         self.tie_first, self.tie_last = _set_bounds(self.tie_set, pos_desc.shape[0])
         neg_pos = -pos_desc  # ascending within each set, for the tie-group ends among positives
         end = torch.searchsorted(neg_pos, neg_pos, right=True) - 1
-        self.start = torch.searchsorted(neg_pos, neg_pos, right=False)  # first positive of each one's tie group
+        start = torch.searchsorted(neg_pos, neg_pos, right=False)  # first positive of each one's tie group
+        # positives after the first of their tie group (sparse, flat), and the flat index of the
+        # positive just before their group (-1 at a set's start): where the PR curve's "just above"
+        # point is not the previous positive's
+        member_set, member_i = (start != torch.arange(start.shape[-1], device=device)).nonzero(as_tuple=True)
+        self.member = member_set * start.shape[-1] + member_i
+        prev = start[member_set, member_i] - 1
+        self.member_prev = torch.where(prev >= 0, member_set * start.shape[-1] + prev, torch.full_like(prev, -1))
         # positives before the last of their tie group: their TP mass is the group end's
         early_set, early_i = (end != torch.arange(end.shape[-1], device=device)).nonzero(as_tuple=True)
         self.early = early_set * end.shape[-1] + early_i
@@ -162,9 +169,17 @@ def _aupr_trapz(c: _Curves) -> Tensor:
     srt, wp = c.srt, c.tp[..., -1]
     # The PR curve's points in recall order: at each distinct positive score s_i, (R_i, P_i); just
     # above it (the lowest threshold that does not yet flag s_i), recall is the positive mass
-    # strictly above s_i and precision is read with the negative mass strictly above s_i.
-    above = torch.gather(c.Wp.cumsum(-1) - c.Wp, -1, srt.start.expand(c.Wp.shape))
-    fp_gt = c.wn[..., None] - _take(c.Cn, srt.le)
+    # strictly above s_i and precision is read with the negative mass strictly above s_i. Dense
+    # shifts give both for untied scores; the (sparse) tied ones are corrected in place.
+    above = torch.nn.functional.pad(c.tp[..., :-1], (1, 0))  # TP mass of the previous positive
+    if srt.member.numel():  # positives after the first of their tie group: the mass before the group
+        flat = above.view(above.shape[0], -1)
+        flat[:, srt.member] = torch.where(srt.member_prev >= 0, c.tp.reshape(above.shape[0], -1)[:, srt.member_prev.clamp_min(0)],
+                                          torch.zeros((), dtype=above.dtype, device=above.device))
+    fp_gt = c.fp.clone()
+    if srt.tie_flat.numel():  # positives tying negatives: those negatives are not strictly above
+        flat = fp_gt.view(fp_gt.shape[0], -1)
+        flat[:, srt.tie_flat] -= c.Cn[:, srt.tie_le] - c.Cn[:, srt.tie_lt]
     before = torch.where((above + fp_gt) > 0, above / (above + fp_gt).clamp_min(1e-300), torch.ones_like(above))
     at = c.tp / torch.add(c.tp, c.fp).clamp_min(1e-300)
     area = torch.linalg.vecdot(c.Wp, 0.5 * (before + at))
