@@ -54,21 +54,28 @@ def external_sets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summary_table(r: dict[str, Any]) -> Table:
     """The section's compact table: per detector, mean shift-detection AUROC per suite, AUROC on each
-    external OOD set, and clean failure-detection AUROC."""
+    external OOD set, clean failure-detection AUROC, and the mean share of the perturbed scenarios'
+    errors it flags at 5 % clean referrals."""
     dets = detectors(r)
     suites = sorted({s.get("suite") or "other" for s in perturbed_scenarios(r)})
     ext = external_sets(r)
     clean = next((s for s in r["scenarios"] if s["id"] == "clean"), {})
+    flagged = any(s.get("flagged_errors") for s in perturbed_scenarios(r))
     t = Table("Per detector: mean shift-detection AUROC over each suite's perturbed scenarios (0.5 is chance), "
-              "AUROC against each external OOD set, and failure-detection AUROC on clean data (wrong vs correct "
-              "predictions).",
+              "AUROC against each external OOD set, failure-detection AUROC on clean data (wrong vs correct "
+              "predictions), and the mean share of the perturbed scenarios' wrong predictions it flags at the threshold "
+              "that lets 95 % of clean inputs through.",
               ["Detector"] + [f"{suite} (mean AUROC)" for suite in suites] + [s["id"] for s in ext]
-              + ["Failure detection (clean)"])
+              + ["Failure detection (clean)"] + (["Errors caught at 5 % clean referrals (mean, perturbed)"] if flagged else []))
     for det in dets:
         cells = [fmt(_mean_auroc([s for s in perturbed_scenarios(r) if (s.get("suite") or "other") == suite], det))
                  for suite in suites]
         cells += [fmt_ci(s.get("ood", {}).get(det, {}).get("auroc")) for s in ext]
         cells.append(fmt_ci(clean.get("failure_detection", {}).get(det)))
+        if flagged:
+            shares = [v for s in perturbed_scenarios(r)
+                      if (v := (s.get("flagged_errors", {}).get(det) or {}).get("value")) is not None]
+            cells.append(fmt(sum(shares) / len(shares)) if shares else "–")
         t.rows.append(Row([det] + cells))
     return t
 
@@ -100,16 +107,27 @@ def ood_figure(r: dict[str, Any]) -> Figure | None:
                   "replaces them (run with --save-predictions to keep the scores).")
 
 
-def failure_table(r: dict[str, Any]) -> Table:
-    keys = sorted({k for s in r["scenarios"] for k in s.get("failure_detection", {})})
-    t = Table(f"Failure detection: AUROC of each detector's score at separating the model's wrong predictions from "
-              f"its correct ones, per scenario ({confidence_label(r)} CIs; higher is better).",
-              ["Scenario"] + [label(k) for k in keys], name="failure",
+_FAILURE_CAPTIONS = {
+    "failure_detection": ("failure", "Failure detection: AUROC of each detector's score at separating the model's wrong "
+                                     "predictions from its correct ones, per scenario"),
+    "flagged_errors": ("flagged_errors", "Errors caught at 5 % clean referrals: the share of each scenario's wrong "
+                                         "predictions that a detector flags at the threshold letting 95 % of clean inputs "
+                                         "through"),
+}
+
+
+def failure_table(r: dict[str, Any], key: str = "failure_detection") -> Table:
+    """Per scenario and detector, the failure-detection AUROC (``key="failure_detection"``) or the
+    share of wrong predictions flagged at 5 % clean referrals (``key="flagged_errors"``)."""
+    keys = sorted({k for s in r["scenarios"] for k in s.get(key, {})})
+    name, caption = _FAILURE_CAPTIONS[key]
+    t = Table(f"{caption} ({confidence_label(r)} CIs; higher is better).",
+              ["Scenario"] + [label(k) for k in keys], name=name,
               columns=["scenario"] + [c for k in keys for c in estimate_columns(k)])
     for s in r["scenarios"]:
-        if s.get("failure_detection"):
-            t.rows.append(Row([s["id"]] + [fmt_ci(s["failure_detection"].get(k)) for k in keys],
-                              values=[s["id"]] + [v for k in keys for v in estimate_values(s["failure_detection"].get(k))]))
+        if s.get(key):
+            t.rows.append(Row([s["id"]] + [fmt_ci(s[key].get(k)) for k in keys],
+                              values=[s["id"]] + [v for k in keys for v in estimate_values(s[key].get(k))]))
     return t
 
 
@@ -189,4 +207,6 @@ def ood_sections(results: dict[str, Any]) -> list[ReportSection]:
         id="ood", title="OOD and shift detection", template=OOD_TEMPLATE, order=420,
         context={"has_scores": bool(table.rows), "figure": ood_figure(results), "summary": summary_table(results)},
         findings=external_findings(results) + ([finding] if finding else []), limitations=ood_limitations(results),
-        headlines=ood_headlines(results), appendix=[table, failure_table(results)])]
+        headlines=ood_headlines(results),
+        appendix=[table, failure_table(results)] + ([failure_table(results, "flagged_errors")]
+                                                    if any(sc.get("flagged_errors") for sc in results["scenarios"]) else []))]
