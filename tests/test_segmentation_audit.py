@@ -137,6 +137,9 @@ def test_dice_failures_are_analysed_per_scenario(audit2d: dict) -> None:
 def test_output_detectors_score_maps_per_image(audit2d: dict) -> None:
     ood = scenario(audit2d, "intensity.inversion@5")["ood"]
     assert {"msp", "entropy", "energy"} <= set(ood)
+    # detectors that need a class per image or a linear head are not offered for maps: no noise warnings
+    codes = {w["code"] for w in audit2d["warning_records"]}
+    assert not {"head-detectors-skipped", "detector-skipped"} & codes, codes
 
 
 def test_model_output_of_another_size_is_an_error_naming_both_shapes(tmp_path: Path, seg2d: tuple[Path, Path, Path]) -> None:

@@ -50,8 +50,9 @@ def medaudit_detectors(config: Config) -> list[Detector]:
             d.voxelwise = True  # a segmentation map: each image scores the mean of its voxels' scores
     else:
         outputs.append(KLMatching())  # templates per predicted class: an image has no single prediction
-    # the zoo's head-based detectors run where the audit verified a linear head (needs_head)
-    zoo: list[Detector] = [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
+    # the zoo's head-based detectors run where the audit verified a linear head (needs_head), and
+    # rmd needs a class per image: a segmentation map has neither, so they are not offered for one
+    zoo: list[Detector] = [] if maps else [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
     detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral(), *zoo, Histogram()]
     for d in detectors:
         d.auroc_ci = settings.auroc_ci
