@@ -137,7 +137,9 @@ def segmentation_sections(r: dict[str, Any]) -> list[ReportSection]:
     threshold = (f"An image fails when its Dice is below {fmt(seg['failure_threshold'])} "
                  f"({seg['failure_threshold_source']}).") if seg else ""
     headlines = []
-    worst = _worst(r, "dice", 1)
+    # the headline's worst is a realistic perturbation: stress tests (results.json robustness) are shown apart
+    points = r.get("robustness", {}).get("breaking_points", {})
+    worst = [w for w in _worst(r, "dice", len(points) + 1) if not points.get(w["perturbation"], {}).get("stress_test")][:1]
     if clean is not None and value(clean["metrics"].get("dice")) is not None:
         text = f"Dice {fmt_ci(clean['metrics']['dice'])} clean"
         if worst:
