@@ -13,7 +13,7 @@ import io
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, OutputWidthError, PluginError
 from .evaluate import ExternalSet, build_results
-from .features import FeatureChoice, choose_feature_layer, make_extractor
+from .features import FeatureChoice, choose_feature_layer, choose_stages, make_extractor, model_callable
 from .metric import Metric
 from .model import LoadedModel
 from .outputs import Scenario
@@ -37,7 +37,7 @@ from .rng import RNG_VERSION
 from .runner.executor import saved_maps
 from .runner.merge import ForwardResult
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
-from .runner.device import normalisation
+from .runner.device import input_model, normalisation
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
 from .task import CLASS_PROBABILITIES, VOXEL_CLASS_SCORES, LabelError, Task, bind_task
@@ -132,21 +132,28 @@ def _set_name(path: Path, taken: set[str]) -> str:
 
 def _feature_choice(model: LoadedModel, config: Config, dataset: AuditDataset, device: torch.device,
                     warnings: list[WarningRecord]) -> FeatureChoice:
-    """Resolve ``model.feature_layer`` (``auto`` by default) on the first few samples and record
-    the choice in the config: the rest of the audit (work units included) reads the named layer."""
+    """Resolve ``model.feature_layer`` and ``model.feature_layers`` (``auto`` by default) on the
+    first few samples and record the choice in the config: the rest of the audit (work units
+    included) reads the named layers."""
     settle_dims(dataset, config)
     mean, std = normalisation(config, device)
     x = torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    stages_cfg = config.model.feature_layers
+    # a list of stages names the feature layer too: its last, deepest entry
+    requested = stages_cfg[-1] if isinstance(stages_cfg, list) else config.model.feature_layer
     try:
-        choice = choose_feature_layer(model, config.model.feature_layer, (x - mean) / std)
+        choice = choose_feature_layer(model, requested, (x - mean) / std)
+        stages, source, note = choose_stages(model, stages_cfg, choice.layer, (x - mean) / std)
+        choice = replace(choice, stages=stages, stages_source=source, stages_note=note)
     except ConfigError:
         raise
     except Exception as exc:  # the dry run that follows names what the model cannot take
-        choice = FeatureChoice(None if config.model.feature_layer == "auto" else config.model.feature_layer, "none",
+        choice = FeatureChoice(None if requested == "auto" else requested, "none",
                                note=f"the feature layer could not be chosen ({type(exc).__name__}: {exc})")
-    if choice.source == "none" and config.model.feature_layer == "auto":
+    if choice.source == "none" and requested == "auto":
         warnings.append(WarningRecord(code="feature-layer-auto", message=choice.note))
-    config.model = config.model.model_copy(update={"feature_layer": choice.layer})
+    config.model = config.model.model_copy(update={
+        "feature_layer": choice.layer, "feature_layers": [name for name, _ in choice.stages] or None})
     config.model._feature_choice = choice
     return choice
 
@@ -170,12 +177,12 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
                else f"layer {config.model.feature_layer!r} could not be captured")
         skipped: dict[str, list[str]] = {}
         for d in detectors:
-            if d.needs == "features":
+            if d.needs in ("features", "stages"):
                 skipped.setdefault(owners[id(d)], []).append(d.name)
         for plugin, names in skipped.items():
             warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
                 f'feature-based detectors {names} of plugin "{plugin}" did not run: {why}')))
-        detectors = [d for d in detectors if d.needs != "features"]
+        detectors = [d for d in detectors if d.needs not in ("features", "stages")]
     headless: dict[str, list[str]] = {}
     for d in detectors:
         if not d.needs_head:
@@ -190,6 +197,20 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
             f'detectors {names} of plugin "{plugin}" did not run: they recompute logits with the model\'s linear '
             f"head, and {why}")))
     detectors = [d for d in detectors if not (d.needs_head and d.head is None)]
+    if not (feature_ok and choice is not None and choice.stages):
+        stageless: dict[str, list[str]] = {}
+        for d in detectors:
+            if d.needs == "stages":
+                stageless.setdefault(owners[id(d)], []).append(d.name)
+        for plugin, names in stageless.items():
+            why = (choice.stages_note if choice is not None and choice.stages_note else "model.feature_layers found no layers")
+            warnings.append(WarningRecord(code="feature-detectors-skipped", plugin=plugin, message=(
+                f'multi-layer detectors {names} of plugin "{plugin}" did not run: {why}')))
+        detectors = [d for d in detectors if d.needs != "stages"]
+    elif choice is not None:
+        for d in detectors:
+            if d.needs == "stages":
+                d.stages = choice.stages
     if not {CLASS_PROBABILITIES, VOXEL_CLASS_SCORES} & task.capabilities:
         skipped = {}
         for d in detectors:
@@ -246,7 +267,15 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     ood_sets = {_set_name(p, taken): open_dataset(pm, p, config, "--ood-data") for p in ood_paths}
     model = load_model(pm, model_path, config, trust_pickle).to(device)
     choice = _feature_choice(model, config, dataset, device, warnings)
-    extract, feature_warning = make_extractor(model, config.model.feature_layer)
+    extract, feature_warning = make_extractor(model, config.model.captured_layers())
+    if feature_warning and config.model.feature_layers:  # the stages may be what fails: keep the feature layer
+        extract, stages_warning = make_extractor(model, config.model.feature_layer)
+        if stages_warning is None:
+            warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning.replace(
+                "feature-based detectors are skipped", "multi-layer detectors read the feature layer alone")))
+            config.model = config.model.model_copy(update={"feature_layers": None})
+            choice.stages, choice.stages_source = (), "none"
+            feature_warning = None
     if feature_warning:
         warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning))
     feature_ok = config.model.feature_layer is not None and feature_warning is None
@@ -270,6 +299,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     if not metrics:
         raise PluginError("no metric plugin is available for this task; is medaudit installed correctly? (`medaudit plugins`)")
     detectors = _detectors(pm, config, task, feature_ok, warnings, owners, choice)
+    for d in detectors:
+        if d.needs_model:
+            d.model = input_model(model_callable(model), config, device)
     validate_checks(config.checks, Vocabulary(
         scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets], metrics=_metric_keys(metrics),
         classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns))

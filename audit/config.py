@@ -110,11 +110,23 @@ class ModelConfig(_Section):
     feature_layer: str | None = Field(
         "auto", description="named submodule whose output feature-based detectors use; 'auto' (the default) finds "
                             "the layer feeding the linear classification head; null turns feature detectors off")
+    feature_layers: list[str] | Literal["auto"] | None = Field(
+        "auto", description="the layers multi-layer detectors (spectral, mahalanobis_ensemble) read, shallow to deep; "
+                            "'auto' (the default) picks the last layer at each resolution of the network's main stages; "
+                            "null: the feature layer alone. A list also sets the feature layer (its last entry), so "
+                            "feature_layer must not be set beside it", min_length=1)
     name: str | None = None
     description: str | None = None
     intended_use: str | None = None
     # How the layer was chosen (medaudit.features.FeatureChoice), set by the audit once it resolved "auto".
     _feature_choice: Any = PrivateAttr(default=None)
+
+    def captured_layers(self) -> list[str]:
+        """The layers the forward pass captures once ``auto`` is resolved: the feature layer and
+        the stages (each once)."""
+        stages = self.feature_layers if isinstance(self.feature_layers, list) else []
+        named = [self.feature_layer, *stages] if self.feature_layer not in (None, "auto") else stages
+        return list(dict.fromkeys(named))
 
 
 class TaskConfig(_Section):
@@ -353,6 +365,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if value is not None:
             _deep_set(data, key, value)
     source = str(path) if path is not None else "command-line options"
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if isinstance(model.get("feature_layers"), list) and "feature_layer" in model:
+        raise ConfigError(f"invalid configuration in {source}: model.feature_layer ({model['feature_layer']!r}) and "
+                          f"model.feature_layers ({model['feature_layers']!r}) are both set; a list of feature_layers "
+                          "already names the feature layer (its last, deepest entry): remove model.feature_layer")
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
@@ -369,6 +386,7 @@ model:
   format: auto            # auto | torchscript | export | state_dict | onnx | pickle
   output: auto            # auto | logits | probabilities
   # feature_layer: auto     # the layer feeding the classification head; or a named submodule; null: none
+  # feature_layers: auto    # stages for multi-layer detectors; or [stage1, stage2, ...] (then no feature_layer)
   # intended_use: "Triage of ... in adults; not for ..."
 
 input:

@@ -63,12 +63,17 @@ class Evaluation:
 
 def _feature_identity(cfg: Config) -> dict[str, Any]:
     """results.json ``model.feature_layer`` (the layer feature detectors read), how it was chosen
-    (``feature_layer_source``: config, auto or none, with a note) and the verified linear head."""
+    (``feature_layer_source``: config, auto or none, with a note), the verified linear head, and
+    ``model.feature_layers``, the stages multi-layer detectors read (source: config, auto, layer
+    — the feature layer alone — or none)."""
     choice = cfg.model._feature_choice
     return {"feature_layer": cfg.model.feature_layer,
             "feature_layer_source": None if choice is None else choice.source,
             "feature_layer_note": None if choice is None else choice.note,
-            "head": None if choice is None else choice.head_name}
+            "head": None if choice is None else choice.head_name,
+            "feature_layers": cfg.model.feature_layers if isinstance(cfg.model.feature_layers, list) else None,
+            "feature_layers_source": None if choice is None else choice.stages_source,
+            "feature_layers_note": None if choice is None else choice.stages_note}
 
 
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:

@@ -28,7 +28,7 @@ extractor yields ``None`` features so feature-based detectors are skipped.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,9 +39,11 @@ from .detector import LinearHead
 from .errors import ConfigError
 from .model import LoadedModel
 
-__all__ = ["FeatureExtractor", "make_extractor", "available_layers"]
+__all__ = ["FeatureExtractor", "make_extractor", "available_layers", "choose_feature_layer", "choose_stages"]
 
-Extractor = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+#: What an extractor captures besides the outputs: each captured layer's output, by layer name.
+Captured = dict[str, Tensor]
+Extractor = Callable[[Tensor], tuple[Tensor, Captured | None]]
 
 
 def _first_tensor(value: Any) -> Tensor | None:
@@ -56,38 +58,38 @@ def _first_tensor(value: Any) -> Tensor | None:
 
 
 class FeatureExtractor:
-    """``extract(x) -> (outputs, features | None)`` with a record of how features are reached.
+    """``extract(x) -> (outputs, {layer: output} | None)`` with a record of how layers are reached.
 
     Attributes
     ----------
-    layer : str | None
-        The configured layer.
+    layers : tuple of str
+        The captured layers (empty: outputs only, and ``None`` in place of the dict).
     method : str
         ``"none"``, ``"hook"``, ``"fx"`` or ``"torchscript-graph"``.
     missed : int
-        Calls in which the layer was not reached (e.g. a hooked module skipped by the model's
-        control flow); the features of such a call are ``None``.
+        Calls in which a layer was not reached (e.g. a hooked module skipped by the model's
+        control flow); such a layer is absent from that call's dict.
     """
 
-    def __init__(self, call: Callable[[Tensor], tuple[Tensor, Tensor | None]], layer: str | None, method: str,
-                 handle: Any = None) -> None:
+    def __init__(self, call: Callable[[Tensor], tuple[Tensor, Captured | None]], layers: tuple[str, ...], method: str,
+                 handles: tuple[Any, ...] = ()) -> None:
         self._call = call
-        self.layer = layer
+        self.layers = layers
         self.method = method
         self.missed = 0
-        self._handle = handle
+        self._handles = list(handles)
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def __call__(self, x: Tensor) -> tuple[Tensor, Captured | None]:
         out, feats = self._call(x)
-        if self.layer is not None and feats is None:
+        if self.layers and (feats is None or len(feats) < len(self.layers)):
             self.missed += 1
         return out, feats
 
     def close(self) -> None:
-        """Remove the forward hook, if one was registered."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the forward hooks, if any were registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _is_script(module: object) -> bool:
@@ -116,6 +118,11 @@ def _unwrap(module: Any) -> Any:
     return module.module() if isinstance(module, torch.export.ExportedProgram) else module
 
 
+def model_callable(model: LoadedModel) -> Callable[[Tensor], Any]:
+    """The loaded model as a callable (an ``ExportedProgram`` is not one)."""
+    return _unwrap(model.module)
+
+
 def available_layers(model: LoadedModel) -> list[str]:
     """Layer names ``model.feature_layer`` may name for this model (empty when none can be)."""
     module = _unwrap(model.module)
@@ -127,54 +134,62 @@ def available_layers(model: LoadedModel) -> list[str]:
     return sorted(names)
 
 
-def _hook_extractor(module: Callable[[Tensor], Tensor], sub: nn.Module, layer: str) -> FeatureExtractor:
-    holder: list[Tensor | None] = [None]
+def _hook_extractor(module: Callable[[Tensor], Tensor], subs: dict[str, nn.Module]) -> FeatureExtractor:
+    holder: Captured = {}
 
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-        # Last call wins when a module is reused; detach so nothing holds the graph.
-        t = _first_tensor(out)
-        holder[0] = t.detach() if t is not None else None
+    def hook_for(layer: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            # Last call wins when a module is reused; detach so nothing holds the graph.
+            t = _first_tensor(out)
+            if t is not None:
+                holder[layer] = t.detach()
+        return hook
 
-    handle = sub.register_forward_hook(hook)
+    handles = tuple(sub.register_forward_hook(hook_for(layer)) for layer, sub in subs.items())
 
-    def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
-        holder[0] = None
+    def call(x: Tensor) -> tuple[Tensor, Captured | None]:
+        holder.clear()
         out = module(x)
-        feats, holder[0] = holder[0], None
+        feats = dict(holder)
+        holder.clear()
         return out, feats
 
-    return FeatureExtractor(call, layer, "hook", handle)
+    return FeatureExtractor(call, tuple(subs), "hook", handles)
 
 
-def _fx_extractor(gm: torch.fx.GraphModule, layer: str) -> FeatureExtractor:
-    """Record the value leaving ``layer`` in a flat exported graph (see module docstring)."""
-    scope = _fx_scopes(gm).get(layer)
-    if not scope:
-        raise RuntimeError(f"no graph node was traced inside {layer!r}")
-    inside = set(scope)
-    leaving = [n for n in scope if n.op != "placeholder" and any(u not in inside for u in n.users)]
-    if len(leaving) != 1:
-        raise RuntimeError(f"{len(leaving)} values leave {layer!r} in the graph (need exactly one tensor output)")
+def _fx_extractor(gm: torch.fx.GraphModule, layers: tuple[str, ...]) -> FeatureExtractor:
+    """Record the value leaving each layer in a flat exported graph (see module docstring)."""
+    scopes = _fx_scopes(gm)
     graph = copy.deepcopy(gm.graph)
-    target = next(n for n in graph.nodes if n.name == leaving[0].name)
-    holder: list[Tensor | None] = [None]
+    holder: Captured = {}
+    for layer in layers:
+        scope = scopes.get(layer)
+        if not scope:
+            raise RuntimeError(f"no graph node was traced inside {layer!r}")
+        inside = set(scope)
+        leaving = [n for n in scope if n.op != "placeholder" and any(u not in inside for u in n.users)]
+        if len(leaving) != 1:
+            raise RuntimeError(f"{len(leaving)} values leave {layer!r} in the graph (need exactly one tensor output)")
+        target = next(n for n in graph.nodes if n.name == leaving[0].name)
 
-    def record(t: Any) -> None:
-        tt = _first_tensor(t)
-        holder[0] = tt.detach() if tt is not None else None
+        def record(t: Any, layer: str = layer) -> None:
+            tt = _first_tensor(t)
+            if tt is not None:
+                holder[layer] = tt.detach()
 
-    with graph.inserting_after(target):
-        graph.call_function(record, (target,))
+        with graph.inserting_after(target):
+            graph.call_function(record, (target,))
     # Shares parameters and buffers with gm (GraphModule copies references, not tensors).
     new_gm = torch.fx.GraphModule(gm, graph)
 
-    def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
-        holder[0] = None
+    def call(x: Tensor) -> tuple[Tensor, Captured | None]:
+        holder.clear()
         out = new_gm(x)
-        feats, holder[0] = holder[0], None
+        feats = dict(holder)
+        holder.clear()
         return out, feats
 
-    return FeatureExtractor(call, layer, "fx")
+    return FeatureExtractor(call, layers, "fx")
 
 
 def _getattr_path(value: Any) -> list[str] | None:
@@ -190,98 +205,116 @@ def _getattr_path(value: Any) -> list[str] | None:
     return path[::-1]
 
 
-def _script_extractor(module: torch.jit.ScriptModule, layer: str) -> FeatureExtractor:
-    """Graph surgery on a TorchScript ``forward`` so it also returns the layer's output."""
-    target = layer.split(".")
+def _script_extractor(module: torch.jit.ScriptModule, layers: tuple[str, ...]) -> FeatureExtractor:
+    """Graph surgery on a TorchScript ``forward`` so it also returns the layers' outputs."""
     graph = module.forward.graph.copy()
-    for _ in range(len(target)):
-        calls = [n for n in graph.nodes()  # top-level block only: values inside if/loop blocks are not visible at return
-                 if n.kind() == "prim::CallMethod" and n.s("name") == "forward"]
-        paths = [(n, _getattr_path(n.inputsAt(0))) for n in calls]
-        hits = [n for n, p in paths if p == target]
-        if len(hits) > 1:
-            raise RuntimeError(f"forward calls {layer!r} {len(hits)} times")
-        if hits:
-            feat = hits[0].output()
-            ret = graph.return_node()
-            old = ret.inputsAt(0)
-            tup = graph.create("prim::TupleConstruct", [old, feat])
-            tup.output().setType(torch._C.TupleType([old.type(), feat.type()]))
-            tup.insertBefore(ret)
-            ret.replaceInput(0, tup.output())
-            fn = torch._C._create_function_from_graph("medaudit_forward_with_features", graph)
+    found: dict[str, Any] = {}  # layer -> the graph value of its output
+    for layer in layers:
+        target = layer.split(".")
+        for _ in range(len(target)):
+            calls = [n for n in graph.nodes()  # top-level block only: values inside if/loop blocks are not visible at return
+                     if n.kind() == "prim::CallMethod" and n.s("name") == "forward"]
+            paths = [(n, _getattr_path(n.inputsAt(0))) for n in calls]
+            hits = [n for n, p in paths if p == target]
+            if len(hits) > 1:
+                raise RuntimeError(f"forward calls {layer!r} {len(hits)} times")
+            if hits:
+                found[layer] = hits[0].output()
+                break
+            # Inline the call of the enclosing submodule (a proper prefix of the target path) and look again.
+            parents = [(n, p) for n, p in paths if p is not None and len(p) < len(target) and p == target[: len(p)]]
+            if len(parents) != 1:
+                break
+            node, path = parents[0]
+            sub: Any = module
+            for part in path:
+                sub = getattr(sub, part)
+            callee = sub._c._get_method("forward").graph.copy()  # traced submodules expose forward as a plain function
+            with graph.insert_point_guard(node):
+                outs = graph.insertGraph(callee, list(node.inputs()))
+            for name, value in found.items():  # a layer found earlier may be the call inlined now
+                if value == node.output():
+                    found[name] = outs[0]
+            node.output().replaceAllUsesWith(outs[0])
+            node.destroy()
+        if layer not in found:
+            raise RuntimeError(f"{layer!r} is not called directly by forward (it may be called inside an if/loop "
+                               "block or through another method)")
+    ret = graph.return_node()
+    old = ret.inputsAt(0)
+    values = [found[layer] for layer in layers]
+    tup = graph.create("prim::TupleConstruct", [old, *values])
+    tup.output().setType(torch._C.TupleType([old.type(), *(v.type() for v in values)]))
+    tup.insertBefore(ret)
+    ret.replaceInput(0, tup.output())
+    fn = torch._C._create_function_from_graph("medaudit_forward_with_features", graph)
 
-            def call(x: Tensor) -> tuple[Tensor, Tensor | None]:
-                out, feats = fn(module._c, x)
-                return out, feats
+    def call(x: Tensor) -> tuple[Tensor, Captured | None]:
+        out, *feats = fn(module._c, x)
+        return out, {layer: t for layer, f in zip(layers, feats) if (t := _first_tensor(f)) is not None}
 
-            return FeatureExtractor(call, layer, "torchscript-graph")
-        # Inline the call of the enclosing submodule (a proper prefix of the target path) and look again.
-        parents = [(n, p) for n, p in paths if p is not None and len(p) < len(target) and p == target[: len(p)]]
-        if len(parents) != 1:
-            break
-        node, path = max(parents, key=lambda np_: len(np_[1]))
-        sub: Any = module
-        for part in path:
-            sub = getattr(sub, part)
-        callee = sub._c._get_method("forward").graph.copy()  # traced submodules expose forward as a plain function
-        with graph.insert_point_guard(node):
-            outs = graph.insertGraph(callee, list(node.inputs()))
-        node.output().replaceAllUsesWith(outs[0])
-        node.destroy()
-    raise RuntimeError(f"{layer!r} is not called directly by forward (it may be called inside an if/loop block "
-                       "or through another method)")
+    return FeatureExtractor(call, layers, "torchscript-graph")
 
 
-def make_extractor(model: LoadedModel, layer: str | None) -> tuple[FeatureExtractor, str | None]:
-    """Build the runner's extractor for ``model`` and ``model.feature_layer``.
+def make_extractor(model: LoadedModel, layers: str | Sequence[str] | None,
+                   setting: str = "model.feature_layer") -> tuple[FeatureExtractor, str | None]:
+    """Build the runner's extractor for ``model`` capturing ``layers`` in the same forward pass.
 
     Parameters
     ----------
     model : LoadedModel
         What the model-loader plugin returned.
-    layer : str or None
-        Dotted submodule name (``"features"``, ``"layer4.1"``); ``None`` captures nothing.
+    layers : str, sequence of str, or None
+        Dotted submodule names (``"features"``, ``"layer4.1"``); None or empty captures nothing.
+    setting : str
+        The configuration key that named the layers, for messages.
 
     Returns
     -------
     extract, warning
-        ``extract(x) -> (outputs, features | None)``; ``warning`` is ``None`` when the layer is
-        captured, otherwise a message naming the layer, the format and what to do (features are
-        then ``None`` and feature-based detectors are skipped).
+        ``extract(x) -> (outputs, {layer: output} | None)``; ``warning`` is ``None`` when every
+        layer is captured, otherwise a message naming the layers, the format and what to do (the
+        extractor then captures nothing and feature-based detectors are skipped).
 
     Raises
     ------
     ConfigError
-        When the model exposes named layers but not ``layer``; the message lists them.
+        When the model exposes named layers but not one of ``layers``; the message lists them.
     """
     module = _unwrap(model.module)
-    plain = FeatureExtractor(lambda x: (module(x), None), None, "none")
-    if layer is None:
+    plain = FeatureExtractor(lambda x: (module(x), None), (), "none")
+    wanted = tuple(dict.fromkeys([layers] if isinstance(layers, str) else (layers or ())))
+    if not wanted:
         return plain, None
+    shown_layers = wanted[0] if len(wanted) == 1 else list(wanted)
     names = available_layers(replace(model, module=module))
     if not names:
-        return plain, (f"model.feature_layer {layer!r} cannot be reached in a {model.format} model (the format exposes "
+        return plain, (f"{setting} {shown_layers!r} cannot be reached in a {model.format} model (the format exposes "
                        "no named layers); feature-based detectors are skipped. Save the model with torch.jit.save, "
                        "torch.export.save or as a state dict with model.arch to use them")
-    if layer not in names:
-        shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
-        raise ConfigError(f"model.feature_layer {layer!r} is not a layer of {model.path}; available: {shown}")
+    for layer in wanted:
+        if layer not in names:
+            shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
+            raise ConfigError(f"{setting} {layer!r} is not a layer of {model.path}; available: {shown}")
     try:
         if _is_script(module):
-            return _script_extractor(module, layer), None  # type: ignore[arg-type]
-        if isinstance(module, torch.fx.GraphModule) and not any(
-                n.op == "call_module" and n.target == layer for n in module.graph.nodes):
-            return _fx_extractor(module, layer), None
-        sub = model.feature_modules.get(layer)
-        if sub is None and isinstance(module, nn.Module):
-            sub = module.get_submodule(layer)
-        if sub is None or _is_script(sub):
-            raise RuntimeError("the submodule does not accept forward hooks")
-        return _hook_extractor(module, sub, layer), None
+            return _script_extractor(module, wanted), None  # type: ignore[arg-type]
+        if isinstance(module, torch.fx.GraphModule):
+            called = {n.target for n in module.graph.nodes if n.op == "call_module"}
+            if any(layer not in called for layer in wanted):
+                return _fx_extractor(module, wanted), None
+        subs: dict[str, nn.Module] = {}
+        for layer in wanted:
+            sub = model.feature_modules.get(layer)
+            if sub is None and isinstance(module, nn.Module):
+                sub = module.get_submodule(layer)
+            if sub is None or _is_script(sub):
+                raise RuntimeError(f"the submodule {layer!r} does not accept forward hooks")
+            subs[layer] = sub
+        return _hook_extractor(module, subs), None
     except Exception as exc:  # every capture path is best effort: fall back to outputs only, say why
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return plain, (f"model.feature_layer {layer!r} exists in this {model.format} model but its output cannot be "
+        return plain, (f"{setting} {shown_layers!r} exists in this {model.format} model but its output cannot be "
                        f"captured ({reason}); feature-based detectors are skipped. Choose a layer that forward calls "
                        "once, outside if/loop blocks, or save the model as a state dict with model.arch")
 
@@ -308,13 +341,21 @@ class FeatureChoice:
     head_name: str | None = None
     head: LinearHead | None = None
     note: str = ""
+    #: ``model.feature_layers``: the stages multi-layer detectors read, shallow to deep, with each
+    #: one's per-sample output shape, how they were chosen ("config", "auto", "layer": the feature
+    #: layer alone, "none") and a note.
+    stages: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    stages_source: str = "none"
+    stages_note: str = ""
 
 
 def _ordered_layers(module: Any) -> list[str]:
-    """Layer names in registration order (forward order for the usual Sequential-style networks)."""
+    """Layer names in call order for a flat exported graph (the order its nodes were traced in),
+    else in registration order (forward order for the usual Sequential-style networks)."""
     names = [n for n, _ in module.named_modules() if n] if isinstance(module, nn.Module) else []
     if isinstance(module, torch.fx.GraphModule):
-        names += [p for p in _fx_scopes(module) if p and p not in names]
+        traced = [p for p in _fx_scopes(module) if p]
+        names = traced + [n for n in names if n not in traced]
     return names
 
 
@@ -347,6 +388,27 @@ def _verified(head: tuple[str, Tensor, Tensor | None], features: Tensor, logits:
     return candidate if got.shape == expected.shape and bool((got - expected).abs().max() <= tol) else None
 
 
+def _capture(model: LoadedModel, layers: Sequence[str], x: Tensor) -> Captured:
+    """The outputs of ``layers`` on ``x`` (one forward pass), leaving out any that cannot be
+    captured or are not ``[B, …]`` tensors; nothing at all when the capture itself fails."""
+    try:
+        extract, warning = make_extractor(model, layers)
+    except ConfigError:
+        return {}
+    feats: Captured | None = None
+    if warning is None:
+        try:
+            with torch.inference_mode():
+                _, feats = extract(x)
+        except Exception:  # layers the capture cannot run: not candidates
+            feats = None
+        finally:
+            extract.close()
+    if feats is None and len(layers) > 1:  # one layer that cannot be captured spoils a joint capture: one by one
+        feats = {k: v for layer in layers for k, v in _capture(model, [layer], x).items()}
+    return {k: v for k, v in (feats or {}).items() if v.ndim >= 2 and v.shape[0] == x.shape[0]}
+
+
 def _spatial(features: Tensor) -> bool:
     return features.ndim > 2 and features[0, 0].numel() > 1
 
@@ -375,17 +437,7 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
     head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
 
     def capture(layer: str) -> Tensor | None:
-        extract, warning = make_extractor(model, layer)
-        if warning is not None:
-            return None
-        try:
-            with torch.inference_mode():
-                _, feats = extract(x)
-        except Exception:  # a layer the capture cannot run: not a candidate
-            return None
-        finally:
-            extract.close()
-        return feats if isinstance(feats, Tensor) and feats.ndim >= 2 and feats.shape[0] == x.shape[0] else None
+        return _capture(model, [layer], x).get(layer)
 
     if requested != "auto":
         feats = capture(requested)
@@ -435,8 +487,8 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
     if flat_verified is not None:
         name, verified = flat_verified
         return FeatureChoice(name, "auto", head[0], verified, (
-            f"auto: {name!r}, the input of the linear head {head[0]!r} (no feature map before it reproduces the "
-            "logits when pooled; spectral needs a map and is skipped)"))
+            f"auto: {name!r}, the layer feeding the linear head {head[0]!r} (no feature map before it reproduces "
+            "the logits when pooled)"))
     if last_map is not None:
         return FeatureChoice(last_map, "auto", None, None, (
             f"auto: {last_map!r}, the last feature map before the linear layer {head[0]!r}, whose pooled output does "
@@ -445,3 +497,99 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
     return FeatureChoice(None, "none", note=(
         f"model.feature_layer: auto found the linear head {head[0]!r} but no layer before it whose output can be "
         "captured; name a layer to run the feature-based detectors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# model.feature_layers: auto — the outputs of the network's main stages
+# ---------------------------------------------------------------------------------------------
+
+#: Stages kept by ``feature_layers: auto`` (the deepest ones).
+AUTO_STAGES = 5
+#: Children of one container captured when looking for the stages.
+STAGE_CANDIDATES = 48
+
+
+def _children(names: list[str], parent: str) -> list[str]:
+    prefix = parent + "." if parent else ""
+    return [n for n in names if n.startswith(prefix) and "." not in n[len(prefix):]]
+
+
+def _stage_groups(layers: list[str], outputs: Captured) -> list[str]:
+    """The last layer of each run of consecutive layers (registration order) whose outputs are
+    feature maps of one spatial size: a stage ends where the resolution changes."""
+    stages: list[str] = []
+    last_shape: tuple[int, ...] | None = None
+    for layer in layers:
+        f = outputs.get(layer)
+        if f is None or not _spatial(f):
+            continue
+        shape = tuple(f.shape[2:])
+        if shape == last_shape:
+            stages[-1] = layer
+        else:
+            stages.append(layer)
+            last_shape = shape
+    return stages
+
+
+def choose_stages(model: LoadedModel, requested: list[str] | str | None, layer: str | None,
+                  x: Tensor) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], str, str]:
+    """Resolve ``model.feature_layers`` on a sample batch ``x`` (normalised, on the model's device).
+
+    Returns ``(stages, source, note)``: each stage's name and per-sample output shape, shallow to
+    deep. A list is used as given (a layer that cannot be captured is an error the caller's
+    extractor reports). ``None`` reads the feature layer alone. ``auto`` looks, among the model's
+    top-level modules and their children (the containers a network's stages are registered in:
+    a ``features`` Sequential, a ResNet's root), for the container whose children, in
+    registration order, pass through the most spatial resolutions before the head; each
+    resolution's last child is a stage, and the deepest :data:`AUTO_STAGES` are kept (for a
+    torchvision/MONAI DenseNet: ``relu0``, ``denseblock1``–``3``, ``norm5``; for a ResNet:
+    ``relu``, ``layer1``–``4``). Fewer than two resolutions anywhere, or no linear head whose
+    outputs are the model's class scores (a segmentation network, whose stages are nested in
+    ways registration order does not reveal): the feature layer alone.
+    """
+    if isinstance(requested, list):
+        make_extractor(model, requested, "model.feature_layers")[0].close()  # a name the model lacks: ConfigError
+        got = _capture(model, requested, x)
+        return (tuple((n, tuple(got[n].shape[1:])) for n in requested if n in got), "config",
+                f"model.feature_layers as configured: {', '.join(requested)}")
+    alone: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    if layer is not None:
+        got = _capture(model, [layer], x)
+        alone = ((layer, tuple(got[layer].shape[1:])),) if layer in got else ()
+    module = _unwrap(model.module)
+    head_name = None
+    if requested is not None and layer is not None:
+        with torch.inference_mode():
+            logits = _first_tensor(module(x))
+        head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
+        head_name = head[0] if head is not None else None
+    if requested is None or layer is None or head_name is None:
+        why = ("model.feature_layers is null" if requested is None else "no feature layer was found" if layer is None
+               else "model.feature_layers: auto looks for the stages of a classifier with a linear head, and the "
+                    "model's outputs are not class scores from one (for a segmentation network, list its encoder "
+                    "stages)")
+        return alone, "layer" if alone else "none", f"{why}: multi-layer detectors read {layer!r} alone" if alone else why
+    names = _ordered_layers(module)
+    skip = {n for n in names if head_name and (head_name == n or head_name.startswith(n + "."))} - {""}
+    containers = ["", *_children(names, "")]
+    best: list[str] = []
+    for container in containers:
+        kids = [n for n in _children(names, container) if n not in skip][:STAGE_CANDIDATES]
+        if len(kids) < 2:
+            continue
+        stages = _stage_groups(kids, _capture(model, kids, x))
+        if len(stages) > len(best):
+            best = stages
+    if len(best) < 2:
+        return alone, "layer" if alone else "none", (
+            f"model.feature_layers: auto found no sequence of stages at two or more resolutions; multi-layer "
+            f"detectors read {layer!r} alone" if alone else "model.feature_layers: auto found no stages")
+    best = best[-AUTO_STAGES:]
+    got = _capture(model, best, x)
+    if len(got) != len(best):  # capturable one container at a time, not together: keep what works alone
+        return alone, "layer" if alone else "none", (
+            f"model.feature_layers: auto found stages {best} but cannot capture them in one pass; multi-layer "
+            f"detectors read {layer!r} alone")
+    return (tuple((n, tuple(got[n].shape[1:])) for n in best), "auto",
+            f"auto: the last layer at each of {len(best)} resolutions: {', '.join(best)}")

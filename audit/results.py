@@ -93,6 +93,11 @@ class ModelInfo(_Model):
     feature_layer_note: str | None = Field(None, description="how the layer was chosen, or why none was")
     head: str | None = Field(None, description="the linear classification head verified on the feature layer (its "
                                                "module name), which head-based detectors recompute logits with")
+    feature_layers: list[str] | None = Field(None, description="the layers multi-layer detectors (spectral, "
+                                                               "mahalanobis_ensemble) read, shallow to deep, or null")
+    feature_layers_source: str | None = Field(None, description="config, auto (the last layer at each of the main "
+                                                                "resolutions), layer (the feature layer alone) or none")
+    feature_layers_note: str | None = Field(None, description="how the stages were chosen, or why none were")
 
 
 class DatasetInfo(_Model):

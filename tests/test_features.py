@@ -74,9 +74,19 @@ def _check(model: LoadedModel, x: torch.Tensor, y: torch.Tensor, ref: dict[str, 
         with torch.no_grad():
             out, feats = extract(x)
         torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
-        assert feats is not None
-        torch.testing.assert_close(feats, ref[layer], atol=1e-5, rtol=1e-5)
+        assert feats is not None and list(feats) == [layer]
+        torch.testing.assert_close(feats[layer], ref[layer], atol=1e-5, rtol=1e-5)
         extract.close()  # hooks live on the caller's module; later tests script the same net
+    # every layer in one forward pass (model.feature_layers), nested ones included
+    extract, warning = make_extractor(model, LAYERS, "model.feature_layers")
+    assert warning is None, warning
+    with torch.no_grad():
+        out, feats = extract(x)
+    torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
+    assert feats is not None and sorted(feats) == sorted(LAYERS)
+    for layer in LAYERS:
+        torch.testing.assert_close(feats[layer], ref[layer], atol=1e-5, rtol=1e-5)
+    extract.close()
 
 
 def test_eager_module(net_and_reference) -> None:  # type: ignore[no-untyped-def]
@@ -145,6 +155,6 @@ def test_torchscript_and_export_capture_on_cuda(net_and_reference, tmp_path: Pat
         assert warning is None
         with torch.no_grad():
             out, feats = extract(x.to(dev))
-        assert feats is not None and feats.device.type == "cuda"
+        assert feats is not None and feats["features.4"].device.type == "cuda"
         torch.testing.assert_close(out.cpu(), y, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(feats.cpu(), ref["features.4"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(feats["features.4"].cpu(), ref["features.4"], atol=1e-4, rtol=1e-4)

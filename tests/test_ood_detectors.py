@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 from medaudit.config import Config
 from medaudit.plugin_manager import get_plugin_manager
 from medaudit.plugins import ood
-from medaudit.plugins.ood import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, Spectral, ledoit_wolf,
-                                  medaudit_detectors, spectral_signature)
+from medaudit.plugins.ood import (KNN, MSP, Energy, Entropy, Mahalanobis, MahalanobisEnsemble, MaxLogit, Spectral,
+                                  ledoit_wolf, medaudit_detectors, spectral_signature)
 from medaudit.settings import resolve_settings
 
 
@@ -27,14 +28,25 @@ def default_config() -> Config:
 
 def test_catalogue_names_and_needs() -> None:
     dets = medaudit_detectors(default_config())
-    assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "gen", "kl_matching", "mahalanobis", "knn",
-                                      "spectral", "vim", "react", "ash", "scale", "dice_sparse", "rmd", "she", "nnguide",
-                                      "fdbd", "histogram"]
-    assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "spectral", "vim", "react", "ash",
+    assert [d.name for d in dets] == ["msp", "max_logit", "energy", "entropy", "gen", "kl_matching", "mahalanobis",
+                                      "mahalanobis_ensemble", "knn", "spectral", "vim", "react", "ash", "scale",
+                                      "dice_sparse", "rmd", "she", "nnguide", "fdbd", "histogram"]
+    assert {d.name for d in dets if d.needs == "features"} == {"mahalanobis", "knn", "vim", "react", "ash",
                                                                 "scale", "dice_sparse", "rmd", "she", "nnguide", "fdbd"}
+    assert {d.name for d in dets if d.needs == "stages"} == {"spectral", "mahalanobis_ensemble"}
     assert {d.name for d in dets if d.needs_head} == {"vim", "react", "ash", "scale", "dice_sparse", "she", "nnguide",
                                                        "fdbd"}
     assert all(d.summary and d.citation for d in dets)
+
+
+def test_odin_is_offered_only_when_asked_for() -> None:
+    pm = get_plugin_manager(autoload=False, extra=[("ood", ood)])
+    assert "odin" not in {d.name for d in medaudit_detectors(default_config())}
+    odin_settings = {"plugins": {"ood": {"odin": True, "odin_temperature": 10.0, "odin_epsilon": 0.002}}}
+    odin = [d for d in medaudit_detectors(resolve_settings(Config.model_validate(odin_settings), pm)) if d.name == "odin"]
+    assert len(odin) == 1 and odin[0].needs_model and (odin[0].temperature, odin[0].epsilon) == (10.0, 0.002)
+    seg = Config.model_validate({**odin_settings, "task": {"type": "segmentation", "classes": ["bg", "fg"]}})
+    assert "odin" not in {d.name for d in medaudit_detectors(resolve_settings(seg, pm))}
 
 
 def test_output_detectors_by_hand() -> None:
@@ -247,3 +259,64 @@ def test_kth_nn_distance_default_blocks_on_a_cpu_stay_small() -> None:
     queries, bank = torch.randn(3000, 4, generator=g, dtype=torch.float64), torch.randn(5000, 4, generator=g, dtype=torch.float64)
     seen = _blocks_seen(lambda: kth_nn_distance(queries, bank, 5))
     assert max(seen) <= 1 << 21 and len(seen) == -(-3000 // ((1 << 21) // 5000))
+
+
+def _paper_signature(maps: np.ndarray) -> np.ndarray:
+    """Karimi & Gholipour's spectral signature of one sample's map, written directly from the
+    paper: the singular values of the C × (H·W) matrix, divided by their sum, logged."""
+    sv = np.linalg.svd(maps.reshape(maps.shape[0], -1).astype(np.float64), compute_uv=False)
+    return np.log(np.maximum(sv / sv.sum(), 1e-12))
+
+
+def test_multi_layer_spectral_signature_is_the_papers_concatenation() -> None:
+    """The paper's multi-layer setting: every stage's signature, each normalised on its own,
+    concatenated shallow to deep; here on a real MONAI DenseNet121's stages chosen by auto."""
+    from monai.networks.nets import DenseNet121
+
+    from medaudit.features import choose_feature_layer, choose_stages, make_extractor
+    from medaudit.model import LoadedModel
+
+    torch.manual_seed(0)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3).eval()
+    model = LoadedModel(module=net, path=Path("densenet.pt"), format="state_dict", sha256="", num_parameters=0,
+                        dtype="float32", summary="", feature_modules={})
+    x = torch.randn(3, 1, 48, 48)
+    choice = choose_feature_layer(model, "auto", x)
+    stages, source, _ = choose_stages(model, "auto", choice.layer, x)
+    names = [n for n, _ in stages]
+    assert source == "auto" and names == ["features.relu0", "features.denseblock1", "features.denseblock2",
+                                          "features.denseblock3"]
+    extract, warning = make_extractor(model, names)
+    assert warning is None
+    with torch.inference_mode():
+        _, feats = extract(x)
+    emb = Spectral().embed(torch.zeros(3, 3), [feats[n] for n in names])
+    direct = np.stack([np.concatenate([_paper_signature(feats[n][i].numpy()) for n in names]) for i in range(3)])
+    assert emb.shape == direct.shape == (3, 64 + 144 + 36 + 9)
+    np.testing.assert_allclose(emb.numpy(), direct, atol=1e-4)
+
+
+def test_mahalanobis_ensemble_standardises_and_sums_the_layers() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 4, generator=g), torch.randn(200, 6, generator=g) * 3 + 1
+    labels = torch.arange(200) % 2
+    det = MahalanobisEnsemble()
+    det.stages = (("a", (4, 2, 2)), ("b", (6, 1, 1)))
+    det.fit(torch.cat([a, b], dim=1), labels)
+    new = torch.randn(30, 10, generator=g) * 2
+    one, two = Mahalanobis(), Mahalanobis()
+    one.fit(a, labels)
+    two.fit(b, labels)
+    fit_a, fit_b = one.score(a), two.score(b)
+    expected = ((one.score(new[:, :4]) - fit_a.mean()) / fit_a.std() + (two.score(new[:, 4:]) - fit_b.mean()) / fit_b.std())
+    torch.testing.assert_close(det.score(new), expected)
+    with pytest.raises(ValueError, match="stages"):
+        det.score(new[:, :9])
+
+
+def test_spectral_names_the_flat_stage() -> None:
+    det = Spectral()
+    det.stages = (("early", (4, 3, 3)), ("late", (8, 1, 1)))
+    emb = torch.cat([spectral_signature(torch.rand(20, 4, 3, 3)), spectral_signature(torch.rand(20, 8, 1, 1))], dim=1)
+    with pytest.raises(ValueError, match=r"\['late'\]"):
+        det.fit(emb, torch.zeros(20, dtype=torch.long))

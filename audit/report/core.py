@@ -51,6 +51,9 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         *([("Feature layer", (m.get("feature_layer") or "none") + (f" — {m['feature_layer_note']}"
                                                                      if m.get("feature_layer_note") else ""))]
           if "feature_layer" in m else []),
+        *([("Feature stages", ", ".join(m["feature_layers"]) + (f" — {m['feature_layers_note']}"
+                                                                 if m.get("feature_layers_note") else ""))]
+          if m.get("feature_layers") else []),
         ("Dataset", d["path"]), ("Dataset SHA-256", d["sha256"]), ("Dataset format", d.get("format") or "–"),
         ("Samples", str(d["n_samples"])),
         ("Class counts", ", ".join(f"{k}: {v}" for k, v in d["class_counts"].items())),

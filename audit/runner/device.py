@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -154,3 +154,16 @@ def normalisation(config: Config, device: torch.device) -> tuple[Tensor, Tensor]
     mean = torch.tensor(config.input.mean, dtype=torch.float32).expand(channels).reshape(shape).to(device)
     std = torch.tensor(config.input.std, dtype=torch.float32).expand(channels).reshape(shape).to(device)
     return mean, std
+
+
+def input_model(module: Callable[[Tensor], Any], config: Config, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """The model as a detector that :attr:`~medaudit.detector.Detector.needs_model` calls it:
+    images in ``[0, 1]`` ``[B, C, *spatial]`` in, the audit's normalisation applied, the outputs
+    (the first tensor of a tuple) out."""
+    mean, std = normalisation(config, device)
+
+    def call(x: Tensor) -> Tensor:
+        out = module((x - mean.to(x.dtype)) / std.to(x.dtype))
+        return out if isinstance(out, Tensor) else next(t for t in out if isinstance(t, Tensor))
+
+    return call

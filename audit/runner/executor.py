@@ -34,7 +34,7 @@ from ..perturbation import Perturbation
 from ..settings import resolve_settings
 from ..task import bind_task, task_of
 from .batches import shard_batches
-from .device import normalisation, torch_threads
+from .device import input_model, normalisation, torch_threads
 from .plan import WorkUnit, scenarios_from_ids
 from .probe import MEMORY_FORMATS
 from .progress import Progress
@@ -76,7 +76,8 @@ def forward_spec(unit: WorkUnit, config: Config, extract: Extractor, detectors: 
     mean, std = normalisation(config, device)
     return ForwardSpec(extract, task_of(config.task), config.task, unit.output_kind, mean, std, unit.seed,
                        device, config.audit.precision, detectors, unit.model_batch_size, owners, unit.model_path,
-                       MEMORY_FORMATS[unit.memory_format], unit.pad_last, saved_maps(config))
+                       MEMORY_FORMATS[unit.memory_format], unit.pad_last, saved_maps(config),
+                       config.model.feature_layer, tuple(config.model.feature_layers or ()))
 
 
 def saved_maps(config: Config) -> frozenset[str]:
@@ -120,7 +121,7 @@ def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
     """
     # Imported here: medaudit.audit imports this package (prepare plans and runs the units).
     from ..audit import load_model, open_dataset
-    from ..features import make_extractor
+    from ..features import make_extractor, model_callable
     from ..plugin_manager import get_plugin_manager
 
     pm = pm if pm is not None else get_plugin_manager()
@@ -137,7 +138,7 @@ def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
         fmt = MEMORY_FORMATS[unit.memory_format]
         if fmt is not None:
             model.module = model.module.to(memory_format=fmt)  # type: ignore[union-attr]
-        extract, _ = make_extractor(model, config.model.feature_layer)  # a missing layer: the plan has no such detector
+        extract, _ = make_extractor(model, config.model.captured_layers())  # a missing layer: the plan has no such detector
         catalogue = pm.perturbations()
         scenarios = scenarios_from_ids(unit.scenarios, catalogue)
         perturbations = {s.perturbation: catalogue[s.perturbation][1]() for s in scenarios if s.perturbation}
@@ -152,6 +153,9 @@ def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
         if missing:
             raise ConfigError(f"work unit names detector(s) {missing}, but no installed plugin provides them")
         detectors = [found[name] for name in unit.detectors]
+        for d in detectors:
+            if d.needs_model:
+                d.model = input_model(model_callable(model), config, device)
         spec = forward_spec(unit, config, extract, detectors, owners, device)
         batches = shard_batches(dataset, unit.start, unit.stop, unit.batch_size, unit.num_workers, device)
         with torch.inference_mode():

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..detector import Detector
 from ..errors import ModelError, ModelOutputError
-from ..features import Extractor
+from ..features import Captured, Extractor
 from ..outputs import Scenario
 from ..perturbation import Perturbation
 from ..config import TaskConfig
@@ -86,6 +86,8 @@ class ForwardSpec:
     memory_format: torch.memory_format | None = None
     pad_last: bool = False  # zero-pad a short last chunk (a model with a fixed batch size)
     save_maps: frozenset[str] = frozenset()  # scenarios whose predicted label maps are kept (Task.prediction_map)
+    feature_layer: str | None = None  # the captured layer "features" detectors read
+    stages: tuple[str, ...] = ()  # the captured layers "stages" detectors read, shallow to deep
 
 
 def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: Perturbation | None,
@@ -106,20 +108,23 @@ def move_labels(perturbation: Perturbation, labels: Tensor, params: dict[str, Te
     return perturbation.apply_to_labels(labels[:, None], params)[:, 0].long()
 
 
-def chunked_forward(extract: Extractor, x: Tensor, chunk: int, pad_last: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Call the model on chunks of ``chunk`` samples of ``x`` and concatenate; a shorter last
-    chunk runs at its own size, or zero-padded to ``chunk`` with ``pad_last``."""
+def chunked_forward(extract: Extractor, x: Tensor, chunk: int, pad_last: bool = False) -> tuple[Tensor, Captured | None]:
+    """Call the model on chunks of ``chunk`` samples of ``x`` and concatenate (outputs, and each
+    captured layer present in every chunk); a shorter last chunk runs at its own size, or
+    zero-padded to ``chunk`` with ``pad_last``."""
     n = x.shape[0]
     pad = (-n) % chunk
     if pad and pad_last:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-    outs, feats = [], []
+    outs: list[Tensor] = []
+    feats: list[Captured] = []
     for i in range(0, x.shape[0], chunk):
         out, f = extract(x[i:i + chunk])
         outs.append(out)
-        if f is not None:
-            feats.append(f)
-    return torch.cat(outs)[:n], (torch.cat(feats)[:n] if feats else None)
+        feats.append(f or {})
+    layers = set(feats[0]).intersection(*feats[1:])
+    return torch.cat(outs)[:n], ({k: torch.cat([f[k] for f in feats])[:n] for k in feats[0] if k in layers}
+                                 if layers else None)
 
 
 class _ScenarioClock:
@@ -280,11 +285,15 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
                 labelmap = spec.task.prediction_map(out, spec.output_kind, spec.task_config)  # type: ignore[arg-type]
                 if labelmap is not None:
                     rows.put(("maps", scenario.id), offset, labelmap)
+            layer = (feats or {}).get(spec.feature_layer) if spec.feature_layer else None
+            stages = [feats[n] for n in spec.stages] if feats and all(n in feats for n in spec.stages) else None
             for d in spec.detectors:
-                if (d.needs == "features" and feats is None) or d.name in failed_detectors:
+                second: Tensor | list[Tensor] | None = (
+                    xp.float() if d.needs == "inputs" else layer.float() if d.needs == "features" and layer is not None
+                    else [f.float() for f in stages] if d.needs == "stages" and stages else None)
+                if (d.needs in ("features", "stages") and second is None) or d.name in failed_detectors:
                     continue
                 try:
-                    second = xp.float() if d.needs == "inputs" else (feats.float() if feats is not None else None)
                     emb = d.embed(out, second)
                     if isinstance(emb, Future):
                         pending.setdefault((scenario.id, d.name), []).append((offset, emb))

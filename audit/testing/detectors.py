@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..detector import Detector, LinearHead
+from ..features import pool
 from .records import Check, Subject
 
 def detector_checks(sub: Subject) -> Iterator[Check]:
@@ -86,16 +88,35 @@ def _batch(det: Detector, n: int, shifted: bool, feature_shape: tuple[int, ...],
 
 
 def _with_head(det: Detector, feature_shape: tuple[int, ...], device: str) -> Detector:
-    """``det`` as the audit hands it over: a detector that needs the head gets the toy one."""
-    if det.needs_head and det.head is None:
+    """``det`` as the audit hands it over: a detector that needs the head gets the toy one, a
+    ``"stages"`` detector two stages (the toy maps doubled in size, and the maps), and one
+    that needs the model the toy classifier of the images :func:`_embed` makes."""
+    if (det.needs_head and det.head is None) or (det.needs == "stages" and not det.stages) or (
+            det.needs_model and det.model is None):
         det = copy.deepcopy(det)
-        det.head = toy_head(feature_shape, device=device)
+        head = toy_head(feature_shape, device=device)
+        if det.needs_head and det.head is None:
+            det.head = head
+        if det.needs == "stages" and not det.stages:
+            det.stages = tuple((f"stage{i}", tuple(f.shape[1:])) for i, f in
+                               enumerate(_stages(torch.zeros(1, *feature_shape))))
+        if det.needs_model and det.model is None:
+            # inverts _embed's squashing of the maps, pools, classifies: differentiable in the images
+            det.model = lambda x: head(pool(4.0 * torch.logit(x.clamp(1e-6, 1 - 1e-6))))
     return det
+
+
+def _stages(feats: Tensor) -> list[Tensor]:
+    """Two stages: a shallower, finer one (the toy maps doubled in size, nearest) and the maps."""
+    fine = F.interpolate(feats, scale_factor=2, mode="nearest") if feats.ndim == 4 else feats
+    return [fine, feats]
 
 
 def _embed(det: Detector, logits: Tensor, feats: Tensor) -> Tensor:
     if det.needs == "inputs":  # images in [0, 1]: the toy maps squashed, shift included
         return det.embed(logits, torch.sigmoid(feats / 4.0))
+    if det.needs == "stages":
+        return det.embed(logits, _stages(feats))
     return det.embed(logits, feats if det.needs == "features" else None)
 
 
@@ -120,6 +141,8 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is type(b) and isinstance(a, Detector):  # fitted sub-detectors (an ensemble's): their state
+        return _same(vars(a), vars(b))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - objects without a usable ==: compare their attributes
@@ -127,11 +150,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_detector_declaration(det: Detector) -> None:
-    """A non-empty ``name`` usable as a results key and ``needs`` of ``"logits"``, ``"features"`` or ``"inputs"``."""
+    """A non-empty ``name`` usable as a results key and ``needs`` of ``"logits"``, ``"features"``,
+    ``"stages"`` or ``"inputs"``."""
     assert isinstance(det, Detector), f"{det!r} is not a medaudit.detector.Detector instance"
     assert isinstance(det.name, str) and det.name.strip() and " " not in det.name, f"name {det.name!r} must be a non-empty str without spaces"
-    assert det.needs in ("logits", "features", "inputs"), (
-        f"needs must be 'logits', 'features' or 'inputs', got {det.needs!r}")
+    assert det.needs in ("logits", "features", "stages", "inputs"), (
+        f"needs must be 'logits', 'features', 'stages' or 'inputs', got {det.needs!r}")
 
 
 def check_detector_embed_shape(det: Detector, feature_shape: tuple[int, ...] = (8, 2, 2), device: str = "cpu") -> None:

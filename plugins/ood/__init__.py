@@ -1,5 +1,6 @@
-"""Built-in OOD / shift detectors (msp, max_logit, energy, entropy, mahalanobis, knn, spectral and
-the post-hoc zoo: vim, react, ash, scale, dice_sparse, gen, rmd, kl_matching, she, nnguide, fdbd;
+"""Built-in OOD / shift detectors (msp, max_logit, energy, entropy, mahalanobis, mahalanobis_ensemble, knn,
+spectral and the post-hoc zoo: vim, react, ash, scale, dice_sparse, gen, rmd, kl_matching, she, nnguide, fdbd, odin (off
+by default);
 and the model-free floor, histogram),
 their report section and their settings.
 
@@ -19,9 +20,10 @@ from medaudit.hookspecs import hookimpl
 from medaudit.task import VOXEL_CLASS_SCORES, task_of
 from medaudit.sections import ReportSection
 
-from .detectors import (KNN, MSP, Energy, Entropy, Mahalanobis, MaxLogit, OutputDetector, Spectral,
+from .detectors import (KNN, MSP, Energy, Entropy, Mahalanobis, MahalanobisEnsemble, MaxLogit, OutputDetector, Spectral,
                         kth_nn_distance, ledoit_wolf, pool, spectral_signature, two_class)
 from .histogram import Histogram, intensity_histograms
+from .odin import ODIN
 from .report import ood_sections
 from .settings import OodSettings
 from .zoo_fitted import GEN, RMD, SHE, KLMatching, NNGuide, ViM
@@ -34,6 +36,7 @@ MEDAUDIT_API_VERSION = 1
 
 __all__ = [
     "ASH", "DICE", "FDBD", "GEN", "Histogram", "KNN", "MSP", "RMD", "SCALE", "SHE", "Energy", "Entropy", "KLMatching", "Mahalanobis",
+    "MahalanobisEnsemble", "ODIN",
     "MaxLogit", "NNGuide", "OodSettings", "OutputDetector", "ReAct", "Spectral", "ViM",
     "intensity_histograms", "kth_nn_distance", "ledoit_wolf", "pool", "spectral_signature", "two_class",
 ]
@@ -53,7 +56,10 @@ def medaudit_detectors(config: Config) -> list[Detector]:
     # the zoo's head-based detectors run where the audit verified a linear head (needs_head), and
     # rmd needs a class per image: a segmentation map has neither, so they are not offered for one
     zoo: list[Detector] = [] if maps else [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
-    detectors: list[Detector] = [*outputs, Mahalanobis(), KNN(settings.knn_k), Spectral(), *zoo, Histogram()]
+    if settings.odin and not maps:  # gradients through the model: off unless asked for; per-voxel maps have no ODIN
+        zoo.append(ODIN(settings.odin_temperature, settings.odin_epsilon))
+    detectors: list[Detector] = [*outputs, Mahalanobis(), MahalanobisEnsemble(), KNN(settings.knn_k), Spectral(), *zoo,
+                                 Histogram()]
     for d in detectors:
         d.auroc_ci = settings.auroc_ci
     return detectors

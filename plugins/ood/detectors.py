@@ -286,6 +286,62 @@ class Mahalanobis(Detector):
         return _sq_mahalanobis(x, self.means, self.chol).min(dim=1).values
 
 
+class MahalanobisEnsemble(Detector):
+    """Mahalanobis scores of several layers, combined (Lee et al.'s layer ensemble, NeurIPS 2018).
+
+    Embedding: the globally average-pooled output of every stage of ``model.feature_layers``,
+    concatenated. Fit: a :class:`Mahalanobis` detector per stage (class means, tied Ledoit–Wolf
+    covariance), and the mean ``m_l`` and standard deviation ``s_l`` of each stage's scores on the
+    fitting data. Score: ``Σ_l (d_l(f) − m_l) / s_l``, each stage's min class-conditional
+    distance standardised on the in-distribution data. The paper weights the layers by a
+    logistic regression fitted on held-out OOD (or adversarial) samples, which an audit does not
+    have; equal weights after standardisation are the assumption-free choice. Not implemented:
+    the paper's input pre-processing. The fitting data's own scores are in-sample (a little
+    smaller than new inputs' in high dimensions); the same shift applies to every input scored.
+    """
+
+    name = "mahalanobis_ensemble"
+    needs = "stages"
+    summary = "sum of the stages' standardised min class-conditional Mahalanobis distances of pooled features"
+    citation = ("Lee, Lee, Lee & Shin, A Simple Unified Framework for Detecting Out-of-Distribution Samples and "
+                "Adversarial Attacks, NeurIPS 2018 (feature ensemble)")
+
+    def __init__(self) -> None:
+        self.layers: list[Mahalanobis] = []
+        self.centre: Tensor | None = None
+        self.scale: Tensor | None = None
+
+    def embed(self, logits: Tensor, features: Tensor | list[Tensor] | None) -> Tensor:
+        if features is None:
+            raise ValueError("mahalanobis_ensemble needs features")
+        return torch.cat([pool(f) for f in (features if isinstance(features, list) else [features])], dim=1)
+
+    def _split(self, embeddings: Tensor) -> tuple[Tensor, ...]:
+        dims = [shape[0] for _, shape in self.stages]
+        if sum(dims) != embeddings.shape[1]:
+            raise ValueError(f"mahalanobis_ensemble: embeddings have {embeddings.shape[1]} values per sample, the "
+                             f"stages {[name for name, _ in self.stages]} give {sum(dims)} channels in all")
+        return embeddings.split(dims, dim=1)
+
+    def fit(self, embeddings: Tensor, labels: Tensor) -> None:
+        self.layers = []
+        per_layer = []
+        for part in self._split(embeddings):
+            det = Mahalanobis()
+            det.fit(part, labels)
+            self.layers.append(det)
+            per_layer.append(det.score(part))
+        fitted = torch.stack(per_layer)  # [L, N]
+        self.centre = fitted.mean(dim=1, keepdim=True)
+        self.scale = fitted.std(dim=1, keepdim=True).clamp_min(torch.finfo(fitted.dtype).tiny)
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        if self.centre is None or self.scale is None:
+            raise RuntimeError("mahalanobis_ensemble: fit() must be called before score()")
+        scores = torch.stack([det.score(part) for det, part in zip(self.layers, self._split(embeddings))])
+        return ((scores - self.centre.to(scores.device)) / self.scale.to(scores.device)).sum(dim=0)
+
+
 class KNN(Detector):
     """Deep nearest neighbours (Sun, Ming, Zhu & Li, ICML 2022).
 
@@ -345,6 +401,26 @@ def spectral_signature(features: Tensor) -> Tensor | Future[Tensor]:
     if gram.is_cuda:
         return _signature_on_host(gram)
     return _signature(gram, split=True)
+
+
+def _concatenated(parts: list[Tensor | Future[Tensor]]) -> Future[Tensor]:
+    """A future of the concatenated signatures, some of them futures (CUDA stages solved on the host)."""
+    done: Future[Tensor] = Future()
+    waiting = [p for p in parts if isinstance(p, Future)]
+    left = [len(waiting)]
+
+    def finish(_f: Future[Tensor]) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        try:
+            done.set_result(torch.cat([p.result() if isinstance(p, Future) else p.cpu() for p in parts], dim=1))
+        except Exception as exc:  # surfaces where the runner resolves the future
+            done.set_exception(exc)
+
+    for p in waiting:
+        p.add_done_callback(finish)
+    return done
 
 
 def _signature(gram: Tensor, split: bool = False) -> Tensor:
@@ -415,7 +491,10 @@ def _signature_on_host(gram: Tensor) -> Future[Tensor]:
 class Spectral(Detector):
     """Spectral signatures of feature maps (Karimi & Gholipour, arXiv:2004.06569).
 
-    Embedding: :func:`spectral_signature` of the configured layer's feature map. The paper
+    Embedding: :func:`spectral_signature` of each stage's feature map (``model.feature_layers``:
+    by default the last layer at each of the network's main resolutions; the feature layer alone
+    when stages cannot be found), concatenated shallow to deep — the paper's multi-layer
+    signature, each layer's spectrum normalised on its own before the concatenation. The paper
     leaves the scoring rule open; medaudit's default (``scoring="whitened"``) is the squared
     distance to the mean in-distribution signature in the space whitened by the Ledoit–Wolf
     covariance of the signatures, ``(s − μ)ᵀ Σ⁻¹ (s − μ)``; ``scoring="knn"`` uses the Euclidean
@@ -423,8 +502,9 @@ class Spectral(Detector):
     """
 
     name = "spectral"
-    needs = "features"
-    summary = "distance of the log-normalised singular-value spectrum of the feature map to in-distribution spectra"
+    needs = "stages"
+    summary = ("distance of the log-normalised singular-value spectra of the stages' feature maps (concatenated) to "
+               "in-distribution spectra")
     citation = "Karimi & Gholipour, Improving Calibration and Out-of-Distribution Detection in Medical Image Segmentation with Convolutional Neural Networks, arXiv:2004.06569"
 
     def __init__(self, scoring: Literal["whitened", "knn"] = "whitened", k: int = 10) -> None:
@@ -436,19 +516,24 @@ class Spectral(Detector):
         self.chol: Tensor | None = None
         self.bank: Tensor | None = None
 
-    def embed(self, logits: Tensor, features: Tensor | None) -> Tensor | Future[Tensor]:
+    def embed(self, logits: Tensor, features: Tensor | list[Tensor] | None) -> Tensor | Future[Tensor]:
         if features is None:
             raise ValueError("spectral needs features")
-        return spectral_signature(features)
+        parts = [spectral_signature(f) for f in (features if isinstance(features, list) else [features])]
+        if any(isinstance(p, Future) for p in parts):
+            return _concatenated(parts)
+        return torch.cat(parts, dim=1)  # type: ignore[arg-type]
 
     def fit(self, embeddings: Tensor, labels: Tensor) -> None:
         x = embeddings.double()
         if x.shape[0] < 2:
             raise ValueError(f"spectral needs at least 2 reference samples, got {x.shape[0]}")
         if bool(torch.isnan(x).any()):
-            raise ValueError("spectral signatures are undefined: the feature layer has no spatial extent "
+            flat = [name for name, shape in self.stages if math.prod(shape[1:]) <= 1]
+            where = f"layer(s) {flat}" if flat else "the feature layer"
+            raise ValueError(f"spectral signatures are undefined: {where} has no spatial extent "
                              "(its output is [B, D], or its maps are 1×1: one singular value, no spectrum); "
-                             "choose an earlier convolutional layer")
+                             "choose earlier convolutional layers")
         self.mean = x.mean(0, keepdim=True)
         if self.scoring == "whitened":
             cov, _ = ledoit_wolf(x - self.mean)

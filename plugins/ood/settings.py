@@ -20,3 +20,9 @@ class OodSettings(PluginSettings):
         "bootstrap", description="intervals of the detectors' AUROCs (shift and failure detection): the audit's "
                                  "percentile bootstrap, or DeLong's asymptotic variance (an analytic normal interval; "
                                  "paired for clean vs shifted)")
+    odin: bool = Field(False, description="run the odin detector: one extra forward and backward pass and one extra "
+                                          "forward pass per batch and scenario (about 3x the audit's model cost); "
+                                          "classification only")
+    odin_temperature: float = Field(1000.0, gt=0, description="temperature T of odin")
+    odin_epsilon: float = Field(0.0014, ge=0, description="odin's input step, in [0, 1] intensity units (before "
+                                                          "the audit's normalisation)")
