@@ -8,7 +8,8 @@ Grammar (whitespace around the operator is allowed)::
                                                        clean.sensitivity/pneumonia
                 | scenario ".drop." metric            mri.motion@3.drop.accuracy (clean − perturbed
                                                        for higher-is-better metrics)
-                | scenario ".ood." detector "." stat  mri.motion@3.ood.energy.auroc
+                | scenario ".ood." detector "." stat  mri.motion@3.ood.energy.auroc, mri.motion@*.ood.rmd.flagged_errors
+                                                       (stat: auroc aupr fpr95 fpr95_in aupr_trapz flagged_errors epd)
                 | "subgroup." attribute "." metric "_gap"
                                                        subgroup.sex.accuracy_gap (max − min over the
                                                        attribute's groups on clean data)
@@ -62,6 +63,9 @@ def parse_check(expr: str) -> ParsedCheck:
 
 #: The statistics of a detector in a scenario's ``ood`` (:func:`medaudit.ood_metrics.detection_measures`).
 DETECTION_STATS = ("auroc", "aupr", "fpr95", "fpr95_in", "aupr_trapz")
+#: Harm statistics of a detector, kept beside ``ood`` in a scenario (``flagged_errors``, ``epd``);
+#: a check names them like the detection statistics: ``mri.motion@*.ood.rmd.flagged_errors``.
+HARM_STATS = ("flagged_errors", "epd")
 
 
 def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
@@ -129,9 +133,12 @@ def validate_checks(exprs: Iterable[str], vocab: Vocabulary) -> None:
             if parts[1] not in vocab.detectors:
                 raise ConfigError(f"--fail-on {expr!r}: no detector {parts[1]!r} runs in this audit; detectors are: "
                                   f"{', '.join(vocab.detectors) or 'none'}")
-            if parts[2] not in DETECTION_STATS:
+            if parts[2] not in DETECTION_STATS + HARM_STATS:
                 raise ConfigError(f"--fail-on {expr!r}: no detector statistic {parts[2]!r}; statistics are: "
-                                  f"{', '.join(DETECTION_STATS)}")
+                                  f"{', '.join(DETECTION_STATS + HARM_STATS)}")
+            if parts[2] in HARM_STATS and prefix.startswith("ood:"):
+                raise ConfigError(f"--fail-on {expr!r}: an external OOD set has no predictions to judge, so no "
+                                  f"{parts[2]}; name a perturbed scenario")
         elif prefix.startswith("ood:"):
             raise ConfigError(f"--fail-on {expr!r}: an external OOD set has detector statistics only, "
                               f"'{prefix}.ood.DETECTOR.STAT'")
@@ -167,9 +174,13 @@ def _lookup(results: dict[str, Any], path: str) -> tuple[float | None, str | Non
         known = any(key in s.get("drop", {}) for s in chosen)
     elif parts[0] == "ood" and len(parts) == 3:
         det, stat = parts[1], parts[2]
-        values = [s.get("ood", {}).get(det, {}).get(stat, {}).get("value") for s in chosen]
+        if stat in HARM_STATS:  # stored per scenario beside ood: {stat: {detector: estimate}}
+            values = [s.get(stat, {}).get(det, {}).get("value") for s in chosen]
+            known = any(det in s.get(stat, {}) for s in chosen)
+        else:
+            values = [s.get("ood", {}).get(det, {}).get(stat, {}).get("value") for s in chosen]
+            known = any(det in s.get("ood", {}) for s in chosen)
         higher = stat not in ("fpr95", "fpr95_in")
-        known = any(det in s.get("ood", {}) for s in chosen)
     else:
         key = rest
         values = [s["metrics"].get(key, {}).get("value") for s in chosen]

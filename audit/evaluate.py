@@ -36,6 +36,7 @@ from .shift import evaluate_detectors, evaluate_external
 from .task import ALL_QUANTITIES, FAILURE_DETECTION, TARGET_LABEL_MAP, TEMPERATURE_SCALING, Task, task_of
 from .temperature import temperature_report
 from .timing import PhaseClock
+from .referral import recommend
 from .verdict import breaking_points_of, verdict
 
 
@@ -206,7 +207,8 @@ def build_results(
                                    else reference.labels),
                                output_kind=fwd.output_kind, device=dev,
                                failure_detection=FAILURE_DETECTION in task.capabilities, task_name=task.name,
-                               explain_skip=not label_maps, feature_layer=cfg.model.feature_layer)
+                               explain_skip=not label_maps, feature_layer=cfg.model.feature_layer,
+                               quality=task.sample_quality(fwd.outputs, cfg.task))
     # shift.py knows detectors by name only; which plugin provides each is known here, and the
     # message names it too, since the console and the string list show the message alone
     detector_plugin = {d.name: owners.get(id(d)) for d in detectors}
@@ -237,7 +239,7 @@ def build_results(
             "id": sc.id, "suite": sc.suite, "perturbation": sc.perturbation, "severity": sc.severity,
             "n_samples": n, "metrics": estimates, "drop": drop, "curves": curves,
             "ood": shift.ood.get(sc.id, {}), "failure_detection": shift.failure_detection.get(sc.id, {}),
-            "flagged_errors": shift.flagged_errors.get(sc.id, {}),
+            "flagged_errors": shift.flagged_errors.get(sc.id, {}), "epd": shift.epd.get(sc.id, {}),
             "params": _summaries(fwd.params.get(sc.id, {})),
             "throughput": n / seconds if seconds > 0 else None,
         })
@@ -352,4 +354,5 @@ def build_results(
     # from the results dict, as the report derives them for older files: one definition of what is judged
     robustness["breaking_points"] = breaking_points_of(clean_floats(results))
     results["verdict"] = verdict(clean_floats(results))
+    results["ood_recommendation"] = recommend(clean_floats(results), shift.thresholds)
     return Evaluation(Results.model_validate(clean_floats(results)), outputs, external_arrays)

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .bootstrap import chunk_elements
 
-__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "delong_interval", "flagged_share", "fpr_at_tpr", "fpr95",
+__all__ = ["auroc", "auroc_within", "aupr", "aupr_trapz", "clean_threshold", "delong_interval", "flagged_share",
+           "fpr_at_tpr", "fpr95", "prevented_drop",
            "fpr95_in", "detection_measures"]
 
 
@@ -408,29 +409,61 @@ def delong_interval(scores_pos: Tensor, scores_neg: Tensor, confidence: float = 
     return {"value": auc, "ci_low": max(0.0, auc - half), "ci_high": min(1.0, auc + half)}
 
 
-def flagged_share(scores: Tensor, positive: Tensor, clean_scores: Tensor, weights: Tensor,
-                  keep: float = 0.95) -> Tensor:
-    """The share of the positives (e.g. wrong predictions) that a detector flags at the operating
-    point that keeps ``keep`` of the clean inputs, per weight row.
-
-    On each row ``r`` the threshold ``t_r`` is the smallest clean score at which the clean inputs
-    scoring at most ``t_r`` carry at least ``keep`` of the row's clean weight (a weighted lower
-    ``keep``-quantile of ``clean_scores``); an input is flagged when its score is above ``t_r``,
-    so at most ``1 − keep`` of the clean weight is flagged. Returns
-    ``Σ_i w_ri 1[positive_i] 1[s_i > t_r] / Σ_i w_ri 1[positive_i]`` ``[S, R]`` for ``scores``
-    and ``positive`` ``[S, N]`` (one set per scenario, sharing the clean scores ``[N]`` and the
-    weights ``[R, N]``); NaN where a row gives the positives no weight.
-    """
+def clean_threshold(clean_scores: Tensor, weights: Tensor, keep: float = 0.95) -> Tensor:
+    """The operating point that keeps ``keep`` of the clean inputs, per weight row ``[R, 1]``: the
+    smallest clean score ``t_r`` at which the clean inputs scoring at most ``t_r`` carry at least
+    ``keep`` of the row's clean weight (a weighted lower ``keep``-quantile of ``clean_scores``);
+    an input is flagged when its score is above ``t_r``, so at most ``1 − keep`` of the clean
+    weight is flagged."""
     w = weights.double()
     order = torch.argsort(clean_scores.double(), stable=True)
     sorted_clean = clean_scores.double()[order]
     cum = w[:, order].cumsum(dim=1)  # [R, N]
     first = torch.searchsorted(cum, keep * cum[:, -1:] * (1 - 1e-12))  # first index reaching keep·total
-    threshold = sorted_clean[first.clamp_max(sorted_clean.numel() - 1)]  # [R, 1]
+    return sorted_clean[first.clamp_max(sorted_clean.numel() - 1)]  # [R, 1]
+
+
+def flagged_share(scores: Tensor, positive: Tensor, clean_scores: Tensor, weights: Tensor,
+                  keep: float = 0.95) -> Tensor:
+    """The share of the positives (e.g. wrong predictions) that a detector flags at the operating
+    point that keeps ``keep`` of the clean inputs (:func:`clean_threshold` ``t_r``), per weight row.
+
+    Returns ``Σ_i w_ri 1[positive_i] 1[s_i > t_r] / Σ_i w_ri 1[positive_i]`` ``[S, R]`` for
+    ``scores`` and ``positive`` ``[S, N]`` (one set per scenario, sharing the clean scores ``[N]``
+    and the weights ``[R, N]``); NaN where a row gives the positives no weight.
+    """
+    w = weights.double()
+    threshold = clean_threshold(clean_scores, weights, keep)
     rows = []
     for s_scores, s_pos in zip(scores.double(), positive):  # one [R, N] block per scenario
         pos = w * s_pos.double()
         total = pos.sum(dim=1)
         hit = (pos * (s_scores[None] > threshold)).sum(dim=1)
         rows.append(torch.where(total > 0, hit / total.clamp_min(1e-300), torch.full_like(total, float("nan"))))
+    return torch.stack(rows)
+
+
+def prevented_drop(scores: Tensor, quality: Tensor, clean_scores: Tensor, clean_quality: Tensor, weights: Tensor,
+                   keep: float = 0.95) -> Tensor:
+    """``epd``: the part of a scenario's performance drop that referring the detector's flagged
+    inputs to a human would prevent, at the operating point that keeps ``keep`` of the clean
+    inputs (:func:`clean_threshold` ``t_r``), per weight row; after Vasiliuk et al. 2023, who
+    rank OOD detectors by the downstream performance their detections protect.
+
+    Each input ``i`` has a per-sample performance (``quality``: 1/0 for a right/wrong
+    classification, its Dice for a segmentation) clean, ``c_i``, and under the scenario, ``q_i``.
+    A flagged input is assumed read as well as the model reads it clean, so the drop it would
+    have caused, ``c_i − q_i``, is prevented (a negative difference — the shift happened to help —
+    is given up). Returns ``Σ_i w_ri 1[s_i > t_r] (c_i − q_i) / Σ_i w_ri`` ``[S, R]`` for
+    ``scores`` and ``quality`` ``[S, N]``, in the performance's own units (accuracy or Dice
+    points); the scenario's whole drop is the same sum without the flag. Inputs whose
+    performance is undefined (NaN: a Dice with empty reference and prediction) count as no drop.
+    """
+    w = weights.double()
+    threshold = clean_threshold(clean_scores, weights, keep)
+    total = w.sum(dim=1)
+    rows = []
+    for s_scores, s_quality in zip(scores.double(), quality.double()):
+        diff = torch.nan_to_num(clean_quality.double() - s_quality, nan=0.0)
+        rows.append((w * diff * (s_scores[None] > threshold)).sum(dim=1) / total.clamp_min(1e-300))
     return torch.stack(rows)

@@ -65,6 +65,10 @@ class ScenarioResult(_Model):
     flagged_errors: dict[str, Estimate] = Field(
         default_factory=dict, description="per detector: the share of this scenario's wrong predictions it flags at "
                                           "the threshold that lets 95% of clean inputs through")
+    epd: dict[str, Estimate] = Field(
+        default_factory=dict, description="per detector: the performance drop (accuracy, or Dice, points) that "
+                                          "referring its flagged inputs to a human would prevent at the threshold that "
+                                          "lets 95% of clean inputs through (after Vasiliuk et al. 2023; docs/ood.md)")
     params: dict[str, ParamSummary] = Field(default_factory=dict)
     curves: dict[str, Any] = Field(default_factory=dict)
     throughput: float | None = Field(None, description="samples per second of this scenario's forward passes")
@@ -244,6 +248,11 @@ class Results(_Model):
     metric_info: dict[str, MetricInfo] = Field(
         default_factory=dict, description="metric key -> how it is shown (headline, order, format, direction, plugin); "
                                           "absent from older results files")
+    ood_recommendation: dict[str, Any] | None = Field(
+        None, description="the detector to deploy and its threshold (the clean score below which 95% of clean inputs "
+                          "fall), ranked by the share of errors it flags under realistic perturbations (else by epd), "
+                          "with the ranking and per-scenario evidence (medaudit.referral); null when no detector has "
+                          "harm statistics")
     verdict: dict[str, Any] = Field(
         default_factory=dict, description="status (alert | fail | concerns | pass | no-checks), headline, check counts "
                                           "and the perturbations that break a headline metric (medaudit.verdict); "

@@ -32,7 +32,8 @@ from torch import Tensor
 from .bootstrap import interval
 from .detector import Detector
 from .memory import release_free_memory
-from .ood_metrics import auroc_within, delong_interval, detection_measures, flagged_share
+from .ood_metrics import (auroc_within, clean_threshold, delong_interval, detection_measures, flagged_share,
+                          prevented_drop)
 from .results import WarningRecord
 from .rng import stream_generator
 
@@ -49,6 +50,10 @@ class ShiftResult:
     failure_detection: dict[str, dict[str, Interval]] = field(default_factory=dict)
     # scenario -> detector -> share of the wrong predictions flagged where 95 % of clean inputs pass
     flagged_errors: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    # scenario -> detector -> the performance drop referring its flagged inputs would prevent (epd)
+    epd: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    # detector -> its operating point: the clean score below which 95 % of clean inputs fall
+    thresholds: dict[str, float] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
     records: list[WarningRecord] = field(default_factory=list)  # results.json warning_records
     fitting: str = "cross-fitted"
@@ -141,6 +146,7 @@ def evaluate_detectors(
     task_name: str = "multilabel",
     explain_skip: bool = True,
     feature_layer: str | None = None,
+    quality: Tensor | None = None,
 ) -> ShiftResult:
     """Fit every detector, score every scenario, and compute OOD and failure-detection AUROCs.
 
@@ -178,6 +184,10 @@ def evaluate_detectors(
     feature_layer : str, optional
         The layer feature-based detectors read, named in the warning that skips a detector whose
         clean scores take fewer than :func:`distinct_floor` distinct values.
+    quality : Tensor ``[S, N]``, optional
+        Each sample's performance per scenario, higher is better (a segmentation's Dice), for
+        ``epd`` (:func:`medaudit.ood_metrics.prevented_drop`); default, with failure detection:
+        1 for a right prediction, 0 for a wrong one.
 
     Returns
     -------
@@ -202,6 +212,8 @@ def evaluate_detectors(
             code="failure-detection-skipped",
             message=f"ood: failure detection needs one true class per sample and is skipped for {task_name} "
                     "tasks; output-based detectors treat the outputs as one softmax over the labels"))
+    if quality is None and failure_detection and probs is not None:
+        quality = (probs.argmax(dim=-1) == labels.to(probs.device)).double()
     for det in detectors:
         name = det.name
         if getattr(det, "logits_only", False) and output_kind == "probabilities":
@@ -269,6 +281,12 @@ def evaluate_detectors(
                 if delong:  # sample i clean and sample i shifted are the same input: paired
                     entry["auroc"] = delong_interval(scores[s].cpu(), scores[clean].cpu(), confidence, paired=True)
                 result.ood.setdefault(scenario_ids[s], {})[name] = entry
+        result.thresholds[name] = float(clean_threshold(scores[clean], weights[:1])[0, 0])
+        if quality is not None:
+            epd = prevented_drop(scores, quality.to(dev), scores[clean], quality[clean].to(dev), weights)
+            for s, sid in enumerate(scenario_ids):
+                if s != clean:
+                    result.epd.setdefault(sid, {})[name] = interval(epd[s], confidence)
         if failure_detection:
             failure = _failure_auroc(scores, probs.to(dev), labels.to(dev), weights)
             errors = probs.to(dev).argmax(dim=-1) != labels.to(dev)

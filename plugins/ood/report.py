@@ -20,6 +20,11 @@ OOD_TEMPLATE = """\
 {% if has_scores %}
 {% if figure %}{% with f = figure %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
 {% with t = summary %}{% include "sections/_table.html" %}{% endwith %}
+{% if recommendation %}
+<h3>Recommendation</h3>
+<p{% if recommendation.weak %} class="alert"{% endif %}>{{ recommendation.statement }} The threshold is the score below which {{ "%.0f" % (recommendation.keep * 100) }} % of the clean audit inputs fall (scored by the audit's cross-fitted detectors); the ranking is by the mean {{ "share of errors flagged" if recommendation.ranked_by == "flagged_errors" else "prevented drop (epd)" }} over the realistic perturbed scenarios, stress tests excluded.</p>
+{% with t = recommendation_table %}{% include "sections/_table.html" %}{% endwith %}
+{% endif %}
 <p class="note">Every scenario × detector with AUROC, AUPR and FPR@95%TPR and their intervals, and failure detection per scenario, are in the appendix and in <code>tables/ood.csv</code> and <code>tables/ood-failure.csv</code>.</p>
 {% else %}
 <p class="empty">No detectors ran: this results file holds no shift-detection scores (no detector plugin was installed or none applied to this model; <code>audit.detectors</code> selects them).</p>
@@ -113,12 +118,15 @@ _FAILURE_CAPTIONS = {
     "flagged_errors": ("flagged_errors", "Errors caught at 5 % clean referrals: the share of each scenario's wrong "
                                          "predictions that a detector flags at the threshold letting 95 % of clean inputs "
                                          "through"),
+    "epd": ("epd", "Performance drop prevented at 5 % clean referrals (epd): the part of each scenario's drop "
+                   "(accuracy or Dice points) that referring a detector's flagged inputs to a human would prevent"),
 }
 
 
 def failure_table(r: dict[str, Any], key: str = "failure_detection") -> Table:
-    """Per scenario and detector, the failure-detection AUROC (``key="failure_detection"``) or the
-    share of wrong predictions flagged at 5 % clean referrals (``key="flagged_errors"``)."""
+    """Per scenario and detector, the failure-detection AUROC (``key="failure_detection"``), the
+    share of wrong predictions flagged at 5 % clean referrals (``key="flagged_errors"``) or the
+    drop that referral prevents (``key="epd"``)."""
     keys = sorted({k for s in r["scenarios"] for k in s.get(key, {})})
     name, caption = _FAILURE_CAPTIONS[key]
     t = Table(f"{caption} ({confidence_label(r)} CIs; higher is better).",
@@ -199,14 +207,31 @@ def ood_limitations(r: dict[str, Any]) -> list[str]:
     return notes
 
 
+def recommendation_table(r: dict[str, Any]) -> Table | None:
+    """The recommendation's evidence: every ranked detector's threshold and mean harm statistics."""
+    rec = r.get("ood_recommendation")
+    if not rec:
+        return None
+    t = Table(f"Detectors ranked by the harm they catch at {1 - rec['keep']:.0%} clean referrals, mean over the "
+              f"{len(rec['scenarios'])} realistic perturbed scenarios (per-scenario values with intervals in the appendix).",
+              ["Detector", "Threshold", "Errors flagged", "Drop prevented (epd)"], name="ood-recommendation",
+              columns=["detector", "threshold", "flagged_errors", "epd"])
+    for e in rec["ranking"]:
+        t.rows.append(Row([e["detector"], fmt(e["threshold"]), fmt(e["flagged_errors"]), fmt(e["epd"])],
+                          values=[e["detector"], e["threshold"], e["flagged_errors"], e["epd"]]))
+    return t
+
+
 def ood_sections(results: dict[str, Any]) -> list[ReportSection]:
     """The section for ``results``, with its finding and limitations."""
     finding = ood_finding(results)
     table = ood_table(results)
     return [ReportSection(
         id="ood", title="OOD and shift detection", template=OOD_TEMPLATE, order=420,
-        context={"has_scores": bool(table.rows), "figure": ood_figure(results), "summary": summary_table(results)},
+        context={"has_scores": bool(table.rows), "figure": ood_figure(results), "summary": summary_table(results),
+                 "recommendation": results.get("ood_recommendation"),
+                 "recommendation_table": recommendation_table(results)},
         findings=external_findings(results) + ([finding] if finding else []), limitations=ood_limitations(results),
         headlines=ood_headlines(results),
-        appendix=[table, failure_table(results)] + ([failure_table(results, "flagged_errors")]
-                                                    if any(sc.get("flagged_errors") for sc in results["scenarios"]) else []))]
+        appendix=[table, failure_table(results)] + [failure_table(results, key) for key in ("flagged_errors", "epd")
+                                                    if any(sc.get(key) for sc in results["scenarios"])])]

@@ -1,0 +1,78 @@
+"""Which detector to deploy, and at which threshold: the OOD section's closing recommendation.
+
+A detector earns its place by the harm it catches, not by AUROC alone: at the operating point
+that refers 5 % of clean inputs to a human, how many of the model's errors under realistic
+shifts does it flag (``flagged_errors``), and how much of the performance drop would the
+referral prevent (``epd``)? :func:`recommend` ranks the detectors that ran by the mean of these
+over the realistic perturbed scenarios (stress tests are judged apart, as in the verdict) and
+states the best one with its threshold and evidence. The inputs are results.json's own values,
+so the recommendation can be recomputed from the file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .perturbation import is_stress_test
+
+__all__ = ["KEEP", "recommend"]
+
+#: The share of clean inputs the recommended operating point lets through (5 % are referred).
+KEEP = 0.95
+
+
+def _mean(values: list[float | None]) -> float | None:
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else None
+
+
+def recommend(results: dict[str, Any], thresholds: dict[str, float]) -> dict[str, Any] | None:
+    """results.json ``ood_recommendation`` for a results dict (scenarios with ``flagged_errors``
+    and ``epd``) and each detector's operating point on the clean data (``thresholds``); None
+    when no detector has harm statistics under a realistic perturbation.
+
+    The ranking key is the mean ``flagged_errors`` over the realistic perturbed scenarios (a
+    classification), else the mean ``epd`` (a segmentation, whose errors are Dice points);
+    ties go to the larger mean ``epd``, then the name.
+    """
+    modality = results.get("config", {}).get("input", {}).get("modality", "generic")
+    stress = {c["name"] for c in results.get("perturbation_catalogue", [])
+              if is_stress_test(c.get("stress_test", ()), modality)}
+    realistic = [s for s in results["scenarios"] if s.get("perturbation") and s["perturbation"] not in stress]
+    ranking = []
+    for det in sorted({d for s in realistic for d in (*s.get("flagged_errors", {}), *s.get("epd", {}))}):
+        if det not in thresholds:
+            continue
+        flagged = _mean([(s.get("flagged_errors", {}).get(det) or {}).get("value") for s in realistic])
+        epd = _mean([(s.get("epd", {}).get(det) or {}).get("value") for s in realistic])
+        if flagged is None and epd is None:
+            continue
+        ranking.append({"detector": det, "threshold": thresholds[det], "flagged_errors": flagged, "epd": epd})
+    if not ranking:
+        return None
+    by_flags = any(r["flagged_errors"] is not None for r in ranking)
+    key = "flagged_errors" if by_flags else "epd"
+    ranking.sort(key=lambda r: (-(r[key] if r[key] is not None else -math.inf),
+                                -(r["epd"] if r["epd"] is not None else -math.inf), r["detector"]))
+    best = ranking[0]
+    scenarios = [s["id"] for s in realistic]
+    evidence = [{"scenario": s["id"],
+                 "flagged_errors": (s.get("flagged_errors", {}).get(best["detector"]) or {}).get("value"),
+                 "epd": (s.get("epd", {}).get(best["detector"]) or {}).get("value")} for s in realistic]
+    if by_flags:
+        what = (f"it flags {best['flagged_errors']:.0%} of the model's errors under the {len(scenarios)} realistic "
+                f"perturbed scenarios at {1 - KEEP:.0%} clean referrals")
+    else:
+        what = (f"referring what it flags at {1 - KEEP:.0%} clean referrals prevents {best['epd']:.3f} of the "
+                f"performance drop, on average over the {len(scenarios)} realistic perturbed scenarios")
+    if best["epd"] is not None and by_flags:
+        what += f" (and prevents {best['epd']:.3f} of the accuracy drop on average)"
+    statement = (f"For this model, deploy {best['detector']} at threshold {best['threshold']:.6g}: {what}.")
+    weak = by_flags and (best["flagged_errors"] or 0.0) < 0.5
+    if weak:
+        statement += (" No detector flags even half of the errors: a referral rule built on these detectors would let "
+                      "most shift-induced errors through.")
+    return {"detector": best["detector"], "threshold": best["threshold"], "keep": KEEP, "ranked_by": key,
+            "flagged_errors": best["flagged_errors"], "epd": best["epd"], "scenarios": scenarios,
+            "evidence": evidence, "ranking": ranking, "weak": weak, "statement": statement}
