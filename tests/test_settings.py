@@ -72,7 +72,8 @@ def test_defaults_without_sections(pm: PluginManager) -> None:
     assert (sub.attributes, sub.min_group_size, sub.permutations) == ([], 30, 1000)
     # results.json config: the resolved sections, and the old keys mirroring the values in use
     dump = config.model_dump(mode="json")
-    assert dump["plugins"]["ood"] == {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap"}
+    assert dump["plugins"]["ood"] == {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap", "odin": False,
+                                      "odin_temperature": 1000.0, "odin_epsilon": 0.0014}
     assert dump["audit"]["n_bins"] == 15 and dump["subgroups"]["permutations"] == 1000
 
 
@@ -311,7 +312,8 @@ def test_init_writes_every_builtin_setting_and_loads(pm: PluginManager, tmp_path
     written = yaml.safe_load(path.read_text())
     assert written["plugins"] == {
         "calibration": {"n_bins": 15},
-        "ood": {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap"},
+        "ood": {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap", "odin": False,
+                "odin_temperature": 1000.0, "odin_epsilon": 0.0014},
         "subgroups": {"attributes": [], "intersections": [], "bins": {}, "min_group_size": 30, "permutations": 1000},
     }
     assert "# bins of the calibration metrics; alias: audit.n_bins" in path.read_text()
