@@ -1,9 +1,9 @@
 """Which detector to deploy, and at which threshold: the OOD section's closing recommendation.
 
 A detector earns its place by the harm it catches, not by AUROC alone: at the operating point
-that refers 5 % of clean inputs to a human, how many of the model's errors under realistic
-shifts does it flag (``flagged_errors``), and how much of the performance drop would the
-referral prevent (``epd``)? :func:`recommend` ranks the detectors that ran by the mean of these
+that refers 5 % of clean inputs to a human, how much of the performance drop under realistic
+shifts would the referral prevent (``epd``), and how many of the model's errors does it flag
+(``flagged_errors``)? :func:`recommend` ranks the detectors that ran by the mean of these
 over the realistic perturbed scenarios (stress tests are judged apart, as in the verdict) and
 states the best one with its threshold and evidence. The inputs are results.json's own values,
 so the recommendation can be recomputed from the file.
@@ -32,9 +32,10 @@ def recommend(results: dict[str, Any], thresholds: dict[str, float]) -> dict[str
     and ``epd``) and each detector's operating point on the clean data (``thresholds``); None
     when no detector has harm statistics under a realistic perturbation.
 
-    The ranking key is the mean ``flagged_errors`` over the realistic perturbed scenarios (a
-    classification), else the mean ``epd`` (a segmentation, whose errors are Dice points);
-    ties go to the larger mean ``epd``, then the name.
+    The ranking key is the mean ``epd`` over the realistic perturbed scenarios — the drop the
+    shift caused that a referral prevents: a detector that flags inputs the model gets wrong even
+    clean catches errors but no harm of the shift — else the mean ``flagged_errors``; ties go to
+    the other statistic, then the name.
     """
     modality = results.get("config", {}).get("input", {}).get("modality", "generic")
     stress = {c["name"] for c in results.get("perturbation_catalogue", [])
@@ -51,25 +52,25 @@ def recommend(results: dict[str, Any], thresholds: dict[str, float]) -> dict[str
         ranking.append({"detector": det, "threshold": thresholds[det], "flagged_errors": flagged, "epd": epd})
     if not ranking:
         return None
-    by_flags = any(r["flagged_errors"] is not None for r in ranking)
-    key = "flagged_errors" if by_flags else "epd"
+    by_epd = any(r["epd"] is not None for r in ranking)
+    key, other = ("epd", "flagged_errors") if by_epd else ("flagged_errors", "epd")
     ranking.sort(key=lambda r: (-(r[key] if r[key] is not None else -math.inf),
-                                -(r["epd"] if r["epd"] is not None else -math.inf), r["detector"]))
+                                -(r[other] if r[other] is not None else -math.inf), r["detector"]))
+    best_flags = ranking[0]["flagged_errors"] is not None
     best = ranking[0]
     scenarios = [s["id"] for s in realistic]
     evidence = [{"scenario": s["id"],
                  "flagged_errors": (s.get("flagged_errors", {}).get(best["detector"]) or {}).get("value"),
                  "epd": (s.get("epd", {}).get(best["detector"]) or {}).get("value")} for s in realistic]
-    if by_flags:
-        what = (f"it flags {best['flagged_errors']:.0%} of the model's errors under the {len(scenarios)} realistic "
-                f"perturbed scenarios at {1 - KEEP:.0%} clean referrals")
-    else:
-        what = (f"referring what it flags at {1 - KEEP:.0%} clean referrals prevents {best['epd']:.3f} of the "
-                f"performance drop, on average over the {len(scenarios)} realistic perturbed scenarios")
-    if best["epd"] is not None and by_flags:
-        what += f" (and prevents {best['epd']:.3f} of the accuracy drop on average)"
+    parts = []
+    if best["epd"] is not None:
+        parts.append(f"referring what it flags at {1 - KEEP:.0%} clean referrals prevents {best['epd']:.3f} of the "
+                     f"{'accuracy' if best_flags else 'performance'} drop on average")
+    if best_flags:
+        parts.append(f"it flags {best['flagged_errors']:.0%} of the model's errors")
+    what = " and ".join(parts) + f" over the {len(scenarios)} realistic perturbed scenarios"
     statement = (f"For this model, deploy {best['detector']} at threshold {best['threshold']:.6g}: {what}.")
-    weak = by_flags and (best["flagged_errors"] or 0.0) < 0.5
+    weak = best_flags and (best["flagged_errors"] or 0.0) < 0.5
     if weak:
         statement += (" No detector flags even half of the errors: a referral rule built on these detectors would let "
                       "most shift-induced errors through.")

@@ -133,3 +133,27 @@ def test_the_clipping_check_sees_an_overflowing_table(tmp_path: Path) -> None:
                     f"{cells}</tr></table></body></html>", encoding="utf-8")
     missing = missing_cell_tokens(page.read_text(encoding="utf-8"), html_to_pdf(page, tmp_path / "wide.pdf"))
     assert f"{'wide' * 12}11" in missing and f"{'wide' * 12}0" not in missing
+
+
+def test_multi_layer_detectors_and_the_recommendation_with_no_feature_stages_configured(
+        example_run: Path, results: dict[str, Any]) -> None:
+    """examples/mni-patches.yaml names no stages: auto picks the last layer of each resolution of
+    the patch CNN's ``features``, spectral and mahalanobis_ensemble read them, and the OOD
+    section ends with a recommendation whose numbers are the scenarios' own."""
+    m = results["model"]
+    assert m["feature_layers_source"] == "auto" and m["feature_layers"] == ["features.2", "features.6", "features.10"]
+    motion = next(s for s in results["scenarios"] if s["id"] == "mri.motion@5")
+    assert {"spectral", "mahalanobis_ensemble"} <= set(motion["ood"])
+    assert motion["ood"]["mahalanobis_ensemble"]["auroc"]["value"] > 0.8  # the motion ghosts are far off in features
+    rec = results["ood_recommendation"]
+    assert rec["ranked_by"] == "epd" and rec["detector"] == rec["ranking"][0]["detector"]
+    epds = [e["epd"] for e in rec["ranking"]]
+    assert epds == sorted(epds, reverse=True)
+    realistic = {s["id"]: s for s in results["scenarios"] if s["id"] in rec["scenarios"]}
+    assert "intensity.inversion@5" not in realistic  # a stress test: judged apart
+    for e in rec["evidence"]:
+        assert e["epd"] == realistic[e["scenario"]]["epd"][rec["detector"]]["value"]
+    mean = sum(e["epd"] for e in rec["evidence"]) / len(rec["evidence"])
+    assert abs(mean - rec["epd"]) < 1e-12
+    page = html.unescape((example_run / "report.html").read_text(encoding="utf-8"))
+    assert rec["statement"] in page and "Feature stages" in page

@@ -66,10 +66,24 @@ def _results() -> dict:
 
 def test_recommendation_ranks_by_errors_flagged_under_realistic_shifts() -> None:
     rec = recommend(_results(), {"a": 1.5, "b": 2.25})
-    assert rec is not None and rec["detector"] == "b" and rec["threshold"] == 2.25 and rec["ranked_by"] == "flagged_errors"
+    assert rec is not None and rec["detector"] == "b" and rec["threshold"] == 2.25 and rec["ranked_by"] == "epd"
     assert rec["flagged_errors"] == pytest.approx(0.8) and rec["epd"] == pytest.approx(0.065)
     assert rec["scenarios"] == ["mri.motion@3", "mri.motion@5"] and [e["detector"] for e in rec["ranking"]] == ["b", "a"]
     assert "deploy b at threshold 2.25" in rec["statement"] and "80%" in rec["statement"] and not rec["weak"]
+
+
+def test_recommendation_prefers_the_harm_of_the_shift_to_errors_flagged() -> None:
+    """A detector that flags the errors the model makes clean too (hard inputs) catches no harm of
+    the shift; the one that prevents more of the drop is recommended."""
+    r = _results()
+    for s in r["scenarios"][1:3]:
+        s["flagged_errors"]["a"], s["epd"]["a"] = _est(0.95), _est(0.001)
+    rec = recommend(r, {"a": 1.0, "b": 2.0})
+    assert rec is not None and rec["detector"] == "b" and [e["detector"] for e in rec["ranking"]] == ["b", "a"]
+    for s in r["scenarios"]:
+        s["epd"] = {}
+    rec = recommend(r, {"a": 1.0, "b": 2.0})
+    assert rec is not None and rec["ranked_by"] == "flagged_errors" and rec["detector"] == "a"
 
 
 def test_recommendation_is_loud_when_no_detector_catches_most_errors() -> None:
@@ -81,6 +95,7 @@ def test_recommendation_is_loud_when_no_detector_catches_most_errors() -> None:
 
 
 def test_recommendation_for_segmentation_ranks_by_epd_and_none_without_harm() -> None:
+    """A segmentation has no flagged_errors (no wrong class per image), only epd in Dice points."""
     r = _results()
     for s in r["scenarios"]:
         s["flagged_errors"] = {}

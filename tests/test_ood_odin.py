@@ -10,7 +10,9 @@ by numpy without autograd.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +265,26 @@ def test_per_voxel_outputs_are_refused() -> None:
     det.model = lambda im: im.repeat(1, 3, 1, 1)  # [B, 3, H, W], a segmentation map
     with pytest.raises(ValueError, match=r"odin needs class logits \[B, K\].*got outputs of shape \(2, 3, 4, 4\)"):
         det.embed(torch.zeros(2, 3, 4, 4), torch.rand(2, 1, 4, 4))
+
+
+def test_odin_runs_in_an_audit_when_asked_for(tmp_path: Path) -> None:
+    """plugins.ood.odin: true through the CLI on the bundled example: the audit hands odin the
+    model, its gradients are taken inside the forward loop, and its scores are results like any
+    detector's; without the setting it does not run."""
+    from click.testing import CliRunner
+
+    from medaudit.cli import cli
+
+    root = Path(__file__).resolve().parents[1]
+    config = tmp_path / "odin.yaml"
+    config.write_text((root / "examples" / "mni-patches.yaml").read_text(encoding="utf-8")
+                      + "\nplugins:\n  ood:\n    odin: true\n    odin_temperature: 1000\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(root / "examples" / "model.pt"), "--data",
+                                      str(root / "examples" / "mni-patches" / "test.npz"), "--config", str(config),
+                                      "--perturbation", "mri.noise", "--bootstrap", "50", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    noise = next(s for s in results["scenarios"] if s["id"] == "mri.noise@5")
+    assert 0.5 < noise["ood"]["odin"]["auroc"]["value"] <= 1.0
+    assert "odin" in noise["failure_detection"] and "odin" in noise["epd"]
