@@ -88,6 +88,9 @@ BASE_CONFIG: dict[str, Any] = {
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     ("denseblock3", {"model": {"feature_layer": "features.denseblock3"}}),
+    # the paper's multi-layer setting named by hand: the dense blocks (the last one is 1×1 at 48²)
+    ("blocks1-3", {"model": {"feature_layers": ["features.denseblock1", "features.denseblock2",
+                                                "features.denseblock3"]}}),
 ]
 
 # Detector families, as the issue counts them. Anything not listed is feature-based (it reads
@@ -397,6 +400,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     report(all_results)
+    for name, results in all_results.items():  # the OOD section's closing recommendation, per variant
+        rec = results.get("ood_recommendation")
+        print(f"{name}: {rec['statement'] if rec else 'no recommendation (no harm statistics)'}")
     print_warnings(all_results)
     timings["table"] = time.perf_counter() - t0
     print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
