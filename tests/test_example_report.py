@@ -157,3 +157,36 @@ def test_multi_layer_detectors_and_the_recommendation_with_no_feature_stages_con
     assert abs(mean - rec["epd"]) < 1e-12
     page = html.unescape((example_run / "report.html").read_text(encoding="utf-8"))
     assert rec["statement"] in page and "Feature stages" in page
+
+
+def test_with_no_feature_settings_the_feature_detectors_beat_the_output_based_ones(tmp_path: Path) -> None:
+    """The bundled example's config without ``feature_layer`` (what a new user writes): auto finds
+    the head's input and the stages, and the best feature-based detector clearly beats every
+    output-based one at telling MRI artifacts from clean inputs."""
+    from click.testing import CliRunner
+
+    from medaudit.cli import cli
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "mni-patches.yaml").read_text(encoding="utf-8")
+    config = tmp_path / "no-features.yaml"
+    config.write_text("\n".join(line for line in text.splitlines() if "feature_layer" not in line), encoding="utf-8")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(root / "examples" / "model.pt"), "--data",
+                                      str(root / "examples" / "mni-patches" / "test.npz"), "--config", str(config),
+                                      "--perturbation", "mri.motion", "--perturbation", "mri.ghosting",
+                                      "--perturbation", "mri.bias_field", "--bootstrap", "100", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    r = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert r["model"]["feature_layer_source"] == "auto" and r["model"]["feature_layers_source"] == "auto"
+    aurocs: dict[str, list[float]] = {}
+    for s in r["scenarios"]:
+        if s["perturbation"]:
+            for det, v in s["ood"].items():
+                aurocs.setdefault(det, []).append(v["auroc"]["value"])
+    mean = {det: sum(v) / len(v) for det, v in aurocs.items()}
+    output_based = {"msp", "max_logit", "energy", "entropy", "gen", "kl_matching"}
+    feature_based = set(mean) - output_based - {"histogram"}
+    assert {"mahalanobis", "mahalanobis_ensemble", "spectral", "knn", "vim"} <= feature_based
+    best_feature = max(mean[d] for d in feature_based)
+    assert best_feature > max(mean[d] for d in output_based) + 0.1, mean
