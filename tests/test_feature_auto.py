@@ -146,3 +146,33 @@ def test_an_audit_without_feature_settings_runs_the_feature_detectors_and_the_zo
                  "nnguide", "fdbd", "gen", "kl_matching"):
         assert ood[name]["auroc"]["value"] is not None, name
     assert "Feature layer" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["eager", "torchscript", "export"])
+def test_auto_stages_of_a_monai_resnet_alike_in_every_format(fmt: str) -> None:
+    """feature_layers: auto on MONAI's ResNet (nobody here wrote it): the stem's activation and
+    layer1..4, one per resolution, whatever the format the model is saved in; a named list is
+    used as given, and a layer the model lacks is a config error naming model.feature_layers."""
+    from monai.networks.nets import ResNet
+
+    from medaudit.errors import ConfigError
+    from medaudit.features import choose_stages
+
+    torch.manual_seed(0)
+    net = ResNet("basic", [1, 1, 1, 1], [4, 8, 8, 16], spatial_dims=2, n_input_channels=1, num_classes=3).eval()
+    x = torch.randn(2, 1, 64, 64)
+    module = {"eager": net, "torchscript": torch.jit.trace(net, x),
+              "export": torch.export.export(net, (x,)).module()}[fmt]
+    model = LoadedModel(module=module, path=Path("resnet.pt"), format=fmt, sha256="", num_parameters=0,
+                        dtype="float32", summary="", feature_modules={})
+    choice = choose_feature_layer(model, "auto", x)
+    stages, source, _ = choose_stages(model, "auto", choice.layer, x)
+    assert source == "auto" and choice.layer == "layer4"
+    assert stages == (("act", (4, 64, 64)), ("layer1", (4, 32, 32)), ("layer2", (8, 16, 16)), ("layer3", (8, 8, 8)),
+                      ("layer4", (16, 4, 4)))
+    named, source, _ = choose_stages(model, ["layer2", "layer4"], choice.layer, x)
+    assert source == "config" and [n for n, _ in named] == ["layer2", "layer4"]
+    with pytest.raises(ConfigError, match="model.feature_layers 'layer9'"):
+        choose_stages(model, ["layer2", "layer9"], choice.layer, x)
+    alone, source, _ = choose_stages(model, None, choice.layer, x)
+    assert source == "layer" and alone == (("layer4", (16, 4, 4)),)

@@ -39,6 +39,17 @@ def test_catalogue_names_and_needs() -> None:
     assert all(d.summary and d.citation for d in dets)
 
 
+def test_mahalanobis_ensemble_is_offered_for_two_stages_or_more() -> None:
+    pm = get_plugin_manager(autoload=False, extra=[("ood", ood)])
+
+    def names(stages: object) -> set[str]:
+        return {d.name for d in medaudit_detectors(resolve_settings(
+            Config.model_validate({"model": {"feature_layers": stages}}), pm))}
+
+    assert "mahalanobis_ensemble" in names(["a", "b"]) and "mahalanobis_ensemble" in names("auto")
+    assert "mahalanobis_ensemble" not in names(["bottleneck"]) and "mahalanobis_ensemble" not in names(None)
+
+
 def test_odin_is_offered_only_when_asked_for() -> None:
     pm = get_plugin_manager(autoload=False, extra=[("ood", ood)])
     assert "odin" not in {d.name for d in medaudit_detectors(default_config())}

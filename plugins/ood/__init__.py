@@ -58,7 +58,11 @@ def medaudit_detectors(config: Config) -> list[Detector]:
     zoo: list[Detector] = [] if maps else [ViM(), ReAct(), ASH(), SCALE(), DICE(), RMD(), SHE(), NNGuide(), FDBD()]
     if settings.odin and not maps:  # gradients through the model: off unless asked for; per-voxel maps have no ODIN
         zoo.append(ODIN(settings.odin_temperature, settings.odin_epsilon))
-    detectors: list[Detector] = [*outputs, Mahalanobis(), MahalanobisEnsemble(), KNN(settings.knn_k), Spectral(), *zoo,
+    # one stage (resolved by the audit before this hook runs, or null): the ensemble would be a
+    # monotone copy of mahalanobis on the same layer, so it is offered for two stages or more
+    stages = config.model.feature_layers
+    ensemble = [MahalanobisEnsemble()] if stages == "auto" or (isinstance(stages, list) and len(stages) > 1) else []
+    detectors: list[Detector] = [*outputs, Mahalanobis(), *ensemble, KNN(settings.knn_k), Spectral(), *zoo,
                                  Histogram()]
     for d in detectors:
         d.auroc_ci = settings.auroc_ci
