@@ -71,9 +71,19 @@ def recommend(results: dict[str, Any], thresholds: dict[str, float]) -> dict[str
     what = " and ".join(parts) + f" over the {len(scenarios)} realistic perturbed scenarios"
     statement = (f"For this model, deploy {best['detector']} at threshold {best['threshold']:.6g}: {what}.")
     weak = best_flags and (best["flagged_errors"] or 0.0) < 0.5
+    alerts = [w["message"] for w in results.get("warning_records", []) if w.get("alert")]
+    if alerts:
+        # errors of an audit that may be broken (a model at chance, a wrong input spec) are not the
+        # model's deployment errors: ranking detectors by them would be reassurance without evidence
+        statement = (f"No deployment recommendation: the audit raised {len(alerts)} alert(s) (first: {alerts[0]}), so the "
+                     "errors the detectors are ranked by may be the audit's, not the model's in deployment. The ranking "
+                     "is shown as evidence only.")
+        return {"detector": None, "threshold": None, "keep": KEEP, "ranked_by": key, "flagged_errors": None,
+                "epd": None, "scenarios": scenarios, "evidence": [], "ranking": ranking, "weak": True,
+                "withheld": True, "statement": statement}
     if weak:
         statement += (" No detector flags even half of the errors: a referral rule built on these detectors would let "
                       "most shift-induced errors through.")
     return {"detector": best["detector"], "threshold": best["threshold"], "keep": KEEP, "ranked_by": key,
             "flagged_errors": best["flagged_errors"], "epd": best["epd"], "scenarios": scenarios,
-            "evidence": evidence, "ranking": ranking, "weak": weak, "statement": statement}
+            "evidence": evidence, "ranking": ranking, "weak": weak, "withheld": False, "statement": statement}

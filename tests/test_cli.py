@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import unescape as html_unescape
+
 import json
 import os
 import re
@@ -489,6 +491,10 @@ def test_a_model_at_chance_is_loud_everywhere(tmp_path: Path) -> None:
     assert 'class="verdict verdict-alert">Verdict: <strong>ALERT: THE AUDIT MAY NOT BE MEANINGFUL' in summary
     # no drop can be "significant" at chance: the old reassuring finding must not be the headline
     assert "No perturbation caused a statistically significant drop" not in summary.split("Key findings")[0]
+    # nor does the OOD section recommend a detector ranked by the broken audit's errors
+    rec = results["ood_recommendation"]
+    assert rec is not None and rec["withheld"] and rec["detector"] is None
+    assert rec["statement"] in html_unescape(html)
 
 
 def test_run_reads_medaudit_yaml_in_the_working_directory_and_says_which_config(tmp_path: Path) -> None:

@@ -94,6 +94,16 @@ def test_recommendation_is_loud_when_no_detector_catches_most_errors() -> None:
     assert rec is not None and rec["weak"] and "No detector flags even half of the errors" in rec["statement"]
 
 
+def test_recommendation_is_withheld_when_the_audit_raised_alerts() -> None:
+    r = _results()
+    r["warning_records"] = [{"code": "near-chance", "alert": True, "message": "the model is near chance"},
+                            {"code": "small-sample", "alert": False, "message": "few samples"}]
+    rec = recommend(r, {"a": 1.0, "b": 2.0})
+    assert rec is not None and rec["withheld"] and rec["detector"] is None and rec["weak"]
+    assert rec["statement"].startswith("No deployment recommendation") and "the model is near chance" in rec["statement"]
+    assert [e["detector"] for e in rec["ranking"]] == ["b", "a"]
+
+
 def test_recommendation_for_segmentation_ranks_by_epd_and_none_without_harm() -> None:
     """A segmentation has no flagged_errors (no wrong class per image), only epd in Dice points."""
     r = _results()
