@@ -274,7 +274,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
             warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning.replace(
                 "feature-based detectors are skipped", "multi-layer detectors read the feature layer alone")))
             config.model = config.model.model_copy(update={"feature_layers": None})
-            choice.stages, choice.stages_source = (), "none"
+            choice.stages, choice.stages_source, choice.stages_note = (), "none", "the stages could not be captured"
             feature_warning = None
     if feature_warning:
         warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning))

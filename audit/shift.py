@@ -223,7 +223,9 @@ def evaluate_detectors(
             continue
         emb = embeddings.get(name)
         if emb is None or emb.numel() == 0:
-            why = "model.feature_layer is not set or could not be captured" if det.needs == "features" else "no outputs were kept"
+            why = ("model.feature_layer is not set or could not be captured" if det.needs == "features" else
+                   "model.feature_layers found no layers, or they could not be captured" if det.needs == "stages"
+                   else "no outputs were kept")
             result.records.append(WarningRecord(code="detector-skipped", subject=name,
                                                 message=f"ood: detector {name!r} skipped ({why})"))
             continue
@@ -260,6 +262,7 @@ def evaluate_detectors(
         if distinct < distinct_floor(n):
             source = (f"layer {feature_layer!r}" if det.needs == "features" and feature_layer else
                       "the feature layer" if det.needs == "features" else
+                      "the layers of model.feature_layers" if det.needs == "stages" else
                       "the input images" if det.needs == "inputs" else "the model's outputs")
             result.records.append(WarningRecord(
                 code="detector-constant", subject=name,

@@ -285,12 +285,14 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
                 labelmap = spec.task.prediction_map(out, spec.output_kind, spec.task_config)  # type: ignore[arg-type]
                 if labelmap is not None:
                     rows.put(("maps", scenario.id), offset, labelmap)
+            # each input kind once per batch (float32 for the detectors, whatever autocast produced)
             layer = (feats or {}).get(spec.feature_layer) if spec.feature_layer else None
-            stages = [feats[n] for n in spec.stages] if feats and all(n in feats for n in spec.stages) else None
+            given: dict[str, Tensor | list[Tensor] | None] = {
+                "logits": None, "inputs": xp.float(), "features": layer.float() if layer is not None else None,
+                "stages": ([feats[n].float() for n in spec.stages]
+                           if feats and spec.stages and all(n in feats for n in spec.stages) else None)}
             for d in spec.detectors:
-                second: Tensor | list[Tensor] | None = (
-                    xp.float() if d.needs == "inputs" else layer.float() if d.needs == "features" and layer is not None
-                    else [f.float() for f in stages] if d.needs == "stages" and stages else None)
+                second = given.get(d.needs)
                 if (d.needs in ("features", "stages") and second is None) or d.name in failed_detectors:
                     continue
                 try:
