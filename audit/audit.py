@@ -26,7 +26,8 @@ from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, OutputWidthError, PluginError
 from .evaluate import ExternalSet, build_results
-from .features import FeatureChoice, choose_feature_layer, choose_stages, make_extractor, model_callable
+from .features import (FeatureChoice, capture_layers, choose_feature_layer, choose_stages, feature_vector, make_extractor,
+                       model_callable)
 from .metric import Metric
 from .model import LoadedModel
 from .outputs import Scenario
@@ -35,12 +36,13 @@ from .plugin_manager import PluginManager, catalogue_entry
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner.executor import saved_maps
+from .runner.shard import REPRESENTATION
 from .runner.merge import ForwardResult
 from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
 from .runner.device import input_model, normalisation
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
-from .task import CLASS_PROBABILITIES, VOXEL_CLASS_SCORES, LabelError, Task, bind_task
+from .task import CLASS_PROBABILITIES, OUTPUT_FEATURES, VOXEL_CLASS_SCORES, LabelError, Task, bind_task, task_of
 from .timing import PhaseClock, process_age
 from .writing import AtomicOutputDir, predictions_arrays, write_atomic
 
@@ -118,6 +120,8 @@ def load_model(pm: PluginManager, path: Path, config: Config, trust_pickle: bool
     if model is None:
         raise ModelError(f"{path}: no model loader recognises this file; save it with torch.jit.save, "
                          "torch.export.save, or as a state dict with model.arch set")
+    # how its outputs and token layers are read: the config's, whichever loader built it
+    model.output_key, model.tokens = config.model.output_key, config.model.tokens
     return model
 
 
@@ -136,14 +140,21 @@ def _feature_choice(model: LoadedModel, config: Config, dataset: AuditDataset, d
     first few samples and record the choice in the config: the rest of the audit (work units
     included) reads the named layers."""
     settle_dims(dataset, config)
-    mean, std = normalisation(config, device)
-    x = torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    x = _first_batch(dataset, config, device)
     stages_cfg = config.model.feature_layers
     # a list of stages names the feature layer too: its last, deepest entry
     requested = stages_cfg[-1] if isinstance(stages_cfg, list) else config.model.feature_layer
+    if requested == "auto" and OUTPUT_FEATURES in task_of(config.task).capabilities:
+        # an encoder has no classification head to find the layer by; its embeddings are its features
+        config.model = config.model.model_copy(update={"feature_layer": None, "feature_layers": None})
+        choice = FeatureChoice(None, "none", note=(
+            "an encoder's embeddings are its features: feature-based detectors and the representation measures read "
+            "them (name a layer in model.feature_layer to read a block instead)"))
+        config.model._feature_choice = choice
+        return choice
     try:
-        choice = choose_feature_layer(model, requested, (x - mean) / std)
-        stages, source, note = choose_stages(model, stages_cfg, choice.layer, (x - mean) / std)
+        choice = choose_feature_layer(model, requested, x)
+        stages, source, note = choose_stages(model, stages_cfg, choice.layer, x)
         choice = replace(choice, stages=stages, stages_source=source, stages_note=note)
     except ConfigError:
         raise
@@ -163,6 +174,9 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
     detectors = []
     for plugin, ds in pm.call_each("medaudit_detectors", config=config):
         for d in ds:
+            if d.name == REPRESENTATION:
+                raise PluginError(f'plugin "{plugin}" offers a detector named {REPRESENTATION!r}, a name medaudit keeps '
+                                  "for the representation measures; rename the detector")
             owners[id(d)] = plugin
             detectors.append(d)
     if config.audit.detectors is not None:
@@ -218,10 +232,23 @@ def _detectors(pm: PluginManager, config: Config, task: Task, feature_ok: bool, 
                 skipped.setdefault(owners[id(d)], []).append(d.name)
         for plugin, names in skipped.items():
             warnings.append(WarningRecord(code="output-detectors-skipped", plugin=plugin, message=(
-                f'output-based detectors {names} of plugin "{plugin}" did not run: the outputs of a {task.name} '
+                f'output-based detectors {names} of plugin "{plugin}" did not run: the outputs of the {task.name} '
                 "task are not class scores")))
         detectors = [d for d in detectors if d.needs != "logits"]
     return detectors
+
+
+def represents(config: Config, task: Task) -> bool:
+    """Whether the audit measures representation robustness: ``audit.representation`` and a
+    feature layer to read (or an encoder, whose outputs are its representation)."""
+    return config.audit.representation and (config.model.feature_layer is not None or OUTPUT_FEATURES in task.capabilities)
+
+
+def _first_batch(dataset: AuditDataset, config: Config, device: torch.device) -> torch.Tensor:
+    """The first few samples, normalised, on ``device``: what the feature layer is chosen on."""
+    mean, std = normalisation(config, device)
+    x = torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    return (x - mean) / std
 
 
 def _metric_keys(metrics: list[Metric]) -> frozenset[str] | None:
@@ -248,6 +275,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     for expr in config.checks:
         parse_check(expr)  # syntax errors before any work
     task = bind_task(config, pm.tasks())  # an unknown task.type is a config error before any data is read
+    if task.needs_reference and reference_path is None:
+        raise ConfigError(f"task.type {task.name!r} needs --reference: a labelled clean data set the task's probes are "
+                          "fitted on (e.g. the training or a held-out split); the audit data is never used to fit them")
     device = select_device(config.audit.device)
     dataset = open_dataset(pm, data_path, config)
     columns = sorted(dataset.metadata)
@@ -278,7 +308,13 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
             feature_warning = None
     if feature_warning:
         warnings.append(WarningRecord(code="feature-layer-unavailable", message=feature_warning))
-    feature_ok = config.model.feature_layer is not None and feature_warning is None
+    # an encoder's outputs are features themselves (the runner hands them to the detectors)
+    feature_ok = (config.model.feature_layer is not None and feature_warning is None) or OUTPUT_FEATURES in task.capabilities
+    if choice.layer is not None and config.model.tokens.pooling == "cls":
+        try:
+            feature_vector(capture_layers(model, [choice.layer], _first_batch(dataset, config, device)), choice.layer, "cls")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     catalogue = pm.perturbations()
     for provider in sorted({plugin for plugin, _cls in catalogue.values()}):
         warnings += [WarningRecord(code="suite-joined", plugin=provider, message=m)
@@ -293,7 +329,7 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     metrics = []
     for plugin, ms in pm.call_each("medaudit_metrics", config=config):
         for m in ms:
-            if config.task.type in m.tasks:
+            if task.metric_task(config.task) in m.tasks:
                 owners[id(m)] = plugin
                 metrics.append(m)
     if not metrics:
@@ -302,9 +338,12 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
     for d in detectors:
         if d.needs_model:
             d.model = input_model(model_callable(model), config, device)
+    keys = _metric_keys(metrics)
     validate_checks(config.checks, Vocabulary(
-        scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets], metrics=_metric_keys(metrics),
-        classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns))
+        scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets],
+        metrics=None if keys is None else keys | {p + k for p in task.readout_prefixes for k in keys},
+        classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns,
+        representation=represents(config, task)))
     return Prepared(pm, config, model, extract, dataset, dataset.identity(), scenarios, perturbations, metrics,
                     detectors, owners, device, warnings, reference, ood_sets)
 
@@ -472,7 +511,7 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     evaluation = build_results(
         prep.pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
         prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
-        prep.warnings, reference, ood_sets, assets, phases)
+        prep.warnings, reference, ood_sets, assets, phases, token_layouts=getattr(prep.extract, "token_layouts", None))
     results = evaluation.results
     if config_path is not None:
         results.config_path = str(config_path)

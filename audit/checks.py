@@ -10,6 +10,8 @@ Grammar (whitespace around the operator is allowed)::
                                                        for higher-is-better metrics)
                 | scenario ".ood." detector "." stat  mri.motion@3.ood.energy.auroc, mri.motion@*.ood.rmd.flagged_errors
                                                        (stat: auroc aupr fpr95 fpr95_in aupr_trapz flagged_errors epd)
+                | scenario ".representation." measure mri.motion@3.representation.cka
+                                                       (measure: cosine cka knn_consistency; higher is better)
                 | "subgroup." attribute "." metric "_gap"
                                                        subgroup.sex.accuracy_gap (max − min over the
                                                        attribute's groups on clean data)
@@ -68,6 +70,10 @@ DETECTION_STATS = ("auroc", "aupr", "fpr95", "fpr95_in", "aupr_trapz")
 HARM_STATS = ("flagged_errors", "epd")
 
 
+#: Representation-robustness measures of a scenario (:mod:`medaudit.representation`), higher is better.
+REPRESENTATION_STATS = ("cosine", "cka", "knn_consistency")
+
+
 def _split_scenario(path: str, scenario_ids: list[str]) -> tuple[str, str]:
     """``(scenario prefix, rest)`` of a check path; the longest matching scenario id wins."""
     ids = sorted(scenario_ids, key=len, reverse=True)
@@ -93,11 +99,14 @@ class Vocabulary:
     classes: tuple[str, ...]
     detectors: list[str]
     columns: list[str]
+    #: Whether the audit measures representation robustness (``audit.representation`` and a feature
+    #: layer, or an encoder's embeddings).
+    representation: bool = False
 
     def metric_known(self, key: str) -> bool:
         if self.metrics is None or key in self.metrics:
             return True
-        prefix, _, suffix = key.partition("/")
+        prefix, _, suffix = key.rpartition("/")  # the class is the last part (knn_probe/sensitivity/<class>)
         labels = {*self.classes, *(str(i) for i in range(len(self.classes)))}
         return prefix in self.metrics and suffix in labels
 
@@ -142,6 +151,16 @@ def validate_checks(exprs: Iterable[str], vocab: Vocabulary) -> None:
         elif prefix.startswith("ood:"):
             raise ConfigError(f"--fail-on {expr!r}: an external OOD set has detector statistics only, "
                               f"'{prefix}.ood.DETECTOR.STAT'")
+        elif parts[0] == "representation":
+            if len(parts) != 2 or parts[1] not in REPRESENTATION_STATS:
+                raise ConfigError(f"--fail-on {expr!r}: representation checks are 'SCENARIO.representation.MEASURE' "
+                                  f"with MEASURE one of {', '.join(REPRESENTATION_STATS)}")
+            if not vocab.representation:
+                raise ConfigError(f"--fail-on {expr!r}: this audit measures no representation robustness (it needs "
+                                  "audit.representation and a feature layer, or task.type: embedding)")
+            if prefix == "clean":
+                raise ConfigError(f"--fail-on {expr!r}: representation measures compare a perturbed scenario with "
+                                  "clean; name a perturbed scenario or '*'")
         elif parts[0] == "drop" and len(parts) >= 2:
             if prefix == "clean":
                 raise ConfigError(f"--fail-on {expr!r}: drops are from clean, so 'clean' has none; name a perturbed "
@@ -181,6 +200,10 @@ def _lookup(results: dict[str, Any], path: str) -> tuple[float | None, str | Non
             values = [s.get("ood", {}).get(det, {}).get(stat, {}).get("value") for s in chosen]
             known = any(det in s.get("ood", {}) for s in chosen)
         higher = stat not in ("fpr95", "fpr95_in")
+    elif parts[0] == "representation" and len(parts) == 2:
+        values = [s.get("representation", {}).get(parts[1], {}).get("value") for s in chosen]
+        known = any(parts[1] in s.get("representation", {}) for s in chosen)
+        higher = True
     else:
         key = rest
         values = [s["metrics"].get(key, {}).get("value") for s in chosen]

@@ -61,9 +61,29 @@ class IntensityConfig(_Section):
         return self
 
 
+#: ``input.preset``: what pretrained vision backbones expect, so nobody copies normalisation
+#: constants by hand. ImageNet statistics: torchvision's reference models (and DINOv2, trained with
+#: them: facebookresearch/dinov2 ``data/transforms.py``); CLIP: OpenAI CLIP's preprocessing
+#: (``clip/clip.py``). Every preset takes 3 channels at 224², the resolution these models were
+#: trained at; a grey image is replicated to the three channels after it is perturbed
+#: (:mod:`medaudit.data`).
+INPUT_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {"channels": 3, "spatial_size": [224, 224], "dims": 2,
+                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "clip": {"channels": 3, "spatial_size": [224, 224], "dims": 2,
+             "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    "dinov2": {"channels": 3, "spatial_size": [224, 224], "dims": 2,
+               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+}
+
+
 class InputConfig(_Section):
     """The model's input spec."""
 
+    preset: Literal["imagenet", "clip", "dinov2"] | None = Field(
+        None, description="input spec of a pretrained backbone: 3 channels at 224x224 with ImageNet (imagenet, dinov2) "
+                          "or CLIP (clip) normalisation; input.channels, spatial_size, dims, mean and std set beside it "
+                          "override the preset's values")
     modality: Modality = "generic"
     dims: Literal[2, 3, "auto"] = Field(
         "auto", description="spatial dimensions of one image: 2, 3, or auto (inferred from the data when it is opened: "
@@ -76,6 +96,14 @@ class InputConfig(_Section):
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     mean: list[float] = Field(default_factory=lambda: [0.0], description="normalisation mean per channel (or one value)")
     std: list[float] = Field(default_factory=lambda: [1.0], description="normalisation std per channel (or one value)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        # the preset fills what the user did not write; anything written wins
+        if isinstance(data, dict) and data.get("preset") in INPUT_PRESETS:
+            return {**INPUT_PRESETS[data["preset"]], **data}
+        return data
 
     @field_validator("modality", mode="before")
     @classmethod
@@ -102,11 +130,28 @@ class InputConfig(_Section):
         return self
 
 
+class TokensConfig(_Section):
+    """How a transformer layer's token output ``[B, T, C]`` is read (:mod:`medaudit.tokens`)."""
+
+    prefix: int | None = Field(None, ge=0, description="leading tokens that are not patches (CLS + registers); null: "
+                                                       "from the model's parameters (cls_token, register_tokens), else "
+                                                       "inferred from the token count and the input size")
+    cls: bool | None = Field(None, description="whether the first token is a CLS token (with prefix; default: prefix >= 1)")
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto", description="the vector feature detectors and representation measures read from a token layer: the CLS "
+                            "token, or the mean of the patch tokens (registers never); auto: cls when the model has one")
+
+
 class ModelConfig(_Section):
     format: Literal["auto", "torchscript", "export", "state_dict", "onnx", "pickle"] = "auto"
     output: Literal["auto", "logits", "probabilities"] = "auto"
     arch: str | None = Field(None, description="'module:factory' building the network for a state dict")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    output_key: str | int | None = Field(
+        None, description="which element of a model's output is audited when forward returns a tuple (an index), a "
+                          "dict or a model-output object (a key, e.g. logits or pooler_output); null: the output must "
+                          "be a tensor")
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
     feature_layer: str | None = Field(
         "auto", description="named submodule whose output feature-based detectors use; 'auto' (the default) finds "
                             "the layer feeding the linear classification head; null turns feature detectors off")
@@ -131,7 +176,7 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     type: str = Field(
-        "multiclass", description="the task type: binary | multiclass | multilabel (built-in), or a task a plugin "
+        "multiclass", description="the task type: binary | multiclass | multilabel | segmentation | embedding (built-in), or a task a plugin "
                                   "registers (`medaudit plugins` lists them); checked once plugins are loaded")
     classes: list[str] = Field(default_factory=list, description="class names in model-output order")
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for binary and multilabel tasks")
@@ -152,6 +197,11 @@ class TaskConfig(_Section):
     failure_dice: float | None = Field(None, gt=0, le=1, description="segmentation: an image whose Dice falls below this "
                                                                      "is a failure for failure detection (null: 0.8 × "
                                                                      "the clean median Dice)")
+    # Encoder settings (task.type: embedding): the probes fitted on the --reference embeddings.
+    probe_c: float = Field(1.0, gt=0, description="embedding: inverse regularisation strength C of the linear probe "
+                                                  "(scikit-learn LogisticRegression on standardised embeddings), fixed "
+                                                  "and recorded: the audit has no validation split to search it on")
+    probe_k: int = Field(20, ge=1, description="embedding: neighbours of the k-NN probe (cosine similarity, uniform votes)")
     # The task object of `type`, attached by medaudit.task.bind_task once plugins are loaded.
     _task: Any = PrivateAttr(default=None)
 
@@ -182,6 +232,11 @@ class AuditConfig(_Section):
     detectors: list[str] | None = Field(None, description="OOD detectors to run; None runs all that apply")
     energy_temperature: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
     knn_k: Any = Field(None, description=_ALIAS_HELP, json_schema_extra=PLUGIN_ALIAS)
+    representation: bool = Field(
+        True, description="representation robustness per scenario (cosine to clean, linear CKA, k-NN label "
+                          "consistency of the feature layer's pooled output, or of an encoder's embeddings); keeps "
+                          "one embedding per sample and scenario in memory")
+    representation_k: int = Field(10, ge=1, description="neighbours of the k-NN label consistency")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int | Literal["auto"] | None = Field(
         "auto", description="CPU threads torch uses for the model and the statistics (torch.set_num_threads). auto: "

@@ -23,7 +23,7 @@ from .checks import evaluate_checks, requested_perturbation_checks
 from .config import Config
 from .data import DatasetIdentity
 from .detector import Detector
-from .errors import ModelOutputError, PluginError
+from .errors import DataError, ModelOutputError, PluginError
 from .memory import release_free_memory
 from .metric import Metric, MetricContext
 from .model import LoadedModel
@@ -33,7 +33,9 @@ from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
-from .task import ALL_QUANTITIES, FAILURE_DETECTION, TARGET_LABEL_MAP, TEMPERATURE_SCALING, Task, task_of
+from .representation import representation_measures
+from .task import (ALL_QUANTITIES, FAILURE_DETECTION, OUTPUT_FEATURES, TARGET_LABEL_MAP, TEMPERATURE_SCALING, Readout,
+                   Task, task_named, task_of)
 from .temperature import temperature_report
 from .timing import PhaseClock
 from .referral import recommend
@@ -75,6 +77,70 @@ def _feature_identity(cfg: Config) -> dict[str, Any]:
             "feature_layers": cfg.model.feature_layers if isinstance(cfg.model.feature_layers, list) else None,
             "feature_layers_source": None if choice is None else choice.stages_source,
             "feature_layers_note": None if choice is None else choice.stages_note}
+
+
+def _token_identity(layouts: dict[str, Any], cfg: Config) -> dict[str, dict[str, Any]] | None:
+    """results.json ``model.tokens``: the layout (:class:`medaudit.tokens.TokenLayout`) of every token
+    layer the audit read."""
+    if not layouts:
+        return None
+    return {layer: {"prefix": t.prefix, "cls": t.cls, "registers": t.registers, "source": t.source,
+                    "pooling": cfg.model.tokens.pooling} for layer, t in sorted(layouts.items())}
+
+
+def _readout(task: Task, cfg: Config, reference: ExternalSet | None) -> Readout | None:
+    """The task's readouts fitted on the reference set (None for a task that needs none)."""
+    if reference is None or reference.labels is None:
+        return None
+    try:
+        readout = task.readout({k: v[0] for k, v in reference.forward.outputs.items()}, reference.labels, cfg.task,
+                               reference.identity.sha256)
+    except ValueError as exc:
+        raise DataError(f"--reference {reference.identity.path}: {exc}") from None
+    if readout is not None and set(readout.heads) != {"", *task.readout_prefixes}:
+        raise PluginError(f"task {task.name!r}: its readout heads {sorted(readout.heads)} are not the primary head '' "
+                          f"and the declared readout_prefixes {list(task.readout_prefixes)}")
+    return readout
+
+
+def _representation(task: Task, cfg: Config, fwd: ForwardResult, labels: Tensor, weights: Tensor,
+                    reference: ExternalSet | None, dev: torch.device) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Per perturbed scenario, how far the representation moved from clean (:mod:`medaudit.representation`),
+    and what was measured (results.json ``model.representation``)."""
+    if not cfg.audit.representation:
+        return {}, None
+    encoder = OUTPUT_FEATURES in task.capabilities
+    vectors = fwd.outputs.get("embedding") if encoder else fwd.representation
+    if vectors is None:
+        return {}, None
+    ids = [s.id for s in fwd.scenarios]
+    clean = vectors[ids.index("clean")].to(dev)
+    ref_vectors = None
+    if reference is not None and reference.labels is not None:
+        ref_vectors = (reference.forward.outputs.get("embedding") if encoder else reference.forward.representation)
+    self_reference = ref_vectors is None or task.targets == TARGET_LABEL_MAP
+    if self_reference:
+        ref, ref_labels = clean, labels
+    else:
+        ref, ref_labels = ref_vectors[0].to(dev), reference.labels  # type: ignore[union-attr]
+    if task.targets == TARGET_LABEL_MAP:  # no image-level class to vote on
+        ref_labels = torch.zeros(clean.shape[0], dtype=torch.int64)
+    n_classes = max(len(cfg.task.classes), int(ref_labels.max()) + 1 if ref_labels.numel() else 1)
+    out = {}
+    for i, sid in enumerate(ids):
+        if sid == "clean":
+            continue
+        measures = representation_measures(clean, vectors[i].to(dev), weights, cfg.audit.confidence, reference=ref,
+                                           reference_labels=ref_labels.to(dev), k=cfg.audit.representation_k,
+                                           n_classes=n_classes, self_reference=self_reference)
+        if task.targets == TARGET_LABEL_MAP:
+            measures.pop("knn_consistency", None)
+        out[sid] = measures
+    info = {"source": "the encoder's embeddings" if encoder else f"the pooled output of {cfg.model.feature_layer!r}",
+            "dim": int(clean.shape[1]), "knn_k": cfg.audit.representation_k,
+            "knn_reference": "the clean audit data (each sample excluded from its own neighbours)" if self_reference
+                             else "the --reference set", "similarity": "cosine"}
+    return out, info
 
 
 def _summaries(params: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -172,6 +238,7 @@ def build_results(
     ood_sets: list[ExternalSet] | None = None,
     assets: dict[str, str] | None = None,
     phases: PhaseClock | None = None,
+    token_layouts: dict[str, Any] | None = None,
 ) -> Evaluation:
     cfg = config
     phases = phases or PhaseClock()
@@ -180,7 +247,7 @@ def build_results(
     task = task_of(cfg.task)
     # audit.n_bins holds the bin count the plugin owning it resolved (medaudit.settings); unset, the default
     n_bins = MetricContext.n_bins if cfg.audit.n_bins is None else cfg.audit.n_bins
-    ctx = MetricContext(cfg.task.type, tuple(cfg.task.classes), cfg.task.threshold, n_bins,
+    ctx = MetricContext(task.metric_task(cfg.task), tuple(cfg.task.classes), cfg.task.threshold, n_bins,
                         cfg.task.target_specificity)
     weights = bootstrap_weights(n, cfg.audit.bootstrap, cfg.audit.seed)
     # a label-map task's labels say which classes each mask holds: per-class sample counts (meant for
@@ -192,15 +259,32 @@ def build_results(
     # Metrics and bootstrap run on the audit's device: on a GPU the [R, N] resample work is cheap.
     # The same weights (drawn on the CPU from the seed) are used wherever they run.
     dev = device if device.type == "cuda" else torch.device("cpu")
-    outputs_d = {name: v.to(dev) for name, v in fwd.outputs.items()}
     labels_d, weights_d = labels.to(dev), weights.to(dev)
+    # A task whose outputs are not class scores (an encoder) is evaluated through readouts fitted on
+    # the reference set: every head's class probabilities, scenario by scenario, as a classifier's.
+    readout = _readout(task, cfg, reference)
+    heads: dict[str, dict[str, Tensor]] = {}
+    if readout is not None:
+        for i in range(len(fwd.scenarios)):  # unusable embeddings are named per scenario, as probabilities are
+            try:
+                task.check_outputs({k: v[i] for k, v in fwd.outputs.items()}, labels)
+            except ValueError as exc:
+                raise ModelOutputError(f"unusable model outputs in scenario {fwd.scenarios[i].id}: {exc}") from None
+        heads = {prefix: {"probs": torch.stack([head({k: v[i].to(dev) for k, v in fwd.outputs.items()})
+                                                for i in range(len(fwd.scenarios))])}
+                 for prefix, head in readout.heads.items()}
+        eval_task = task_named(readout.metric_task)
+        quantities = heads.pop("")
+    else:
+        eval_task, quantities = task, fwd.outputs
+    outputs_d = {name: v.to(dev) for name, v in quantities.items()}
 
     ref_emb = {k: v[0] for k, v in reference.forward.embeddings.items()} if reference is not None else None
     # Detectors fit on image-level classes; a label-map task has none (its labels say which classes a
     # mask holds), so its images are one in-distribution class for the class-conditional detectors.
     label_maps = task.targets == TARGET_LABEL_MAP
     shift = evaluate_detectors(detectors, fwd.embeddings, torch.zeros(n, dtype=torch.int64) if label_maps else labels,
-                               fwd.outputs.get(task.metric_input), ids, weights_d,
+                               quantities.get(eval_task.metric_input), ids, weights_d,
                                cfg.audit.confidence, cfg.audit.seed, reference=ref_emb,
                                reference_labels=None if reference is None else (
                                    torch.zeros(reference.identity.n_samples, dtype=torch.int64) if label_maps
@@ -220,15 +304,23 @@ def build_results(
     phases.lap("detectors")
     release_free_memory()  # knn distance blocks and fitting copies: the metrics need none of them
 
+    representation, representation_info = _representation(task, cfg, fwd, labels, weights_d, reference, dev)
+    phases.lap("representation")
     directions: dict[str, bool] = {}
     families: dict[str, Metric] = {}
     raw: dict[str, dict[str, Tensor]] = {}
     scenario_results: list[dict[str, Any]] = []
     metric_failures: dict[int, WarningRecord] = {}
     for i, sc in enumerate(fwd.scenarios):
-        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, task, {k: v[i] for k, v in outputs_d.items()},
+        estimates, raw[sc.id], fams, curves = _scenario_metrics(metrics, eval_task, {k: v[i] for k, v in outputs_d.items()},
                                                                labels_d, weights_d, ctx, cfg.audit.confidence, sc.id,
                                                                owners, metric_failures)
+        for prefix, head in heads.items():  # the other readouts' metrics, under their prefix
+            est, r, fam, _ = _scenario_metrics(metrics, eval_task, {k: v[i].to(dev) for k, v in head.items()}, labels_d,
+                                               weights_d, ctx, cfg.audit.confidence, sc.id, owners, metric_failures)
+            estimates.update({prefix + k: v for k, v in est.items()})
+            raw[sc.id].update({prefix + k: v for k, v in r.items()})
+            fams.update({prefix + k: m for k, m in fam.items()})
         families.update(fams)
         directions.update({k: m.higher_is_better for k, m in fams.items()})
         drop = {}
@@ -240,6 +332,7 @@ def build_results(
             "n_samples": n, "metrics": estimates, "drop": drop, "curves": curves,
             "ood": shift.ood.get(sc.id, {}), "failure_detection": shift.failure_detection.get(sc.id, {}),
             "flagged_errors": shift.flagged_errors.get(sc.id, {}), "epd": shift.epd.get(sc.id, {}),
+            "representation": representation.get(sc.id, {}),
             "params": _summaries(fwd.params.get(sc.id, {})),
             "throughput": n / seconds if seconds > 0 else None,
         })
@@ -272,7 +365,7 @@ def build_results(
     working = [m for m in metrics if id(m) not in metric_failures]  # analyses only see metrics that work
     outputs = AuditOutputs(fwd.scenarios, sample_ids, labels, None, metadata, working, ctx, weights,
                            cfg.audit.confidence, cfg.audit.seed, shift.scores, fwd.params,
-                           quantities=fwd.outputs, task=task)
+                           quantities=quantities, task=eval_task)
     analyses: dict[str, Any] = {}
     subgroups: list[dict[str, Any]] = []
 
@@ -325,6 +418,10 @@ def build_results(
             "dtype": model.dtype, "summary": model.summary, "output_kind": fwd.output_kind,
             "name": cfg.model.name, "description": cfg.model.description, "intended_use": cfg.model.intended_use,
             **_feature_identity(cfg),
+            "output_key": cfg.model.output_key,
+            "tokens": _token_identity(token_layouts or {}, cfg),
+            "probe": None if readout is None else dict(readout.record),
+            "representation": representation_info,
         },
         "dataset": {
             "path": identity.path, "sha256": identity.sha256, "n_samples": identity.n_samples,

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .detector import LinearHead
 from .errors import ConfigError
-from .model import LoadedModel
+from .model import LoadedModel, select_output
+from .tokens import TokenLayout, find_layout, is_token_sequence, patch_map
 
 __all__ = ["FeatureExtractor", "make_extractor", "available_layers", "choose_feature_layer", "choose_stages"]
 
@@ -57,8 +58,21 @@ def _first_tensor(value: Any) -> Tensor | None:
     return None
 
 
+#: Key suffix under which an extractor returns a token layer's CLS token ``[B, C]`` beside the
+#: layer's patch-token map (see :class:`FeatureExtractor`).
+CLS_SUFFIX = "[cls]"
+
+
 class FeatureExtractor:
     """``extract(x) -> (outputs, {layer: output} | None)`` with a record of how layers are reached.
+
+    The outputs are the tensor ``model.output_key`` names (:func:`medaudit.model.select_output`).
+    A captured layer whose output is a token sequence ``[B, T, C]`` (a vision transformer's block,
+    :mod:`medaudit.tokens`) is returned as its patch-token map ``[B, C, T_patch]`` — the channel ×
+    spatial matrix a CNN's feature map is, which ``spectral`` reads and :func:`pool` averages into
+    the mean patch token — and, when the model has a CLS token, that token ``[B, C]`` under
+    ``layer + CLS_SUFFIX`` (:func:`feature_vector` picks the vector feature detectors read).
+    Register tokens are in neither.
 
     Attributes
     ----------
@@ -71,19 +85,46 @@ class FeatureExtractor:
         control flow); such a layer is absent from that call's dict.
     """
 
-    def __init__(self, call: Callable[[Tensor], tuple[Tensor, Captured | None]], layers: tuple[str, ...], method: str,
-                 handles: tuple[Any, ...] = ()) -> None:
+    def __init__(self, call: Callable[[Tensor], tuple[Any, Captured | None]], layers: tuple[str, ...], method: str,
+                 handles: tuple[Any, ...] = (), model: LoadedModel | None = None) -> None:
         self._call = call
         self.layers = layers
         self.method = method
         self.missed = 0
         self._handles = list(handles)
+        self._model = model
+        #: The token layout of each token layer met so far (results.json ``model.tokens``).
+        self.token_layouts: dict[str, TokenLayout] = {}
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Captured | None]:
-        out, feats = self._call(x)
+        raw, feats = self._call(x)
         if self.layers and (feats is None or len(feats) < len(self.layers)):
             self.missed += 1
+        if self._model is None:
+            return raw, feats
+        out = select_output(raw, self._model.output_key, self._model.path)
+        if feats and x.ndim in (4, 5):
+            feats = self._tokens(feats, tuple(x.shape[2:]))
         return out, feats
+
+    def _tokens(self, feats: Captured, spatial: tuple[int, ...]) -> Captured:
+        """Token layers as patch-token maps (and CLS tokens); other layers as they are."""
+        assert self._model is not None
+        converted: Captured = {}
+        for layer, value in feats.items():
+            if not is_token_sequence(value, len(spatial)):
+                converted[layer] = value
+                continue
+            layout = self.token_layouts.get(layer)
+            if layout is None or layout.prefix >= value.shape[1]:
+                cfg = self._model.tokens
+                layout = find_layout(_unwrap(self._model.module), int(value.shape[1]), spatial,
+                                     None if cfg is None else cfg.prefix, None if cfg is None else cfg.cls)
+                self.token_layouts[layer] = layout
+            converted[layer] = patch_map(value, layout)
+            if layout.cls:
+                converted[layer + CLS_SUFFIX] = value[:, 0]
+        return converted
 
     def close(self) -> None:
         """Remove the forward hooks, if any were registered."""
@@ -113,14 +154,36 @@ def pool(features: Tensor) -> Tensor:
     return features.flatten(2).mean(dim=2) if features.ndim > 2 else features
 
 
+def feature_vector(feats: Captured, layer: str, pooling: str = "auto") -> Tensor | None:
+    """What feature detectors read from ``layer`` of an extractor's capture: a token layer's CLS
+    token (``pooling`` ``cls``, or ``auto`` when the model has one), else the layer's output as
+    captured (a feature map, or a token layer's patch-token map, which :func:`pool` averages into
+    the mean patch token). None when the layer was not captured.
+
+    :raises ValueError: ``pooling: cls`` on a token layer of a model without a CLS token.
+    """
+    value = feats.get(layer)
+    if value is None or pooling == "mean":
+        return value
+    cls = feats.get(layer + CLS_SUFFIX)
+    if cls is not None:
+        return cls
+    if pooling == "cls" and value.ndim == 3:
+        raise ValueError(f"model.tokens.pooling is cls, but layer {layer!r} has no CLS token (this model has none); "
+                         "set model.tokens.pooling: mean (or auto)")
+    return value
+
+
 def _unwrap(module: Any) -> Any:
     """An ``ExportedProgram`` is not callable; its ``.module()`` is the flat GraphModule."""
     return module.module() if isinstance(module, torch.export.ExportedProgram) else module
 
 
-def model_callable(model: LoadedModel) -> Callable[[Tensor], Any]:
-    """The loaded model as a callable (an ``ExportedProgram`` is not one)."""
-    return _unwrap(model.module)
+def model_callable(model: LoadedModel) -> Callable[[Tensor], Tensor]:
+    """The loaded model as a callable returning its output tensor (an ``ExportedProgram`` is not
+    callable; ``model.output_key`` picks the tensor from a tuple, dict or model-output object)."""
+    module = _unwrap(model.module)
+    return lambda x: select_output(module(x), model.output_key, model.path)
 
 
 def available_layers(model: LoadedModel) -> list[str]:
@@ -263,7 +326,7 @@ def make_extractor(model: LoadedModel, layers: str | Sequence[str] | None,
     Parameters
     ----------
     model : LoadedModel
-        What the model-loader plugin returned.
+        What the model-loader plugin returned (its ``output_key`` and ``tokens`` as the audit set them).
     layers : str, sequence of str, or None
         Dotted submodule names (``"features"``, ``"layer4.1"``); None or empty captures nothing.
     setting : str
@@ -272,15 +335,23 @@ def make_extractor(model: LoadedModel, layers: str | Sequence[str] | None,
     Returns
     -------
     extract, warning
-        ``extract(x) -> (outputs, {layer: output} | None)``; ``warning`` is ``None`` when every
-        layer is captured, otherwise a message naming the layers, the format and what to do (the
-        extractor then captures nothing and feature-based detectors are skipped).
+        ``extract(x) -> (outputs, {layer: output} | None)`` (see :class:`FeatureExtractor` for
+        token layers); ``warning`` is ``None`` when every layer is captured, otherwise a message
+        naming the layers, the format and what to do (the extractor then captures nothing and
+        feature-based detectors are skipped).
 
     Raises
     ------
     ConfigError
         When the model exposes named layers but not one of ``layers``; the message lists them.
     """
+    extract, warning = _make_extractor(model, layers, setting)
+    extract._model = model
+    return extract, warning
+
+
+def _make_extractor(model: LoadedModel, layers: str | Sequence[str] | None,
+                   setting: str = "model.feature_layer") -> tuple[FeatureExtractor, str | None]:
     module = _unwrap(model.module)
     plain = FeatureExtractor(lambda x: (module(x), None), (), "none")
     wanted = tuple(dict.fromkeys([layers] if isinstance(layers, str) else (layers or ())))
@@ -388,7 +459,7 @@ def _verified(head: tuple[str, Tensor, Tensor | None], features: Tensor, logits:
     return candidate if got.shape == expected.shape and bool((got - expected).abs().max() <= tol) else None
 
 
-def _capture(model: LoadedModel, layers: Sequence[str], x: Tensor) -> Captured:
+def capture_layers(model: LoadedModel, layers: Sequence[str], x: Tensor) -> Captured:
     """The outputs of ``layers`` on ``x`` (one forward pass), leaving out any that cannot be
     captured or are not ``[B, …]`` tensors; nothing at all when the capture itself fails."""
     try:
@@ -405,7 +476,7 @@ def _capture(model: LoadedModel, layers: Sequence[str], x: Tensor) -> Captured:
         finally:
             extract.close()
     if feats is None and len(layers) > 1:  # one layer that cannot be captured spoils a joint capture: one by one
-        feats = {k: v for layer in layers for k, v in _capture(model, [layer], x).items()}
+        feats = {k: v for layer in layers for k, v in capture_layers(model, [layer], x).items()}
     return {k: v for k, v in (feats or {}).items() if v.ndim >= 2 and v.shape[0] == x.shape[0]}
 
 
@@ -432,12 +503,14 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
     if requested is None:
         return FeatureChoice(None, "none", note="model.feature_layer is null: feature-based detectors are off")
     with torch.inference_mode():
-        logits = module(x)
-    logits = logits if isinstance(logits, Tensor) else _first_tensor(logits)
+        logits = model_callable(model)(x)
     head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
 
+    pooling = model.tokens.pooling if model.tokens is not None else "auto"
+
     def capture(layer: str) -> Tensor | None:
-        return _capture(model, [layer], x).get(layer)
+        # a token layer's vector as the detectors will read it (its CLS token, or patch-token map)
+        return feature_vector(capture_layers(model, [layer], x), layer, pooling)
 
     if requested != "auto":
         feats = capture(requested)
@@ -550,18 +623,18 @@ def choose_stages(model: LoadedModel, requested: list[str] | str | None, layer: 
     """
     if isinstance(requested, list):
         make_extractor(model, requested, "model.feature_layers")[0].close()  # a name the model lacks: ConfigError
-        got = _capture(model, requested, x)
+        got = capture_layers(model, requested, x)
         return (tuple((n, tuple(got[n].shape[1:])) for n in requested if n in got), "config",
                 f"model.feature_layers as configured: {', '.join(requested)}")
     alone: tuple[tuple[str, tuple[int, ...]], ...] = ()
     if layer is not None:
-        got = _capture(model, [layer], x)
+        got = capture_layers(model, [layer], x)
         alone = ((layer, tuple(got[layer].shape[1:])),) if layer in got else ()
     module = _unwrap(model.module)
     head_name = None
     if requested is not None and layer is not None:
         with torch.inference_mode():
-            logits = _first_tensor(module(x))
+            logits = model_callable(model)(x)
         head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
         head_name = head[0] if head is not None else None
     if requested is None or layer is None or head_name is None:
@@ -578,7 +651,7 @@ def choose_stages(model: LoadedModel, requested: list[str] | str | None, layer: 
         kids = [n for n in _children(names, container) if n not in skip][:STAGE_CANDIDATES]
         if len(kids) < 2:
             continue
-        stages = _stage_groups(kids, _capture(model, kids, x))
+        stages = _stage_groups(kids, capture_layers(model, kids, x))
         if len(stages) > len(best):
             best = stages
     if len(best) < 2:
@@ -586,7 +659,7 @@ def choose_stages(model: LoadedModel, requested: list[str] | str | None, layer: 
             f"model.feature_layers: auto found no sequence of stages at two or more resolutions; multi-layer "
             f"detectors read {layer!r} alone" if alone else "model.feature_layers: auto found no stages")
     best = best[-AUTO_STAGES:]
-    got = _capture(model, best, x)
+    got = capture_layers(model, best, x)
     if len(got) != len(best):  # capturable one container at a time, not together: keep what works alone
         return alone, "layer" if alone else "none", (
             f"model.feature_layers: auto found stages {best} but cannot capture them in one pass; multi-layer "

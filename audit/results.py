@@ -69,6 +69,12 @@ class ScenarioResult(_Model):
         default_factory=dict, description="per detector: the performance drop (accuracy, or Dice, points) that "
                                           "referring its flagged inputs to a human would prevent at the threshold that "
                                           "lets 95% of clean inputs through (after Vasiliuk et al. 2023; docs/ood.md)")
+    representation: dict[str, Estimate] = Field(
+        default_factory=dict, description="representation robustness of a perturbed scenario against clean "
+                                          "(medaudit.representation): cosine (median per-sample cosine similarity of "
+                                          "perturbed to clean embeddings), cka (linear CKA of the two embedding sets), "
+                                          "knn_consistency (share of samples whose k nearest clean-reference neighbours "
+                                          "vote the same class before and after); empty when not measured")
     params: dict[str, ParamSummary] = Field(default_factory=dict)
     curves: dict[str, Any] = Field(default_factory=dict)
     throughput: float | None = Field(None, description="samples per second of this scenario's forward passes")
@@ -102,6 +108,19 @@ class ModelInfo(_Model):
     feature_layers_source: str | None = Field(None, description="config, auto (the last layer at each of the main "
                                                                 "resolutions), layer (the feature layer alone) or none")
     feature_layers_note: str | None = Field(None, description="how the stages were chosen, or why none were")
+    output_key: str | int | None = Field(None, description="model.output_key: the element of a tuple, dict or "
+                                                           "model-output object that was audited, or null (a tensor)")
+    tokens: dict[str, dict[str, Any]] | None = Field(
+        None, description="per captured token layer ([B, T, C] output of a transformer block): prefix (CLS + register "
+                          "tokens), cls, registers, how the layout was found (source) and the pooling feature detectors "
+                          "read; null when no token layer was captured")
+    probe: dict[str, Any] | None = Field(
+        None, description="task.type embedding: the probes fitted on the --reference embeddings (kind, the linear "
+                          "probe's C, scaling, solver and convergence, the k-NN probe's k and metric, the reference's "
+                          "size and SHA-256); null for other tasks")
+    representation: dict[str, Any] | None = Field(
+        None, description="what the representation measures read (source: the feature layer's pooled output or the "
+                          "encoder's embeddings; dim), the k of the k-NN consistency and its reference; null when not measured")
 
 
 class DatasetInfo(_Model):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -60,6 +61,10 @@ SUBGROUPS = "subgroups"
 #: The raw outputs are class scores per voxel (a segmentation map ``[B, K, *spatial]``): output-based
 #: OOD detectors apply, each image scored by the mean of its voxels' scores.
 VOXEL_CLASS_SCORES = "voxel_class_scores"
+
+#: The raw outputs are the model's representation (an encoder's embeddings ``[B, D]``): feature-based
+#: detectors and the representation measures read them when no feature layer is named.
+OUTPUT_FEATURES = "output_features"
 
 # What one sample's target is (Task.targets); loaders read label cells accordingly.
 #: One class per sample (a name or an index).
@@ -132,7 +137,29 @@ class Task(ABC):
     @abstractmethod
     def quantities(self, cfg: TaskConfig) -> dict[str, tuple[int, ...]]:
         """Name → per-sample shape of every quantity :meth:`reduce` returns (the runner and the
-        shard cache allocate ``[N, *shape]`` per scenario from this, before the first batch)."""
+        shard cache allocate ``[N, *shape]`` per scenario from this, before the first batch).
+        ``-1`` stands for a size the model decides (an encoder's embedding width), the same in
+        every batch."""
+
+    #: The task's readouts are fitted on the labelled ``--reference`` set (:meth:`readout`), so an
+    #: audit of it needs one.
+    needs_reference: ClassVar[bool] = False
+    #: The result-key prefixes of the readout heads besides the primary one (``Readout.heads``),
+    #: declared so that ``--fail-on`` can name their metrics before the audit runs.
+    readout_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def metric_task(self, cfg: TaskConfig) -> str:
+        """The task name the metrics evaluate this task as (``Metric.tasks``, ``MetricContext.task``):
+        the task's own name, or for a task with a :meth:`readout`, the task of its probabilities."""
+        return self.name
+
+    def readout(self, reference: Mapping[str, Tensor], labels: Tensor, cfg: TaskConfig,
+                reference_sha256: str) -> Readout | None:
+        """Class-probability readouts fitted on the reference set's quantities (``[M, *shape]``
+        each) and labels ``[M]``, for a task whose outputs are not class scores (an encoder's
+        embeddings); None (the default): the task's own ``metric_input`` is evaluated.
+        Raise ``ValueError`` naming the problem when the reference cannot fit them."""
+        return None
 
     @abstractmethod
     def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
@@ -174,6 +201,22 @@ class Task(ABC):
         Called once per scenario before any metric; raise ``ValueError`` naming the problem,
         how large it is and the first offending row (the audit names the scenario).
         """
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Class probabilities read out of a task's quantities by models fitted on the reference set.
+
+    ``heads`` maps a result-key prefix to a function from one scenario's quantities
+    (``{name: [N, *shape]}``) to class probabilities ``[N, K]``; the head under ``""`` gives the
+    scenario's ``metrics`` (and feeds failure detection and subgroups), every other head its
+    metrics under ``<prefix><metric>`` (e.g. ``knn_probe/accuracy``). The probabilities are
+    evaluated as the task :attr:`metric_task` names; ``record`` is results.json ``model.probe``.
+    """
+
+    metric_task: str
+    heads: Mapping[str, Callable[[Mapping[str, Tensor]], Tensor]]
+    record: Mapping[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +477,10 @@ def check_reduced(task: Task, reduced: Mapping[str, Tensor], cfg: TaskConfig, ba
         if not name or "|" in name:  # the shard cache keys arrays by "out|<quantity>|<scenario>"
             raise PluginError(f"task {task.name!r}: quantity name {name!r} must be non-empty and hold no '|'")
         value = reduced[name]
-        if not isinstance(value, Tensor) or tuple(value.shape) != (batch, *shape):
+        # -1 in a declared shape: a size the model decides (an encoder's embedding width), any value
+        fits = isinstance(value, Tensor) and value.ndim == 1 + len(shape) and value.shape[0] == batch and all(
+            d == -1 or d == v for d, v in zip(shape, value.shape[1:]))
+        if not fits:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise PluginError(f"task {task.name!r}: quantity {name!r} of a batch of {batch} is {got}, "
                               f"declared [{batch}, *{tuple(shape)}]")

@@ -1,8 +1,11 @@
-"""The built-in task types: ``binary``, ``multiclass`` and ``multilabel`` classification.
+"""The built-in task types: ``binary``, ``multiclass`` and ``multilabel`` classification, and
+``embedding`` (an encoder audited through probes).
 
 Contributed through ``medaudit_tasks`` exactly as a third-party task would be, on the public API
-only (:mod:`medaudit.task`). All three keep one per-sample quantity, ``probs`` ``[K]`` (``K = 2``
-for binary), computed from the raw outputs on the device.
+only (:mod:`medaudit.task`, :mod:`medaudit.probes`). The classification tasks keep one per-sample
+quantity, ``probs`` ``[K]`` (``K = 2`` for binary), computed from the raw outputs on the device;
+``embedding`` keeps the embedding ``[D]`` and reads class probabilities out of it with a linear
+and a k-NN probe fitted on the ``--reference`` set.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ from torch import Tensor
 from medaudit.config import TaskConfig
 from medaudit.errors import DataError, ModelOutputError, OutputWidthError
 from medaudit.hookspecs import hookimpl
+from medaudit.probes import fit_knn_probe, fit_linear_probe, probe_record
 from medaudit.task import (
     CALIBRATION,
     CLASS_PROBABILITIES,
     FAILURE_DETECTION,
+    OUTPUT_FEATURES,
     SINGLE_LABEL,
     SUBGROUPS,
     TARGET_CLASS_SET,
     TEMPERATURE_SCALING,
     OutputKind,
+    Readout,
     Task,
     check_class_probabilities,
     read_class_labels,
@@ -143,6 +149,61 @@ class MultilabelTask(_ClassificationTask):
         return {"probs": torch.sigmoid(out) if kind == "logits" else out}
 
 
+class EmbeddingTask(Task):
+    """An encoder (a foundation-model backbone) that returns one embedding ``[B, D]`` per image.
+
+    The transfer-evaluation protocol of the foundation-model literature, under shift: a linear
+    probe (scikit-learn logistic regression on standardised embeddings, ``task.probe_c``) and a
+    k-NN probe (cosine, ``task.probe_k``) are fitted on the clean ``--reference`` embeddings, and
+    their class probabilities on every scenario are evaluated as a classifier's: the linear
+    probe's under the classification metric names, the k-NN probe's under ``knn_probe/<metric>``.
+    """
+
+    name = "embedding"
+    description = ("an encoder's embeddings [B, D], audited through a linear and a k-NN probe fitted on the labelled "
+                   "--reference set")
+    metric_input: ClassVar[str] = "probs"
+    capabilities = frozenset({OUTPUT_FEATURES, SINGLE_LABEL, CALIBRATION, FAILURE_DETECTION, SUBGROUPS})
+    needs_reference = True
+    readout_prefixes = ("knn_probe/",)
+
+    def read_targets(self, raw: Any, cfg: TaskConfig, where: str) -> tuple[np.ndarray, list[str]]:
+        return read_class_labels(raw, cfg.classes, where)
+
+    def metric_task(self, cfg: TaskConfig) -> str:
+        return "binary" if len(cfg.classes) == 2 else "multiclass"
+
+    def quantities(self, cfg: TaskConfig) -> dict[str, tuple[int, ...]]:
+        return {"embedding": (-1,)}
+
+    def reduce(self, out: Tensor, kind: OutputKind, cfg: TaskConfig,
+               targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        if out.ndim != 2:
+            hint = (" (a token sequence [B, T, C]: set model.output_key to the pooled output, e.g. pooler_output, or "
+                    "return one vector per image)" if out.ndim == 3 else "")
+            raise ModelOutputError(f"an embedding task needs one embedding per image [B, D]; the model outputs "
+                                   f"{list(out.shape)}{hint}")
+        return {"embedding": out.float()}
+
+    def check_outputs(self, outputs: Mapping[str, Tensor], targets: Tensor, weights: Tensor | None = None) -> None:
+        emb = outputs["embedding"]
+        bad = ~torch.isfinite(emb).all(dim=1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()
+            raise ValueError(f"embeddings contain NaN or Inf in {rows.numel()} of {emb.shape[0]} rows (first: row {int(rows[0])})")
+
+    def readout(self, reference: Mapping[str, Tensor], labels: Tensor, cfg: TaskConfig,
+                reference_sha256: str) -> Readout:
+        emb = reference["embedding"]
+        k = len(cfg.classes)
+        linear = fit_linear_probe(emb, labels, k, C=cfg.probe_c)
+        knn = fit_knn_probe(emb, labels, k, k=cfg.probe_k)
+        return Readout(self.metric_task(cfg),
+                       {"": lambda q: linear.probabilities(q["embedding"]),
+                        "knn_probe/": lambda q: knn.probabilities(q["embedding"])},
+                       probe_record(linear, knn, reference_sha256, int(emb.shape[0])))
+
+
 def _checked_width(out: Tensor, n_classes: int) -> Tensor:
     if out.shape[1] != n_classes:
         raise OutputWidthError(
@@ -153,4 +214,4 @@ def _checked_width(out: Tensor, n_classes: int) -> Tensor:
 
 @hookimpl
 def medaudit_tasks() -> list[Task]:
-    return [BinaryTask(), MulticlassTask(), MultilabelTask()]
+    return [BinaryTask(), MulticlassTask(), MultilabelTask(), EmbeddingTask()]

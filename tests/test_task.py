@@ -94,7 +94,7 @@ def test_hook_medaudit_tasks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert set(clean) == {"grade_mae"}  # the classification metrics do not declare this task
     assert results["metric_directions"] == {"grade_mae": False}
     assert "temperature_scaling" not in results["calibration"]
-    assert any("did not run: the outputs of a ordinal task are not class scores" in w for w in results["warnings"])
+    assert any("did not run: the outputs of the ordinal task are not class scores" in w for w in results["warnings"])
     assert any("subgroup analysis does not apply to a ordinal task" in w for w in results["warnings"])
     # the task's capabilities are recorded, and the report leaves out the views that do not apply
     assert results["model"]["task_capabilities"] == []
@@ -120,7 +120,7 @@ def test_unknown_task_type_names_the_available_ones(monkeypatch: pytest.MonkeyPa
     res = _cli(monkeypatch, [("ordinal", OrdinalPlugin())],
                ["run", str(MODEL), "--data", str(DATA), "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 2
-    assert "task.type: unknown task 'regression'; available: ['binary', 'multiclass', 'multilabel', 'ordinal', 'segmentation']" in res.output
+    assert "task.type: unknown task 'regression'; available: ['binary', 'embedding', 'multiclass', 'multilabel', 'ordinal', 'segmentation']" in res.output
     assert not (tmp_path / "o").exists()
 
 

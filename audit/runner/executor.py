@@ -77,7 +77,8 @@ def forward_spec(unit: WorkUnit, config: Config, extract: Extractor, detectors: 
     return ForwardSpec(extract, task_of(config.task), config.task, unit.output_kind, mean, std, unit.seed,
                        device, config.audit.precision, detectors, unit.model_batch_size, owners, unit.model_path,
                        MEMORY_FORMATS[unit.memory_format], unit.pad_last, saved_maps(config),
-                       config.model.feature_layer, tuple(config.model.feature_layers or ()))
+                       config.model.feature_layer, tuple(config.model.feature_layers or ()),
+                       config.model.tokens.pooling, config.audit.representation)
 
 
 def saved_maps(config: Config) -> frozenset[str]:

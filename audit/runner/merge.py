@@ -15,7 +15,7 @@ from torch import Tensor
 from ..detector import Detector
 from ..memory import release_free_memory
 from ..outputs import Scenario
-from .shard import UnitOutputs
+from .shard import REPRESENTATION, UnitOutputs
 
 
 @dataclass
@@ -32,6 +32,8 @@ class ForwardResult:
     memory_format: str = "contiguous"  # of the forward passes: "contiguous" or "channels_last"
     maps: dict[str, Tensor] = field(default_factory=dict)  # scenario -> predicted label maps [N, *spatial]
     pad_last: bool = False  # the model accepts only full chunks of audit.model_batch_size (found by the probe)
+    # the feature layer's pooled output per scenario and sample [S, N, D] (audit.representation), else None
+    representation: Tensor | None = None
 
     @property
     def probs(self) -> Tensor:
@@ -87,6 +89,9 @@ def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], det
     for d in detectors:
         if d.name not in failed_detectors and all(d.name in u.embeddings.get(sid, {}) for sid in ids for u in holding[sid]):
             embeddings[d.name] = merge_rows(holding, ids, n, lambda u, sid, name=d.name: u.embeddings[sid].pop(name))
+    representation = (merge_rows(holding, ids, n, lambda u, sid: u.embeddings[sid].pop(REPRESENTATION))
+                      if ids and all(REPRESENTATION in u.embeddings.get(sid, {}) for sid in ids for u in holding[sid])
+                      else None)
     params = {sid: {k: torch.cat([u.params[sid][k] for u in holding[sid]]) for k in holding[sid][0].params.get(sid, {})}
               for sid in ids}
     seconds = {sid: sum(u.seconds.get(sid, 0.0) for u in holding[sid]) for sid in ids}
@@ -96,4 +101,4 @@ def merge_units(units: list[UnitOutputs], n: int, scenarios: list[Scenario], det
     del holding
     release_free_memory()  # the units' parts, now merged
     return ForwardResult(scenarios, outputs, embeddings, params, seconds, output_kind, resumed, failures,
-                         failed_detectors, memory_format, maps, pad_last)
+                         failed_detectors, memory_format, maps, pad_last, representation)

@@ -32,12 +32,12 @@ from torch import Tensor
 
 from ..detector import Detector
 from ..errors import ModelError, ModelOutputError
-from ..features import Captured, Extractor
+from ..features import Captured, Extractor, feature_vector, pool
 from ..outputs import Scenario
 from ..perturbation import Perturbation
 from ..config import TaskConfig
 from ..rng import SampleRNG, sample_keys, stream_key
-from ..task import Task
+from ..task import OUTPUT_FEATURES, Task
 from .batches import device_targets
 from .device import autocast
 from .guard import ValueGuard, metadata_problem
@@ -88,6 +88,13 @@ class ForwardSpec:
     save_maps: frozenset[str] = frozenset()  # scenarios whose predicted label maps are kept (Task.prediction_map)
     feature_layer: str | None = None  # the captured layer "features" detectors read
     stages: tuple[str, ...] = ()  # the captured layers "stages" detectors read, shallow to deep
+    token_pooling: str = "auto"  # model.tokens.pooling: the vector a token feature layer gives (features.feature_vector)
+    # keep each sample's pooled feature vector per scenario (audit.representation), under REPRESENTATION
+    representation: bool = False
+
+
+#: The key of the per-sample representation vectors among a unit's embeddings (detectors may not take it).
+REPRESENTATION = "representation"
 
 
 def perturb_batch(x: Tensor, indices: Tensor, scenario: Scenario, perturbation: Perturbation | None,
@@ -286,7 +293,11 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
                 if labelmap is not None:
                     rows.put(("maps", scenario.id), offset, labelmap)
             # each input kind once per batch (float32 for the detectors, whatever autocast produced)
-            layer = (feats or {}).get(spec.feature_layer) if spec.feature_layer else None
+            layer = feature_vector(feats or {}, spec.feature_layer, spec.token_pooling) if spec.feature_layer else None
+            if layer is None and OUTPUT_FEATURES in spec.task.capabilities:
+                layer = out  # an encoder's outputs are its representation
+            elif layer is not None and spec.representation:
+                rows.put(("embeddings", scenario.id, REPRESENTATION), offset, pool(layer.float()))
             given: dict[str, Tensor | list[Tensor] | None] = {
                 "logits": None, "inputs": xp.float(), "features": layer.float() if layer is not None else None,
                 "stages": ([feats[n].float() for n in spec.stages]
@@ -339,7 +350,7 @@ def run_shard(batches: Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]], start
             owner = next((spec.owners.get(id(d), "?") for d in spec.detectors if d.name == name), "?")
             detector_failed(name, owner, exc)
     kept = [s.id for s in scenarios if s.id not in failed]
-    detector_names = [d.name for d in spec.detectors if d.name not in failed_detectors]
+    detector_names = [d.name for d in spec.detectors if d.name not in failed_detectors] + [REPRESENTATION]
     return UnitOutputs(
         start, stop,
         outputs={name: {sid: rows.pop(("outputs", name, sid)) for sid in kept}
