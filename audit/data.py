@@ -8,8 +8,15 @@ With ``input.dims: auto`` a loader reads the number of spatial dimensions from i
 the data set with :func:`resolve_dims`. ``__getitem__`` applies the preprocessing of the input
 spec, in this documented order:
 
-1. channel handling: a 1-channel image is repeated to ``input.channels``; a 3/4-channel (RGB[A])
-   image given to a 1-channel model becomes its luminance (ITU-R BT.601 weights);
+1. channel handling: a 3/4-channel (RGB[A]) image given to a 1-channel model becomes its
+   luminance (ITU-R BT.601 weights). A grey (1-channel) image given to a model of more channels
+   (an ImageNet-pretrained backbone, ``input.preset``) stays grey here: perturbations act on the
+   one grey image, as the scanner artifacts they model do, and the runner's normalisation
+   ``(x - mean) / std`` with per-channel ``mean``/``std`` replicates it to the model's channels on
+   the device, after the perturbation (replicating first would give e.g. every channel its own
+   noise). Whether a data set is grey is decided by its first image, so the choice never depends
+   on the batch; a grey image in a colour data set is replicated here, a colour image in a grey
+   one is an error naming the file;
 2. intensity scaling to ``[0, 1]`` (``input.intensity``), per image;
 3. resizing to ``input.spatial_size`` (bilinear with antialiasing in 2D, trilinear in 3D).
 
@@ -116,12 +123,20 @@ class AuditDataset(Dataset):
         the file's header where it has one (NIfTI, DICOM); 1 per axis otherwise."""
         return (1.0,) * int(self.input_cfg.dims)
 
+    def grey(self, first: np.ndarray | None = None) -> bool:
+        """Whether grey images stay 1-channel for a model of more channels (module docstring, step 1):
+        the data set's first image (``first``, when the caller has read it) has one channel."""
+        if getattr(self, "_grey", None) is None:
+            raw = first if first is not None else self.read(0)
+            self._grey = self.input_cfg.channels > 1 and np.asarray(raw).shape[0] == 1
+        return bool(self._grey)
+
     def __getitem__(self, index: int) -> tuple[Tensor, int, dict[str, Tensor]]:
         """``(image, index, extras)``: the preprocessed image and, for a data set with label maps,
         ``extras`` ``{"labels": [*spatial] integer map, "spacing": [dims] float64}`` resized with it."""
         raw = self.read(index)
         where = self.describe_sample(index)
-        x = preprocess(raw, self.input_cfg, where)
+        x = preprocess(raw, self.input_cfg, where, keep_grey=self.grey(raw if index == 0 else None))
         if not self.label_maps:
             return x, index, {}
         labels, spacing = preprocess_label_map(self.read_label_map(index), raw.shape[1:], self.spacing(index),
@@ -310,7 +325,7 @@ def preprocess_label_map(mask: np.ndarray, image_shape: Sequence[int], spacing: 
     return labels.contiguous(), sp
 
 
-def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
+def preprocess(raw: np.ndarray, cfg: InputConfig, where: str, keep_grey: bool = False) -> Tensor:
     """Channel handling, intensity scaling and resizing (see the module docstring)."""
     arr = np.ascontiguousarray(raw)
     if not arr.dtype.isnative:
@@ -327,7 +342,11 @@ def preprocess(raw: np.ndarray, cfg: InputConfig, where: str) -> Tensor:
     if not torch.isfinite(x).all():
         raise DataError(f"{where}: image contains NaN or Inf values; fix or remove the file")
     c = x.shape[0]
-    if c != cfg.channels:
+    if keep_grey and c != 1:
+        raise DataError(f"{where}: image has {c} channels, but the data set's first image is grey (1 channel), so its "
+                        "grey images are replicated to the model's channels after perturbation; convert the colour "
+                        "images to grey, or give the colour ones a data set of their own")
+    if c != cfg.channels and not keep_grey:
         if c == 1:
             x = x.expand(cfg.channels, *x.shape[1:])
         elif c in (3, 4) and cfg.channels == 1:
