@@ -62,6 +62,29 @@ class MetricChange:
     regression: bool
 
 
+@dataclass(frozen=True)
+class RobustnessRow:
+    """One perturbed scenario of both audits side by side: how much each one's headline metric
+    dropped from its own clean value, and how far each one's representation moved."""
+
+    scenario: str
+    metric: str
+    old_drop: dict[str, Any] | None  # {value, ci_low, ci_high}: clean − perturbed, oriented (positive = worse)
+    new_drop: dict[str, Any] | None
+    old_representation: dict[str, Any]  # {measure: estimate} (empty when not measured)
+    new_representation: dict[str, Any]
+
+    @property
+    def more_robust(self) -> str:
+        """``old`` or ``new`` when its drop is smaller and the two intervals are disjoint, else
+        ``neither`` (intervals overlap) or ``–`` (a drop is missing)."""
+        if not self.old_drop or not self.new_drop or None in (self.old_drop.get("value"), self.new_drop.get("value")):
+            return "–"
+        if _overlap(self.old_drop, self.new_drop) is not False:
+            return "neither (CIs overlap)"
+        return "old" if self.old_drop["value"] < self.new_drop["value"] else "new"
+
+
 @dataclass
 class CompareResult:
     old: dict[str, Any]  # identity summaries: label, model, dataset, created, version, sha256s
@@ -75,6 +98,7 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     mismatch: list[str] = field(default_factory=list)  # why the audits are not comparable (allowed by the caller)
     settings: list[str] = field(default_factory=list)  # "name old vs new" of settings that differ (comparable)
+    robustness: list[RobustnessRow] = field(default_factory=list)  # per perturbed scenario in both, side by side
 
     @property
     def regressions(self) -> list[MetricChange]:
@@ -114,7 +138,8 @@ class CompareResult:
                 "only_old": self.only_old, "only_new": self.only_new, "notes": self.notes, "mismatch": self.mismatch,
                 "settings": self.settings,
                 "checks": [{"expr": e, "old": o, "new": n} for e, o, n in self.checks],
-                "changes": [c.__dict__ for c in self.changes]}
+                "changes": [c.__dict__ for c in self.changes],
+                "robustness": [{**r.__dict__, "more_robust": r.more_robust} for r in self.robustness]}
 
 
 def worst_first(changes: list[MetricChange], *, improving: bool = False) -> list[MetricChange]:
@@ -134,15 +159,23 @@ def describe(c: MetricChange) -> str:
 
 
 def _task(r: dict[str, Any]) -> str | None:
-    """The task as ``type [class, …]``; None when the results file does not record it."""
+    """The label space the metrics were computed over, as ``type [class, …]``; None when the results
+    file does not record it. An encoder's audit (``embedding``) is evaluated through its probes as
+    the classification task of its classes, so a frozen backbone with probes compares with the
+    fine-tuned classifier of the same classes."""
     task = r.get("config", {}).get("task") or {}
     if not task.get("type"):
         return None
-    return f"{task['type']} [{', '.join(map(str, task.get('classes') or []))}]"
+    classes = [str(c) for c in task.get("classes") or []]
+    kind = task["type"]
+    if kind == "embedding":
+        kind = "binary" if len(classes) == 2 else "multiclass"
+    return f"{kind} [{', '.join(classes)}]"
 
 
 def _identity(r: dict[str, Any]) -> dict[str, Any]:
     return {"model": r["model"]["path"], "model_name": r["model"].get("name"), "model_sha256": r["model"]["sha256"],
+            "model_task": r["model"].get("task"),
             "dataset": r["dataset"]["path"], "dataset_sha256": r["dataset"]["sha256"],
             "n_samples": r["dataset"]["n_samples"], "task": _task(r), "created_at": r["created_at"],
             "medaudit_version": r["medaudit_version"], "seed": r["seed"],
@@ -228,10 +261,30 @@ def compare(old: Results, new: Results, max_drop: float = 0.0, *, require_signif
     checks = [(e, verdict[old_checks[e]["passed"]] if e in old_checks else "–",
                verdict[new_checks[e]["passed"]] if e in new_checks else "–")
               for e in list(old_checks) + [e for e in new_checks if e not in old_checks]]
+    if io.get("model_task") != iN.get("model_task"):
+        notes.append(f"The models are of different kinds ({io.get('model_task')} vs {iN.get('model_task')}): an "
+                     "encoder's metrics are its linear probe's, fitted on its --reference set; compare robustness by "
+                     "the drops from each audit's own clean value (the robustness table).")
     return CompareResult(
         old=io, new=iN, max_drop=max_drop, require_significant=require_significant, changes=changes,
         only_old=[s for s in old_sc if s not in new_sc], only_new=[s for s in new_sc if s not in old_sc],
-        checks=checks, notes=notes, mismatch=mismatch, settings=settings)
+        checks=checks, notes=notes, mismatch=mismatch, settings=settings,
+        robustness=robustness_rows(o, n, directions))
+
+
+def robustness_rows(o: dict[str, Any], n: dict[str, Any], directions: dict[str, bool]) -> list[RobustnessRow]:
+    """Every perturbed scenario in both audits: each audit's drop from its own clean value in the
+    first headline metric both have (:data:`HEADLINE`, else the first drop both record), and the
+    representation measures, side by side."""
+    old_sc = {s["id"]: s for s in o["scenarios"]}
+    both = [s for s in n["scenarios"] if s["id"] in old_sc and s.get("perturbation")]
+    common = [k for k in (both[0].get("drop") or {}) if k in (old_sc[both[0]["id"]].get("drop") or {})] if both else []
+    metric = next((k for k in HEADLINE if k in common), next((k for k in common if k in directions), None))
+    return [RobustnessRow(s["id"], metric or "–",
+                          (old_sc[s["id"]].get("drop") or {}).get(metric) if metric else None,
+                          (s.get("drop") or {}).get(metric) if metric else None,
+                          old_sc[s["id"]].get("representation") or {}, s.get("representation") or {})
+            for s in both]
 
 
 def render_compare(result: CompareResult) -> str:
@@ -258,8 +311,20 @@ def render_compare(result: CompareResult) -> str:
     identity = [(k.replace("_", " "), str(result.old[k]), str(result.new[k])) for k in result.old]
     checks = Table("Configured checks in each audit.", ["Check", "Old", "New"],
                    [Row([e, a, b], "fail" if b == "FAIL" else "") for e, a, b in result.checks])
+    measures = [m for m in ("cosine", "cka", "knn_consistency")
+                if any(m in x.old_representation or m in x.new_representation for x in result.robustness)]
+    metric = result.robustness[0].metric if result.robustness else "–"
+    robustness = Table(
+        f"Robustness per perturbed scenario: each audit's drop in {label(metric)} from its own clean value (positive = "
+        "worse) with its interval, which audit is more robust (smaller drop, intervals disjoint), and the "
+        "representation measures of each (1 = unchanged).",
+        ["Scenario", f"Old drop ({label(metric)})", f"New drop ({label(metric)})", "More robust"]
+        + [f"{who} {m}" for m in measures for who in ("Old", "New")],
+        [Row([x.scenario, fmt_ci(x.old_drop), fmt_ci(x.new_drop), x.more_robust]
+             + [fmt_ci(getattr(x, f"{who}_representation").get(m)) for m in measures for who in ("old", "new")],
+             "drop" if x.more_robust in ("old", "new") else "") for x in result.robustness])
     return template_env().get_template("compare.html").render(
-        r=result, regressions=regressions, headline=headline, identity=identity, checks=checks,
+        r=result, regressions=regressions, headline=headline, identity=identity, checks=checks, robustness=robustness,
         worst=[describe(c) for c in result.regressions[:SUMMARY_LINES]], improvements=result.improvements,
         n_significant=sum(1 for c in result.changes if c.significant), css=stylesheet())
 
