@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import pickle
 import re
@@ -178,6 +179,38 @@ def _pt2_pickle_risk(path: Path) -> str | None:
     return None
 
 
+class _LogRecorder(logging.Handler):
+    """Keeps what torch.export logs while loading: its loader reports the cause of a failure there
+    and raises a generic error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(logging.Formatter().format(record))  # the cause is in the traceback (exc_info)
+
+    def text(self) -> str:
+        return "\n".join(self.records)
+
+
+_UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")
+
+
+def _unreadable_program(exc: Exception, logged: str) -> str:
+    """Why a torch.export archive does not load, in terms the user can act on."""
+    match = _UNREGISTERED.search(logged)
+    if match:
+        # e.g. a Hugging Face model exported with its model-output object as the return value
+        return (f"the exported program returns a {match[1]}, a container type registered by the library that defines "
+                "it, and torch.export.load can only rebuild it in a process that imported that library (medaudit "
+                "imports no library a model file names); export a wrapper whose forward returns a tensor (e.g. "
+                "`return self.backbone(x).pooler_output`), or save it with torch.jit.trace(model, x, strict=False) and "
+                "set model.output_key")
+    return (f"not a readable torch.export program ({one_line(exc)}); the file may be truncated, re-save it with "
+            "torch.export.save")
+
+
 def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
     risk = _pt2_pickle_risk(path)
     if risk is not None and not trust_pickle:
@@ -188,11 +221,15 @@ def load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
         # LeafSpec) is deprecated") say nothing about the user's model and were printed on every audit
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logged = _LogRecorder()
+        torch_export_log = logging.getLogger("torch.export")
+        torch_export_log.addHandler(logged)
         try:
             program = torch.export.load(str(path))
         except Exception as exc:
-            raise fail_to_load(path, f"not a readable torch.export program ({one_line(exc)}); the file may be "
-                                     "truncated, re-save it with torch.export.save") from None
+            raise fail_to_load(path, _unreadable_program(exc, logged.text())) from None
+        finally:
+            torch_export_log.removeHandler(logged)
         # unflatten() rebuilds the submodule hierarchy as modules that are actually called, so forward
         # hooks on them fire (on program.module() the graph is flat and hooks on submodules never run).
         try:
