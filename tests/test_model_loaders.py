@@ -297,3 +297,26 @@ def test_onnx_round_trip(tmp_path: Path, net: SmallNet, x: torch.Tensor) -> None
     _identity_ok(loaded, p, "onnx")
     _same_outputs(loaded, net, x)
     assert loaded.num_parameters > 0  # BatchNorm may be folded into the conv, so not an exact count
+
+
+def test_export_returning_a_library_output_type_says_what_to_export(tmp_path: Path) -> None:
+    # A Hugging Face model exported as is returns a model-output object whose pytree type only
+    # transformers registers; a process that has not imported it cannot rebuild the program.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=8)).eval()
+    path = tmp_path / "hf.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 16, 16),)), path)
+    import subprocess
+
+    probe = ("import sys\nfrom pathlib import Path\nfrom medaudit.errors import ModelError\n"
+             "from medaudit.plugins.model_loaders import load_exported\n"
+             "try:\n    load_exported(Path(sys.argv[1]), False)\nexcept ModelError as exc:\n    print(exc)\n"
+             "assert 'transformers' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "returns a transformers.modeling_outputs.BaseModelOutputWithPooling" in done.stdout
+    assert "export a wrapper whose forward returns a tensor" in done.stdout
+    assert str(path) in done.stdout
