@@ -181,3 +181,26 @@ def test_junit_has_one_case_per_check() -> None:
     (wild,) = evaluate_checks(["*.accuracy<0.7"], RESULTS)
     failure = ET.fromstring(junit_xml([wild])).find("testcase/failure")
     assert "in mri.motion@3" in failure.attrib["message"] and failure.text.endswith("in mri.motion@3")
+
+
+def test_representation_and_probe_checks() -> None:
+    vocab = Vocabulary(scenarios=["clean", "mri.motion@3"],
+                       metrics=frozenset({"accuracy", "sensitivity", "knn_probe/accuracy", "knn_probe/sensitivity"}),
+                       classes=("csf", "wm"), detectors=[], columns=[], representation=True)
+    validate_checks(["mri.motion@3.representation.cka<0.8", "*.representation.knn_consistency<0.7",
+                     "clean.knn_probe/accuracy<0.5", "clean.knn_probe/sensitivity/wm<0.5",
+                     "mri.motion@3.drop.knn_probe/accuracy>0.1"], vocab)
+    for expr, pattern in [("mri.motion@3.representation.cca<0.8", "MEASURE one of cosine, cka, knn_consistency"),
+                          ("clean.representation.cka<0.8", "compare a perturbed scenario with clean"),
+                          ("clean.knn_probe/ece<0.5", "no metric 'knn_probe/ece'")]:
+        with pytest.raises(ConfigError, match=pattern):
+            validate_checks([expr], vocab)
+    without = Vocabulary(["clean", "mri.motion@3"], frozenset({"accuracy"}), ("a", "b"), [], [])
+    with pytest.raises(ConfigError, match="measures no representation robustness"):
+        validate_checks(["*.representation.cka<0.8"], without)
+    results = {"metric_directions": {}, "scenarios": [
+        {"id": "clean", "perturbation": None, "metrics": {}, "representation": {}},
+        {"id": "mri.motion@1", "perturbation": "mri.motion", "metrics": {}, "representation": {"cka": {"value": 0.9}}},
+        {"id": "mri.motion@3", "perturbation": "mri.motion", "metrics": {}, "representation": {"cka": {"value": 0.6}}}]}
+    (check,) = evaluate_checks(["mri.motion@*.representation.cka<0.8"], results)
+    assert (check["value"], check["scenario"], check["passed"]) == (0.6, "mri.motion@3", False)

@@ -286,3 +286,40 @@ def test_cli_many_regressions_are_summarised(base: dict[str, Any], tmp_path: Pat
     regressions = page[page.index('id="regressions"'):page.index('id="changes"')]
     assert regressions.count("<td>REGRESSION</td>") == n
     assert f"… and {n - SUMMARY_LINES} more" in page
+
+
+def _perturbed(d: dict[str, Any]) -> dict[str, Any]:
+    return next(s for s in d["scenarios"] if s["perturbation"])
+
+
+def test_robustness_rows_side_by_side(base: dict[str, Any]) -> None:
+    new = copy.deepcopy(base)
+    sc = _perturbed(new)
+    # the new model drops far more in this scenario, with an interval disjoint from the old one's
+    old_drop = _perturbed(base)["drop"]["accuracy"]
+    sc["drop"]["accuracy"] = {**old_drop, "value": old_drop["value"] + 0.5, "ci_low": (old_drop["ci_high"] or 0) + 0.1,
+                              "ci_high": (old_drop["ci_high"] or 0) + 0.6}
+    sc["representation"] = {"cka": {"value": 0.42, "ci_low": 0.4, "ci_high": 0.45}}
+    result = compare(res(base), res(new), 0.05)
+    rows = {r.scenario: r for r in result.robustness}
+    assert set(rows) == {s["id"] for s in base["scenarios"] if s["perturbation"]}
+    row = rows[sc["id"]]
+    assert row.metric == "accuracy" and row.more_robust == "old"
+    assert row.new_representation["cka"]["value"] == 0.42 and row.old_representation == {}
+    unchanged = next(r for r in result.robustness if r.scenario != sc["id"])
+    assert unchanged.more_robust == "neither (CIs overlap)"
+    html = render_compare(result)
+    assert "Robustness per perturbation" in html and "0.420 [0.400, 0.450]" in html
+    assert result.to_dict()["robustness"][0]["more_robust"]
+
+
+def test_encoder_audit_compares_with_the_classifier_of_its_classes(base: dict[str, Any]) -> None:
+    enc = copy.deepcopy(base)
+    enc["config"]["task"]["type"] = "embedding"
+    enc["model"]["task"] = "embedding"
+    result = compare(res(enc), res(base))  # no IncomparableAudits: the same label space
+    assert any("different kinds (embedding vs" in n for n in result.notes)
+    other = copy.deepcopy(enc)
+    other["config"]["task"]["classes"] = [*base["config"]["task"]["classes"], "extra"]
+    with pytest.raises(IncomparableAudits, match="different task"):
+        compare(res(other), res(base))
