@@ -29,10 +29,11 @@ FINDING_BELOW = 0.8
 TEMPLATE = """\
 {% if figure %}{% with f = figure %}{% include "sections/_figure.html" %}{% endwith %}{% endif %}
 <p>{{ what }}</p>
-{% with t = worst %}{% include "sections/_table.html" %}{% endwith %}
-<p class="note">Every perturbed scenario with its intervals is in the appendix and in <code>tables/representation.csv</code>.
-Each measure is 1 when the perturbation leaves the representation unchanged. Bootstrap intervals of CKA resample samples with
-replacement, and duplicated samples raise CKA, so its intervals tend to sit above the point value.</p>
+<p class="note">Per perturbation, the severity with the lowest CKA and the three measures there, and every perturbed
+scenario with its intervals, are in the appendix and in <code>tables/representation.csv</code> and
+<code>tables/representation-worst.csv</code>. Each measure is 1 when the perturbation leaves the representation unchanged.
+Bootstrap intervals of CKA resample samples with replacement, and duplicated samples raise CKA, so its intervals tend to sit
+above the point value.</p>
 """
 
 
@@ -41,35 +42,38 @@ def _scenarios(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def drift_figure(r: dict[str, Any]) -> Figure | None:
-    """Each measure against severity (0 = clean, where every measure is 1), one line per perturbation."""
-    by_pert: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """Each measure against severity (0 = clean, where every measure is 1), one line per suite: the
+    mean over the suite's perturbations (a line per perturbation made a legend longer than the
+    figure; the table below names the perturbations)."""
+    by_suite: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for s in _scenarios(r):
-        by_pert[s["perturbation"]].append(s)
+        by_suite[s.get("suite") or "other"][s["severity"]].append(s["representation"])
     panels = []
     for key, ylabel in MEASURES:
         series = []
-        for pert in sorted(by_pert):
-            rows = sorted((s for s in by_pert[pert] if key in s["representation"]), key=lambda s: s["severity"])
-            if not rows:
-                continue
-            est = [s["representation"][key] for s in rows]
-            series.append(Series(pert, [0] + [s["severity"] for s in rows], [1.0] + [e.get("value") for e in est],
-                                 [1.0] + [e.get("ci_low") for e in est], [1.0] + [e.get("ci_high") for e in est]))
+        for suite in sorted(by_suite):
+            means = {sev: [e[key]["value"] for e in reps if (e.get(key) or {}).get("value") is not None]
+                     for sev, reps in sorted(by_suite[suite].items())}
+            sevs = [sev for sev, vals in means.items() if vals]
+            if sevs:
+                series.append(Series(suite, [0, *sevs], [1.0] + [sum(means[v]) / len(means[v]) for v in sevs]))
         if series:
-            panels.append((key, ylabel, series))
+            panels.append((key, f"{ylabel} (mean)", series))
     if not panels:
         return None
     alt = ("Representation drift against severity: " + ", ".join(p[0] for p in panels)
-           + " of the perturbed embeddings against the clean ones, one line per perturbation.")
+           + " of the perturbed embeddings against the clean ones, one line per suite (mean over its perturbations).")
     return Figure(degradation(panels, "representation", alt, [True] * len(panels)),
-                  f"Embedding drift: each measure against severity, one line per perturbation, {confidence_label(r)} "
-                  "bootstrap bands; 1 means the embeddings did not move.")
+                  "Embedding drift: each measure against severity, one line per suite averaged over its perturbations; "
+                  f"1 means the embeddings did not move. Per-perturbation values with {confidence_label(r)} intervals are "
+                  "in the table below and the appendix.")
 
 
 def worst_table(r: dict[str, Any]) -> Table:
     """Per perturbation, the severity whose CKA is lowest, with all three measures there."""
     t = Table(f"Per perturbation, the severity with the lowest linear CKA, and the three measures there "
-              f"({confidence_label(r)} CIs).", ["Perturbation", "Severity", "Cosine", "CKA", "k-NN consistency"])
+              f"({confidence_label(r)} CIs).", ["Perturbation", "Severity", "Cosine", "CKA", "k-NN consistency"],
+              name="worst", columns=["perturbation", "severity"] + [c for k, _ in MEASURES for c in estimate_columns(k)])
     by_pert: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in _scenarios(r):
         by_pert[s["perturbation"]].append(s)
@@ -77,7 +81,8 @@ def worst_table(r: dict[str, Any]) -> Table:
         worst = min(by_pert[pert], key=lambda s: (_value(s, "cka"), s["severity"]))
         rep = worst["representation"]
         t.rows.append(Row([pert, str(worst["severity"])] + [fmt_ci(rep.get(k)) for k, _ in MEASURES],
-                          "drop" if _value(worst, "cka") < FINDING_BELOW else ""))
+                          "drop" if _value(worst, "cka") < FINDING_BELOW else "",
+                          values=[pert, worst["severity"]] + [v for k, _ in MEASURES for v in estimate_values(rep.get(k))]))
     return t
 
 
@@ -140,5 +145,5 @@ def medaudit_report_sections(results: dict[str, Any]) -> list[ReportSection]:
         return []
     return [ReportSection(
         id="representation", title="Representation robustness", template=TEMPLATE, order=430,
-        context={"figure": drift_figure(results), "worst": worst_table(results), "what": describe(results)},
-        findings=findings(results), headlines=headlines(results), appendix=[full_table(results)])]
+        context={"figure": drift_figure(results), "what": describe(results)},
+        findings=findings(results), headlines=headlines(results), appendix=[worst_table(results), full_table(results)])]

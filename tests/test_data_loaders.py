@@ -123,7 +123,16 @@ def test_npy_channel_layouts(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.read(0), grey[None])
     np.testing.assert_array_equal(ds.read(1), np.moveaxis(rgb_last, -1, 0))
     np.testing.assert_array_equal(ds.read(2), chw)
-    assert tuple(ds[0][0].shape) == (3, 10, 11)  # grey repeated to 3 channels
+    # the first image is grey: grey images stay 1-channel (replicated on the device after perturbation),
+    # and a colour image in such a set is an error naming it
+    assert tuple(ds[0][0].shape) == (1, 10, 11)
+    with pytest.raises(DataError, match=r"rgb_last.npy.*3 channels, but the data set's first image is grey"):
+        ds[1]
+    # a colour-first set replicates its grey images when they are loaded
+    csv = write_manifest(tmp_path, ["chw.npy,a", "grey.npy,a", "rgb_last.npy,b"])
+    ds = open_ds(csv, cfg(channels=3))
+    assert tuple(ds[1][0].shape) == (3, 10, 11)
+    assert torch.equal(ds[1][0][0], ds[1][0][2])
 
 
 def test_nifti_3d_2d_and_big_endian(tmp_path: Path) -> None:

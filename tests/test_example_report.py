@@ -109,12 +109,13 @@ def missing_cell_tokens(html_text: str, pdf_path: Path) -> list[str]:
 
 @pytest.mark.browser
 @pytest.mark.skipif(find_chromium() is None, reason="Chromium/Chrome not on PATH")
-def test_pdf_has_at_most_15_pages_and_nothing_clipped(example_run: Path, tmp_path: Path) -> None:
+def test_pdf_has_at_most_16_pages_and_nothing_clipped(example_run: Path, tmp_path: Path) -> None:
     pdfium = pytest.importorskip("pypdfium2")
     report = example_run / "report.html"
     pdf = html_to_pdf(report, tmp_path / "report.pdf")
     doc = pdfium.PdfDocument(str(pdf))
-    assert 3 <= len(doc) <= 15
+    # 15 until the representation-robustness section (one figure and its text) joined the example's report
+    assert 3 <= len(doc) <= 16
     assert missing_cell_tokens(report.read_text(encoding="utf-8"), pdf) == []
     # the first page is the executive summary: verdict and heat map
     first = doc[0].get_textpage().get_text_range()
