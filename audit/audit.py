@@ -154,7 +154,16 @@ def _feature_choice(model: LoadedModel, config: Config, dataset: AuditDataset, d
         return choice
     try:
         choice = choose_feature_layer(model, requested, x)
+        if OUTPUT_FEATURES in task_of(config.task).capabilities and choice.layer is not None:
+            # an encoder's outputs are embeddings: a weight matrix as wide as them is no class head
+            choice = replace(choice, head_name=None, head=None, note=(
+                f"an encoder has no classification head ({choice.layer!r} is read as configured)"))
+            if stages_cfg == "auto":  # the stages are found by a classifier's head too
+                stages_cfg = None
         stages, source, note = choose_stages(model, stages_cfg, choice.layer, x)
+        if stages_cfg is None and config.model.feature_layers == "auto":
+            note = (f"an encoder has no classification head to find its stages by: multi-layer detectors read "
+                    f"{choice.layer!r} alone (list model.feature_layers to read several blocks)")
         choice = replace(choice, stages=stages, stages_source=source, stages_note=note)
     except ConfigError:
         raise
@@ -416,10 +425,13 @@ def _inferred_classes_error(prep: Prepared, exc: OutputWidthError) -> OutputWidt
         "set task.classes to the model's classes in output order", exc.width, exc.n_classes)
 
 
-def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool, trust_pickle: bool) -> ExternalSet:
-    """Forward an extra data set on clean inputs only (detector reference or external OOD set)."""
+def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool, trust_pickle: bool,
+                main: ForwardResult) -> ExternalSet:
+    """Forward an extra data set on clean inputs only (detector reference or external OOD set), in
+    the memory format the audit's own passes ran in (``main``)."""
+    fmt = "channels_last_3d" if main.memory_format == "channels_last" and prep.config.input.dims == 3 else main.memory_format
     fwd = run_forward(prep.model, prep.extract, dataset, prep.config, [Scenario.clean()], {}, prep.device,
-                      prep.detectors, progress=progress, trust_pickle=trust_pickle)
+                      prep.detectors, progress=progress, trust_pickle=trust_pickle, memory_format=fmt)
     labels = None if dataset.labels is None else torch.as_tensor(dataset.labels)
     return ExternalSet(name, dataset.identity(), labels, fwd)
 
@@ -500,9 +512,9 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     if fwd.resumed_shards:
         log(f"resumed {fwd.resumed_shards} completed shard(s) from {cache.dir}")
     phases.lap("forward")
-    reference = (_clean_only(prep, "reference", prep.reference, progress, trust_pickle)
+    reference = (_clean_only(prep, "reference", prep.reference, progress, trust_pickle, fwd)
                  if prep.reference is not None else None)
-    ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle) for name, ds in prep.ood_sets.items()]
+    ood_sets = [_clean_only(prep, name, ds, progress, trust_pickle, fwd) for name, ds in prep.ood_sets.items()]
     phases.lap("external")
     assets = preview_for(prep, {s.split("@")[0] for s in fwd.failures})
     assets.update(overlays_for(prep, fwd))

@@ -493,3 +493,21 @@ def test_encoder_audit_does_not_depend_on_the_batch_size(assets: SimpleNamespace
         scenarios.append(results["scenarios"])
     assert scenarios[0] == scenarios[1] == scenarios[2]
     assert runs[0]["model"]["probe"] == runs[1]["model"]["probe"]
+
+
+def test_encoder_with_a_named_block_has_no_head_and_reads_its_tokens(assets: SimpleNamespace, tmp_path: Path) -> None:
+    # a weight matrix as wide as the embedding is no class head, and no stages are guessed from one
+    cfg = yaml.safe_load(assets.dinov2_cfg.read_text())
+    cfg["model"]["feature_layer"] = "layernorm"
+    named = write_yaml(tmp_path / "named.yaml", cfg)
+    out = tmp_path / "out"
+    res = medaudit_run(assets.dinov2, "--data", assets.data, "--reference", assets.ref, "--config", named,
+                       "--out", out, "--model-batch-size", "8", *FAST)
+    assert res.exit_code == 0, res.output
+    model = results_of(out)["model"]
+    assert model["feature_layer"] == "layernorm" and model["head"] is None
+    assert "an encoder has no classification head" in model["feature_layer_note"]
+    assert model["feature_layers"] == ["layernorm"] and model["feature_layers_source"] == "layer"
+    assert model["tokens"]["layernorm"]["cls"] is True
+    assert model["representation"]["source"] == "the encoder's embeddings"  # not the named block
+    assert "spectral" in results_of(out)["scenarios"][1]["ood"]  # the block's patch tokens

@@ -31,7 +31,8 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
                 progress: bool = False, owners: dict[object, str] | None = None,
                 executor: Executor | None = None, trust_pickle: bool = False,
                 scenarios_per_unit: int | None = None,
-                on_threads: Callable[[ThreadChoice], None] | None = None) -> ForwardResult:
+                on_threads: Callable[[ThreadChoice], None] | None = None,
+                memory_format: str | None = None) -> ForwardResult:
     """Run every scenario over the whole dataset, unit by unit, and merge in index order.
 
     Units completed by an earlier run are taken from ``cache``; the others go to ``executor``
@@ -45,13 +46,14 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     (:func:`~medaudit.runner.device.choose_threads`), torch's threads are set to it for the rest
     of the process's work (the caller's :func:`~medaudit.runner.device.torch_threads` block
     restores them), and the choice is handed to ``on_threads`` before the passes start.
+    ``memory_format`` (the audit's choice, for an extra data set's passes) skips choosing it again.
     """
     settle_dims(dataset, config)  # input.dims: auto in a config built around a data set opened directly
     n = len(dataset)
     mean, std = normalisation(config, device)
     chunk = config.audit.model_batch_size
     first_x, _, first_extras = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
-    probe = probe_model(model, extract, first_x, n, config, device, mean, std, first_extras)
+    probe = probe_model(model, extract, first_x, n, config, device, mean, std, first_extras, memory_format)
     if on_threads is not None:
         threads = choose_threads(config.audit.threads, device,
                                  chunk_calls(extract, first_x, n, config, device, mean, std, probe))

@@ -152,10 +152,13 @@ def choose_memory_format(model: LoadedModel, extract: Extractor, x: Tensor, conf
 
 
 def probe_model(model: LoadedModel, extract: Extractor, first_x: Tensor, n: int, config: Config,
-                device: torch.device, mean: Tensor, std: Tensor, first_extras: dict[str, Tensor] | None = None) -> ModelProbe:
+                device: torch.device, mean: Tensor, std: Tensor, first_extras: dict[str, Tensor] | None = None,
+                memory_format: str | None = None) -> ModelProbe:
     """Dry run, short-chunk check and memory format on ``first_x`` (the first model chunk of the
     ``n`` samples, with its ``first_extras``: label maps for a segmentation task); converts the
-    model to the chosen memory format."""
+    model to the chosen memory format. ``memory_format`` (a name the audit's own probe chose) is
+    kept instead of choosing again: an extra data set's passes (``--reference``, ``--ood-data``)
+    run the model as the audit's did."""
     chunk = config.audit.model_batch_size
     with torch.inference_mode():
         targets = device_targets(task_of(config.task), first_extras or {}, device)
@@ -164,6 +167,8 @@ def probe_model(model: LoadedModel, extract: Extractor, first_x: Tensor, n: int,
         # chunk in every scenario (up to 17 % more model work where the chunk is large).
         rest = n % chunk
         pad_last = n > chunk and rest > 0 and not accepts_batch(extract, first_x[:rest].to(device), mean, std)
+    if memory_format is not None:  # the model is already in it
+        return ModelProbe(output_kind, memory_format, pad_last)
     # A few samples show whether the model runs in channels-last (a fixed-batch model needs the chunk).
     sample = first_x if pad_last else first_x[:4]
     fmt = choose_memory_format(model, extract, sample.to(device), config, device, mean, std)
