@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .detector import LinearHead
 from .errors import ConfigError
 from .model import LoadedModel, select_output
-from .tokens import TokenLayout, find_layout, is_token_sequence, patch_map
+from .tokens import TokenLayout, find_layout, is_token_sequence, patch_map, pooled_tokens
 
 __all__ = ["FeatureExtractor", "make_extractor", "available_layers", "choose_feature_layer", "choose_stages"]
 
@@ -123,7 +123,7 @@ class FeatureExtractor:
                 self.token_layouts[layer] = layout
             converted[layer] = patch_map(value, layout)
             if layout.cls:
-                converted[layer + CLS_SUFFIX] = value[:, 0]
+                converted[layer + CLS_SUFFIX] = pooled_tokens(value, layout, "cls")
         return converted
 
     def close(self) -> None:
