@@ -30,6 +30,7 @@ from medaudit.metric import Metric, MetricContext, class_names
 from medaudit.outputs import AuditOutputs
 from medaudit.ranking import auroc_from_sums, binary_roc_sums, tie_groups
 from medaudit.scoring import near_chance as is_near_chance
+from medaudit.task import task_of
 from medaudit.weighted import group_sums, safe_div
 
 MEDAUDIT_API_VERSION = 1
@@ -316,9 +317,11 @@ def medaudit_metrics(config: object) -> list[Metric]:
     return [ClassificationMetrics(), SelectivePredictionMetrics()]
 
 
-def near_chance(outputs: AuditOutputs) -> dict[str, Any] | None:
+def near_chance(outputs: AuditOutputs, fitted_readout: bool = False) -> dict[str, Any] | None:
     """An alert record when the clean predictions are near chance (single-label tasks,
-    :func:`medaudit.scoring.near_chance` of the clean balanced accuracy), else None."""
+    :func:`medaudit.scoring.near_chance` of the clean balanced accuracy), else None.
+    ``fitted_readout``: the predictions come from probes fitted on ``--reference`` (an encoder), so
+    its labels are a cause to check too."""
     if outputs.labels.ndim != 1 or "clean" not in [s.id for s in outputs.scenarios]:
         return None
     probs = outputs.probs[outputs.index("clean")]
@@ -332,11 +335,13 @@ def near_chance(outputs: AuditOutputs) -> dict[str, Any] | None:
                         f"{1.0 / k:.3f} for a constant prediction over {k} classes. Its robustness, calibration "
                         "and detection results describe a model that does not work on this data; check the input "
                         "spec (input.intensity scaling, input.mean/std, channels, size) and task.classes against "
-                        "how the model was trained")}
+                        "how the model was trained" + ("; the probes were fitted on --reference: check that its labels "
+                                                       "match its images and the audit data's classes"
+                                                       if fitted_readout else ""))}
 
 
 @hookimpl
 def medaudit_analyze(outputs: AuditOutputs, config: object) -> dict[str, Any] | None:
     """Flags a model near chance on clean data (:func:`near_chance`)."""
-    alert = near_chance(outputs)
+    alert = near_chance(outputs, task_of(config.task).needs_reference)  # type: ignore[attr-defined]
     return {"warnings": [alert]} if alert else None

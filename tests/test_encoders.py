@@ -511,3 +511,19 @@ def test_encoder_with_a_named_block_has_no_head_and_reads_its_tokens(assets: Sim
     assert model["tokens"]["layernorm"]["cls"] is True
     assert model["representation"]["source"] == "the encoder's embeddings"  # not the named block
     assert "spectral" in results_of(out)["scenarios"][1]["ood"]  # the block's patch tokens
+
+
+def test_probes_fitted_on_shuffled_labels_raise_the_near_chance_alert(assets: SimpleNamespace, tmp_path: Path) -> None:
+    # an encoder audit whose reference labels do not match its images must be loud, never reassuring
+    with np.load(assets.ref) as d:
+        images, labels = d["images"], d["labels"]
+    shuffled = tmp_path / "shuffled.npz"
+    np.savez(shuffled, images=images, labels=np.random.default_rng(0).permutation(labels))
+    out = tmp_path / "out"
+    res = medaudit_run(assets.dinov2, "--data", assets.data, "--reference", shuffled, "--config", assets.dinov2_cfg,
+                       "--out", out, "--model-batch-size", "8", *FAST)
+    assert res.exit_code == 0, res.output
+    results = results_of(out)
+    alert = next(w for w in results["warning_records"] if w["code"] == "near-chance")
+    assert "the probes were fitted on --reference" in alert["message"]
+    assert results["verdict"]["status"] == "alert"
