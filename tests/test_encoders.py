@@ -527,3 +527,8 @@ def test_probes_fitted_on_shuffled_labels_raise_the_near_chance_alert(assets: Si
     alert = next(w for w in results["warning_records"] if w["code"] == "near-chance")
     assert "the probes were fitted on --reference" in alert["message"]
     assert results["verdict"]["status"] == "alert"
+
+
+def test_report_identity_names_the_probes(dinov2_audit: Path) -> None:
+    html = (dinov2_audit / "report.html").read_text(encoding="utf-8")
+    assert "every metric is the linear probe" in html and "fitted on the --reference set of 240 samples" in html

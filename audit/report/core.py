@@ -42,6 +42,15 @@ def scope_text(r: dict[str, Any]) -> str:
     return f"{len(scenarios)} scenarios: " + ", ".join(parts)
 
 
+def _probes(p: dict[str, Any]) -> str:
+    """An encoder audit's probes (results.json ``model.probe``): what every metric of the report was read through."""
+    lin, knn, ref = p.get("linear", {}), p.get("knn", {}), p.get("reference", {})
+    return (f"every metric is the linear probe's (logistic regression, C = {lin.get('C')}, {lin.get('scaling')}; "
+            f"{'converged' if lin.get('converged') else 'NOT converged'} in {lin.get('n_iter')} iterations), the k-NN "
+            f"probe's are knn_probe/… (k = {knn.get('k')}, {knn.get('metric')}); fitted on the --reference set of "
+            f"{ref.get('n_samples')} samples, SHA-256 {str(ref.get('sha256'))[:12]}…")
+
+
 def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     m, d, e = r["model"], r["dataset"], r["environment"]
     identity = [
@@ -54,6 +63,11 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         *([("Feature stages", ", ".join(m["feature_layers"]) + (f" — {m['feature_layers_note']}"
                                                                  if m.get("feature_layers_note") else ""))]
           if m.get("feature_layers") else []),
+        *([("Output key", str(m["output_key"]))] if m.get("output_key") is not None else []),
+        *([("Token layers", "; ".join(f"{layer}: {t['prefix']} prefix token(s) ({'CLS' if t['cls'] else 'no CLS'}, "
+                                      f"{t['registers']} register(s)), vectors by {t['pooling']} pooling — {t['source']}"
+                                      for layer, t in m["tokens"].items()))] if m.get("tokens") else []),
+        *([("Probes", _probes(m["probe"]))] if m.get("probe") else []),
         ("Dataset", d["path"]), ("Dataset SHA-256", d["sha256"]), ("Dataset format", d.get("format") or "–"),
         ("Samples", str(d["n_samples"])),
         ("Class counts", ", ".join(f"{k}: {v}" for k, v in d["class_counts"].items())),
