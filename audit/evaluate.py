@@ -34,8 +34,8 @@ from .robustness import summarize as summarize_robustness
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .representation import representation_measures
-from .task import (ALL_QUANTITIES, FAILURE_DETECTION, OUTPUT_FEATURES, TARGET_LABEL_MAP, TEMPERATURE_SCALING, Readout,
-                   Task, task_named, task_of)
+from .task import (ALL_QUANTITIES, FAILURE_DETECTION, OUTPUT_FEATURES, SINGLE_LABEL, TARGET_LABEL_MAP,
+                   TEMPERATURE_SCALING, Readout, Task, task_named, task_of)
 from .temperature import temperature_report
 from .timing import PhaseClock
 from .referral import recommend
@@ -118,28 +118,19 @@ def _representation(task: Task, cfg: Config, fwd: ForwardResult, labels: Tensor,
     ref_vectors = None
     if reference is not None and reference.labels is not None:
         ref_vectors = (reference.forward.outputs.get("embedding") if encoder else reference.forward.representation)
-    self_reference = ref_vectors is None or task.targets == TARGET_LABEL_MAP
-    if self_reference:
-        ref, ref_labels = clean, labels
-    else:
-        ref, ref_labels = ref_vectors[0].to(dev), reference.labels  # type: ignore[union-attr]
-    if task.targets == TARGET_LABEL_MAP:  # no image-level class to vote on
-        ref_labels = torch.zeros(clean.shape[0], dtype=torch.int64)
-    n_classes = max(len(cfg.task.classes), int(ref_labels.max()) + 1 if ref_labels.numel() else 1)
-    out = {}
-    for i, sid in enumerate(ids):
-        if sid == "clean":
-            continue
-        measures = representation_measures(clean, vectors[i].to(dev), weights, cfg.audit.confidence, reference=ref,
-                                           reference_labels=ref_labels.to(dev), k=cfg.audit.representation_k,
-                                           n_classes=n_classes, self_reference=self_reference)
-        if task.targets == TARGET_LABEL_MAP:
-            measures.pop("knn_consistency", None)
-        out[sid] = measures
+    self_reference = ref_vectors is None
+    ref, ref_labels = (clean, labels) if self_reference else (ref_vectors[0].to(dev), reference.labels)  # type: ignore[union-attr]
+    voting = SINGLE_LABEL in task.capabilities  # k-NN consistency compares one voted class per sample
+    out = {sid: representation_measures(clean, vectors[i].to(dev), weights, cfg.audit.confidence,
+                                        reference=ref if voting else None,
+                                        reference_labels=ref_labels.to(dev) if voting else None,
+                                        k=cfg.audit.representation_k, n_classes=len(cfg.task.classes),
+                                        self_reference=self_reference)
+           for i, sid in enumerate(ids) if sid != "clean"}
     info = {"source": "the encoder's embeddings" if encoder else f"the pooled output of {cfg.model.feature_layer!r}",
             "dim": int(clean.shape[1]), "knn_k": cfg.audit.representation_k,
-            "knn_reference": "the clean audit data (each sample excluded from its own neighbours)" if self_reference
-                             else "the --reference set", "similarity": "cosine"}
+            "knn_reference": None if not voting else "the clean audit data (each sample excluded from its own "
+                             "neighbours)" if self_reference else "the --reference set", "similarity": "cosine"}
     return out, info
 
 

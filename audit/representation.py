@@ -422,7 +422,7 @@ def knn_consistency(reference: Tensor, reference_labels: Tensor, clean: Tensor, 
 
 
 def representation_measures(clean: Tensor, shifted: Tensor, weights: Tensor, confidence: float, *,
-                            reference: Tensor, reference_labels: Tensor, k: int, n_classes: int,
+                            reference: Tensor | None, reference_labels: Tensor | None, k: int, n_classes: int,
                             self_reference: bool) -> dict[str, dict[str, float | None]]:
     """The three representation measures of one perturbed scenario, with bootstrap intervals.
 
@@ -443,7 +443,8 @@ def representation_measures(clean: Tensor, shifted: Tensor, weights: Tensor, con
     confidence : float
         Interval coverage, e.g. 0.95.
     reference, reference_labels, k, n_classes, self_reference
-        See :func:`knn_consistency`.
+        See :func:`knn_consistency`; ``reference`` None leaves ``knn_consistency`` out (a task
+        without one class per sample has no vote to compare).
 
     Returns
     -------
@@ -455,11 +456,9 @@ def representation_measures(clean: Tensor, shifted: Tensor, weights: Tensor, con
         raise ValueError(f"weights must be [1 + R, {clean.shape[0]}], got {tuple(weights.shape)}")
     w = weights.detach().to(clean.device)
     cos = cosine_to_clean(clean, shifted)
-    agree = knn_consistency(reference, reference_labels, clean, shifted, k, n_classes, self_reference)
-    w64 = w.to(torch.float64)
-    rows = {
-        "cosine": weighted_median(cos, w),
-        "cka": linear_cka(clean, shifted, w),
-        "knn_consistency": safe_div(w64 @ agree, w64.sum(dim=1)),
-    }
+    rows = {"cosine": weighted_median(cos, w), "cka": linear_cka(clean, shifted, w)}
+    if reference is not None and reference_labels is not None:
+        agree = knn_consistency(reference, reference_labels, clean, shifted, k, n_classes, self_reference)
+        w64 = w.to(torch.float64)
+        rows["knn_consistency"] = safe_div(w64 @ agree, w64.sum(dim=1))
     return intervals(rows, confidence)

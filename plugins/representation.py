@@ -134,9 +134,11 @@ def describe(r: dict[str, Any]) -> str:
     return (f"Read from {info.get('source', 'the feature layer')} ({info.get('dim', '?')} dimensions). Cosine: the median "
             "over samples of the cosine similarity between a sample's perturbed and clean embedding. CKA: linear centred "
             "kernel alignment between the perturbed and clean embedding sets (Kornblith et al. 2019), invariant to "
-            f"rotations and isotropic scaling. k-NN consistency: the share of samples whose {info.get('knn_k', 'k')} "
-            f"nearest neighbours in {info.get('knn_reference', 'the clean reference')} (cosine similarity) vote the same "
-            "class for the perturbed as for the clean embedding.")
+            "rotations and isotropic scaling."
+            + (f" k-NN consistency: the share of samples whose {info.get('knn_k', 'k')} nearest neighbours in "
+               f"{info['knn_reference']} (cosine similarity) vote the same class for the perturbed as for the clean "
+               "embedding." if info.get("knn_reference") else " k-NN consistency is not measured: this task has no "
+                                                                "single class per sample to vote on."))
 
 
 @hookimpl

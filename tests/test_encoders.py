@@ -532,3 +532,21 @@ def test_probes_fitted_on_shuffled_labels_raise_the_near_chance_alert(assets: Si
 def test_report_identity_names_the_probes(dinov2_audit: Path) -> None:
     html = (dinov2_audit / "report.html").read_text(encoding="utf-8")
     assert "every metric is the linear probe" in html and "fitted on the --reference set of 240 samples" in html
+
+
+def test_multilabel_audit_measures_the_representation_without_a_vote(assets: SimpleNamespace, tmp_path: Path) -> None:
+    # multi-hot labels give no single class to vote on: cosine and CKA only
+    with np.load(assets.data) as d:
+        images, labels = d["images"], d["labels"]
+    data = tmp_path / "multilabel.npz"
+    np.savez(data, images=images, labels=np.eye(3, dtype=np.int64)[labels])
+    cfg = yaml.safe_load(assets.vit_classifier_cfg.read_text())
+    cfg["task"]["type"] = "multilabel"
+    out = tmp_path / "out"
+    res = medaudit_run(assets.vit_classifier, "--data", data, "--config", write_yaml(tmp_path / "ml.yaml", cfg),
+                       "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    results = results_of(out)
+    assert results["model"]["representation"]["knn_reference"] is None
+    assert all(set(s["representation"]) == {"cosine", "cka"} for s in perturbed(results))
+    assert "k-NN consistency is not measured" in (out / "report.html").read_text(encoding="utf-8")
