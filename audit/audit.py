@@ -546,6 +546,10 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
             buf = io.BytesIO()
             np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays, fwd.maps, cfg.task))
             (stage / "predictions.npz").write_bytes(buf.getvalue())
+        from .integrity import seal
+
+        # sealed before the folder appears: results.json's integrity covers every file above (medaudit.integrity)
+        results.integrity = seal(stage)
     if junit is not None:
         write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
     cache.flush()

@@ -473,6 +473,27 @@ def preview(data: Path, config_path: Path | None, output: Path, sample: int, sui
     click.echo(f"wrote {output}")
 
 
+@cli.command("verify")
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@handle_errors
+def verify_cmd(out_dir: Path) -> None:
+    """Check that an audit's output folder is unaltered: exit 0 verified, 1 altered, 2 not an audit folder.
+
+    Recomputes the SHA-256 hashes results.json's integrity record holds (its own canonical content
+    and every file the audit wrote), looks for files added since, and re-renders the report from
+    results.json to compare it with report.html and tables/*.csv byte for byte (docs/report.md).
+    """
+    from .integrity import summary, verify
+
+    problems = verify(out_dir, plugin_manager())
+    if problems:
+        for line in problems:
+            click.echo(f"mismatch: {line}")
+        click.echo(f"NOT verified: {len(problems)} mismatch(es) in {out_dir}")
+        sys.exit(1)
+    click.echo(summary(out_dir))
+
+
 def main() -> None:
     """The console entry point (``medaudit`` and ``python -m medaudit.cli``).
 

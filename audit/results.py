@@ -5,7 +5,7 @@ is generated from them (``python -m medaudit.results`` rewrites it; a test check
 and every results.json medaudit writes or reads is validated against them.
 
 Keys that differ between two runs of the same audit (``created_at``, ``command``, ``timing``,
-``environment.device_name``) are listed in :data:`VOLATILE_KEYS`; everything else is a function of
+``environment.device_name``, ``integrity``) are listed in :data:`VOLATILE_KEYS`; everything else is a function of
 the model, the data, the config and the seed.
 """
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .metric import Metric
 
 SCHEMA_VERSION = "1.0"
-VOLATILE_KEYS = ("created_at", "command", "timing", "environment")
+VOLATILE_KEYS = ("created_at", "command", "timing", "environment", "integrity")
 
 
 class _Model(BaseModel):
@@ -279,6 +279,11 @@ class Results(_Model):
     timing: Timing | None = None
     assets: dict[str, str] = Field(default_factory=dict, description="base64 images the report embeds (`<name>_png`), "
                                    "with the alt text of an overlay (`overlay_<position>_alt`)")
+    integrity: dict[str, Any] | None = Field(
+        None, description="the seal of the output folder (medaudit.integrity; checked by `medaudit verify`): algorithm "
+                          "(sha256), results_sha256 (of this object without integrity, as JSON with sorted keys, no "
+                          "white space, UTF-8) and files (path relative to the folder -> SHA-256 of every other file "
+                          "the audit wrote); never shown in the report; null: not sealed")
 
 
 def clean_floats(obj: Any) -> Any:
