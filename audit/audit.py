@@ -33,6 +33,7 @@ from .model import LoadedModel
 from .outputs import Scenario
 from .perturbation import Perturbation
 from .plugin_manager import PluginManager, catalogue_entry
+from .protocols import ProtocolRun, check_metrics, check_plan
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
 from .runner.executor import saved_maps
@@ -64,6 +65,7 @@ class Prepared:
     warnings: list[WarningRecord] = field(default_factory=list)
     reference: AuditDataset | None = None
     ood_sets: dict[str, AuditDataset] = field(default_factory=dict)
+    protocol: ProtocolRun | None = None
 
 
 class AuditInterrupted(KeyboardInterrupt):
@@ -270,11 +272,13 @@ def _metric_keys(metrics: list[Metric]) -> frozenset[str] | None:
 
 def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config, trust_pickle: bool = False,
             reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (),
-            required_columns: tuple[str, ...] = ()) -> Prepared:
+            required_columns: tuple[str, ...] = (), protocol: ProtocolRun | None = None) -> Prepared:
     """Resolve everything an audit needs; every input error is raised here, before any output.
 
     ``required_columns`` are metadata columns the user asked for by name (``--subgroup``): a
-    column the data lacks is an error here, not a warning after the audit.
+    column the data lacks is an error here, not a warning after the audit. ``protocol``: the
+    frozen protocol the config was resolved with (:func:`medaudit.protocols.resolve_protocol`);
+    the planned perturbations and the task's metrics are checked against it.
     """
     resolve_settings(config, pm)  # plugin sections and their aliases, before any hook reads them
     warnings = [WarningRecord(code="plugin-load-failed", plugin=f.name, subject=f.name, message=f.message)
@@ -329,6 +333,9 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
         warnings += [WarningRecord(code="suite-joined", plugin=provider, message=m)
                      for m in pm.suite_warnings(catalogue, plugin=provider)]
     scenarios, perturbations = plan_scenarios(config, catalogue)
+    if protocol is not None:
+        protocol = check_plan(protocol, {name: cls.describe() for name, (_p, cls) in catalogue.items() if name in perturbations},
+                              int(config.input.dims), allow_override=config.protocol_override)
     unknown_maps = sorted(set(config.output.save_labelmaps) - {s.id for s in scenarios})
     if unknown_maps:
         raise ConfigError(f"output.save_labelmaps: {unknown_maps} are not scenarios of this audit; name scenario ids "
@@ -348,13 +355,20 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
         if d.needs_model:
             d.model = input_model(model_callable(model), config, device)
     keys = _metric_keys(metrics)
-    validate_checks(config.checks, Vocabulary(
+    vocabulary = Vocabulary(
         scenarios=[s.id for s in scenarios] + [f"ood:{n}" for n in ood_sets],
         metrics=None if keys is None else keys | {p + k for p in task.readout_prefixes for k in keys},
         classes=tuple(config.task.classes), detectors=[d.name for d in detectors], columns=columns,
-        representation=represents(config, task)))
+        representation=represents(config, task))
+    validate_checks(config.checks, vocabulary)
+    if protocol is not None:
+        check_metrics(protocol, task.name, vocabulary.metric_known)
+        if not protocol.conformant:
+            warnings.append(WarningRecord(code="protocol-not-conformant", subject=protocol.protocol.name, message=(
+                f"not conformant to protocol {protocol.protocol.name}: overridden {'; '.join(protocol.overrides)} "
+                "(--protocol-override); its numbers are not comparable with conformant audits under this protocol")))
     return Prepared(pm, config, model, extract, dataset, dataset.identity(), scenarios, perturbations, metrics,
-                    detectors, owners, device, warnings, reference, ood_sets)
+                    detectors, owners, device, warnings, reference, ood_sets, protocol)
 
 
 def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
@@ -440,7 +454,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
               trust_pickle: bool = False, resume: bool = False, junit: Path | None = None,
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
               shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
-              config_path: Path | None = None, required_columns: tuple[str, ...] = ()) -> Results:
+              config_path: Path | None = None, required_columns: tuple[str, ...] = (),
+              protocol: ProtocolRun | None = None) -> Results:
     """Run a whole audit and write its outputs; returns the results (checks and warning records
     included: ``medaudit run`` prints them).
 
@@ -454,7 +469,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         phases.seconds["startup"] = age
     # the user's choice, for this audit only ("auto" is decided in the dry run, inside this block)
     with torch_threads(config.audit.threads):
-        prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths, required_columns)
+        prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths, required_columns,
+                       protocol)
         suspect = preprocessing_probe(prep.extract, prep.dataset, prep.config, prep.device)
         if suspect is not None:
             prep.warnings.append(suspect)
@@ -527,6 +543,8 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     results = evaluation.results
     if config_path is not None:
         results.config_path = str(config_path)
+    if prep.protocol is not None:
+        results.protocol = prep.protocol.record()
     # environment only: the count never changes a number (choose_threads)
     results.environment.threads_reason = chosen[0].reason
     from .report import render_report_files

@@ -190,6 +190,10 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
 @click.option("--resume", is_flag=True, help="Reuse completed shards of an interrupted run of the same audit.")
 @click.option("--pdf", is_flag=True, help="Also print report.html to report.pdf (needs Chromium).")
+@click.option("--protocol", "protocol", help="Run under a frozen audit protocol (`medaudit protocols` lists them), "
+                                             "e.g. mri-v1; flags that contradict it are an error.")
+@click.option("--protocol-override", is_flag=True, default=None,
+              help="Keep flags and config keys that contradict --protocol; the audit is marked not protocol-conformant.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
@@ -198,7 +202,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
-        quiet: bool) -> None:
+        protocol: str | None, protocol_override: bool | None, quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
 
     Without --config, ./medaudit.yaml (then ./medaudit.toml) is read when present; the config
@@ -234,17 +238,27 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         overrides["audit.suites"] = list(suites)
     if perturbations:
         overrides["audit.perturbations"] = list(perturbations)
-        if not suites:
-            overrides["audit.suites"] = []  # only what was named
     if subgroup:
         overrides[attributes_key] = list(dict.fromkeys([*file_attributes, *subgroup]))
     pm = plugin_manager()
+    run_protocol = None
+    protocol = protocol or file_data.get("protocol")
+    if protocol:
+        from .protocols import resolve_protocol
+
+        allow = bool(protocol_override or file_data.get("protocol_override"))
+        run_protocol, overrides = resolve_protocol({n: p for n, (_, p) in pm.protocols().items()}, protocol, file_data,
+                                                   overrides, allow_override=allow, source=str(config_path))
+        overrides["protocol_override"] = allow
+    if perturbations and not suites and "audit.suites" not in (run_protocol.overrides if run_protocol else ()):
+        overrides["audit.suites"] = []  # only what was named
     config = resolve_settings(load_config(config_path, overrides), pm)
     command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(pm, model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
-                        progress=not quiet, log=log, config_path=config_path, required_columns=subgroup)
+                        progress=not quiet, log=log, config_path=config_path, required_columns=subgroup,
+                        protocol=run_protocol)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
@@ -254,6 +268,10 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         from .pdf import html_to_pdf
 
         click.echo(f"pdf:     {html_to_pdf(out_dir / 'report.html', out_dir / 'report.pdf')}")
+    if results.protocol is not None:
+        p = results.protocol
+        click.echo(f"protocol: {p['name']} (sha256 {p['sha256'][:12]}) "
+                   + ("conformant" if p["conformant"] else f"NOT conformant: overridden {'; '.join(p['overrides'])}"))
     # the verdict first: a passing check must not read as a clean bill of health (see medaudit.verdict)
     click.echo(f"verdict: {results.verdict.get('headline', '')}")
     for c in results.checks:
@@ -310,6 +328,25 @@ def perturbations(as_json: bool) -> None:
                    f"[plugin {it['plugin']}]")
         for level, params in it["severities"].items():
             click.echo(f"    {level}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output: every protocol's full content.")
+@handle_errors
+def protocols(as_json: bool) -> None:
+    """List the frozen audit protocols: name, SHA-256, what each pins and the plugin publishing it."""
+    found = plugin_manager().protocols()
+    if as_json:
+        click.echo(json.dumps([{**p.content(), "sha256": p.sha256, "plugin": plugin}
+                               for name, (plugin, p) in sorted(found.items())], indent=2, ensure_ascii=False))
+        return
+    for name, (plugin, p) in sorted(found.items()):
+        click.echo(f"{name}  sha256 {p.sha256}  [plugin {plugin}]")
+        click.echo(f"    {p.description}")
+        click.echo(f"    modality {p.modality}; {len(p.perturbations)} perturbations ({', '.join(p.suites)}) at severities "
+                   f"{','.join(map(str, p.severities))}; seed {p.seed}; bootstrap {p.bootstrap} at {p.confidence:g}; "
+                   f"detectors {', '.join(p.detectors)}; margins "
+                   + ", ".join(f"{k} {v:g}" for k, v in sorted(p.margins.items())))
 
 
 @cli.command()

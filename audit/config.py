@@ -311,6 +311,13 @@ class OutputConfig(_Section):
 class Config(_Section):
     """The complete description of an audit."""
 
+    protocol: str | None = Field(
+        None, description="a frozen audit protocol (`medaudit protocols` lists them, e.g. mri-v1): it pins the modality, "
+                          "perturbations and their parameters, severities, seed, bootstrap, confidence, detectors and "
+                          "margins; a key here or a flag that contradicts it is an error (see protocol_override)")
+    protocol_override: bool = Field(
+        False, description="keep settings that contradict the protocol; the audit is then recorded as not "
+                           "protocol-conformant, with the overridden keys, in results.json and the report")
     model: ModelConfig = Field(default_factory=ModelConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)

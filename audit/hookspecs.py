@@ -20,7 +20,7 @@ bumps :data:`HOOK_API_VERSION`).
 
 Hooks are grouped by the phase of an audit in which they are called:
 
-1. catalogue: what the plugin contributes (tasks, perturbations, metrics, detectors);
+1. catalogue: what the plugin contributes (tasks, perturbations, metrics, detectors, protocols);
 2. loading: turning a path into a model or a dataset;
 3. analysis: extra results computed from the per-sample predictions;
 4. report: extra sections of the HTML report;
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .model import LoadedModel
     from .outputs import AuditOutputs
     from .perturbation import Perturbation
+    from .protocols import Protocol
     from .sections import ReportSection
     from .task import Task
 
@@ -127,6 +128,20 @@ def medaudit_settings() -> type[BaseModel]:
     ``json_schema_extra=medaudit.settings.legacy_key("audit.n_bins")``; see docs/plugins.md.
 
     :return: a model class, e.g. a subclass of :class:`medaudit.settings.PluginSettings`.
+    """
+
+
+@hookspec
+def medaudit_protocols() -> list[Protocol]:
+    """Return the frozen audit protocols this plugin publishes (``medaudit run --protocol NAME``).
+
+    A protocol (:class:`medaudit.protocols.Protocol`) pins the modality, the perturbations with
+    their parameters at every severity, the severities, seed, bootstrap size, confidence level,
+    detectors, compared metrics and breaking-point margins; its name carries its version
+    (``site-consortium-v2``) and results.json records its SHA-256. Never change a published
+    protocol: publish the next version beside it. Two plugins publishing one name is an error.
+    Implement it with ``@hookimpl(optionalhook=True)`` to keep supporting medaudit releases
+    before protocols existed.
     """
 
 

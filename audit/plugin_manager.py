@@ -25,6 +25,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .perturbation import Perturbation
+from .protocols import Protocol
 from .task import Task, check_declaration
 
 T = TypeVar("T")
@@ -213,6 +214,15 @@ class PluginManager:
                        f'give it a suite of its own (e.g. "{provider}.{name.split(".", 1)[1]}")')
         return out
 
+    def protocols(self) -> dict[str, tuple[str, Protocol]]:
+        """Every frozen audit protocol by name, with the plugin that publishes it."""
+        def check(obj: Any, plugin: str) -> None:
+            if not isinstance(obj, Protocol):
+                raise PluginError(f'plugin "{plugin}" returned {obj!r} from medaudit_protocols; expected '
+                                  "medaudit.protocols.Protocol objects")
+
+        return self._by_name("medaudit_protocols", "protocol", check)
+
     def tasks(self) -> dict[str, tuple[str, Task]]:
         """Every task type by name (the values of ``task.type``), with the plugin that provides it."""
         return self._by_name("medaudit_tasks", "task", check_declaration)
@@ -228,6 +238,8 @@ class PluginManager:
             out[plugin].setdefault("metrics", []).extend(m.name for m in metrics)
         for plugin, detectors in self.call_each("medaudit_detectors", config=config):
             out[plugin].setdefault("detectors", []).extend(d.name for d in detectors)
+        for plugin, protocols in self.call_each("medaudit_protocols"):
+            out[plugin].setdefault("protocols", []).extend(p.name for p in protocols)
         hooks = {
             "medaudit_load_model": "model loader", "medaudit_open_dataset": "dataset loader",
             "medaudit_analyze": "analysis", "medaudit_report_sections": "report sections",

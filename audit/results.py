@@ -248,6 +248,10 @@ class Results(_Model):
                                                       "./medaudit.yaml / ./medaudit.toml found); None: defaults and "
                                                       "command-line options only")
     seed: int
+    protocol: dict[str, Any] | None = Field(
+        None, description="the frozen audit protocol the audit ran under (--protocol): name, version, sha256 of its "
+                          "content, conformant (false with --protocol-override, listing the overridden keys in "
+                          "overrides); null: no protocol")
     model: ModelInfo
     dataset: DatasetInfo
     environment: Environment
