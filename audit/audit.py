@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -455,11 +456,13 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
               shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
               config_path: Path | None = None, required_columns: tuple[str, ...] = (),
-              protocol: ProtocolRun | None = None) -> Results:
+              protocol: ProtocolRun | None = None, baseline: dict[str, Any] | None = None) -> Results:
     """Run a whole audit and write its outputs; returns the results (checks and warning records
     included: ``medaudit run`` prints them).
 
-    ``config_path`` is recorded in results.json; ``required_columns``: see :func:`prepare`.
+    ``config_path`` is recorded in results.json; ``required_columns`` and ``protocol``: see
+    :func:`prepare`; ``baseline``: another model's results.json (``--baseline``), the denominator of
+    the baseline-normalised robustness scores (:mod:`medaudit.scores`).
     Ctrl-C raises :class:`AuditInterrupted`, which says what the shard cache kept.
     """
     started = time.perf_counter()
@@ -474,6 +477,8 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         suspect = preprocessing_probe(prep.extract, prep.dataset, prep.config, prep.device)
         if suspect is not None:
             prep.warnings.append(suspect)
+        if baseline is not None:
+            prep.warnings.extend(baseline_warnings(baseline, prep))
         phases.lap("prepare")
         cache = ShardCache(prep.config.output.dir / ".medaudit-cache", cache_fingerprint(prep, shard_size))
         if not resume:
@@ -482,11 +487,24 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             log(f"medaudit {__version__}: {scenario_count(prep)} of {len(prep.dataset)} samples, on {prep.device}")
             results = _run_prepared(prep, cache, command=command, started=started, phases=phases,
                                     trust_pickle=trust_pickle, junit=junit, progress=progress,
-                                    shard_size=shard_size, log=log, config_path=config_path)
+                                    shard_size=shard_size, log=log, config_path=config_path, baseline=baseline)
         except KeyboardInterrupt:
             cache.flush()  # the shard being written when Ctrl-C came is complete, so it counts
             raise AuditInterrupted(len(list(cache.dir.glob("shard-*.npz"))), cache.dir) from None
         return results
+
+
+def baseline_warnings(baseline: dict[str, Any], prep: Prepared) -> list[WarningRecord]:
+    """What makes a ``--baseline`` audit a weaker denominator: another test set, or another protocol
+    (then the scores divide by numbers measured under other shifts; refused on the command line)."""
+    out = []
+    sha = baseline.get("dataset", {}).get("sha256")
+    if sha != prep.identity.sha256:
+        out.append(WarningRecord(code="baseline-data", message=(
+            f"the --baseline audit ran on other data (dataset SHA-256 {str(sha)[:12]}, this audit "
+            f"{prep.identity.sha256[:12]}): mce_vs_baseline, relative_mce_vs_baseline, be and rbe divide by its errors "
+            "on another test set")))
+    return out
 
 
 def scenario_count(prep: Prepared) -> str:
@@ -503,7 +521,8 @@ def scenario_count(prep: Prepared) -> str:
 
 def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: float, phases: PhaseClock,
                   trust_pickle: bool, junit: Path | None, progress: bool, shard_size: int,
-                  log: Callable[[str], None], config_path: Path | None) -> Results:
+                  log: Callable[[str], None], config_path: Path | None,
+                  baseline: dict[str, Any] | None = None) -> Results:
     """The forward passes, results and outputs of a prepared audit (:func:`run_audit`)."""
     cfg = prep.config
     chosen: list[ThreadChoice] = []
@@ -539,7 +558,8 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     evaluation = build_results(
         prep.pm, cfg, prep.model, prep.identity, prep.dataset.sample_ids, prep.dataset.labels, prep.dataset.metadata,
         prep.metrics, prep.detectors, prep.owners, catalogue, fwd, prep.device, command, started,
-        prep.warnings, reference, ood_sets, assets, phases, token_layouts=getattr(prep.extract, "token_layouts", None))
+        prep.warnings, reference, ood_sets, assets, phases, token_layouts=getattr(prep.extract, "token_layouts", None),
+        baseline=baseline)
     results = evaluation.results
     if config_path is not None:
         results.config_path = str(config_path)

@@ -17,6 +17,21 @@ Grammar (whitespace around the operator is allowed)::
                                                        attribute's groups on clean data)
     scenario   := "clean" | perturbation "@" severity | perturbation "@*" | "*"
 
+    noninferiority check := scenario ".drop." metric (">" | ">=") margin "noninferior"
+                                                       mri.motion@3.drop.accuracy > 0.05 noninferior
+
+A **non-inferiority** check fails only when the drop is *not shown* to be within the margin: when
+the upper end of the paired drop's interval (``ci_high``, the audit's two-sided ``confidence``
+interval, so at 0.95 a one-sided 97.5 % bound — the regulatory convention of a two-sided 95 %
+interval for a one-sided test at 2.5 %) exceeds the margin (``>``; ``>=``: reaches it). The
+plain check fails on the point estimate instead. A non-inferiority check records that bound
+(``checks[].upper_bound``) and the one-sided bootstrap p-value of H0 "drop >= margin"
+(``checks[].p_value``): :math:`(1 + \#\{r: d_r \ge m\})/(1 + R)` over the ``R`` resampled
+drops :math:`d_r` (Davison & Hinkley 1997, eq. 4.11; never 0 with finitely many resamples). The
+decision is the bound's; the p-value is reported beside it. A wildcard takes the scenario with
+the highest bound. Without bootstrap intervals (``audit.bootstrap: 0``) non-inferiority cannot be
+shown and the check fails, with that reason.
+
 A wildcard scenario takes the *worst* value over the matching scenarios (the lowest for a
 higher-is-better metric, the highest otherwise; for ``drop`` the largest drop); the check records
 which scenario that was (``checks[].scenario``), so a failure names it. The expression
@@ -43,7 +58,8 @@ from .errors import ConfigError
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
 }
-_EXPR = re.compile(r"^\s*(?P<path>[^<>=!]+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<num>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_EXPR = re.compile(r"^\s*(?P<path>[^<>=!]+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<num>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)"
+                   r"(?:\s+(?P<kind>noninferior))?\s*$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,8 @@ class ParsedCheck:
     path: str
     op: str
     threshold: float
+    #: a non-inferiority check: judged on the upper bound of the drop's interval, not its point
+    noninferior: bool = False
 
 
 def parse_check(expr: str) -> ParsedCheck:
@@ -59,8 +77,14 @@ def parse_check(expr: str) -> ParsedCheck:
     if not m:
         raise ConfigError(
             f"--fail-on {expr!r}: not a check; write PATH OP NUMBER, e.g. 'clean.accuracy<0.8' or "
-            "'mri.motion@3.ece>0.1' (operators < <= > >= == !=)")
-    return ParsedCheck(expr.strip(), m["path"].strip(), m["op"], float(m["num"]))
+            "'mri.motion@3.ece>0.1' (operators < <= > >= == !=), or a non-inferiority check "
+            "'mri.motion@3.drop.accuracy > 0.05 noninferior'")
+    parsed = ParsedCheck(expr.strip(), m["path"].strip(), m["op"], float(m["num"]), m["kind"] is not None)
+    if parsed.noninferior and (parsed.op not in (">", ">=") or ".drop." not in "." + parsed.path):
+        raise ConfigError(
+            f"--fail-on {expr!r}: a non-inferiority check bounds a drop from above: 'SCENARIO.drop.METRIC > MARGIN "
+            "noninferior' (or >=); it fails when the drop's upper confidence bound exceeds the margin")
+    return parsed
 
 
 #: The statistics of a detector in a scenario's ``ood`` (:func:`medaudit.ood_metrics.detection_measures`).
@@ -219,6 +243,34 @@ def _lookup(results: dict[str, Any], path: str) -> tuple[float | None, str | Non
     return values[worst], chosen[worst]["id"]
 
 
+def _noninferiority(results: dict[str, Any], parsed: ParsedCheck,
+                    drop_rows: Callable[[str, str], Any] | None) -> dict[str, Any]:
+    """A non-inferiority check's entry: decided by the highest upper bound over its scenarios."""
+    prefix, rest = _split_scenario(parsed.path, [s["id"] for s in results["scenarios"]])
+    key = rest.split(".", 1)[1]
+    chosen = [s for s in results["scenarios"] if s["perturbation"] and (
+        prefix == "*" or s["id"] == prefix or (prefix.endswith("@*") and s["id"].startswith(prefix[:-1])))]
+    entry: dict[str, Any] = {"expr": parsed.expr, "value": None, "passed": False, "threshold": parsed.threshold,
+                             "scenario": None, "error": None, "noninferior": True, "upper_bound": None, "p_value": None}
+    if not any(key in s.get("drop", {}) for s in chosen):
+        raise ConfigError(f"check path {parsed.path!r}: no drop {key!r} in scenario {prefix!r}")
+    bounds = [(s["id"], s.get("drop", {}).get(key, {})) for s in chosen]
+    missing = next((sid for sid, d in bounds if d.get("ci_high") is None), None)
+    if missing is not None:
+        entry.update(scenario=missing, error=(
+            f"the drop has no confidence interval in {missing} (audit.bootstrap: 0, or the metric is undefined on "
+            "every resample), so non-inferiority cannot be shown"))
+        return entry
+    sid, drop = max(bounds, key=lambda b: b[1]["ci_high"])  # the first of equals
+    failed = _OPS[parsed.op](drop["ci_high"], parsed.threshold)
+    entry.update(value=drop.get("value"), scenario=sid, passed=not failed, upper_bound=drop["ci_high"])
+    rows = drop_rows(sid, key) if drop_rows is not None else None
+    if rows is not None:
+        resampled = [float(d) for d in rows if d == d]  # NaN resamples are dropped, as from the interval
+        entry["p_value"] = (1 + sum(d >= parsed.threshold for d in resampled)) / (1 + len(resampled))
+    return entry
+
+
 def _subgroup_gap(results: dict[str, Any], path: str) -> float | None:
     parts = path.split(".")
     if len(parts) != 3 or not parts[2].endswith("_gap"):
@@ -236,11 +288,20 @@ def _subgroup_gap(results: dict[str, Any], path: str) -> float | None:
     return max(defined) - min(defined)
 
 
-def evaluate_checks(exprs: list[str], results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Evaluate every check against a results dict; returns results.json ``checks`` entries."""
+def evaluate_checks(exprs: list[str], results: dict[str, Any],
+                    drop_rows: Callable[[str, str], Any] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every check against a results dict; returns results.json ``checks`` entries.
+
+    ``drop_rows(scenario_id, metric)``: the resampled paired drops (positive = worse) of a
+    scenario's metric, from which a non-inferiority check's p-value is computed; without it the
+    p-value is None (the decision, on the stored bound, is the same).
+    """
     out = []
     for expr in exprs:
         parsed = parse_check(expr)
+        if parsed.noninferior:
+            out.append(_noninferiority(results, parsed, drop_rows))
+            continue
         value, scenario = _lookup(results, parsed.path)
         if value is None:
             where = f" (in {scenario})" if scenario is not None else ""
@@ -273,6 +334,14 @@ def describe_check(check: dict[str, Any]) -> str:
     path, op = match["path"].strip(), match["op"]
     scenario = check.get("scenario")
     where = f" in {scenario}" if scenario and not path.startswith(scenario + ".") else ""
+    if check.get("noninferior"):
+        if check.get("upper_bound") is None:
+            return f"{status} {path}{where} non-inferiority: {check.get('error')}"
+        p = check.get("p_value")
+        verdict = "within the margin" if check["passed"] else "not shown within the margin"
+        return (f"{status} {path}{where} = {format_value(check['value'])}, upper bound {format_value(check['upper_bound'])} "
+                f"(non-inferiority margin {match['num']}: {verdict}" + (f"; one-sided p = {p:.3g}" if p is not None else "")
+                + ")")
     line = f"{status} {path}{where} = {format_value(check['value'])} (fails if {op} {match['num']})"
     return line + (f": {check['error']}" if check.get("error") and check["value"] is None else "")
 

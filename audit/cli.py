@@ -150,6 +150,25 @@ def _print_warnings(records: list[WarningRecord]) -> None:
     click.echo(f"{len(records)} warning{'s' if len(records) != 1 else ''} (see Limitations in the report)", err=True)
 
 
+def _baseline(path: Path | None, protocol: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--baseline``: the baseline audit's results, refused when it ran under another protocol
+    (its errors would have been measured under other shifts)."""
+    if path is None:
+        return None
+    from .results import load_results
+
+    baseline = load_results(path).model_dump(mode="json")
+    theirs = baseline.get("protocol")
+    ident = (lambda p: None if p is None else (p["name"], p["sha256"], p.get("conformant", True)))
+    if ident(theirs) != ident(protocol):
+        def name(p: dict[str, Any] | None) -> str:
+            return "no protocol" if p is None else (
+                f"protocol {p['name']} (sha256 {p['sha256'][:12]}" + (")" if p.get("conformant", True) else ", not conformant)"))
+        raise MedauditError(f"--baseline {path} was audited under {name(theirs)}, this audit under {name(protocol)}: "
+                            "scores normalised by it would divide by errors measured under other shifts")
+    return baseline
+
+
 def _severities(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -194,6 +213,9 @@ def _severities(value: str | None) -> list[int] | None:
                                              "e.g. mri-v1; flags that contradict it are an error.")
 @click.option("--protocol-override", is_flag=True, default=None,
               help="Keep flags and config keys that contradict --protocol; the audit is marked not protocol-conformant.")
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="A baseline model's results.json (same protocol): the denominator of robustness.mce_vs_baseline, "
+                   "relative_mce_vs_baseline, be and rbe.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @handle_errors
 def run(model: Path, data: Path, config_path: Path | None, out: Path | None, device: str | None,
@@ -202,7 +224,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
-        protocol: str | None, protocol_override: bool | None, quiet: bool) -> None:
+        protocol: str | None, protocol_override: bool | None, baseline_path: Path | None, quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
 
     Without --config, ./medaudit.yaml (then ./medaudit.toml) is read when present; the config
@@ -253,12 +275,13 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     if perturbations and not suites and "audit.suites" not in (run_protocol.overrides if run_protocol else ()):
         overrides["audit.suites"] = []  # only what was named
     config = resolve_settings(load_config(config_path, overrides), pm)
+    baseline = _baseline(baseline_path, run_protocol.record() if run_protocol else None)
     command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     results = run_audit(pm, model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
                         progress=not quiet, log=log, config_path=config_path, required_columns=subgroup,
-                        protocol=run_protocol)
+                        protocol=run_protocol, baseline=baseline)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")

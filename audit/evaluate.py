@@ -31,6 +31,7 @@ from .outputs import AuditOutputs
 from .plugin_manager import PluginManager
 from .results import Results, WarningRecord, clean_floats, metric_info
 from .robustness import summarize as summarize_robustness
+from .scores import audit_scores
 from .runner import ForwardResult
 from .shift import evaluate_detectors, evaluate_external
 from .representation import representation_measures
@@ -230,6 +231,7 @@ def build_results(
     assets: dict[str, str] | None = None,
     phases: PhaseClock | None = None,
     token_layouts: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> Evaluation:
     cfg = config
     phases = phases or PhaseClock()
@@ -389,6 +391,8 @@ def build_results(
     robustness = summarize_robustness({s["id"]: s["metrics"] for s in scenario_results if s["id"] in ids},
                                       fwd.scenarios, directions)
     info = metric_info(families, owners)
+    robustness.update(audit_scores(raw, fwd.scenarios, directions, [k for k, i in info.items() if i.headline],
+                                   baseline=baseline, confidence=cfg.audit.confidence))
     forward_s = sum(fwd.seconds.values())
     env = {
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
@@ -437,7 +441,14 @@ def build_results(
                    "phases": phases.seconds},
         "assets": assets or {},
     }
-    results["checks"] = evaluate_checks(cfg.checks, results) + requested_perturbation_checks(
+    def drop_rows(sid: str, key: str) -> list[float] | None:
+        """The resampled paired drops of one metric (rows 1..R, positive = worse), as paired_drops forms them."""
+        if key not in raw.get(sid, {}) or key not in raw["clean"]:
+            return None
+        clean, pert = raw["clean"][key].double().flatten().cpu(), raw[sid][key].double().flatten().cpu()
+        return ((clean - pert) if directions.get(key, True) else (pert - clean))[1:].tolist()
+
+    results["checks"] = evaluate_checks(cfg.checks, results, drop_rows) + requested_perturbation_checks(
         cfg.audit.perturbations, ids, fwd.failures)
     # from the results dict, as the report derives them for older files: one definition of what is judged
     robustness["breaking_points"] = breaking_points_of(clean_floats(results))

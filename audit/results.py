@@ -159,6 +159,12 @@ class Check(_Model):
     scenario: str | None = Field(None, description="the scenario whose value decided the check (for a wildcard check "
                                                    "the worst one, or the first where the value is undefined); None "
                                                    "for subgroup and perturbation-ran checks")
+    noninferior: bool = Field(False, description="a non-inferiority check (suffix noninferior): decided by the upper "
+                                                 "bound of the drop's interval, not its point estimate")
+    upper_bound: float | None = Field(None, description="non-inferiority: the upper end of the paired drop's interval "
+                                                        "in the deciding scenario (the highest over a wildcard)")
+    p_value: float | None = Field(None, description="non-inferiority: one-sided bootstrap p-value of H0 'drop >= "
+                                                    "margin', (1 + #{resampled drops >= margin}) / (1 + R)")
 
 
 class SubgroupResult(BaseModel):

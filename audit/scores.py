@@ -77,6 +77,7 @@ __all__ = [
     "ROOD_ALPHA",
     "SCORES",
     "SCORE_METRIC",
+    "audit_scores",
     "corruption_error",
     "mean_over_perturbations",
     "relative_corruption_error",
@@ -414,4 +415,81 @@ def summarize_scores(
         out["reason"] = f"undefined for {', '.join(undefined)}, so the mean over perturbations is too"
     else:
         out.update(_ci(mean_over_perturbations([rows_by_name[n] for n in sorted(per)]), confidence))
+    return out
+
+
+def _host(rows: Any) -> NDArray[np.float64]:
+    """Rows as a float64 host array (the audit's rows are tensors, possibly on a GPU)."""
+    if isinstance(rows, torch.Tensor):
+        return rows.detach().double().cpu().numpy().reshape(-1)
+    return np.asarray(rows, dtype=np.float64).reshape(-1)
+
+
+def audit_scores(raw: Mapping[str, Mapping[str, Any]], scenarios: Sequence[Any], directions: Mapping[str, bool],
+                 headline: Sequence[str], *, baseline: Mapping[str, Any] | None = None,
+                 confidence: float = 0.95) -> dict[str, Any]:
+    """Every score of one audit, as results.json ``robustness`` holds them.
+
+    Parameters
+    ----------
+    raw : mapping
+        ``{scenario_id: {metric_key: rows [1+R]}}`` (tensors or arrays), ``"clean"`` included.
+    scenarios : sequence of :class:`medaudit.outputs.Scenario`
+        The audited scenarios; the perturbed ones are grouped by perturbation.
+    directions : mapping
+        Metric key -> higher is better.
+    headline : sequence of str
+        The headline metric keys: ``rood_degradation`` is computed for each.
+    baseline : mapping, optional
+        Another audit's results.json (``--baseline``): the point values of its scenarios are the
+        denominators of the four baseline-normalised scores.
+
+    Returns
+    -------
+    ``{"mce_vs_baseline": {...}, "relative_mce_vs_baseline": {...}, "be": {...}, "rbe": {...},
+    "rood_degradation": {metric_key: {...}}}``, each entry as :func:`summarize_scores` returns
+    it (``value`` None with a ``reason`` where the metric is not computed or no baseline is
+    given). Stress tests count like every other perturbation, as every corruption counts in
+    ImageNet-C; a protocol fixes which perturbations those are.
+    """
+    def rows_of(key: str) -> tuple[dict[str, dict[int, Any]], Any]:
+        per: dict[str, dict[int, Any]] = {}
+        for sc in scenarios:
+            if sc.perturbation is not None and key in raw.get(sc.id, {}):
+                per.setdefault(sc.perturbation, {})[sc.severity] = _host(raw[sc.id][key])
+        return per, _host(raw["clean"][key])
+
+    def baseline_of(key: str) -> tuple[dict[str, dict[int, float | None]], float | None]:
+        assert baseline is not None
+        per: dict[str, dict[int, float | None]] = {}
+        clean = None
+        for s in baseline.get("scenarios", []):
+            value = (s.get("metrics", {}).get(key) or {}).get("value")
+            if s.get("id") == "clean":
+                clean = value
+            elif s.get("perturbation") is not None:
+                per.setdefault(s["perturbation"], {})[int(s["severity"])] = value
+        return per, clean
+
+    out: dict[str, Any] = {}
+    for score in SCORES[:4]:
+        key = SCORE_METRIC[score]
+        assert key is not None
+        if key not in raw.get("clean", {}):
+            out[score] = _empty(score, key, f"this task does not compute {key}")
+        elif baseline is None:
+            out[score] = _empty(score, key, "needs a baseline model's audit: medaudit run ... --baseline results.json")
+        else:
+            per, clean = rows_of(key)
+            base, base_clean = baseline_of(key)
+            out[score] = summarize_scores(score, per, clean, baseline=base, baseline_clean=base_clean,
+                                          confidence=confidence, metric=key)
+    rood: dict[str, Any] = {}
+    for key in headline:
+        if key in raw.get("clean", {}) and key in directions:
+            per, clean = rows_of(key)
+            if per:
+                rood[key] = summarize_scores("rood_degradation", per, clean, higher_is_better=directions[key],
+                                             confidence=confidence, metric=key)
+    out["rood_degradation"] = rood
     return out
