@@ -37,6 +37,7 @@ ALIASES = {
     "subgroups.bins": ("plugins.subgroups.bins", {"age": [0.0, 50.0, 100.0]}, {"age": [0.0, 1.0]}),
     "subgroups.min_group_size": ("plugins.subgroups.min_group_size", 5, 6),
     "subgroups.permutations": ("plugins.subgroups.permutations", 99, 0),
+    "subgroups.holm_family": ("plugins.subgroups.holm_family", "scenario", "audit"),
 }
 
 
@@ -314,7 +315,8 @@ def test_init_writes_every_builtin_setting_and_loads(pm: PluginManager, tmp_path
         "calibration": {"n_bins": 15},
         "ood": {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap", "odin": False,
                 "odin_temperature": 1000.0, "odin_epsilon": 0.0014},
-        "subgroups": {"attributes": [], "intersections": [], "bins": {}, "min_group_size": 30, "permutations": 1000},
+        "subgroups": {"attributes": [], "intersections": [], "bins": {}, "min_group_size": 30, "permutations": 1000,
+                      "holm_family": "audit"},
     }
     assert "# bins of the calibration metrics; alias: audit.n_bins" in path.read_text()
     config = resolve_settings(load_config(path), pm)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from fairlearn.metrics import (
     MetricFrame,
     demographic_parity_difference,
@@ -17,7 +18,8 @@ from fairlearn.metrics import (
 )
 from medaudit.bootstrap import bootstrap_weights, evaluate
 from medaudit.checks import evaluate_checks
-from medaudit.config import Config
+from medaudit.config import Config, load_config
+from medaudit.errors import ConfigError
 from medaudit.metric import MetricContext
 from medaudit.outputs import AuditOutputs, Scenario
 from medaudit.plugin_manager import get_plugin_manager
@@ -28,6 +30,7 @@ from medaudit.plugins.classification import ClassificationMetrics
 from medaudit.report import render_report
 from medaudit.results import Results, SubgroupResult, clean_floats
 from medaudit.settings import resolve_settings
+from pydantic import ValidationError
 from scipy import stats
 from sklearn.metrics import accuracy_score, recall_score
 
@@ -442,6 +445,23 @@ def test_report_table_shows_the_worst_vs_rest_interval_beside_the_test_not_the_g
     assert "0.001" not in " ".join(c for row in t.rows for c in row.cells)  # the gap's biased interval is gone
 
 
+def test_report_table_states_the_family_of_the_correction():
+    drop = gap_entry("site", scenario="noise@5", drop_gap={"p_value": 0.01, "p_adjusted": 0.05})
+    gaps = [gap_entry("hemisphere"), gap_entry("level", p_value=None), drop]
+    r = report_results(gaps)
+    r["analyses"]["subgroup_settings"].update(holm_family="audit", correction="holm-bonferroni over the audit (3 tests)")
+    caption = sg.report.gap_table(r).caption
+    assert "adjusted for multiple comparisons (Holm, over all 3 gaps tested in the audit)" in caption
+    assert "per scenario" not in caption
+    r["analyses"]["subgroup_settings"].update(holm_family="scenario")
+    assert "(Holm, per scenario)" in sg.report.gap_table(r).caption
+    # results.json written before holm_family existed: corrected per scenario, and says so
+    del r["analyses"]["subgroup_settings"]["holm_family"]
+    assert "(Holm, per scenario)" in sg.report.gap_table(r).caption
+    del r["analyses"]["subgroup_settings"]
+    assert "(Holm, per scenario)" in sg.report.gap_table(r).caption
+
+
 def test_rendered_section_explains_the_gap_bias_and_reads_the_attributes(binary_audit):
     _, res, _ = binary_audit
     data = json.loads((Path(__file__).parent / "fixtures" / "results-full.json").read_text())
@@ -455,6 +475,8 @@ def test_rendered_section_explains_the_gap_bias_and_reads_the_attributes(binary_
     for attr in ("sex", "site"):
         assert f"<li>{attr}: " in section and "the rest [" in section
     assert "Worst vs rest [CI]" in section
+    m = sum(s["p_value"] is not None for s in slots_of(res))
+    assert f"(Holm, over all {m} gaps tested in the audit)" in section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +527,19 @@ def test_too_few_permutations_for_the_correction_warn():
     m = sum(e["p_value"] is not None for e in res["subgroup_gaps"])
     warning = [w for w in res["warnings"] if "permutations" in w]
     assert len(warning) == 1 and f"at least {math.ceil(m / 0.05)}" in warning[0]
+    assert f"the {m} gaps tested in the whole audit (subgroups.holm_family: audit)" in warning[0]
+    assert "or correct per scenario (subgroups.holm_family: scenario)" in warning[0]
+
+
+def test_too_few_permutations_for_a_scenario_family_name_the_scenario(binary_audit):
+    outputs, _, _ = binary_audit
+    res = sg.analyze(outputs, SubgroupSettings(attributes=["sex", "site"], permutations=19, holm_family="scenario"))
+    sizes = {sid: sum(s["p_value"] is not None for s in slots_of(res, sid)) for sid in res["subgroup_settings"]["scenarios"]}
+    sid, m = max(sizes.items(), key=lambda t: t[1])
+    warning = [w for w in res["warnings"] if "permutations" in w]
+    assert len(warning) == 1
+    assert f"the {m} gaps tested in scenario '{sid}' (subgroups.holm_family: scenario)" in warning[0]
+    assert f"at least {math.ceil(m / 0.05)}" in warning[0] and "or correct per scenario" not in warning[0]
 
 
 def test_permutation_p_helper():
@@ -523,17 +558,138 @@ def test_holm_bonferroni_by_hand():
     assert sg.holm([]) == []
 
 
-def test_adjusted_p_values_are_holm_within_each_scenario(binary_audit):
+def slots_of(res: dict[str, Any], scenario: str | None = None) -> list[dict[str, Any]]:
+    """Every tested statistic (gaps, then drop gaps) of one scenario, or of the whole audit."""
+    rows = [e for e in res["subgroup_gaps"] if scenario is None or e["scenario"] == scenario]
+    return rows + [e["drop_gap"] for e in rows if e.get("drop_gap")]
+
+
+def check_significance(slots: list[dict[str, Any]]) -> None:
+    for s in slots:
+        assert s["significant"] is (None if s["p_adjusted"] is None else s["p_adjusted"] < 0.05)
+        if s["p_value"] is not None:
+            assert s["p_adjusted"] >= s["p_value"]
+
+
+def test_adjusted_p_values_are_holm_over_the_whole_audit_by_default(binary_audit):
     _, res, _ = binary_audit
+    slots = slots_of(res)
+    assert len({e["scenario"] for e in res["subgroup_gaps"]}) == 3
+    raw = [s["p_value"] for s in slots]
+    assert [s["p_adjusted"] for s in slots] == pytest.approx(sg.holm(raw))
+    check_significance(slots)
+    m = sum(p is not None for p in raw)
+    assert res["subgroup_settings"]["holm_family"] == "audit"
+    assert res["subgroup_settings"]["correction"] == f"holm-bonferroni over the audit ({m} tests)"
+
+
+def test_adjusted_p_values_are_holm_within_each_scenario_when_asked(binary_audit):
+    outputs, audit_res, _ = binary_audit
+    cfg = SubgroupSettings(attributes=["sex", "site"], intersections=[["sex", "site"]], min_group_size=30,
+                           permutations=199, holm_family="scenario")
+    res = sg.analyze(outputs, cfg)
+    # the raw p-values do not depend on the family
+    assert [s["p_value"] for s in slots_of(res)] == [s["p_value"] for s in slots_of(audit_res)]
+    sizes = []
     for scenario in res["subgroup_settings"]["scenarios"]:
-        rows = [e for e in res["subgroup_gaps"] if e["scenario"] == scenario]
-        slots = rows + [e["drop_gap"] for e in rows if e.get("drop_gap")]
+        slots = slots_of(res, scenario)
         raw = [s["p_value"] for s in slots]
         assert [s["p_adjusted"] for s in slots] == pytest.approx(sg.holm(raw))
-        for s in slots:
-            assert s["significant"] is (None if s["p_adjusted"] is None else s["p_adjusted"] < 0.05)
-            if s["p_value"] is not None:
-                assert s["p_adjusted"] >= s["p_value"]
+        check_significance(slots)
+        sizes.append(sum(p is not None for p in raw))
+    assert res["subgroup_settings"]["holm_family"] == "scenario"
+    assert res["subgroup_settings"]["correction"] == \
+        f"holm-bonferroni per scenario ({len(sizes)} scenarios, up to {max(sizes)} tests each)"
+    # a larger family adjusts at least as much
+    for a, b in zip(slots_of(audit_res), slots_of(res)):
+        assert (a["p_adjusted"] is None) == (b["p_adjusted"] is None)
+        if a["p_adjusted"] is not None:
+            assert a["p_adjusted"] >= b["p_adjusted"] - 1e-12
+
+
+def constructed_gaps() -> list[dict[str, Any]]:
+    """Gap entries of three scenarios with chosen p-values: drop gaps, untested (None) and tied p-values."""
+    def entry(scenario: str, attribute: str, metric: str, p: float | None, drop: float | None | str = "none") -> dict[str, Any]:
+        e: dict[str, Any] = {"scenario": scenario, "attribute": attribute, "metric": metric, "p_value": p}
+        if drop != "none":
+            e["drop_gap"] = {"p_value": drop}
+        return e
+    return [
+        entry("clean", "sex", "accuracy", 0.001), entry("clean", "sex", "auroc", 0.004),
+        entry("clean", "site", "accuracy", 0.03), entry("clean", "site", "auroc", None),
+        entry("clean", "site", "ece", 0.004),
+        entry("blur@3", "sex", "accuracy", 0.002, 0.0005), entry("blur@3", "sex", "auroc", 0.2, None),
+        entry("blur@3", "site", "accuracy", 0.01, 0.5),
+        entry("noise@2", "sex", "accuracy", 0.001, 0.003), entry("noise@2", "site", "accuracy", 0.9, 0.04),
+    ]
+
+
+def reference_holm(p_values: list[float]) -> list[float]:
+    """Holm's adjustment by statsmodels (independent of sg.holm), or by hand when it is not installed."""
+    try:
+        from statsmodels.stats.multitest import multipletests
+    except ImportError:  # by hand: sorted ascending, running max of (m - j) * p_(j), capped at 1
+        m, order, running = len(p_values), sorted(range(len(p_values)), key=lambda i: p_values[i]), 0.0
+        out = [0.0] * m
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * p_values[i]))
+            out[i] = running
+        return out
+    return list(multipletests(p_values, method="holm")[1])
+
+
+def test_audit_family_adjusts_every_scenario_together():
+    gaps = constructed_gaps()
+    sizes = sg.adjust_p_values(gaps, "audit", 0.05)
+    slots = slots_of({"subgroup_gaps": gaps})
+    tested = [s for s in slots if s["p_value"] is not None]
+    assert sizes == {"audit": len(tested)} == {"audit": 13}
+    expected = reference_holm([s["p_value"] for s in tested])
+    assert [s["p_adjusted"] for s in tested] == pytest.approx(expected, abs=1e-12)
+    assert all(s["p_adjusted"] is None and s["significant"] is None for s in slots if s["p_value"] is None)
+    # the smallest p of the audit is multiplied by all 13 tests, not by its scenario's 5
+    assert gaps[5]["drop_gap"]["p_adjusted"] == pytest.approx(13 * 0.0005)
+    assert [s["significant"] for s in tested] == [a < 0.05 for a in expected]
+    assert sg.analysis.correction_label("audit", sizes) == "holm-bonferroni over the audit (13 tests)"
+
+
+def test_scenario_family_reproduces_the_per_scenario_adjustment():
+    gaps = constructed_gaps()
+    sizes = sg.adjust_p_values(gaps, "scenario", 0.05)
+    assert sizes == {"clean": 4, "blur@3": 5, "noise@2": 4}
+    for sid in sizes:
+        tested = [s for s in slots_of({"subgroup_gaps": gaps}, sid) if s["p_value"] is not None]
+        expected = reference_holm([s["p_value"] for s in tested])
+        assert [s["p_adjusted"] for s in tested] == pytest.approx(expected, abs=1e-12)
+    assert gaps[5]["drop_gap"]["p_adjusted"] == pytest.approx(5 * 0.0005)
+    # per scenario, the clean 0.03 is significant (4 tests); over the audit it is not (13)
+    assert gaps[2]["significant"] is True
+    sg.adjust_p_values(gaps, "audit", 0.05)
+    assert gaps[2]["significant"] is False
+    assert sg.analysis.correction_label("scenario", sizes) == "holm-bonferroni per scenario (3 scenarios, up to 5 tests each)"
+    with pytest.raises(ValueError, match="holm_family"):
+        sg.adjust_p_values(gaps, "attribute", 0.05)
+    assert sg.adjust_p_values([], "audit", 0.05) == {}
+
+
+@pytest.mark.parametrize("where", ["plugins", "alias"])
+def test_holm_family_setting_is_read_and_validated(where: str, tmp_path: Path):
+    pm = get_plugin_manager(warn=lambda m: None)
+    assert SubgroupSettings().holm_family == "audit"
+    with pytest.raises(ValidationError, match="holm_family"):
+        SubgroupSettings(holm_family="attribute")
+
+    def config(value: str) -> Path:
+        section = {"holm_family": value}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"plugins": {"subgroups": section}} if where == "plugins" else {"subgroups": section}))
+        return path
+
+    assert resolve_settings(load_config(config("scenario")), pm).plugin_settings("subgroups").holm_family == "scenario"
+    assert resolve_settings(load_config(config("audit")), pm).plugin_settings("subgroups").holm_family == "audit"
+    key = r"plugins\.subgroups\.holm_family" if where == "plugins" else r"subgroups\.holm_family"
+    with pytest.raises(ConfigError, match=key + r": Input should be 'audit' or 'scenario'"):
+        resolve_settings(load_config(config("per-scenario")), pm)
 
 
 def test_permutations_are_seeded(binary_audit):

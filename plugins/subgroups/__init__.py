@@ -14,7 +14,8 @@ What it returns (see docs/subgroups.md for the formulas):
   gap max - min over groups with its bootstrap interval, the worst group, the min/max ratio,
   the worst group's paired difference from the other groups pooled (``worst_vs_rest``, whose
   interval, unlike the gap's, contains 0 when the groups cannot be told apart), a
-  permutation-test p-value and its Holm-Bonferroni adjustment; for binary tasks also
+  permutation-test p-value and its Holm-Bonferroni adjustment (one family over the whole audit,
+  or one per scenario: ``holm_family``); for binary tasks also
   fairlearn's demographic-parity and equalized-odds differences; under a perturbed scenario
   also the gap of the per-group drops ("does this artifact hurt one group more?").
 * ``subgroup_settings`` (also in ``analyses``): attributes, groups, scenarios and metric sets.
@@ -26,7 +27,8 @@ once with group sums (:func:`headline_rows`) so that the analysis stays within s
 
 Modules: :mod:`.attributes` (metadata columns to group codes), :mod:`.rows` (per-group metric
 rows), :mod:`.permutations` (permutation tests, Holm), :mod:`.gaps` (gaps between groups) and
-:mod:`.analysis` (the whole analysis); this module holds the hook and the public names.
+:mod:`.analysis` (the whole analysis, and which gaps form one family of Holm's correction);
+this module holds the hook and the public names.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from medaudit.outputs import AuditOutputs
 from medaudit.sections import ReportSection
 from medaudit.task import SUBGROUPS
 
-from .analysis import analysed_scenarios, analyze, measured_headline
+from .analysis import adjust_p_values, analysed_scenarios, analyze, measured_headline
 from .attributes import (MAX_CATEGORIES, MISSING_GROUP, SEP, Attribute, bin_labels, build_attributes,
                          column_attribute, format_number, intersect, is_missing)
 from .permutations import Permutations, holm, permutation_p, range_rows
@@ -49,7 +51,8 @@ from .settings import SubgroupSettings
 MEDAUDIT_API_VERSION = 1
 
 __all__ = [
-    "HEADLINE", "MAX_CATEGORIES", "MISSING_GROUP", "RATES", "SEP", "Attribute", "Permutations", "analysed_scenarios",
+    "HEADLINE", "MAX_CATEGORIES", "MISSING_GROUP", "RATES", "SEP", "Attribute", "Permutations", "adjust_p_values",
+    "analysed_scenarios",
     "analyze", "bin_labels", "build_attributes", "column_attribute", "format_number", "generic_rows", "headline_rows",
     "SubgroupSettings", "holm", "intersect", "is_missing", "measured_headline", "medaudit_analyze", "permutation_p", "range_rows", "rest_rows",
 ]

@@ -127,27 +127,21 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
                 gaps.extend(gap_entries(sc, attr, eligible, rows, None if is_clean else clean_rows,
                                          outputs.confidence, ctx.task == "binary"))
 
-    # Holm-Bonferroni within each scenario, over every (attribute, metric) gap tested there
-    # (including the drop gaps of a perturbed scenario): the family a reader scans at once.
-    family_sizes: dict[str, int] = {}
-    for sid in dict.fromkeys(e["scenario"] for e in gaps):
-        slots = [(e, None) for e in gaps if e["scenario"] == sid] + \
-                [(e, "drop_gap") for e in gaps if e["scenario"] == sid and e.get("drop_gap")]
-        raw = [(t[0] if t[1] is None else t[0][t[1]]).get("p_value") for t in slots]
-        family_sizes[sid] = sum(p is not None for p in raw)
-        for (entry, sub), adj in zip(slots, holm(raw)):
-            target = entry if sub is None else entry[sub]
-            target["p_adjusted"] = adj
-            target["significant"] = None if adj is None else bool(adj < alpha)
-
+    # Holm-Bonferroni over the family of subgroups.holm_family: every gap (and drop gap) tested in
+    # the audit, read together in the report (default), or those of each scenario
+    family_sizes = adjust_p_values(gaps, cfg.holm_family, alpha)
     if cfg.permutations > 0 and family_sizes:
-        sid, m = max(family_sizes.items(), key=lambda t: t[1])
+        fam, m = max(family_sizes.items(), key=lambda t: t[1])
         if m / (cfg.permutations + 1) >= alpha:
+            where = (f"the {m} gaps tested in the whole audit (subgroups.holm_family: audit)" if cfg.holm_family == "audit"
+                     else f"the {m} gaps tested in scenario '{fam}' (subgroups.holm_family: scenario)")
+            also = ("; or correct per scenario (subgroups.holm_family: scenario), smaller families that control the "
+                    "error only within each scenario" if cfg.holm_family == "audit" else "")
             warnings.append(
                 f"subgroups: with {cfg.permutations} permutations the smallest possible p-value is "
-                f"1/{cfg.permutations + 1}, and Holm's correction over the {m} gaps tested in scenario '{sid}' "
+                f"1/{cfg.permutations + 1}, and Holm's correction over {where} "
                 f"multiplies it by {m}, so no gap can reach significance at {alpha:g}; "
-                f"set subgroups.permutations to at least {math.ceil(m / alpha)}")
+                f"set subgroups.permutations to at least {math.ceil(m / alpha)}{also}")
 
     settings = {
         "attributes": settings_attrs,
@@ -157,9 +151,54 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         "alpha": alpha,
         "clean_metrics": "every metric of the audit",
         "perturbed_metrics": headline,
-        "correction": "holm-bonferroni per scenario",
+        "holm_family": cfg.holm_family,
+        "correction": correction_label(cfg.holm_family, family_sizes),
     }
     return {"subgroups": subgroups, "subgroup_gaps": gaps, "subgroup_settings": settings, "warnings": warnings}
+
+
+#: The name of the one family of ``holm_family: audit`` in the family sizes.
+AUDIT_FAMILY = "audit"
+
+
+def _slots(gaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every tested statistic of the gap entries: each entry, then each perturbed entry's ``drop_gap``."""
+    return list(gaps) + [e["drop_gap"] for e in gaps if e.get("drop_gap")]
+
+
+def adjust_p_values(gaps: Sequence[dict[str, Any]], family: str, alpha: float) -> dict[str, int]:
+    """Holm-Bonferroni adjustment of every gap's (and drop gap's) ``p_value``, in place: sets
+    ``p_adjusted`` and ``significant`` (``p_adjusted < alpha``; None where untested).
+
+    ``family="audit"``: one family of every (scenario, attribute, metric) gap and drop gap tested in
+    the audit. ``family="scenario"``: one family per scenario, over every (attribute, metric) gap
+    and drop gap tested there. Returns the number of tests (defined p-values) per family, keyed
+    :data:`AUDIT_FAMILY` or by scenario id, in first-seen order.
+    """
+    if family == "audit":
+        families = {AUDIT_FAMILY: _slots(gaps)} if gaps else {}
+    elif family == "scenario":
+        families = {sid: _slots([e for e in gaps if e["scenario"] == sid])
+                    for sid in dict.fromkeys(e["scenario"] for e in gaps)}
+    else:
+        raise ValueError(f"holm_family must be 'audit' or 'scenario', not {family!r}")
+    sizes: dict[str, int] = {}
+    for key, slots in families.items():
+        raw = [s.get("p_value") for s in slots]
+        sizes[key] = sum(p is not None for p in raw)
+        for target, adj in zip(slots, holm(raw)):
+            target["p_adjusted"] = adj
+            target["significant"] = None if adj is None else bool(adj < alpha)
+    return sizes
+
+
+def correction_label(family: str, sizes: dict[str, int]) -> str:
+    """The ``correction`` of ``subgroup_settings``, naming the family, e.g. "holm-bonferroni over
+    the audit (120 tests)" or "holm-bonferroni per scenario (4 scenarios, up to 40 tests each)"."""
+    if family == "audit":
+        return f"holm-bonferroni over the audit ({sum(sizes.values())} tests)"
+    most = max(sizes.values(), default=0)
+    return f"holm-bonferroni per scenario ({len(sizes)} scenarios, up to {most} tests each)"
 
 
 def _scenario_rows(outputs: AuditOutputs, probs: MetricInput, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,

@@ -88,6 +88,18 @@ def _gap_order(g: dict[str, Any]) -> tuple[Any, ...]:
     return (g.get("scenario", "clean") != "clean", g.get("scenario", ""), g["attribute"], g["metric"])
 
 
+def holm_family_text(r: dict[str, Any]) -> str:
+    """The family of Holm's correction as recorded in the results, e.g. "Holm, over all 120 gaps tested
+    in the audit" or "Holm, per scenario". Results written before ``holm_family`` existed were
+    corrected per scenario, and say so."""
+    settings = r.get("analyses", {}).get("subgroup_settings", {}) or {}
+    if settings.get("holm_family", "scenario") != "audit":
+        return "Holm, per scenario"
+    gaps = r.get("analyses", {}).get("subgroup_gaps", []) or []
+    tested = sum(s.get("p_value") is not None for s in gaps + [g["drop_gap"] for g in gaps if g.get("drop_gap")])
+    return f"Holm, over all {tested} gaps tested in the audit"
+
+
 def gap_table(r: dict[str, Any]) -> Table:
     """The section's compact table: clean-data gaps of the headline metrics (the settings' and each
     metric family's lead key), plus every significant gap whatever its metric or scenario.
@@ -98,7 +110,7 @@ def gap_table(r: dict[str, Any]) -> Table:
     gaps_all = r.get("analyses", {}).get("subgroup_gaps", []) or []
     t = Table("Subgroup gaps, oriented so positive is worse: the gap (best minus worst group); the worst group's "
               f"difference from the other groups pooled, with its paired {confidence_label(r)} bootstrap CI; and the "
-              "permutation test of the gap, its p-value adjusted for multiple comparisons (Holm, per scenario); "
+              f"permutation test of the gap, its p-value adjusted for multiple comparisons ({holm_family_text(r)}); "
               "significant means the adjusted p-value is below alpha.", list(GAP_HEADERS))
     headline = set(r.get("analyses", {}).get("subgroup_settings", {}).get("headline_metrics") or [])
     headline |= set(lead_keys(r))

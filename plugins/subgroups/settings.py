@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from medaudit.settings import PluginSettings, legacy_key
@@ -20,3 +22,7 @@ class SubgroupSettings(PluginSettings):
                                 json_schema_extra=legacy_key("subgroups.min_group_size"))
     permutations: int = Field(1000, ge=0, description="permutations of each gap's test (0: none)",
                               json_schema_extra=legacy_key("subgroups.permutations"))
+    holm_family: Literal["audit", "scenario"] = Field(
+        "audit", description="the family of Holm's correction of the gaps' p-values: 'audit' (every gap tested in "
+        "the audit, the default) or 'scenario' (one family per scenario)",
+        json_schema_extra=legacy_key("subgroups.holm_family"))
