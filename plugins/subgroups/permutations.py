@@ -4,37 +4,25 @@ Group labels of the eligible samples are permuted (:class:`Permutations`, the sa
 every scenario of an attribute, so drops are tested paired); the p-value counts how often a
 permuted gap is at least the observed one (:func:`permutation_p`), and Holm's step-down
 correction (:func:`holm`) adjusts the p-values of every gap tested in one scenario.
+
+:func:`holm` lives in the core (:func:`medaudit.paired.holm`, which the paired model comparison
+shares) and is re-exported here, so ``from .permutations import holm`` keeps working.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from medaudit.paired import holm
 from medaudit.rng import stream_generator
 
+__all__ = ["Permutations", "holm", "permutation_p", "range_rows"]
+
 _NAN = float("nan")
-
-
-def holm(p_values: Sequence[float | None]) -> list[float | None]:
-    r"""Holm-Bonferroni adjusted p-values (None entries are not tested and stay None).
-
-    With the :math:`m` defined p-values sorted ascending, :math:`p_{(1)} \le \dots \le p_{(m)}`,
-    :math:`\tilde p_{(i)} = \min(1, \max_{j \le i} (m - j + 1)\, p_{(j)})` (Holm 1979); rejecting
-    where :math:`\tilde p < \alpha` controls the family-wise error rate at :math:`\alpha` under
-    any dependence between the tests.
-    """
-    idx = [i for i, p in enumerate(p_values) if p is not None]
-    m = len(idx)
-    out: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):  # type: ignore[arg-type, return-value]
-        running = max(running, min(1.0, (m - rank) * float(p_values[i])))  # type: ignore[arg-type]
-        out[i] = running
-    return out
 
 
 def permutation_p(observed: float | None, null: Tensor | None) -> float | None:
