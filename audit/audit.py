@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from .data import AuditDataset, DatasetIdentity, settle_dims
 from .detector import Detector
 from .errors import ConfigError, DataError, ModelError, OutputWidthError, PluginError
 from .evaluate import ExternalSet, build_results
+from .integrity import seal
 from .features import (FeatureChoice, capture_layers, choose_feature_layer, choose_stages, feature_vector, make_extractor,
                        model_callable)
 from .metric import Metric
@@ -456,13 +458,16 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
               shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
               config_path: Path | None = None, required_columns: tuple[str, ...] = (),
-              protocol: ProtocolRun | None = None, baseline: dict[str, Any] | None = None) -> Results:
+              protocol: ProtocolRun | None = None, baseline: dict[str, Any] | None = None,
+              pdf: bool = False) -> Results:
     """Run a whole audit and write its outputs; returns the results (checks and warning records
     included: ``medaudit run`` prints them).
 
     ``config_path`` is recorded in results.json; ``required_columns`` and ``protocol``: see
     :func:`prepare`; ``baseline``: another model's results.json (``--baseline``), the denominator of
-    the baseline-normalised robustness scores (:mod:`medaudit.scores`).
+    the baseline-normalised robustness scores (:mod:`medaudit.scores`); ``pdf``: also print the
+    report to report.pdf (needs Chromium). ``output.model_card`` and ``junit`` inside the output
+    folder are written with the other outputs; results.json's ``integrity`` covers every file.
     Ctrl-C raises :class:`AuditInterrupted`, which says what the shard cache kept.
     """
     started = time.perf_counter()
@@ -487,11 +492,31 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             log(f"medaudit {__version__}: {scenario_count(prep)} of {len(prep.dataset)} samples, on {prep.device}")
             results = _run_prepared(prep, cache, command=command, started=started, phases=phases,
                                     trust_pickle=trust_pickle, junit=junit, progress=progress,
-                                    shard_size=shard_size, log=log, config_path=config_path, baseline=baseline)
+                                    shard_size=shard_size, log=log, config_path=config_path, baseline=baseline,
+                                    pdf=pdf)
         except KeyboardInterrupt:
             cache.flush()  # the shard being written when Ctrl-C came is complete, so it counts
             raise AuditInterrupted(len(list(cache.dir.glob("shard-*.npz"))), cache.dir) from None
         return results
+
+
+#: What an audit writes in its output folder (besides a model card or JUnit file placed there): a
+#: previous run's copy of one this run does not write is removed (:class:`AtomicOutputDir`).
+OUTPUTS = ("results.json", "report.html", "report.pdf", "tables", "predictions.npz")
+
+
+def _inside(path: Path, folder: Path) -> str | None:
+    """``path`` relative to ``folder`` (``/``-separated) when it lies inside it, else None."""
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def _model_card_text(results: Results) -> str:
+    from .modelcard import model_card
+
+    return json.dumps(model_card(results.model_dump(mode="json")), indent=2, ensure_ascii=False) + "\n"
 
 
 def baseline_warnings(baseline: dict[str, Any], prep: Prepared) -> list[WarningRecord]:
@@ -522,7 +547,7 @@ def scenario_count(prep: Prepared) -> str:
 def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: float, phases: PhaseClock,
                   trust_pickle: bool, junit: Path | None, progress: bool, shard_size: int,
                   log: Callable[[str], None], config_path: Path | None,
-                  baseline: dict[str, Any] | None = None) -> Results:
+                  baseline: dict[str, Any] | None = None, pdf: bool = False) -> Results:
     """The forward passes, results and outputs of a prepared audit (:func:`run_audit`)."""
     cfg = prep.config
     chosen: list[ThreadChoice] = []
@@ -572,7 +597,11 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     rendered = render_report_files(results, prep.pm)
     if results.timing is not None:  # results.json only: the report cannot time its own rendering
         results.timing.phases["report"] = time.perf_counter() - phases.last
-    with AtomicOutputDir(cfg.output.dir) as stage:
+    out = cfg.output.dir
+    card = cfg.output.model_card
+    # outputs inside the folder are written in the stage, so that the seal covers them from the start
+    staged = {p: _inside(p, out) for p in (card, junit) if p is not None}
+    with AtomicOutputDir(out, replaces=OUTPUTS + tuple(r for r in staged.values() if r)) as stage:
         (stage / "results.json").write_text(dumps(results), encoding="utf-8")
         if cfg.output.report:
             (stage / "report.html").write_text(rendered.html, encoding="utf-8")
@@ -580,16 +609,28 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
                 (stage / "tables").mkdir()
                 for name, text in rendered.tables.items():
                     (stage / "tables" / name).write_text(text, encoding="utf-8")
+            if pdf:
+                from .pdf import html_to_pdf
+
+                html_to_pdf(stage / "report.html", stage / "report.pdf")
         if cfg.output.save_predictions:
             buf = io.BytesIO()
             np.savez_compressed(buf, **predictions_arrays(evaluation.outputs, evaluation.external_arrays, fwd.maps, cfg.task))
             (stage / "predictions.npz").write_bytes(buf.getvalue())
-        from .integrity import seal
-
+        texts = {p: text for p, text in ((card, _model_card_text(results) if card else ""),
+                                         (junit, junit_xml([c.model_dump() for c in results.checks]) if junit else ""))
+                 if p is not None}
+        for p, text in texts.items():
+            if staged[p]:
+                (stage / staged[p]).parent.mkdir(parents=True, exist_ok=True)
+                (stage / staged[p]).write_text(text, encoding="utf-8")
         # sealed before the folder appears: results.json's integrity covers every file above (medaudit.integrity)
         results.integrity = seal(stage)
-    if junit is not None:
-        write_atomic(junit, junit_xml([c.model_dump() for c in results.checks]).encode())
+    outside = [p for p in texts if not staged[p]]
+    for p in outside:
+        write_atomic(p, texts[p].encode("utf-8"))
+    if card is not None and not staged[card]:  # the model card is evidence: its hash joins the seal
+        results.integrity = seal(out, extra=[card])
     cache.flush()
     shutil.rmtree(cache.dir.parent, ignore_errors=True)
     return results

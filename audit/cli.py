@@ -213,6 +213,9 @@ def _severities(value: str | None) -> list[int] | None:
                                              "e.g. mri-v1; flags that contradict it are an error.")
 @click.option("--protocol-override", is_flag=True, default=None,
               help="Keep flags and config keys that contradict --protocol; the audit is marked not protocol-conformant.")
+@click.option("--model-card", "model_card", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write the audit as a Model Card Toolkit JSON document (e.g. model-card.json); the report "
+                   "links it.")
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path, dir_okay=False),
               help="A baseline model's results.json (same protocol): the denominator of robustness.mce_vs_baseline, "
                    "relative_mce_vs_baseline, be and rbe.")
@@ -224,7 +227,8 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
-        protocol: str | None, protocol_override: bool | None, baseline_path: Path | None, quiet: bool) -> None:
+        protocol: str | None, protocol_override: bool | None, model_card: Path | None, baseline_path: Path | None,
+        quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
 
     Without --config, ./medaudit.yaml (then ./medaudit.toml) is read when present; the config
@@ -254,6 +258,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         "audit.seed": seed, "audit.severities": _severities(severities), "audit.bootstrap": bootstrap,
         "audit.num_workers": workers, "audit.precision": precision, "audit.threads": threads,
         "audit.channels_last": channels_last, "output.save_predictions": save_predictions,
+        "output.model_card": str(model_card) if model_card else None,
         "checks": list(file_checks) + list(fail_on) if fail_on else None,
     }
     if suites:
@@ -281,16 +286,16 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
     results = run_audit(pm, model, data, config, command=command, trust_pickle=trust_pickle,
                         resume=resume, junit=junit, reference_path=reference, ood_paths=ood_data,
                         progress=not quiet, log=log, config_path=config_path, required_columns=subgroup,
-                        protocol=run_protocol, baseline=baseline)
+                        protocol=run_protocol, baseline=baseline, pdf=pdf)
     out_dir = config.output.dir
     click.echo(f"report:  {out_dir / 'report.html'}")
     click.echo(f"results: {out_dir / 'results.json'}")
     if (out_dir / "tables").is_dir() and config.output.report:
         click.echo(f"tables:  {out_dir / 'tables'}")
     if pdf and config.output.report:
-        from .pdf import html_to_pdf
-
-        click.echo(f"pdf:     {html_to_pdf(out_dir / 'report.html', out_dir / 'report.pdf')}")
+        click.echo(f"pdf:     {out_dir / 'report.pdf'}")
+    if config.output.model_card is not None:
+        click.echo(f"model card: {config.output.model_card}")
     if results.protocol is not None:
         p = results.protocol
         click.echo(f"protocol: {p['name']} (sha256 {p['sha256'][:12]}) "
@@ -429,6 +434,12 @@ def report(results_path: Path, output: Path | None, pdf: bool) -> None:
         from .pdf import html_to_pdf
 
         click.echo(f"pdf: {html_to_pdf(target, target.with_suffix('.pdf'))}")
+    if results.integrity is not None and target.parent.resolve() == results_path.parent.resolve():
+        from .integrity import seal
+
+        # the re-rendered report equals the sealed one (medaudit verify checks that); a new PDF joins the seal
+        folder = results_path.parent  # sealed files outside it (a model card written elsewhere) stay sealed
+        seal(folder, extra=[folder / rel for rel in results.integrity.get("files", {}) if rel.startswith("../")])
 
 
 @cli.command("compare")

@@ -306,6 +306,9 @@ class OutputConfig(_Section):
     save_labelmaps: list[str] = Field(default_factory=list, description="segmentation, with save_predictions: scenarios "
                                                                       "whose predicted label maps are saved besides clean")
     report: bool = True
+    model_card: Path | None = Field(
+        None, description="also write the audit as a Model Card Toolkit (schema 0.0.2) JSON document at this path "
+                          "(--model-card); the report links it and results.json's integrity covers it")
 
 
 class Config(_Section):

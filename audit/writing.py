@@ -36,11 +36,14 @@ class AtomicOutputDir:
     """Stage every output in a temporary folder beside ``out`` and move files in only on success.
 
     On failure the staging folder is removed, and ``out`` is removed too if this run created it
-    and left it empty, so no half-written report or results are ever left behind.
+    and left it empty, so no half-written report or results are ever left behind. On success, the
+    names in ``replaces`` that this run did not write (a previous run's report.pdf or
+    predictions.npz) are removed, so the folder never mixes two audits' outputs.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, replaces: tuple[str, ...] = ()) -> None:
         self.out = out
+        self.replaces = replaces
 
     def __enter__(self) -> Path:
         self.created = not self.out.exists()
@@ -52,6 +55,10 @@ class AtomicOutputDir:
         try:
             if exc_type is None:
                 self.out.mkdir(parents=True, exist_ok=True)
+                for name in self.replaces:
+                    stale = self.out / name
+                    if not (self.stage / name).exists() and (stale.is_file() or stale.is_dir()):
+                        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
                 for item in sorted(self.stage.iterdir()):
                     target = self.out / item.name
                     if item.is_dir() and target.is_dir():

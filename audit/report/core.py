@@ -6,8 +6,10 @@ from a list of built-in names: a plugin metric declared headline is shown like a
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data import MISSING_VALUE
@@ -79,6 +81,8 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         *([("Thread choice", e["threads_reason"])] if e.get("threads_reason") else []),
         ("Precision", e["precision"] + (", channels-last memory format" if e.get("memory_format") == "channels_last" else "")),
         ("Seed", str(r["seed"])),
+        *([("Protocol", protocol_text(r) or "")] if r.get("protocol") else []),
+        *([("Model card", f"{model_card_link(r)} (Model Card Toolkit schema 0.0.2)")] if model_card_link(r) else []),
         ("Command", r["command"]), ("Created", r["created_at"]),
     ]
     if r.get("timing"):
@@ -92,6 +96,55 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         if m.get(key):
             identity.insert(0, (lab, m[key]))
     return identity
+
+
+def protocol_text(r: dict[str, Any]) -> str | None:
+    """The frozen protocol the audit ran under and whether it conformed (results.json ``protocol``)."""
+    p = r.get("protocol")
+    if not p:
+        return None
+    text = f"{p['name']} (version {p['version']}, SHA-256 {p['sha256']})"
+    if p.get("conformant", True):
+        return text + " — conformant: every pinned setting as the protocol fixes it"
+    return (text + " — NOT protocol-conformant (--protocol-override): overridden " + "; ".join(p.get("overrides", []))
+            + ". Its numbers are not comparable with conformant audits under this protocol.")
+
+
+def model_card_link(r: dict[str, Any]) -> str | None:
+    """The model card's path relative to the report (``--model-card``), or None."""
+    out = r.get("config", {}).get("output", {})
+    card = out.get("model_card")
+    if not card:
+        return None
+    return Path(os.path.relpath(Path(card).resolve(), Path(out.get("dir") or ".").resolve())).as_posix()
+
+
+#: The literature scores in results.json ``robustness`` (:mod:`medaudit.scores`), as the report names them.
+SCORE_LABELS = {"mce_vs_baseline": "mCE vs baseline (ImageNet-C)",
+                "relative_mce_vs_baseline": "relative mCE vs baseline (ImageNet-C)",
+                "be": "BE (MedMNIST-C)", "rbe": "rBE (MedMNIST-C)", "rood_degradation": "degradation (ROOD-MRI)"}
+
+
+def scores_table(r: dict[str, Any], confidence: str) -> Table:
+    """Comparable robustness scores, each as its paper defines it, with intervals (docs/robustness-scores.md)."""
+    rob = r.get("robustness", {})
+    t = Table("Comparable robustness scores, each computed as its paper defines it (docs/robustness-scores.md), with "
+              f"{confidence} bootstrap intervals. The ImageNet-C and MedMNIST-C scores are ratios to a baseline model's "
+              "audit (--baseline; 1 = as robust as the baseline, lower is better); the ROOD-MRI degradation is the "
+              "severity-weighted drop (weights (2/3)^s) in the metric's units, positive = worse.",
+              ["Score", "Metric", "Value", "Interval", "Perturbations", "Note"], name="scores",
+              columns=["score", "metric", "value", "ci_low", "ci_high", "perturbations", "note"])
+    entries = [(k, rob[k]) for k in ("mce_vs_baseline", "relative_mce_vs_baseline", "be", "rbe") if k in rob]
+    entries += [("rood_degradation", e) for _, e in sorted((rob.get("rood_degradation") or {}).items())]
+    for score, e in entries:
+        note = e.get("reason") or "; ".join(e.get("warnings") or [])
+        if e.get("left_out"):
+            note = (note + "; " if note else "") + f"{len(e['left_out'])} scenario(s) not shared with the baseline left out"
+        t.rows.append(Row([SCORE_LABELS[score], label(e.get("metric") or ""), fmt(e.get("value"), 3),
+                           f"[{fmt(e.get('ci_low'), 3)}, {fmt(e.get('ci_high'), 3)}]", fmt(e.get("n_perturbations")),
+                           note], values=[score, e.get("metric"), e.get("value"), e.get("ci_low"), e.get("ci_high"),
+                                          e.get("n_perturbations"), note]))
+    return t
 
 
 def metadata_views(r: dict[str, Any]) -> tuple[Table, list[Table], list[str]]:

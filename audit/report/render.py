@@ -20,7 +20,7 @@ from ..plugin_manager import PluginManager
 from ..results import MetricInfo, Results, WarningRecord, metric_info
 from ..sections import CORE_ORDER, ReportSection
 from ..verdict import breaking_points_of
-from .core import (HeatMap, breaking_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
+from .core import (HeatMap, breaking_table, model_card_link, protocol_text, scores_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
                    metadata_views, params_table, robustness_figure, scope_text, stress_tests, robustness_table, throughput_table)
 from .format import fmt, fmt_ci, fmt_p, label
 from .limitations import WarningGroup, derived_notes, warning_groups, warning_records
@@ -71,6 +71,10 @@ class ReportView:
     sections: list[SectionEntry]
     scope: str
     stress: set[str]
+    scores: Table
+    protocol: str | None
+    protocol_conformant: bool
+    model_card: str | None  # the card's path relative to the report (a link), or None
     appendix: list[AppendixTable]  # every full table, in document order: collapsed here, CSV beside results.json
 
 
@@ -170,7 +174,9 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
         derived_notes=derived_notes(r, records, [n for sec, _ in rendered for n in sec.limitations]),
         definitions=metric_definitions(r, clean["metrics"] if clean else {}),
         confidence=confidence, sections=_document_order(rendered), scope=scope_text(r), stress=stress_tests(r),
-        appendix=_appendix(core_appendix, rendered),
+        appendix=_appendix(core_appendix, rendered), scores=scores_table(r, confidence),
+        protocol=protocol_text(r), protocol_conformant=(r.get("protocol") or {}).get("conformant", True),
+        model_card=model_card_link(r),
     )
 
 
