@@ -1,4 +1,4 @@
-"""``--fail-on`` gates: expressions over results.json that fail an audit (exit code 1).
+r"""``--fail-on`` gates: expressions over results.json that fail an audit (exit code 1).
 
 Grammar (whitespace around the operator is allowed)::
 
