@@ -82,6 +82,13 @@ class Protocol(BaseModel):
         stray = sorted(p for p, pin in self.perturbations.items() if pin.suite not in self.suites)
         if stray:
             raise ValueError(f"protocol {self.name}: perturbations {stray} belong to no suite of {self.suites}")
+        # check_plan compares the parameters at every pinned severity: a level a pin lacks would
+        # refuse every audit under the protocol, as if the installed perturbation had changed
+        unpinned = sorted(f"{p}@{s}" for p, pin in self.perturbations.items() for s in self.severities
+                          if str(s) not in pin.severities)
+        if unpinned:
+            raise ValueError(f"protocol {self.name}: no parameters pinned for {', '.join(unpinned)} (every perturbation "
+                             f"pins each of the severities {self.severities})")
 
     def content(self) -> dict[str, Any]:
         """The protocol as JSON-ready data: what the hash covers."""
@@ -186,8 +193,10 @@ def resolve_protocol(protocols: Mapping[str, Protocol], name: str, file_data: Ma
         given_flag = out.get(key)
         given_file = _dotted(file_data, key)
         for where, given in ((FLAGS.get(key, key), given_flag), (f"{key} in {source}", given_file)):
-            if given is None or _same(key, given, pinned):
+            if given is None:
                 continue
+            if _same(key, given, pinned):
+                break  # a flag replaces the file's value: restating the protocol's on the command line conforms
             conflicts.append(f"{where} = {json.dumps(given)} (protocol: {json.dumps(pinned)})")
             run = run.with_override(key)
             break
@@ -211,7 +220,7 @@ def check_plan(run: ProtocolRun, chosen: Mapping[str, dict[str, Any]], dims: int
     ConfigError naming the differences, or with ``allow_override`` a non-conformant record.
     """
     protocol = run.protocol
-    if "audit.suites" in run.overrides or "audit.perturbations" in run.overrides:
+    if {"audit.suites", "audit.perturbations", "audit.exclude"} & set(run.overrides):
         return run  # the user chose other perturbations: already recorded
     expected = {n for n, pin in protocol.perturbations.items() if dims in pin.dims}
     problems = []

@@ -1,14 +1,18 @@
-"""The --fail-on grammar: parsing, scenario wildcards, drops, OOD, subgroup gaps, JUnit."""
+"""The --fail-on grammar: parsing, scenario wildcards, drops, OOD, subgroup gaps, JUnit, non-inferiority gates."""
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from typing import Any
 
+import jsonschema
+import numpy as np
 import pytest
 
 from medaudit.checks import Vocabulary, describe_check, evaluate_checks, junit_xml, parse_check, validate_checks
 from medaudit.errors import ConfigError
+from medaudit.results import SCHEMA_PATH, Check
 
 
 def est(v: float | None) -> dict[str, Any]:
@@ -204,3 +208,169 @@ def test_representation_and_probe_checks() -> None:
         {"id": "mri.motion@3", "perturbation": "mri.motion", "metrics": {}, "representation": {"cka": {"value": 0.6}}}]}
     (check,) = evaluate_checks(["mri.motion@*.representation.cka<0.8"], results)
     assert (check["value"], check["scenario"], check["passed"]) == (0.6, "mri.motion@3", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-inferiority gates: SCENARIO.drop.METRIC > MARGIN noninferior
+# ---------------------------------------------------------------------------------------------
+
+
+def drop(value: float | None, high: float | None, low: float | None = None) -> dict[str, Any]:
+    return {"value": value, "ci_low": low, "ci_high": high, "relative": None, "significant": False}
+
+
+def ni_results(**drops: dict[str, Any]) -> dict[str, Any]:
+    """Results whose perturbed scenarios have the given accuracy drops (keyword: scenario id with
+    ``_`` for ``.`` and ``__`` for ``@``)."""
+    scenarios = [{"id": "clean", "perturbation": None, "metrics": {"accuracy": est(0.9)}}]
+    for key, d in drops.items():
+        sid = key.replace("__", "@").replace("_", ".")
+        scenarios.append({"id": sid, "perturbation": sid.split("@")[0], "metrics": {"accuracy": est(0.9 - (d["value"] or 0))},
+                          "drop": {"accuracy": d}})
+    return {"metric_directions": {"accuracy": True}, "scenarios": scenarios}
+
+
+NI = ni_results(mri_motion__1=drop(0.02, 0.05, -0.01), mri_motion__3=drop(0.03, 0.08, 0.0),
+                mri_spike__3=drop(0.04, 0.06, 0.02))
+
+
+@pytest.mark.parametrize(("expr", "op", "path"), [
+    ("mri.motion@3.drop.accuracy > 0.05 noninferior", ">", "mri.motion@3.drop.accuracy"),
+    ("mri.motion@3.drop.accuracy>=0.05 noninferior", ">=", "mri.motion@3.drop.accuracy"),
+    ("  *.drop.accuracy>0.05   noninferior ", ">", "*.drop.accuracy"),
+    ("mri.motion@*.drop.knn_probe/accuracy > 5e-2 noninferior", ">", "mri.motion@*.drop.knn_probe/accuracy"),
+])
+def test_noninferiority_parsing(expr: str, op: str, path: str) -> None:
+    parsed = parse_check(expr)
+    assert (parsed.noninferior, parsed.op, parsed.path, parsed.threshold, parsed.expr) == (
+        True, op, path, 0.05, expr.strip())
+    assert parse_check(path + " > 0.05").noninferior is False
+
+
+@pytest.mark.parametrize(("expr", "pattern"), [
+    ("mri.motion@3.drop.accuracy < 0.05 noninferior", r"a non-inferiority check bounds a drop from above: "
+                                                       r"'SCENARIO.drop.METRIC > MARGIN noninferior' \(or >=\)"),
+    ("mri.motion@3.drop.accuracy <= 0.05 noninferior", r"bounds a drop from above"),
+    ("mri.motion@3.drop.accuracy == 0.05 noninferior", r"bounds a drop from above"),
+    ("mri.motion@3.accuracy > 0.05 noninferior", r"bounds a drop from above"),
+    ("clean.accuracy < 0.8 noninferior", r"bounds a drop from above"),
+    ("mri.motion@3.ood.energy.auroc > 0.5 noninferior", r"bounds a drop from above"),
+    ("mri.motion@3.drop.accuracy > 0.05 non-inferior", r"not a check; .* or a non-inferiority check "
+                                                       r"'mri.motion@3.drop.accuracy > 0.05 noninferior'"),
+    ("mri.motion@3.drop.accuracy > 0.05noninferior", r"not a check"),
+    ("mri.motion@3.drop.accuracy noninferior", r"not a check"),
+])
+def test_noninferiority_parse_errors_say_how(expr: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_check(expr)
+
+
+def test_noninferiority_validation_uses_the_drop_vocabulary() -> None:
+    validate_checks(["mri.motion@3.drop.accuracy > 0.05 noninferior", "*.drop.ece >= 0.02 noninferior"], VOCAB)
+    with pytest.raises(ConfigError, match=r"'clean' has none"):
+        validate_checks(["clean.drop.accuracy > 0.05 noninferior"], VOCAB)
+    with pytest.raises(ConfigError, match=r"no metric 'acc'"):
+        validate_checks(["*.drop.acc > 0.05 noninferior"], VOCAB)
+
+
+def test_upper_bound_at_the_margin_passes_for_gt_and_fails_for_ge() -> None:
+    # mri.motion@1: drop 0.02, upper bound exactly 0.05
+    (gt, ge) = evaluate_checks(["mri.motion@1.drop.accuracy > 0.05 noninferior",
+                                "mri.motion@1.drop.accuracy >= 0.05 noninferior"], NI)
+    assert (gt["passed"], gt["upper_bound"], gt["value"], gt["scenario"]) == (True, 0.05, 0.02, "mri.motion@1")
+    assert (ge["passed"], ge["upper_bound"]) == (False, 0.05)
+    assert gt["noninferior"] is ge["noninferior"] is True and gt["error"] is None
+
+
+def test_upper_bound_just_above_the_margin_fails() -> None:
+    above = float(np.nextafter(0.05, 1.0))
+    results = ni_results(mri_motion__1=drop(0.02, above))
+    (check,) = evaluate_checks(["mri.motion@1.drop.accuracy > 0.05 noninferior"], results)
+    assert check["passed"] is False and check["upper_bound"] == above
+
+
+def test_the_upper_bound_decides_not_the_point_estimate() -> None:
+    # drop 0.03 is below the margin 0.05, but its interval reaches 0.08: non-inferiority is not shown
+    noninferior, plain = evaluate_checks(["mri.motion@3.drop.accuracy > 0.05 noninferior",
+                                          "mri.motion@3.drop.accuracy > 0.05"], NI)
+    assert noninferior["passed"] is False and noninferior["value"] == 0.03 and noninferior["upper_bound"] == 0.08
+    assert plain["passed"] is True and plain["value"] == 0.03 and "upper_bound" not in plain
+
+
+def test_a_wildcard_takes_the_scenario_with_the_highest_upper_bound() -> None:
+    (ni, plain) = evaluate_checks(["*.drop.accuracy > 0.1 noninferior", "*.drop.accuracy > 0.1"], NI)
+    # the largest upper bound (0.08, mri.motion@3), not the largest drop (0.04, mri.spike@3)
+    assert (ni["scenario"], ni["upper_bound"], ni["value"], ni["passed"]) == ("mri.motion@3", 0.08, 0.03, True)
+    assert (plain["scenario"], plain["value"]) == ("mri.spike@3", 0.04)
+    (sev,) = evaluate_checks(["mri.motion@*.drop.accuracy > 0.07 noninferior"], NI)
+    assert (sev["scenario"], sev["passed"]) == ("mri.motion@3", False)
+
+
+def test_without_an_interval_noninferiority_cannot_be_shown() -> None:
+    results = ni_results(mri_motion__1=drop(0.0, 0.01), mri_motion__3=drop(0.01, None))  # audit.bootstrap: 0
+    (check,) = evaluate_checks(["mri.motion@*.drop.accuracy > 0.05 noninferior"], results)
+    assert (check["passed"], check["value"], check["upper_bound"], check["p_value"], check["scenario"]) == (
+        False, None, None, None, "mri.motion@3")
+    assert check["error"] == ("the drop has no confidence interval in mri.motion@3 (audit.bootstrap: 0, or the metric "
+                              "is undefined on every resample), so non-inferiority cannot be shown")
+    assert describe_check(check) == f"FAIL mri.motion@*.drop.accuracy in mri.motion@3 non-inferiority: {check['error']}"
+    with pytest.raises(ConfigError, match=r"no drop 'ece' in scenario '\*'"):
+        evaluate_checks(["*.drop.ece > 0.05 noninferior"], results)
+
+
+def test_p_value_is_the_one_sided_bootstrap_p_value() -> None:
+    nan = float("nan")
+    rows = {"mri.motion@1": [0.01, 0.05, 0.07, nan, 0.02, 0.05, nan, 0.09, -0.01, 0.049999]}
+    calls: list[tuple[str, str]] = []
+
+    def drop_rows(sid: str, key: str) -> list[float] | None:
+        calls.append((sid, key))
+        return rows.get(sid)
+
+    (check,) = evaluate_checks(["mri.motion@1.drop.accuracy > 0.05 noninferior"], NI, drop_rows)
+    assert calls == [("mri.motion@1", "accuracy")]
+    # by hand: 8 resamples left after the 2 NaN rows, 4 of them >= 0.05 (0.05, 0.07, 0.05, 0.09)
+    assert check["p_value"] == (1 + 4) / (1 + 8)
+    finite = np.array([d for d in rows["mri.motion@1"] if d == d])
+    assert check["p_value"] == (1 + int((finite >= 0.05).sum())) / (1 + finite.size)
+    # a wildcard's p-value is its deciding scenario's
+    calls.clear()
+    (wild,) = evaluate_checks(["*.drop.accuracy > 0.1 noninferior"], NI, drop_rows)
+    assert calls == [("mri.motion@3", "accuracy")] and wild["p_value"] is None  # no rows: no p-value
+    (none,) = evaluate_checks(["mri.motion@1.drop.accuracy > 0.05 noninferior"], NI)
+    assert none["p_value"] is None and none["passed"] is True  # the decision is the bound's either way
+    # never 0: (1 + 0) / (1 + R)
+    (tiny,) = evaluate_checks(["mri.motion@1.drop.accuracy > 0.5 noninferior"], NI, lambda s, k: [0.0] * 19)
+    assert tiny["p_value"] == 1 / 20
+
+
+@pytest.mark.parametrize(("expr", "p", "line"), [
+    ("mri.motion@3.drop.accuracy > 0.1 noninferior", 0.25,
+     "PASS mri.motion@3.drop.accuracy = 0.03, upper bound 0.08 (non-inferiority margin 0.1: within the margin; "
+     "one-sided p = 0.25)"),
+    ("mri.motion@3.drop.accuracy >= 0.05 noninferior", None,
+     "FAIL mri.motion@3.drop.accuracy = 0.03, upper bound 0.08 (non-inferiority margin 0.05: not shown within the "
+     "margin)"),
+    ("*.drop.accuracy > 0.1 noninferior", 1 / 3,
+     "PASS *.drop.accuracy in mri.motion@3 = 0.03, upper bound 0.08 (non-inferiority margin 0.1: within the margin; "
+     "one-sided p = 0.333)"),
+])
+def test_describe_noninferiority_check(expr: str, p: float | None, line: str) -> None:
+    rows = None if p is None else [0.2] * round(p * 12 - 1) + [0.0] * (11 - round(p * 12 - 1))  # R = 11
+    (check,) = evaluate_checks([expr], NI, lambda s, k: rows)
+    assert check["p_value"] == (p if p is None else pytest.approx(p))
+    assert describe_check(check) == line
+    if not check["passed"]:
+        failure = ET.fromstring(junit_xml([check])).find("testcase/failure")
+        assert failure.attrib["message"] == line
+
+
+def test_a_noninferiority_check_validates_as_a_results_check() -> None:
+    (check,) = evaluate_checks(["*.drop.accuracy > 0.1 noninferior"], NI, lambda s, k: [0.0, 0.2, 0.05])
+    model = Check.model_validate(check)
+    assert (model.noninferior, model.upper_bound, model.p_value, model.scenario) == (True, 0.08, 0.5, "mri.motion@3")
+    assert model.model_dump() == check
+    defs = json.loads(SCHEMA_PATH.read_text())["$defs"]
+    jsonschema.validate(check, {"$ref": "#/$defs/Check", "$defs": defs})
+    (plain,) = evaluate_checks(["clean.accuracy<0.8"], RESULTS)
+    assert Check.model_validate(plain).noninferior is False  # older files, without the fields, still validate
