@@ -288,6 +288,10 @@ def _subgroup_gap(results: dict[str, Any], path: str) -> float | None:
     return max(defined) - min(defined)
 
 
+#: The non-inferiority fields of a plain check's entry (as results.json's Check model fills them in).
+PLAIN: dict[str, Any] = {"noninferior": False, "upper_bound": None, "p_value": None}
+
+
 def evaluate_checks(exprs: list[str], results: dict[str, Any],
                     drop_rows: Callable[[str, str], Any] | None = None) -> list[dict[str, Any]]:
     """Evaluate every check against a results dict; returns results.json ``checks`` entries.
@@ -307,11 +311,12 @@ def evaluate_checks(exprs: list[str], results: dict[str, Any],
             where = f" (in {scenario})" if scenario is not None else ""
             out.append({"expr": parsed.expr, "value": None, "passed": False, "threshold": parsed.threshold,
                         "scenario": scenario,
-                        "error": f"the value is undefined for this audit{where} (e.g. a single class present)"})
+                        "error": f"the value is undefined for this audit{where} (e.g. a single class present)",
+                        **PLAIN})
             continue
         failed = _OPS[parsed.op](value, parsed.threshold)
         out.append({"expr": parsed.expr, "value": value, "passed": not failed, "threshold": parsed.threshold,
-                    "scenario": scenario, "error": None})
+                    "scenario": scenario, "error": None, **PLAIN})
     return out
 
 
@@ -364,7 +369,7 @@ def requested_perturbation_checks(requested: list[str], scenario_ids: list[str],
         if len(reasons) > 1:
             error += f" (and {len(reasons) - 1} more of its scenarios)"
         out.append({"expr": f"perturbation:{name} ran", "value": 0.0, "passed": False, "threshold": None,
-                    "error": error})
+                    "error": error, **PLAIN})
     return out
 
 

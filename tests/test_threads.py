@@ -37,7 +37,8 @@ def run(args: list[str]) -> "subprocess.CompletedProcess[str]":
 def numbers(node: object, path: tuple[str, ...] = ()) -> object:
     """Everything but what records the run itself: time, speed (``throughput``), command, output
     folder, environment, the threads setting."""
-    skip = {("created_at",), ("command",), ("timing",), ("environment",), ("assets",), ("config", "audit", "threads"),
+    skip = {("created_at",), ("command",), ("timing",), ("environment",), ("assets",), ("integrity",),
+            ("config", "audit", "threads"),
             ("config", "output", "dir")}
     if isinstance(node, dict):
         return {k: numbers(v, (*path, k)) for k, v in node.items() if (*path, k) not in skip and k != "throughput"}

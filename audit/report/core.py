@@ -125,8 +125,9 @@ SCORE_LABELS = {"mce_vs_baseline": "mCE vs baseline (ImageNet-C)",
                 "be": "BE (MedMNIST-C)", "rbe": "rBE (MedMNIST-C)", "rood_degradation": "degradation (ROOD-MRI)"}
 
 
-def scores_table(r: dict[str, Any], confidence: str) -> Table:
-    """Comparable robustness scores, each as its paper defines it, with intervals (docs/robustness-scores.md)."""
+def scores_table(r: dict[str, Any], confidence: str) -> tuple[Table, list[str]]:
+    """Comparable robustness scores, each as its paper defines it, with intervals
+    (docs/robustness-scores.md); and one note per reason a group of them was not computed."""
     rob = r.get("robustness", {})
     t = Table("Comparable robustness scores, each computed as its paper defines it (docs/robustness-scores.md), with "
               f"{confidence} bootstrap intervals. The ImageNet-C and MedMNIST-C scores are ratios to a baseline model's "
@@ -136,7 +137,11 @@ def scores_table(r: dict[str, Any], confidence: str) -> Table:
               columns=["score", "metric", "value", "ci_low", "ci_high", "perturbations", "note"])
     entries = [(k, rob[k]) for k in ("mce_vs_baseline", "relative_mce_vs_baseline", "be", "rbe") if k in rob]
     entries += [("rood_degradation", e) for _, e in sorted((rob.get("rood_degradation") or {}).items())]
+    missing: dict[str, list[str]] = {}
     for score, e in entries:
+        if e.get("value") is None and e.get("n_perturbations", 0) == 0 and e.get("reason"):
+            missing.setdefault(e["reason"], []).append(SCORE_LABELS[score])  # never computed: one note, not rows
+            continue
         note = e.get("reason") or "; ".join(e.get("warnings") or [])
         if e.get("left_out"):
             note = (note + "; " if note else "") + f"{len(e['left_out'])} scenario(s) not shared with the baseline left out"
@@ -144,7 +149,7 @@ def scores_table(r: dict[str, Any], confidence: str) -> Table:
                            f"[{fmt(e.get('ci_low'), 3)}, {fmt(e.get('ci_high'), 3)}]", fmt(e.get("n_perturbations")),
                            note], values=[score, e.get("metric"), e.get("value"), e.get("ci_low"), e.get("ci_high"),
                                           e.get("n_perturbations"), note]))
-    return t
+    return t, [f"Not computed — {', '.join(names)}: {reason}." for reason, names in missing.items()]
 
 
 def metadata_views(r: dict[str, Any]) -> tuple[Table, list[Table], list[str]]:

@@ -20,8 +20,9 @@ from ..plugin_manager import PluginManager
 from ..results import MetricInfo, Results, WarningRecord, metric_info
 from ..sections import CORE_ORDER, ReportSection
 from ..verdict import breaking_points_of
-from .core import (HeatMap, breaking_table, model_card_link, protocol_text, scores_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
-                   metadata_views, params_table, robustness_figure, scope_text, stress_tests, robustness_table, throughput_table)
+from .core import (HeatMap, breaking_table, checks_table, degradation_table, heat_map, identity_rows, mce_table,
+                   metadata_views, model_card_link, params_table, protocol_text, robustness_figure, robustness_table,
+                   scope_text, scores_table, stress_tests, throughput_table)
 from .format import fmt, fmt_ci, fmt_p, label
 from .limitations import WarningGroup, derived_notes, warning_groups, warning_records
 from .summary import alerts, findings, robustness_headlines, verdict
@@ -72,6 +73,7 @@ class ReportView:
     scope: str
     stress: set[str]
     scores: Table
+    scores_notes: list[str]
     protocol: str | None
     protocol_conformant: bool
     model_card: str | None  # the card's path relative to the report (a link), or None
@@ -157,6 +159,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
     metadata_numeric, metadata_tables, metadata_notes = metadata_views(r)
     records = warning_records(r) + problems
     m = r["model"]
+    scores = scores_table(r, confidence)
     core_appendix = {
         "perturbations": [params_table(r)],
         "robustness": [robustness_table(r, headline_keys(r), confidence), degradation_table(r, leads), mce_table(r, leads)],
@@ -174,7 +177,7 @@ def build_view(results: Results, sections: list[tuple[str, ReportSection]] | Non
         derived_notes=derived_notes(r, records, [n for sec, _ in rendered for n in sec.limitations]),
         definitions=metric_definitions(r, clean["metrics"] if clean else {}),
         confidence=confidence, sections=_document_order(rendered), scope=scope_text(r), stress=stress_tests(r),
-        appendix=_appendix(core_appendix, rendered), scores=scores_table(r, confidence),
+        appendix=_appendix(core_appendix, rendered), scores=scores[0], scores_notes=scores[1],
         protocol=protocol_text(r), protocol_conformant=(r.get("protocol") or {}).get("conformant", True),
         model_card=model_card_link(r),
     )
