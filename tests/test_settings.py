@@ -70,12 +70,12 @@ def test_defaults_without_sections(pm: PluginManager) -> None:
     assert config.plugin_settings("calibration").n_bins == 15
     assert (config.plugin_settings("ood").energy_temperature, config.plugin_settings("ood").knn_k) == (1.0, 50)
     sub = config.plugin_settings("subgroups")
-    assert (sub.attributes, sub.min_group_size, sub.permutations) == ([], 30, 1000)
+    assert (sub.attributes, sub.min_group_size, sub.permutations) == ([], 30, "auto")
     # results.json config: the resolved sections, and the old keys mirroring the values in use
     dump = config.model_dump(mode="json")
     assert dump["plugins"]["ood"] == {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap", "odin": False,
                                       "odin_temperature": 1000.0, "odin_epsilon": 0.0014}
-    assert dump["audit"]["n_bins"] == 15 and dump["subgroups"]["permutations"] == 1000
+    assert dump["audit"]["n_bins"] == 15 and dump["subgroups"]["permutations"] == "auto"
 
 
 @pytest.mark.parametrize("old", sorted(ALIASES))
@@ -126,6 +126,10 @@ def test_alias_and_new_key_with_the_same_value_agree(pm: PluginManager, tmp_path
         ({"plugins": {"calibration": {"n_bins": 1}}}, r"plugins\.calibration\.n_bins: Input should be greater than or equal to 2"),
         ({"audit": {"n_bins": 1}}, r"audit\.n_bins: Input should be greater than or equal to 2"),  # the key the user wrote
         ({"subgroups": {"bins": {"age": ["x"]}}}, r"subgroups\.bins\.age\.0: Input should be a valid number"),
+        ({"subgroups": {"permutations": "many"}},
+         r"subgroups\.permutations: Value error, permutations must be auto or a number of permutations"),
+        ({"plugins": {"subgroups": {"permutations": -1}}},
+         r"plugins\.subgroups\.permutations: Value error, permutations must be auto or a number of permutations"),
         ({"plugins": {"ood": None}, "audit": {"knn_k": 0}}, r"audit\.knn_k: Input should be greater than or equal to 1"),
     ],
 )
@@ -315,7 +319,7 @@ def test_init_writes_every_builtin_setting_and_loads(pm: PluginManager, tmp_path
         "calibration": {"n_bins": 15},
         "ood": {"energy_temperature": 1.0, "knn_k": 50, "auroc_ci": "bootstrap", "odin": False,
                 "odin_temperature": 1000.0, "odin_epsilon": 0.0014},
-        "subgroups": {"attributes": [], "intersections": [], "bins": {}, "min_group_size": 30, "permutations": 1000,
+        "subgroups": {"attributes": [], "intersections": [], "bins": {}, "min_group_size": 30, "permutations": "auto",
                       "holm_family": "audit"},
     }
     assert "# bins of the calibration metrics; alias: audit.n_bins" in path.read_text()

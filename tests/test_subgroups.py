@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -542,6 +543,149 @@ def test_too_few_permutations_for_a_scenario_family_name_the_scenario(binary_aud
     assert f"at least {math.ceil(m / 0.05)}" in warning[0] and "or correct per scenario" not in warning[0]
 
 
+@pytest.mark.parametrize(("m", "alpha", "needed"), [
+    (326, 0.05, 6520),  # the example's audit family: 326/6520 is exactly 0.05, not below it
+    (38, 0.05, 760), (13, 0.05, 260), (1, 0.05, 20), (7, 0.01, 700), (3, 0.1, 30),
+    (1, 0.32, 3),  # m/alpha = 3.125: 3 permutations give p >= 1/4 < 0.32 (ceil(m/alpha) = 4 is one too many)
+    (5, 0.3, 16),  # 16.67: 5/17 < 0.3 <= 5/16
+    (0, 0.05, 0),
+])
+def test_permutations_needed_is_the_fewest_with_which_a_gap_can_be_significant(m, alpha, needed):
+    assert sg.permutations_needed(m, alpha) == needed
+    if m:
+        # in exact arithmetic (alpha as the decimal it is): enough, and one fewer is not
+        a = Fraction(str(alpha))
+        assert Fraction(m, needed + 1) < a <= Fraction(m, needed)
+        # the smallest p-value, adjusted over the family, is significant then
+        assert sg.holm([1 / (needed + 1)] + [0.5] * (m - 1))[0] < alpha
+
+
+@pytest.mark.parametrize(("m", "expected"), [(0, 1000), (10, 1000), (50, 1000), (51, 1020), (326, 6520),
+                                             (1000, 20000), (1001, 20000), (5000, 20000)])
+def test_auto_permutations_is_the_needed_count_within_its_bounds(m, expected):
+    assert sg.auto_permutations(m, 0.05) == expected == min(sg.AUTO_MAX, max(sg.AUTO_MIN, sg.permutations_needed(m, 0.05)))
+
+
+def observed_slots(res: dict[str, Any], scenario: str | None = None) -> int:
+    """Gaps and drop gaps of the results with an observed value: what ``auto`` counts."""
+    return sum(sg.analysis._observed(s) for s in slots_of(res, scenario))
+
+
+@pytest.mark.parametrize("family", ["audit", "scenario"])
+def test_auto_picks_the_documented_count_for_the_family(binary_audit, family):
+    outputs, configured, _ = binary_audit
+    cfg = SubgroupSettings(attributes=["sex", "site"], intersections=[["sex", "site"]], min_group_size=30,
+                           holm_family=family)
+    assert cfg.permutations == "auto"
+    res = sg.analyze(outputs, cfg)
+    if family == "audit":
+        m = observed_slots(res)
+    else:
+        m = max(observed_slots(res, sid) for sid in res["subgroup_settings"]["scenarios"])
+    n = res["subgroup_settings"]["permutations"]
+    assert n == max(1000, math.floor(m / 0.05)) and res["subgroup_settings"]["permutations_rule"] == "auto"
+    assert sum(s["p_value"] is not None for s in slots_of(res)) <= observed_slots(res)  # every test was counted
+    assert not [w for w in res["warnings"] if "permutations" in w]
+    # p-values in steps of 1 / (n + 1): n permutations were drawn
+    for s in slots_of(res):
+        if s["p_value"] is not None:
+            assert s["p_value"] * (n + 1) == pytest.approx(round(s["p_value"] * (n + 1)), abs=1e-6)
+    # the same seed gives the same draws: auto is the configured count it chose, bit for bit
+    again = sg.analyze(outputs, cfg.model_copy(update={"permutations": n}))
+    assert again["subgroup_settings"]["permutations_rule"] == "configured"
+    assert [s["p_value"] for s in slots_of(again)] == [s["p_value"] for s in slots_of(res)]
+    assert again["subgroup_gaps"] == res["subgroup_gaps"] and again["subgroups"] == res["subgroups"]
+    assert [e["gap"] for e in res["subgroup_gaps"]] == [e["gap"] for e in configured["subgroup_gaps"]]
+
+
+def test_a_configured_number_of_permutations_is_used_as_given(binary_audit):
+    _, res, _ = binary_audit  # permutations: 199
+    assert (res["subgroup_settings"]["permutations"], res["subgroup_settings"]["permutations_rule"]) == (199, "configured")
+    assert min(s["p_value"] for s in slots_of(res) if s["p_value"] is not None) >= 1 / 200
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (0, 0), (1, 1), (6520, 6520), ("2000", 2000),
+                                                 (2000.0, 2000)])
+def test_permutations_setting_accepts_auto_or_a_count(value, expected):
+    assert SubgroupSettings(permutations=value).permutations == expected
+
+
+@pytest.mark.parametrize("value", [-1, "many", "Auto", 2.5, True, [1000]])
+def test_permutations_setting_rejects_other_values_naming_the_key(value, tmp_path: Path):
+    with pytest.raises(ValidationError, match=r"permutations\n.*permutations must be auto or a number of permutations"):
+        SubgroupSettings(permutations=value)
+    with pytest.raises(ValidationError, match="permutations must be auto"):
+        SubgroupSettings(permutations=None)  # (in a config file, a null alias key is "not set")
+    pm = get_plugin_manager(warn=lambda m: None)
+    for where, key in (({"plugins": {"subgroups": {"permutations": value}}}, r"plugins\.subgroups\.permutations"),
+                       ({"subgroups": {"permutations": value}}, r"subgroups\.permutations")):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(where))
+        with pytest.raises(ConfigError, match=r"(?m)^  " + key + r": Value error, permutations must be auto or a"):
+            resolve_settings(load_config(path), pm)
+
+
+def example_shaped_outputs() -> AuditOutputs:
+    """The bundled example's family shape on 150 samples: 3 classes, hemisphere (2 groups) and
+    level (3), clean and 18 perturbations x 5 severities: 32 clean gaps + 18 x 16 = 320 tests.
+    The hemisphere "left" is planted far worse in every scenario (so drop gaps stay 0)."""
+    rng = np.random.default_rng(3)
+    n, k = 150, 3
+    y = rng.integers(0, k, n)
+    hemisphere = np.array(["left", "right"] * (n // 2))
+    probs = multiclass_probs(y, k, rng)
+    bad = (hemisphere == "left") & (rng.random(n) < 0.8)
+    probs[bad] = np.roll(probs[bad], 1, axis=1)
+    scen = [Scenario.clean()] + [Scenario.perturbed(f"p{i}", "s", s) for i in range(18) for s in range(1, 6)]
+    meta = {"hemisphere": list(hemisphere), "level": list(rng.choice(["inf", "mid", "sup"], n))}
+    return make_outputs([probs] * len(scen), y, meta, "multiclass", scen, n_boot=50)
+
+
+def test_example_shaped_family_no_longer_warns_by_default():
+    out = example_shaped_outputs()
+    res = sg.analyze(out, SubgroupSettings(attributes=["hemisphere", "level"]))
+    m = sum(s["p_value"] is not None for s in slots_of(res))
+    assert m == observed_slots(res) == 320
+    assert res["subgroup_settings"]["correction"] == "holm-bonferroni over the audit (320 tests)"
+    assert res["subgroup_settings"]["permutations"] == 6400 and res["subgroup_settings"]["permutations_rule"] == "auto"
+    assert not [w for w in res["warnings"] if "permutations" in w]
+    # the planted gap reaches the smallest p-value, which survives Holm over all 320 tests
+    planted = gap(res, "accuracy", attribute="hemisphere")
+    assert planted["p_value"] == pytest.approx(1 / 6401) and planted["p_adjusted"] == pytest.approx(320 / 6401)
+    assert planted["significant"] is True
+    # the former default could not make it significant, and said so
+    old = sg.analyze(out, SubgroupSettings(attributes=["hemisphere", "level"], permutations=1000))
+    assert gap(old, "accuracy", attribute="hemisphere")["significant"] is False
+    assert [w for w in old["warnings"] if "permutations" in w and "at least 6400" in w]
+
+
+def test_auto_warns_when_even_its_cap_cannot_reach_significance(monkeypatch):
+    monkeypatch.setattr(sg.permutations, "AUTO_MAX", 1500)
+    monkeypatch.setattr(sg.analysis, "AUTO_MAX", 1500)
+    out = example_shaped_outputs()
+    res = sg.analyze(out, SubgroupSettings(attributes=["hemisphere"], holm_family="audit"))
+    m = sum(s["p_value"] is not None for s in slots_of(res))  # 16 + 18 x 8 = 160 tests: 3200 needed
+    assert res["subgroup_settings"]["permutations"] == 1500 and m == 160
+    warning = [w for w in res["warnings"] if "permutations" in w]
+    assert len(warning) == 1
+    assert "with 1500 permutations (subgroups.permutations: auto, at most 1500)" in warning[0]
+    assert "set subgroups.permutations to at least 3200" in warning[0]
+
+
+def test_report_caption_states_the_number_of_permutations():
+    r = report_results([gap_entry("hemisphere")])
+    settings = r["analyses"]["subgroup_settings"]
+    settings.update(permutations=6520, permutations_rule="auto")
+    caption = sg.report.gap_table(r).caption
+    assert "permutation test of the gap (6520 permutations, chosen automatically for the correction's family)" in caption
+    settings.update(permutations=1000, permutations_rule="configured")
+    assert "(1000 permutations, as configured)" in sg.report.gap_table(r).caption
+    del settings["permutations_rule"]  # results written before the rule was recorded
+    assert "permutation test of the gap (1000 permutations), its p-value" in sg.report.gap_table(r).caption
+    settings.update(permutations=0)
+    assert "permutation test of the gap, its p-value" in sg.report.gap_table(r).caption
+
+
 def test_permutation_p_helper():
     null = torch.tensor([0.1, 0.2, 0.3, float("nan"), 0.3])
     assert sg.permutation_p(0.25, null) == pytest.approx((1 + 2) / (1 + 4))
@@ -833,12 +977,18 @@ def test_example_sized_analysis_covers_highest_severities():
     assert not math.isnan(gap(res, "auroc", "p17@5", "level")["gap"]["value"])
 
 
-def test_large_permutation_draws_are_chunked_and_reproducible():
+def test_large_permutation_draws_are_chunked_and_reproducible(monkeypatch):
     codes = torch.arange(2000) % 3
+    cached = sg.Permutations(codes, 600, seed=9, attribute="site")
+    assert cached._cache is not None and cached._cache[0].dtype == torch.int8  # 1.2 MB: drawn once, held small
+    monkeypatch.setattr(sg.Permutations, "CACHE_BYTES", 0)
     perms = sg.Permutations(codes, 600, seed=9, attribute="site")
     first = torch.cat(list(perms))
     assert perms._cache is None and len(list(perms)) > 1  # regenerated chunk by chunk, not held
     assert torch.equal(first, torch.cat(list(perms)))
+    # the cached draws are the regenerated ones, chunk for chunk, in the codes' type
+    assert [c.shape for c in cached] == [c.shape for c in perms] and all(c.dtype == torch.int64 for c in cached)
+    assert torch.equal(first, torch.cat(list(cached)))
     assert first.shape == (600, 2000)
     assert torch.equal(first.sort(dim=1).values, codes.sort().values.expand(600, -1))  # group sizes kept
     assert not torch.equal(first[0], first[1])

@@ -14,11 +14,13 @@ What it returns (see docs/subgroups.md for the formulas):
   gap max - min over groups with its bootstrap interval, the worst group, the min/max ratio,
   the worst group's paired difference from the other groups pooled (``worst_vs_rest``, whose
   interval, unlike the gap's, contains 0 when the groups cannot be told apart), a
-  permutation-test p-value and its Holm-Bonferroni adjustment (one family over the whole audit,
-  or one per scenario: ``holm_family``); for binary tasks also
+  permutation-test p-value (``permutations: auto`` draws the fewest permutations with which a gap
+  can be significant after the correction) and its Holm-Bonferroni adjustment (one family over
+  the whole audit, or one per scenario: ``holm_family``); for binary tasks also
   fairlearn's demographic-parity and equalized-odds differences; under a perturbed scenario
   also the gap of the per-group drops ("does this artifact hurt one group more?").
-* ``subgroup_settings`` (also in ``analyses``): attributes, groups, scenarios and metric sets.
+* ``subgroup_settings`` (also in ``analyses``): attributes, groups, scenarios and metric sets, the
+  number of permutations drawn and whether ``auto`` chose it (``permutations_rule``).
 * ``warnings``: attributes that are missing, unbinned continuous columns, untestable gaps.
 
 Scenarios analysed: ``clean`` with every metric of the audit, and each perturbation at its
@@ -43,7 +45,8 @@ from medaudit.task import SUBGROUPS
 from .analysis import adjust_p_values, analysed_scenarios, analyze, measured_headline
 from .attributes import (MAX_CATEGORIES, MISSING_GROUP, SEP, Attribute, bin_labels, build_attributes,
                          column_attribute, format_number, intersect, is_missing)
-from .permutations import Permutations, holm, permutation_p, range_rows
+from .permutations import (AUTO_MAX, AUTO_MIN, Permutations, auto_permutations, holm, permutation_p,
+                           permutations_needed, range_rows)
 from .report import subgroup_sections
 from .rows import HEADLINE, RATES, generic_rows, headline_rows, rest_rows
 from .settings import SubgroupSettings
@@ -51,8 +54,8 @@ from .settings import SubgroupSettings
 MEDAUDIT_API_VERSION = 1
 
 __all__ = [
-    "HEADLINE", "MAX_CATEGORIES", "MISSING_GROUP", "RATES", "SEP", "Attribute", "Permutations", "adjust_p_values",
-    "analysed_scenarios",
+    "AUTO_MAX", "AUTO_MIN", "HEADLINE", "MAX_CATEGORIES", "MISSING_GROUP", "RATES", "SEP", "Attribute", "Permutations",
+    "adjust_p_values", "analysed_scenarios", "auto_permutations", "permutations_needed",
     "analyze", "bin_labels", "build_attributes", "column_attribute", "format_number", "generic_rows", "headline_rows",
     "SubgroupSettings", "holm", "intersect", "is_missing", "measured_headline", "medaudit_analyze", "permutation_p", "range_rows", "rest_rows",
 ]

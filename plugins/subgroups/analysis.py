@@ -1,9 +1,10 @@
-"""The subgroup analysis: which scenarios, per-group entries and gaps, Holm's correction."""
+"""The subgroup analysis: which scenarios, per-group entries and gaps, how many permutations (auto), Holm's correction."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from medaudit.task import ALL_QUANTITIES, CLASS_PROBABILITIES, SINGLE_LABEL
 
 from .attributes import Attribute, build_attributes
 from .gaps import gap_entries
-from .permutations import Permutations, holm
+from .permutations import AUTO_MAX, Permutations, auto_permutations, holm, permutations_needed
 from .rows import HEADLINE, RATES, MetricInput, ScenarioRows, generic_rows, headline_rows, rest_rows, take
 
 
@@ -91,8 +92,10 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
     fast = SINGLE_LABEL in outputs.task.capabilities
     headline = measured_headline(outputs, clean_i if clean_i is not None else 0)
     subgroups: list[dict[str, Any]] = []
-    gaps: list[dict[str, Any]] = []
     settings_attrs: list[dict[str, Any]] = []
+    # first pass: every group's and gap's bootstrap rows, without permutations (how many gaps each
+    # family tests, hence how many permutations auto draws, is known only once they are computed)
+    tested: list[_TestedAttribute] = []
 
     for attr in attrs:
         sizes = torch.bincount(attr.codes, minlength=len(attr.groups))
@@ -108,53 +111,102 @@ def analyze(outputs: AuditOutputs, cfg: Any) -> dict[str, Any]:
         if not testable:
             warnings.append(f"subgroups: attribute '{attr.name}' has {n_e} group(s) with at least "
                             f"{cfg.min_group_size} samples (subgroups.min_group_size); no gaps are computed for it")
-        perms = Permutations(codes_e, cfg.permutations, outputs.seed, attr.name) \
-            if testable and cfg.permutations > 0 else None
         w_e = weights[:, sel]
         labels_e = labels[sel]
         clean_rows: ScenarioRows | None = None
+        per_scenario: list[tuple[int, Scenario, ScenarioRows]] = []
         for s_index, sc in scenarios:
             probs_e = take(scenario_input(outputs, s_index), sel)
             is_clean = s_index == clean_i
-            rows = _scenario_rows(outputs, probs_e, labels_e, w_e, codes_e, n_e, perms, is_clean, fast, set(headline))
+            rows = _scenario_rows(outputs, probs_e, labels_e, w_e, codes_e, n_e, is_clean, fast, set(headline))
             if is_clean:
                 clean_rows = rows
             for g, label in enumerate(attr.groups):
                 subgroups.append(_group_entry(sc, attr, g, label, int(sizes[g]), labels[attr.codes == g], names,
                                               remap, rows, None if is_clean else clean_rows, outputs.confidence,
                                               cfg.min_group_size))
-            if testable:
-                gaps.extend(gap_entries(sc, attr, eligible, rows, None if is_clean else clean_rows,
-                                         outputs.confidence, ctx.task == "binary"))
+            per_scenario.append((s_index, sc, rows))
+        if testable:
+            tested.append(_TestedAttribute(attr, eligible, sel, codes_e, clean_rows, per_scenario))
+
+    def entries_of(t: _TestedAttribute, s_index: int, sc: Scenario, rows: ScenarioRows) -> list[dict[str, Any]]:
+        return gap_entries(sc, t.attr, t.eligible, rows, None if s_index == clean_i else t.clean, outputs.confidence,
+                           ctx.task == "binary")
+
+    gaps = [e for t in tested for s_index, sc, rows in t.scenarios for e in entries_of(t, s_index, sc, rows)]
+    # permutations: auto draws the fewest with which a gap of the largest family can be
+    # significant after Holm's correction (every gap with an observed value may be tested)
+    candidates = family_sizes(gaps, cfg.holm_family, _observed)
+    auto = cfg.permutations == "auto"
+    largest = max(candidates.values(), default=0)
+    n_perm = auto_permutations(largest, alpha) if auto else int(cfg.permutations)
+
+    # second pass: the permutations of each attribute (the same draws for every scenario), and the
+    # gap entries again, now with their p-values (the bootstrap rows are those of the first pass)
+    if n_perm > 0 and tested:
+        gaps = []
+        for t in tested:
+            perms = Permutations(t.codes, n_perm, outputs.seed, t.attr.name)
+            labels_e = labels[t.sel]
+            for s_index, sc, rows in t.scenarios:
+                probs_e = take(scenario_input(outputs, s_index), t.sel)
+                rows.perm = _perm_rows(outputs, probs_e, labels_e, t.codes, len(t.eligible), perms,
+                                       s_index == clean_i, fast, set(headline))
+                gaps.extend(entries_of(t, s_index, sc, rows))
+                if rows is not t.clean:
+                    rows.perm = None  # [P, G] per key: only the clean rows are read again (drop gaps)
 
     # Holm-Bonferroni over the family of subgroups.holm_family: every gap (and drop gap) tested in
     # the audit, read together in the report (default), or those of each scenario
-    family_sizes = adjust_p_values(gaps, cfg.holm_family, alpha)
-    if cfg.permutations > 0 and family_sizes:
-        fam, m = max(family_sizes.items(), key=lambda t: t[1])
-        if m / (cfg.permutations + 1) >= alpha:
-            where = (f"the {m} gaps tested in the whole audit (subgroups.holm_family: audit)" if cfg.holm_family == "audit"
+    tested_sizes = adjust_p_values(gaps, cfg.holm_family, alpha)
+    if n_perm > 0 and tested_sizes:
+        fam, m = max(tested_sizes.items(), key=lambda t: t[1])
+        if m / (n_perm + 1) >= alpha:
+            where = (f"the {m} gaps tested in the whole audit (subgroups.holm_family: audit)"
+                     if cfg.holm_family == "audit"
                      else f"the {m} gaps tested in scenario '{fam}' (subgroups.holm_family: scenario)")
             also = ("; or correct per scenario (subgroups.holm_family: scenario), smaller families that control the "
                     "error only within each scenario" if cfg.holm_family == "audit" else "")
+            chosen = f" (subgroups.permutations: auto, at most {AUTO_MAX})" if auto else ""
             warnings.append(
-                f"subgroups: with {cfg.permutations} permutations the smallest possible p-value is "
-                f"1/{cfg.permutations + 1}, and Holm's correction over {where} "
+                f"subgroups: with {n_perm} permutations{chosen} the smallest possible p-value is "
+                f"1/{n_perm + 1}, and Holm's correction over {where} "
                 f"multiplies it by {m}, so no gap can reach significance at {alpha:g}; "
-                f"set subgroups.permutations to at least {math.ceil(m / alpha)}{also}")
+                f"set subgroups.permutations to at least {permutations_needed(m, alpha)}{also}")
 
     settings = {
         "attributes": settings_attrs,
         "scenarios": [sc.id for _, sc in scenarios],
         "min_group_size": cfg.min_group_size,
-        "permutations": cfg.permutations,
+        "permutations": n_perm,
+        "permutations_rule": "auto" if auto else "configured",
         "alpha": alpha,
         "clean_metrics": "every metric of the audit",
         "perturbed_metrics": headline,
         "holm_family": cfg.holm_family,
-        "correction": correction_label(cfg.holm_family, family_sizes),
+        "correction": correction_label(cfg.holm_family, tested_sizes),
     }
     return {"subgroups": subgroups, "subgroup_gaps": gaps, "subgroup_settings": settings, "warnings": warnings}
+
+
+@dataclass
+class _TestedAttribute:
+    """An attribute with at least two groups to compare: what the second pass (permutations,
+    p-values) needs of the first. ``scenarios``: ``(index, scenario, rows)`` in analysis order."""
+
+    attr: Attribute
+    eligible: list[int]
+    sel: Tensor
+    codes: Tensor
+    clean: ScenarioRows | None
+    scenarios: list[tuple[int, Scenario, ScenarioRows]]
+
+
+def _observed(slot: dict[str, Any]) -> bool:
+    """Whether a gap entry (its ``gap``) or a drop gap has an observed value: a statistic that the
+    permutations will test (unless it is undefined under every permutation)."""
+    value = (slot.get("gap") or {}).get("value") if "gap" in slot else slot.get("value")
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 #: The name of the one family of ``holm_family: audit`` in the family sizes.
@@ -166,6 +218,24 @@ def _slots(gaps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(gaps) + [e["drop_gap"] for e in gaps if e.get("drop_gap")]
 
 
+def _families(gaps: Sequence[dict[str, Any]], family: str) -> dict[str, list[dict[str, Any]]]:
+    """The tested statistics (:func:`_slots`) of each family of ``holm_family``, keyed
+    :data:`AUDIT_FAMILY` or by scenario id, in first-seen order."""
+    if family == "audit":
+        return {AUDIT_FAMILY: _slots(gaps)} if gaps else {}
+    if family == "scenario":
+        return {sid: _slots([e for e in gaps if e["scenario"] == sid])
+                for sid in dict.fromkeys(e["scenario"] for e in gaps)}
+    raise ValueError(f"holm_family must be 'audit' or 'scenario', not {family!r}")
+
+
+def family_sizes(gaps: Sequence[dict[str, Any]], family: str,
+                 counts: Callable[[dict[str, Any]], bool] = lambda s: s.get("p_value") is not None) -> dict[str, int]:
+    """How many statistics of each family of ``holm_family`` ``counts`` (by default: those with a
+    p-value, the tests Holm adjusts), keyed as :func:`adjust_p_values` returns them."""
+    return {key: sum(bool(counts(s)) for s in slots) for key, slots in _families(gaps, family).items()}
+
+
 def adjust_p_values(gaps: Sequence[dict[str, Any]], family: str, alpha: float) -> dict[str, int]:
     """Holm-Bonferroni adjustment of every gap's (and drop gap's) ``p_value``, in place: sets
     ``p_adjusted`` and ``significant`` (``p_adjusted < alpha``; None where untested).
@@ -175,15 +245,8 @@ def adjust_p_values(gaps: Sequence[dict[str, Any]], family: str, alpha: float) -
     and drop gap tested there. Returns the number of tests (defined p-values) per family, keyed
     :data:`AUDIT_FAMILY` or by scenario id, in first-seen order.
     """
-    if family == "audit":
-        families = {AUDIT_FAMILY: _slots(gaps)} if gaps else {}
-    elif family == "scenario":
-        families = {sid: _slots([e for e in gaps if e["scenario"] == sid])
-                    for sid in dict.fromkeys(e["scenario"] for e in gaps)}
-    else:
-        raise ValueError(f"holm_family must be 'audit' or 'scenario', not {family!r}")
     sizes: dict[str, int] = {}
-    for key, slots in families.items():
+    for key, slots in _families(gaps, family).items():
         raw = [s.get("p_value") for s in slots]
         sizes[key] = sum(p is not None for p in raw)
         for target, adj in zip(slots, holm(raw)):
@@ -202,8 +265,9 @@ def correction_label(family: str, sizes: dict[str, int]) -> str:
 
 
 def _scenario_rows(outputs: AuditOutputs, probs: MetricInput, labels: Tensor, w: Tensor, codes: Tensor, n_groups: int,
-                   perms: Permutations | None, is_clean: bool, fast: bool, headline: set[str]) -> ScenarioRows:
-    """Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path).
+                   is_clean: bool, fast: bool, headline: set[str]) -> ScenarioRows:
+    """The bootstrap rows of one (scenario, attribute), without permutations (:func:`_perm_rows`).
+    Clean: every audit metric (generic path). Perturbed: the headline metrics (fast path).
     Each group's rest (:func:`rest_rows`) is computed with the same path as the groups. ``probs``
     is the task's metric input; the fast path (single-label tasks) needs class probabilities."""
     ctx, conf = outputs.ctx, outputs.confidence
@@ -218,27 +282,39 @@ def _scenario_rows(outputs: AuditOutputs, probs: MetricInput, labels: Tensor, w:
 
         boot, dirs = generic_rows(outputs.metrics, probs, labels, w, codes, n_groups, ctx, conf, keep)
         rest = rest_rows(rows, probs, labels, w, codes, n_groups, boot)
-        perm: dict[str, Tensor] | None = None
-        if perms is not None:
-            parts: dict[str, list[Tensor]] = {}
-            for chunk in perms:
-                got, _ = generic_rows(outputs.metrics, probs, labels, torch.ones(chunk.shape, dtype=torch.float64),
-                                      chunk, n_groups, ctx, conf, keep)
-                for key, val in got.items():
-                    parts.setdefault(key, []).append(val)
-            perm = {key: torch.cat(v) for key, v in parts.items()}
         if binary:  # fairness rates always come from the group-sum path
             boot.update(headline_rows(probs, labels, w, codes, n_groups, ctx, keys=(), rates=True))
-            if perms is not None and perm is not None:
-                for key, val in _perm_headline(probs, labels, perms, n_groups, ctx, (), True).items():
-                    perm[key] = val
-        return ScenarioRows(boot, perm, dirs, rest)
+        return ScenarioRows(boot, None, dirs, rest)
     keys = [key for key in HEADLINE if key in headline]
     boot = headline_rows(probs, labels, w, codes, n_groups, ctx, keys, rates=binary)
     rest = rest_rows(lambda p, y, wr, grp, n: headline_rows(p, y, wr, grp, n, ctx, keys), probs, labels, w, codes,
                      n_groups, {key: boot[key] for key in keys})
-    perm = _perm_headline(probs, labels, perms, n_groups, ctx, keys, binary) if perms is not None else None
-    return ScenarioRows(boot, perm, {key: HEADLINE[key] for key in keys}, rest)
+    return ScenarioRows(boot, None, {key: HEADLINE[key] for key in keys}, rest)
+
+
+def _perm_rows(outputs: AuditOutputs, probs: MetricInput, labels: Tensor, codes: Tensor, n_groups: int,
+               perms: Permutations, is_clean: bool, fast: bool, headline: set[str]) -> dict[str, Tensor] | None:
+    """The rows ``{key: [P, G]}`` of every permutation of one (scenario, attribute), for the keys
+    :func:`_scenario_rows` computes there and by the same path (the labelling of each row is one
+    permutation, every weight 1)."""
+    ctx, conf = outputs.ctx, outputs.confidence
+    binary = ctx.task == "binary"
+    if n_groups == 0:
+        return None
+    if is_clean or not fast:
+        keep = None if is_clean else headline
+        parts: dict[str, list[Tensor]] = {}
+        for chunk in perms:
+            got, _ = generic_rows(outputs.metrics, probs, labels, torch.ones(chunk.shape, dtype=torch.float64),
+                                  chunk, n_groups, ctx, conf, keep)
+            for key, val in got.items():
+                parts.setdefault(key, []).append(val)
+        perm = {key: torch.cat(v) for key, v in parts.items()}
+        if binary:  # fairness rates always come from the group-sum path
+            perm.update(_perm_headline(probs, labels, perms, n_groups, ctx, (), True))
+        return perm
+    keys = [key for key in HEADLINE if key in headline]
+    return _perm_headline(probs, labels, perms, n_groups, ctx, keys, binary)
 
 
 def _perm_headline(probs: Tensor, labels: Tensor, perms: Permutations, n_groups: int, ctx: MetricContext,

@@ -100,6 +100,18 @@ def holm_family_text(r: dict[str, Any]) -> str:
     return f"Holm, over all {tested} gaps tested in the audit"
 
 
+def permutations_text(r: dict[str, Any]) -> str:
+    """How many permutations the test drew and why, as recorded in the results, e.g. " (6520
+    permutations, chosen automatically for the correction's family)" or " (1000 permutations, as
+    configured)"; "" when none are recorded (no tests, or results written before the count was)."""
+    settings = r.get("analyses", {}).get("subgroup_settings", {}) or {}
+    n = settings.get("permutations")
+    if not isinstance(n, int) or n <= 0:
+        return ""
+    why = {"auto": ", chosen automatically for the correction's family", "configured": ", as configured"}
+    return f" ({n} permutations{why.get(settings.get('permutations_rule'), '')})"
+
+
 def gap_table(r: dict[str, Any]) -> Table:
     """The section's compact table: clean-data gaps of the headline metrics (the settings' and each
     metric family's lead key), plus every significant gap whatever its metric or scenario.
@@ -110,7 +122,8 @@ def gap_table(r: dict[str, Any]) -> Table:
     gaps_all = r.get("analyses", {}).get("subgroup_gaps", []) or []
     t = Table("Subgroup gaps, oriented so positive is worse: the gap (best minus worst group); the worst group's "
               f"difference from the other groups pooled, with its paired {confidence_label(r)} bootstrap CI; and the "
-              f"permutation test of the gap, its p-value adjusted for multiple comparisons ({holm_family_text(r)}); "
+              f"permutation test of the gap{permutations_text(r)}, its p-value adjusted for multiple comparisons "
+              f"({holm_family_text(r)}); "
               "significant means the adjusted p-value is below alpha.", list(GAP_HEADERS))
     headline = set(r.get("analyses", {}).get("subgroup_settings", {}).get("headline_metrics") or [])
     headline |= set(lead_keys(r))
