@@ -71,6 +71,8 @@ CHANGED_STATISTICS: list[str] = [
     # so fewer gaps are significant after the correction, and the correction's description.
     r"analyses\.subgroup_gaps\.\d+\.(drop_gap\.)?significant",
     r"analyses\.subgroup_settings\.correction",
+    # CHANGELOG "subgroups.permutations: auto": the count drawn for that family (1000 before).
+    r"analyses\.subgroup_settings\.permutations",
 ]
 
 #: Settings whose default was deliberately changed (CHANGELOG names the change), dotted path →
@@ -80,6 +82,9 @@ CHANGED_DEFAULTS: dict[str, tuple[Any, Any]] = {
     # CHANGELOG "audit.threads: auto": the count is chosen in the dry run only where the model's
     # outputs are the same bits at every count, so no number depends on it (tests/test_threads.py).
     "config.audit.threads": (None, "auto"),
+    # CHANGELOG "subgroups.permutations: auto": enough permutations for the audit-wide Holm family.
+    "config.subgroups.permutations": (1000, "auto"),
+    "config.plugins.subgroups.permutations": (1000, "auto"),
 }
 
 
