@@ -456,7 +456,7 @@ def _clean_only(prep: Prepared, name: str, dataset: AuditDataset, progress: bool
 def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Config, *, command: str,
               trust_pickle: bool = False, resume: bool = False, junit: Path | None = None,
               reference_path: Path | None = None, ood_paths: tuple[Path, ...] = (), progress: bool = False,
-              shard_size: int = 2048, log: Callable[[str], None] = lambda msg: None,
+              log: Callable[[str], None] = lambda msg: None,
               config_path: Path | None = None, required_columns: tuple[str, ...] = (),
               protocol: ProtocolRun | None = None, baseline: dict[str, Any] | None = None,
               pdf: bool = False) -> Results:
@@ -485,6 +485,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
         if baseline is not None:
             prep.warnings.extend(baseline_warnings(baseline, prep))
         phases.lap("prepare")
+        shard_size = prep.config.audit.shard_size
         cache = ShardCache(prep.config.output.dir / ".medaudit-cache", cache_fingerprint(prep, shard_size))
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)

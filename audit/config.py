@@ -214,6 +214,17 @@ class TaskConfig(_Section):
         return v
 
 
+class RayConfig(_Section):
+    """Where and how ``audit.executor: ray`` runs the units of work (docs/scale-out.md)."""
+
+    address: str = Field("local", description="local (a private cluster on this machine), auto (the cluster this "
+                                              "machine belongs to, as `ray start` set up) or HOST:PORT of its head")
+    workers: int | None = Field(None, ge=1, description="actors that run units; None: one per GPU with "
+                                                        "gpus_per_worker > 0, else the cluster's CPUs / cpus_per_worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU between actors")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
+
+
 class AuditConfig(_Section):
     suites: list[str] | None = Field(None, description="suites to run; None picks the modality's defaults")
     perturbations: list[str] = Field(default_factory=list, description="extra perturbations by name")
@@ -246,6 +257,12 @@ class AuditConfig(_Section):
                             "one per core. With more threads than free cores every parallel operation waits for a "
                             "descheduled thread (one busy process on 2 cores made a 2-thread audit 6-21x slower, a "
                             "1-thread one was unaffected)")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="who runs the units of work: local (this process) or ray (actors on a Ray cluster; "
+                             "pip install 'medaudit[ray]'); results.json is the same either way")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    shard_size: int = Field(2048, ge=1, description="samples per unit of work (rounded up to a multiple of "
+                                                    "model_batch_size); results do not depend on it")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels-last memory format for model and inputs: true, false, or auto (on a CPU when "
                             "the model runs in it with the same outputs; its convolutions are faster there)")

@@ -344,9 +344,9 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
 
     out = tmp_path / "o"
     overrides = {"output.dir": str(out), "audit.suites": [], "audit.perturbations": ["intensity.gamma"],
-                 "audit.severities": [2], "audit.bootstrap": 20}
+                 "audit.severities": [2], "audit.bootstrap": 20, "audit.shard_size": 256}
     pm = get_plugin_manager(warn=lambda m: None)
-    full = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256)
+    full = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x")
     original = runner_mod.run_shard
     calls = {"n": 0}
 
@@ -359,14 +359,14 @@ def test_resume_after_interruption_gives_identical_results(tmp_path: Path) -> No
     runner_mod.run_shard = crash_on_third
     try:
         with pytest.raises(KeyboardInterrupt) as interrupted:
-            run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256)
+            run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x")
     finally:
         runner_mod.run_shard = original
     cached = list((out / ".medaudit-cache").rglob("shard-*.npz"))
     assert len(cached) == 2  # two of three shards finished before the interruption
     assert str(interrupted.value) == (f"interrupted; 2 completed shard(s) are cached in {cached[0].parent}: run again "
                                       "with --resume to continue")
-    resumed = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", shard_size=256, resume=True)
+    resumed = run_audit(pm, MODEL, DATA, load_config(CONFIG, overrides), command="x", resume=True)
     a, b = full.model_dump(mode="json"), resumed.model_dump(mode="json")
     for key in VOLATILE_KEYS:
         a.pop(key), b.pop(key)
