@@ -443,46 +443,73 @@ def report(results_path: Path, output: Path | None, pdf: bool) -> None:
 
 
 @cli.command("compare")
-@click.argument("old_path", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("new_path", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the comparison as HTML.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Tolerated worsening per metric (in the metric's units).")
-@click.option("--require-significant", is_flag=True, help="Count only worsenings whose CIs do not overlap.")
+              help="Tolerated worsening per metric (in the metric's units), of every audit against the first.")
+@click.option("--require-significant", is_flag=True,
+              help="Count only significant worsenings (paired test where predictions allow, else disjoint CIs).")
 @click.option("--allow-different-data", is_flag=True,
-              help="Compare audits of different data or tasks anyway (refused otherwise: exit 2).")
+              help="Compare audits of different data or tasks anyway (refused otherwise: exit 2). Audits under "
+                   "different protocols are always refused.")
 @handle_errors
-def compare_cmd(old_path: Path, new_path: Path, output: Path | None, max_drop: float, require_significant: bool,
+def compare_cmd(paths: tuple[Path, ...], output: Path | None, max_drop: float, require_significant: bool,
                 allow_different_data: bool) -> None:
-    """Compare two audits (model v1 vs v2); exit 1 when a metric worsened by more than --max-drop.
+    """Compare audits: OLD NEW (model v1 vs v2), or a baseline and several others (A B C ...).
 
-    Prints the worst regressions, then counts; the HTML (-o) lists them all.
+    Prints the protocol they share, a leaderboard, the paired tests (when predictions.npz lies
+    beside each results.json), then the regressions against the first audit; the HTML (-o)
+    lists everything. Exits 1 when any audit worsened against the first by more than --max-drop,
+    2 when the audits cannot be compared.
     """
-    from .compare import SUMMARY_LINES, compare, describe, render_compare
-    from .results import load_results
+    from .compare import SUMMARY_LINES, compare_audits, console_lines, describe, render_audits
     from .writing import write_atomic
 
-    result = compare(load_results(old_path), load_results(new_path), max_drop, require_significant=require_significant,
-                     allow_different_data=allow_different_data)
-    if result.mismatch:  # first, so that no reader of the lines below misses it
-        click.echo(f"warning: {'; '.join(result.mismatch)}; compared anyway (--allow-different-data): "
-                   "differences mix the models with the change of data")
+    if len(paths) < 2:
+        raise click.UsageError(f"compare needs at least two results.json files (the first is the baseline), "
+                               f"got {len(paths)}")
+    result = compare_audits(paths, max_drop, require_significant=require_significant,
+                            allow_different_data=allow_different_data)
+    labels = result.labels
+    two = len(paths) == 2
+    for k, pair in enumerate(result.pairs, start=1):  # first, so that no reader of the lines below misses it
+        if pair.mismatch:
+            click.echo(f"warning: {'' if two else f'{labels[0]} vs {labels[k]}: '}{'; '.join(pair.mismatch)}; compared "
+                       "anyway (--allow-different-data): differences mix the models with the change of data")
     if output:
-        write_atomic(output, render_compare(result).encode())
+        write_atomic(output, render_audits(result).encode())
         click.echo(f"comparison: {output}")
-    if result.settings:
-        click.echo(f"note: settings differ ({'; '.join(result.settings)}): comparable, but they shape the numbers")
-    if result.unmatched:
-        click.echo(f"note: {result.unmatched}")
-    regressions = result.regressions
-    for c in regressions[:SUMMARY_LINES]:
-        click.echo(f"regression: {describe(c)}")
-    if len(regressions) > SUMMARY_LINES:
-        click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
-                   + (f" (all in {output})" if output else " (-o FILE lists them all)"))
-    click.echo(f"{len(result.improvements)} improvement(s) beyond {max_drop}"
-               + (f", {result.best_improvement}" if result.best_improvement else ""))
-    click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
+    for k, pair in enumerate(result.pairs, start=1):
+        who = "" if two else f"{labels[k]}: "
+        if pair.settings:
+            click.echo(f"note: {who}settings differ ({'; '.join(pair.settings)}): comparable, but they shape the numbers")
+        if pair.unmatched:
+            click.echo(f"note: {who}{pair.unmatched}")
+    for line in console_lines(result, output):
+        click.echo(line)
+    if two:
+        pair = result.pairs[0]
+        regressions = pair.regressions
+        for c in regressions[:SUMMARY_LINES]:
+            click.echo(f"regression: {describe(c)}")
+        if len(regressions) > SUMMARY_LINES:
+            click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
+                       + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+        click.echo(f"{len(pair.improvements)} improvement(s) beyond {max_drop}"
+                   + (f", {pair.best_improvement}" if pair.best_improvement else ""))
+        click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
+    else:
+        for k, pair in enumerate(result.pairs, start=1):
+            regressions = pair.regressions
+            click.echo(f"{labels[k]} {paths[k]} vs baseline {labels[0]}: {len(regressions)} regression(s), "
+                       f"{len(pair.improvements)} improvement(s) beyond {max_drop}")
+            for c in regressions[:SUMMARY_LINES]:
+                click.echo(f"  regression: {describe(c)}")
+            if len(regressions) > SUMMARY_LINES:
+                click.echo(f"  ... and {len(regressions) - SUMMARY_LINES} more"
+                           + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+        click.echo(f"{len(result.regressed)} of {len(result.pairs)} audit(s) regress against the baseline {labels[0]} "
+                   f"beyond {max_drop}")
     if result.has_regression:
         sys.exit(1)
 

@@ -12,7 +12,8 @@ Functions (pure numpy / scipy, no torch, so they run on saved arrays without a m
 * :func:`delong`: DeLong's test of two correlated ROC AUCs (binary label), computed with the
   midrank algorithm of Sun & Xu; :func:`delong_ovr` runs it one-vs-rest per class.
 * :func:`paired_bootstrap`: percentile interval and bootstrap p-value of the difference of any
-  metric, with the same resampled samples for both models.
+  metric, with the same resampled samples for both models (drawn from a seed, or given as a
+  weight matrix such as an audit's own, for a vectorised metric: what ``medaudit compare`` does).
 * :func:`holm`: Holm's step-down adjustment of several p-values (shared with the subgroup
   analysis, which re-exports it).
 
@@ -324,8 +325,8 @@ def delong_ovr(probs_a: ArrayLike, probs_b: ArrayLike, labels: ArrayLike, n_clas
 # ---------------------------------------------------------------------------------------------
 
 
-def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], a: ArrayLike, b: ArrayLike,
-                     labels: ArrayLike, n_resamples: int, seed: int, confidence: float = 0.95) -> dict[str, Any]:
+def paired_bootstrap(metric: Callable[..., Any], a: Any, b: Any, labels: Any, n_resamples: int | None = None,
+                     seed: int | None = None, confidence: float = 0.95, *, weights: Any = None) -> dict[str, Any]:
     r"""Paired bootstrap of the difference of a metric between two models on the same samples.
 
     On each of :math:`R` resamples one set of :math:`N` sample indices
@@ -356,23 +357,40 @@ def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], a: Array
     are dropped; ``n_used`` reports how many remain, and the interval and p-value are computed on
     those.
 
+    The resamples are either drawn here (``n_resamples`` index sets from ``seed``) or given as a
+    weight matrix (``weights``): row :math:`r` counts how often each sample occurs in resample
+    :math:`r`. A metric computed with such count weights equals the metric on the resampled data,
+    so both are the same bootstrap; the weight form lets a vectorised metric evaluate every
+    resample in one call per model, and lets a caller reuse an audit's own resamples
+    (:func:`medaudit.bootstrap.bootstrap_weights`), so that each model's interval is the one its
+    audit reported. ``medaudit compare`` uses it that way, with the audit's metric plugins.
+
     Parameters
     ----------
     metric : callable
-        ``metric(outputs, labels) -> float`` evaluated on a subset of rows of ``a`` (or ``b``)
-        and the matching rows of ``labels``. It must not depend on row order beyond the pairing
-        of outputs and labels.
+        Without ``weights``: ``metric(outputs, labels) -> float`` evaluated on a subset of rows of
+        ``a`` (or ``b``) and the matching rows of ``labels``. It must not depend on row order
+        beyond the pairing of outputs and labels. With ``weights``: a weighted metric,
+        ``metric(outputs, labels, weights) -> values [1 + R]``, one value per weight row (the
+        rows of :meth:`medaudit.metric.Metric.compute`), called once per model on all of ``a``
+        (``b``) and ``labels`` as given (arrays or tensors).
     a, b : array_like, shape (N, ...)
         Outputs of model A and model B (probabilities, scores, per-sample losses) for the same
         N samples in the same order.
     labels : array_like, shape (N, ...)
         Reference labels of the N samples.
     n_resamples : int
-        Number of bootstrap resamples :math:`R` (at least 1; 2000 or more for a 95% interval).
+        Number of bootstrap resamples :math:`R` to draw (at least 1; 2000 or more for a 95%
+        interval). Leave out with ``weights``.
     seed : int
-        Seed of ``numpy.random.default_rng``; the result is deterministic for a seed.
+        Seed of ``numpy.random.default_rng``; the result is deterministic for a seed. Leave out
+        with ``weights``.
     confidence : float, default 0.95
         Coverage of the percentile interval, in (0, 1).
+    weights : array_like, shape (1 + R, N), optional
+        The resamples as a weight matrix: row 0 ones (the full data: the point estimate), rows
+        ``1..R`` non-negative counts (:func:`medaudit.bootstrap.bootstrap_weights`). Handed to
+        ``metric`` as given.
 
     Returns
     -------
@@ -384,38 +402,55 @@ def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], a: Array
     Raises
     ------
     ValueError
-        On ``a``, ``b`` and ``labels`` with different numbers of samples, no samples, or invalid
-        ``n_resamples`` / ``confidence``.
+        On ``a``, ``b`` and ``labels`` with different numbers of samples, no samples, invalid
+        ``n_resamples`` / ``confidence``, ``weights`` together with ``n_resamples`` or ``seed``,
+        a weight matrix that does not match the samples or whose row 0 is not ones, or a
+        weighted metric that does not return one value per weight row.
 
     References
     ----------
     .. [1] Efron B, Tibshirani RJ. An Introduction to the Bootstrap. Chapman & Hall/CRC, 1993;
        ch. 13 (percentile intervals), ch. 15-16 (hypothesis testing with the bootstrap).
     """
-    xa, xb, y = np.asarray(a), np.asarray(b), np.asarray(labels)
-    if xa.ndim == 0 or xb.ndim == 0 or y.ndim == 0 or not xa.shape[0] == xb.shape[0] == y.shape[0]:
+    if weights is None:
+        xa, xb, y = np.asarray(a), np.asarray(b), np.asarray(labels)
+    else:
+        xa, xb, y = a, b, labels  # a weighted metric takes them as they are (e.g. tensors)
+    shapes = [tuple(np.shape(x)) for x in (xa, xb, y)]
+    if any(len(s) == 0 for s in shapes) or not shapes[0][0] == shapes[1][0] == shapes[2][0]:
         raise ValueError(f"a, b and labels need the same first dimension (samples), "
-                         f"got shapes {xa.shape}, {xb.shape} and {y.shape}")
-    n = xa.shape[0]
+                         f"got shapes {shapes[0]}, {shapes[1]} and {shapes[2]}")
+    n = shapes[0][0]
     if n == 0:
         raise ValueError("no samples to resample")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples}")
+    if weights is not None and (n_resamples is not None or seed is not None):
+        raise ValueError("pass either weights (the resamples) or n_resamples and seed (to draw them), not both")
+    if weights is None and (n_resamples is None or isinstance(n_resamples, bool) or int(n_resamples) != n_resamples
+                            or n_resamples < 1 or seed is None):
+        raise ValueError(f"n_resamples must be a positive integer and seed given, got {n_resamples} and {seed}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
-    observed = float(metric(xb, y)) - float(metric(xa, y))
+    if weights is None:
+        observed = float(metric(xb, y)) - float(metric(xa, y))
+    else:
+        rows = int(_check_weights(weights, n))
+        va, vb = _metric_rows(metric, xa, y, weights, rows), _metric_rows(metric, xb, y, weights, rows)
+        observed = float(vb[0] - va[0])
     out: dict[str, Any] = {"difference": observed, "ci_low": None, "ci_high": None, "p_value": None, "n_used": 0}
     if math.isnan(observed):
         out.update(difference=None, reason="the metric is NaN on the full data of one of the models")
         return out
 
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(int(n_resamples), dtype=np.float64)
-    for r in range(int(n_resamples)):
-        idx = rng.integers(0, n, size=n)                # one index set, both models: the pairing
-        yr = y[idx]
-        diffs[r] = float(metric(xb[idx], yr)) - float(metric(xa[idx], yr))
+    if weights is None:
+        rng = np.random.default_rng(seed)
+        diffs = np.empty(int(n_resamples), dtype=np.float64)  # type: ignore[arg-type]
+        for r in range(int(n_resamples)):                      # type: ignore[arg-type]
+            idx = rng.integers(0, n, size=n)            # one index set, both models: the pairing
+            yr = y[idx]
+            diffs[r] = float(metric(xb[idx], yr)) - float(metric(xa[idx], yr))
+    else:
+        diffs = (vb - va)[1:]                           # one weight row, both models: the pairing
     diffs = diffs[~np.isnan(diffs)]                     # undefined resamples carry no information
     out["n_used"] = int(diffs.size)
     if diffs.size == 0:
@@ -427,6 +462,30 @@ def paired_bootstrap(metric: Callable[[np.ndarray, np.ndarray], float], a: Array
     share_le, share_ge = float(np.mean(diffs <= 0.0)), float(np.mean(diffs >= 0.0))
     out.update(ci_low=float(low), ci_high=float(high), p_value=min(1.0, 2.0 * min(share_le, share_ge)))
     return out
+
+
+def _host(values: Any) -> NDArray[np.float64]:
+    """Values as a flat float64 host array (a weighted metric may return a tensor)."""
+    if hasattr(values, "detach"):  # a torch tensor, possibly on an accelerator (no torch import here)
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def _check_weights(weights: Any, n: int) -> int:
+    """The number of rows ``1 + R`` of a weight matrix for ``n`` samples whose row 0 is ones."""
+    shape = tuple(np.shape(weights))
+    if len(shape) != 2 or shape[1] != n or shape[0] < 2:
+        raise ValueError(f"weights must have shape (1 + R, {n}) with R >= 1 resamples, got {shape}")
+    if not np.all(_host(weights[0]) == 1.0):
+        raise ValueError("row 0 of weights must be ones (the full data: the point estimate)")
+    return shape[0]
+
+
+def _metric_rows(metric: Callable[..., Any], outputs: Any, labels: Any, weights: Any, rows: int) -> NDArray[np.float64]:
+    values = _host(metric(outputs, labels, weights))
+    if values.shape != (rows,):
+        raise ValueError(f"a weighted metric must return one value per weight row ({rows}), got shape {values.shape}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
