@@ -159,11 +159,14 @@ def _baseline(path: Path | None, protocol: dict[str, Any] | None) -> dict[str, A
 
     baseline = load_results(path).model_dump(mode="json")
     theirs = baseline.get("protocol")
-    ident = (lambda p: None if p is None else (p["name"], p["sha256"], p.get("conformant", True)))
+    # a non-conformant audit is comparable only with one that overrode exactly the same keys
+    ident = (lambda p: None if p is None else (p["name"], p["sha256"], p.get("conformant", True),
+                                               sorted(p.get("overrides", []))))
     if ident(theirs) != ident(protocol):
         def name(p: dict[str, Any] | None) -> str:
             return "no protocol" if p is None else (
-                f"protocol {p['name']} (sha256 {p['sha256'][:12]}" + (")" if p.get("conformant", True) else ", not conformant)"))
+                f"protocol {p['name']} (sha256 {p['sha256'][:12]}" + (")" if p.get("conformant", True) else
+                                                                       f", not conformant: {'; '.join(p.get('overrides', []))})"))
         raise MedauditError(f"--baseline {path} was audited under {name(theirs)}, this audit under {name(protocol)}: "
                             "scores normalised by it would divide by errors measured under other shifts")
     return baseline
@@ -277,8 +280,10 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         run_protocol, overrides = resolve_protocol({n: p for n, (_, p) in pm.protocols().items()}, protocol, file_data,
                                                    overrides, allow_override=allow, source=str(config_path))
         overrides["protocol_override"] = allow
-    if perturbations and not suites and "audit.suites" not in (run_protocol.overrides if run_protocol else ()):
+    if perturbations and not suites:
         overrides["audit.suites"] = []  # only what was named
+        if run_protocol is not None and "audit.suites" not in run_protocol.overrides:
+            run_protocol = run_protocol.with_override("audit.suites")  # the protocol's suites are dropped too
     config = resolve_settings(load_config(config_path, overrides), pm)
     baseline = _baseline(baseline_path, run_protocol.record() if run_protocol else None)
     command = "medaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])

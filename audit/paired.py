@@ -32,6 +32,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
+from .bootstrap import bootstrap_weights
+
 __all__ = ["delong", "delong_ovr", "holm", "mcnemar", "paired_bootstrap"]
 
 # Variances of an AUC difference at or below this share of the two AUC variances are rounding
@@ -383,8 +385,9 @@ def paired_bootstrap(metric: Callable[..., Any], a: Any, b: Any, labels: Any, n_
         Number of bootstrap resamples :math:`R` to draw (at least 1; 2000 or more for a 95%
         interval). Leave out with ``weights``.
     seed : int
-        Seed of ``numpy.random.default_rng``; the result is deterministic for a seed. Leave out
-        with ``weights``.
+        The resamples are those of :func:`medaudit.bootstrap.bootstrap_weights` for this seed (the
+        audit's stream ``"bootstrap"``), each as the multiset of its indices in ascending order;
+        the result is deterministic for a seed. Leave out with ``weights``.
     confidence : float, default 0.95
         Coverage of the percentile interval, in (0, 1).
     weights : array_like, shape (1 + R, N), optional
@@ -443,10 +446,11 @@ def paired_bootstrap(metric: Callable[..., Any], a: Any, b: Any, labels: Any, n_
         return out
 
     if weights is None:
-        rng = np.random.default_rng(seed)
+        # the audit's own resamples (stream "bootstrap" of medaudit.rng), as index multisets
+        counts = bootstrap_weights(n, int(n_resamples), int(seed)).numpy().astype(np.int64)  # type: ignore[arg-type]
         diffs = np.empty(int(n_resamples), dtype=np.float64)  # type: ignore[arg-type]
         for r in range(int(n_resamples)):                      # type: ignore[arg-type]
-            idx = rng.integers(0, n, size=n)            # one index set, both models: the pairing
+            idx = np.repeat(np.arange(n), counts[r + 1])  # one index set, both models: the pairing
             yr = y[idx]
             diffs[r] = float(metric(xb[idx], yr)) - float(metric(xa[idx], yr))
     else:

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medaudit import paired
+from medaudit.bootstrap import bootstrap_weights
 from medaudit.paired import delong, delong_ovr, holm, mcnemar, paired_bootstrap
 
 sm_tables = pytest.importorskip("statsmodels.stats.contingency_tables")
@@ -306,10 +307,10 @@ def test_p_value_is_twice_the_smaller_tail_share() -> None:
     # same draws (same seed, same index sets) by hand
     a, b, y = _classifier_outputs(3, 80, 0.3, 0.27)
     res = paired_bootstrap(accuracy, a, b, y, n_resamples=400, seed=11, confidence=0.9)
-    rng = np.random.default_rng(11)
+    counts = bootstrap_weights(80, 400, 11).numpy().astype(int)  # the audit's resamples for seed 11
     diffs = []
-    for _ in range(400):
-        idx = rng.integers(0, 80, size=80)
+    for r in range(1, 401):
+        idx = np.repeat(np.arange(80), counts[r])
         diffs.append(accuracy(b[idx], y[idx]) - accuracy(a[idx], y[idx]))
     diffs = np.array(diffs)
     expected = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
