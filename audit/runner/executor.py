@@ -10,9 +10,11 @@ the same kind of machine.
 * :class:`LocalExecutor` (``"local"``, the default) runs the units one after the other in this
   process with what :func:`~medaudit.runner.forward.run_forward` has already loaded and probed:
   the audit's shard loop, with its prefetching, buffers and progress.
-* :func:`run_unit` runs one unit from its data alone — loading the model and the data set
-  through the plugin manager, as ``prepare`` does — for an executor that ships units to other
-  processes or machines.
+* :class:`UnitRunner` runs units from their data alone — loading the model and the data set
+  through the plugin manager, as ``prepare`` does, once for all the units that share them — for
+  an executor that ships units to other processes or machines (one runner per worker process,
+  e.g. :class:`medaudit.runner.ray_executor.RayExecutor`); :func:`run_unit` runs one unit on a
+  fresh runner.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
@@ -111,53 +113,116 @@ class LocalExecutor:
             yield unit, outputs
 
 
-def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
-    """Run one unit from its data alone: load the model and the data set through the plugin
-    manager (the loaders ``prepare`` uses), rebuild the scenarios and detectors, and run the shard.
+#: What a unit's loaded state depends on: two units with the same key share the model, data set and
+#: detectors (:class:`UnitRunner`). Every unit of one audit has the same key.
+_LOAD_KEY = ("model_path", "model_sha256", "model_format", "trust_pickle", "dataset_path", "config", "device",
+             "memory_format")
 
-    The outputs are bit-identical to the audit process's for the same unit on the same kind of
-    machine: the unit carries every decision the probe made (output kind, memory format,
-    short-chunk padding, chunk size). A different model file, or one loaded as another format,
-    is an error rather than different numbers.
+
+@dataclass
+class _Loaded:
+    """A unit's model, data set, config and detectors, as :meth:`UnitRunner.run` loaded them."""
+
+    config: Config
+    dataset: AuditDataset
+    extract: Extractor
+    catalogue: dict[str, tuple[str, type[Perturbation]]]
+    detectors: dict[str, Detector]  # every detector the installed plugins provide for the config, by name
+    owners: dict[object, str]
+    device: torch.device
+
+
+class UnitRunner:
+    """Runs units of work from their data alone, in this process, loading once what they share.
+
+    The model, the data set, the extractor and the detectors are loaded by the first unit and kept
+    for the next ones that name the same model file (path, sha256, format, ``trust_pickle``), data
+    set, config, device and memory format — all the units of one audit — so a worker process that
+    runs many units loads once. A unit that names others loads them (the previous ones are
+    released first). Running a unit is pure, so the outputs do not depend on what ran before.
+
+    ``threads``: torch's CPU threads while a unit runs (None: the unit config's ``audit.threads``),
+    for a worker given a fixed share of a machine's cores.
     """
-    # Imported here: medaudit.audit imports this package (prepare plans and runs the units).
-    from ..audit import load_model, open_dataset
-    from ..features import make_extractor, model_callable
-    from ..plugin_manager import get_plugin_manager
 
-    pm = pm if pm is not None else get_plugin_manager()
-    # the plugins' settings and the task are resolved in this process, by its plugins, as prepare does
-    config = resolve_settings(Config.model_validate_json(unit.config), pm)
-    bind_task(config, pm.tasks())
-    device = torch.device(unit.device)
-    with torch_threads(config.audit.threads):
-        dataset = open_dataset(pm, Path(unit.dataset_path), config, role=None)  # an --ood-data set may be unlabelled
-        model = load_model(pm, Path(unit.model_path), config, unit.trust_pickle).to(device)
-        if (model.format, model.sha256) != (unit.model_format, unit.model_sha256):
-            raise ModelError(f"model {unit.model_path} loaded as {model.format} with sha256 {model.sha256[:12]}…, but the "
-                             f"work unit was planned for {unit.model_format} with sha256 {unit.model_sha256[:12]}…")
-        fmt = MEMORY_FORMATS[unit.memory_format]
-        if fmt is not None:
-            model.module = model.module.to(memory_format=fmt)  # type: ignore[union-attr]
-        extract, _ = make_extractor(model, config.model.captured_layers())  # a missing layer: the plan has no such detector
-        catalogue = pm.perturbations()
-        scenarios = scenarios_from_ids(unit.scenarios, catalogue)
-        perturbations = {s.perturbation: catalogue[s.perturbation][1]() for s in scenarios if s.perturbation}
-        owners: dict[object, str] = {name: plugin for name, (plugin, _cls) in catalogue.items()}
-        found: dict[str, Detector] = {}
-        for plugin, ds in pm.call_each("medaudit_detectors", config=config):
-            for d in ds:
-                if d.name in unit.detectors:
-                    owners[id(d)] = plugin
-                    found[d.name] = d
-        missing = [name for name in unit.detectors if name not in found]
+    def __init__(self, pm: PluginManager | None = None, threads: int | None = None) -> None:
+        from ..plugin_manager import get_plugin_manager
+
+        self.pm = pm if pm is not None else get_plugin_manager()
+        self.threads = threads
+        self._key: tuple[object, ...] | None = None
+        self._loaded: _Loaded | None = None
+
+    def run(self, unit: WorkUnit) -> UnitOutputs:
+        """Run one unit: the outputs are bit-identical to the audit process's for the same unit on
+        the same kind of machine (the unit carries every decision the probe made: output kind,
+        memory format, short-chunk padding, chunk size)."""
+        loaded = self._load(unit)
+        scenarios = scenarios_from_ids(unit.scenarios, loaded.catalogue)
+        perturbations = {s.perturbation: loaded.catalogue[s.perturbation][1]() for s in scenarios if s.perturbation}
+        missing = [name for name in unit.detectors if name not in loaded.detectors]
         if missing:
             raise ConfigError(f"work unit names detector(s) {missing}, but no installed plugin provides them")
-        detectors = [found[name] for name in unit.detectors]
-        for d in detectors:
-            if d.needs_model:
-                d.model = input_model(model_callable(model), config, device)
-        spec = forward_spec(unit, config, extract, detectors, owners, device)
-        batches = shard_batches(dataset, unit.start, unit.stop, unit.batch_size, unit.num_workers, device)
-        with torch.inference_mode():
-            return run_shard(batches, unit.start, unit.stop, scenarios, perturbations, spec)
+        detectors = [loaded.detectors[name] for name in unit.detectors]
+        spec = forward_spec(unit, loaded.config, loaded.extract, detectors, loaded.owners, loaded.device)
+        with torch_threads(self._threads(loaded.config)):
+            batches = shard_batches(loaded.dataset, unit.start, unit.stop, unit.batch_size, unit.num_workers,
+                                    loaded.device)
+            with torch.inference_mode():
+                return run_shard(batches, unit.start, unit.stop, scenarios, perturbations, spec)
+
+    def _threads(self, config: Config) -> int | Literal["auto"] | None:
+        return self.threads if self.threads is not None else config.audit.threads
+
+    def _load(self, unit: WorkUnit) -> _Loaded:
+        """The unit's model, data set and detectors: those already loaded when its key is theirs.
+
+        A different model file, or one loaded as another format, is an error rather than
+        different numbers."""
+        key = tuple(getattr(unit, name) for name in _LOAD_KEY)
+        if key == self._key and self._loaded is not None:
+            return self._loaded
+        self._key = self._loaded = None  # the previous model and data are released before the next load
+        # Imported here: medaudit.audit imports this package (prepare plans and runs the units).
+        from ..audit import load_model, open_dataset
+        from ..features import make_extractor, model_callable
+
+        pm = self.pm
+        # the plugins' settings and the task are resolved in this process, by its plugins, as prepare does
+        config = resolve_settings(Config.model_validate_json(unit.config), pm)
+        bind_task(config, pm.tasks())
+        device = torch.device(unit.device)
+        with torch_threads(self._threads(config)):
+            # role None: an --ood-data set may be unlabelled
+            dataset = open_dataset(pm, Path(unit.dataset_path), config, role=None)
+            model = load_model(pm, Path(unit.model_path), config, unit.trust_pickle).to(device)
+            if (model.format, model.sha256) != (unit.model_format, unit.model_sha256):
+                raise ModelError(f"model {unit.model_path} loaded as {model.format} with sha256 {model.sha256[:12]}…, "
+                                 f"but the work unit was planned for {unit.model_format} with sha256 "
+                                 f"{unit.model_sha256[:12]}…")
+            fmt = MEMORY_FORMATS[unit.memory_format]
+            if fmt is not None:
+                model.module = model.module.to(memory_format=fmt)  # type: ignore[union-attr]
+            # a missing layer: the plan has no detector that needs it
+            extract, _ = make_extractor(model, config.model.captured_layers())
+            catalogue = pm.perturbations()
+            owners: dict[object, str] = {name: plugin for name, (plugin, _cls) in catalogue.items()}
+            detectors: dict[str, Detector] = {}
+            for plugin, ds in pm.call_each("medaudit_detectors", config=config):
+                for d in ds:
+                    owners[id(d)] = plugin
+                    detectors[d.name] = d
+            for d in detectors.values():
+                if d.needs_model:
+                    d.model = input_model(model_callable(model), config, device)
+        self._loaded = _Loaded(config, dataset, extract, catalogue, detectors, owners, device)
+        self._key = key
+        return self._loaded
+
+
+def run_unit(unit: WorkUnit, pm: PluginManager | None = None) -> UnitOutputs:
+    """Run one unit from its data alone on a fresh :class:`UnitRunner`: load the model and the
+    data set through the plugin manager (the loaders ``prepare`` uses), rebuild the scenarios and
+    detectors, and run the shard (:meth:`UnitRunner.run`). A process that runs many units keeps
+    one runner instead, and loads once."""
+    return UnitRunner(pm).run(unit)
