@@ -23,6 +23,7 @@ from medaudit.cli import cli
 from medaudit.hookspecs import hookimpl
 from medaudit.plugins.intensity import Gamma
 from medaudit.results import SCHEMA_PATH, VOLATILE_KEYS, json_schema
+from medaudit.checks import PLAIN  # a plain check's (empty) non-inferiority fields
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "model.pt"
@@ -68,9 +69,9 @@ def test_results_match_schema_and_contract(audit_out: Path) -> None:
     # the config file's check comes first, then --fail-on's
     assert results["checks"] == [
         {"expr": "clean.accuracy<0.9", "value": acc["value"], "passed": True, "threshold": 0.9, "error": None,
-         "scenario": "clean"},
+         "scenario": "clean", **PLAIN},
         {"expr": "clean.accuracy<0.5", "value": acc["value"], "passed": True, "threshold": 0.5, "error": None,
-         "scenario": "clean"}]
+         "scenario": "clean", **PLAIN}]
     assert results["config_path"] == str(CONFIG)
     assert "intensity" in results["environment"]["plugins"]
     # every catalogue entry names the plugin that provides it

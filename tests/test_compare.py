@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from medaudit.cli import cli
 from medaudit.compare import (SUMMARY_LINES, DifferentProtocols, IncomparableAudits, compare, compare_audits, describe,
                               leaderboard, monte_carlo_p, paired_comparison, render_audits, render_compare)
+from medaudit.bootstrap import bootstrap_weights
 from medaudit.paired import paired_bootstrap
 from medaudit.results import Results
 
@@ -711,8 +712,7 @@ def test_paired_bootstrap_on_given_weights_is_the_drawn_bootstrap() -> None:
     def weighted_accuracy(p: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.ndarray:
         return w @ (p.argmax(axis=1) == labels) / w.sum(axis=1)
 
-    draws = np.random.default_rng(7)
-    weights = np.vstack([np.ones(n)] + [np.bincount(draws.integers(0, n, size=n), minlength=n) for _ in range(r)])
+    weights = bootstrap_weights(n, r, 7).numpy().astype(np.float64)  # the resamples paired_bootstrap draws for seed 7
     drawn = paired_bootstrap(accuracy, a, b, y, n_resamples=r, seed=7)
     given = paired_bootstrap(weighted_accuracy, a, b, y, weights=weights)
     assert given.keys() == drawn.keys()

@@ -29,6 +29,7 @@ from medaudit.config import INPUT_PRESETS, load_config
 from medaudit.data import preprocess
 from medaudit.errors import ConfigError, ModelOutputError
 from medaudit.model import select_output
+from medaudit.checks import PLAIN  # a plain check's (empty) non-inferiority fields
 
 ROOT = Path(__file__).resolve().parents[1]
 MNI = ROOT / "examples" / "mni-patches" / "test.npz"
@@ -439,9 +440,9 @@ def test_representation_gates(assets: SimpleNamespace, tmp_path: Path) -> None:
     cosine = results["scenarios"][1]["representation"]["cosine"]["value"]
     assert results["checks"] == [
         {"expr": "intensity.gamma@5.representation.cka<1.01", "value": cka, "passed": False, "threshold": 1.01,
-         "error": None, "scenario": "intensity.gamma@5"},
+         "error": None, "scenario": "intensity.gamma@5", **PLAIN},
         {"expr": "intensity.gamma@*.representation.cosine<0.01", "value": cosine, "passed": True, "threshold": 0.01,
-         "error": None, "scenario": "intensity.gamma@5"}]
+         "error": None, "scenario": "intensity.gamma@5", **PLAIN}]
     assert "FAIL intensity.gamma@5.representation.cka" in res.output
 
 

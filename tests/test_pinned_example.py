@@ -39,7 +39,8 @@ MOVED: dict[str, str] = {
     "config.audit.energy_temperature": "config.plugins.ood.energy_temperature",
     "config.audit.knn_k": "config.plugins.ood.knn_k",
     **{f"config.subgroups.{k}": f"config.plugins.subgroups.{k}"
-       for k in ("attributes", "intersections", "bins", "min_group_size", "permutations")},
+       # permutations is also a changed default (CHANGED_DEFAULTS): both places hold the new one
+       for k in ("attributes", "intersections", "bins", "min_group_size")},
 }
 
 #: Regular expressions over dotted paths whose values depend on a random stream that a later,

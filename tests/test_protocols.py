@@ -712,7 +712,7 @@ def test_a_baseline_under_another_protocol_is_refused(tmp_path: Path, workdir: P
         (["--protocol", "prototest-v1"],
          _with_protocol(tmp_path, "overridden", base,
                         {**TINY.identity(), "conformant": False, "overrides": ["audit.bootstrap"]}),
-         f"was audited under protocol prototest-v1 (sha256 {TINY.sha256[:12]}, not conformant), this audit under {tiny}"),
+         f"was audited under protocol prototest-v1 (sha256 {TINY.sha256[:12]}, not conformant: audit.bootstrap), this audit under {tiny}"),
     ]
     for args, baseline, message in cases:
         out = tmp_path / "out"
