@@ -39,10 +39,11 @@ from .plugin_manager import PluginManager, catalogue_entry
 from .protocols import ProtocolRun, check_metrics, check_plan
 from .results import Results, WarningRecord, dumps
 from .rng import RNG_VERSION
-from .runner.executor import saved_maps
+from .runner.executor import Executor, LocalExecutor, saved_maps
 from .runner.shard import REPRESENTATION
 from .runner.merge import ForwardResult
-from .runner import Extractor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device, torch_threads
+from .runner import (Extractor, RayExecutor, ShardCache, ThreadChoice, plan_scenarios, run_forward, select_device,
+                     torch_threads)
 from .runner.device import input_model, normalisation
 from .sanity import preprocessing_probe
 from .settings import resolve_settings
@@ -476,6 +477,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
     if age is not None:
         phases.seconds["startup"] = age
     # the user's choice, for this audit only ("auto" is decided in the dry run, inside this block)
+    executor = executor_for(config)  # before any work: a missing Ray is an error now, not after the dry run
     with torch_threads(config.audit.threads):
         prep = prepare(pm, model_path, data_path, config, trust_pickle, reference_path, ood_paths, required_columns,
                        protocol)
@@ -494,7 +496,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             results = _run_prepared(prep, cache, command=command, started=started, phases=phases,
                                     trust_pickle=trust_pickle, junit=junit, progress=progress,
                                     shard_size=shard_size, log=log, config_path=config_path, baseline=baseline,
-                                    pdf=pdf)
+                                    pdf=pdf, executor=executor)
         except KeyboardInterrupt:
             cache.flush()  # the shard being written when Ctrl-C came is complete, so it counts
             raise AuditInterrupted(len(list(cache.dir.glob("shard-*.npz"))), cache.dir) from None
@@ -518,6 +520,13 @@ def _model_card_text(results: Results) -> str:
     from .modelcard import model_card
 
     return json.dumps(model_card(results.model_dump(mode="json")), indent=2, ensure_ascii=False) + "\n"
+
+
+def executor_for(config: Config) -> Executor:
+    """The executor ``audit.executor`` names: this process, or Ray actors (``audit.ray``)."""
+    if config.audit.executor == "ray":
+        return RayExecutor(**config.audit.ray.model_dump())
+    return LocalExecutor()
 
 
 def baseline_warnings(baseline: dict[str, Any], prep: Prepared) -> list[WarningRecord]:
@@ -548,7 +557,8 @@ def scenario_count(prep: Prepared) -> str:
 def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: float, phases: PhaseClock,
                   trust_pickle: bool, junit: Path | None, progress: bool, shard_size: int,
                   log: Callable[[str], None], config_path: Path | None,
-                  baseline: dict[str, Any] | None = None, pdf: bool = False) -> Results:
+                  baseline: dict[str, Any] | None = None, pdf: bool = False,
+                  executor: Executor | None = None) -> Results:
     """The forward passes, results and outputs of a prepared audit (:func:`run_audit`)."""
     cfg = prep.config
     chosen: list[ThreadChoice] = []
@@ -561,7 +571,7 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     try:
         fwd = run_forward(prep.model, prep.extract, prep.dataset, cfg, prep.scenarios, prep.perturbations, prep.device,
                           prep.detectors, cache=cache, shard_size=shard_size, progress=progress, owners=prep.owners,
-                          trust_pickle=trust_pickle, on_threads=on_threads)
+                          trust_pickle=trust_pickle, on_threads=on_threads, executor=executor)
     except OutputWidthError as exc:
         raise _inferred_classes_error(prep, exc) from exc
     prep.warnings.extend([
@@ -591,8 +601,10 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
         results.config_path = str(config_path)
     if prep.protocol is not None:
         results.protocol = prep.protocol.record()
-    # environment only: the count never changes a number (choose_threads)
+    # environment only: the count never changes a number (choose_threads), nor does who ran the units
     results.environment.threads_reason = chosen[0].reason
+    info = getattr(executor, "cluster_info", None)
+    results.environment.executor = info() if info is not None else {"executor": cfg.audit.executor}
     from .report import render_report_files
 
     rendered = render_report_files(results, prep.pm)

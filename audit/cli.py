@@ -216,6 +216,13 @@ def _severities(value: str | None) -> list[int] | None:
                                              "e.g. mri-v1; flags that contradict it are an error.")
 @click.option("--protocol-override", is_flag=True, default=None,
               help="Keep flags and config keys that contradict --protocol; the audit is marked not protocol-conformant.")
+@click.option("--executor", type=click.Choice(["local", "ray"]),
+              help="Who runs the units of work: this process (local, the default) or Ray actors (pip install "
+                   "'medaudit[ray]'); results.json is the same.")
+@click.option("--ray-address", help="local (a private cluster here, the default), auto or HOST:PORT of a Ray head.")
+@click.option("--ray-workers", type=click.IntRange(min=1), help="Ray actors [the cluster's GPUs or CPUs per worker].")
+@click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per Ray actor (fractions share one).")
+@click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per Ray actor [1].")
 @click.option("--model-card", "model_card", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the audit as a Model Card Toolkit JSON document (e.g. model-card.json); the report "
                    "links it.")
@@ -230,8 +237,9 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
         ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
-        protocol: str | None, protocol_override: bool | None, model_card: Path | None, baseline_path: Path | None,
-        quiet: bool) -> None:
+        protocol: str | None, protocol_override: bool | None, executor: str | None, ray_address: str | None,
+        ray_workers: int | None, ray_gpus_per_worker: float | None, ray_cpus_per_worker: float | None,
+        model_card: Path | None, baseline_path: Path | None, quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
 
     Without --config, ./medaudit.yaml (then ./medaudit.toml) is read when present; the config
@@ -262,6 +270,8 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         "audit.num_workers": workers, "audit.precision": precision, "audit.threads": threads,
         "audit.channels_last": channels_last, "output.save_predictions": save_predictions,
         "output.model_card": str(model_card) if model_card else None,
+        "audit.executor": executor, "audit.ray.address": ray_address, "audit.ray.workers": ray_workers,
+        "audit.ray.gpus_per_worker": ray_gpus_per_worker, "audit.ray.cpus_per_worker": ray_cpus_per_worker,
         "checks": list(file_checks) + list(fail_on) if fail_on else None,
     }
     if suites:

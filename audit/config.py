@@ -219,8 +219,9 @@ class RayConfig(_Section):
 
     address: str = Field("local", description="local (a private cluster on this machine), auto (the cluster this "
                                               "machine belongs to, as `ray start` set up) or HOST:PORT of its head")
-    workers: int | None = Field(None, ge=1, description="actors that run units; None: one per GPU with "
-                                                        "gpus_per_worker > 0, else the cluster's CPUs / cpus_per_worker")
+    workers: int | None = Field(None, ge=1, description="actors that run units; None: the cluster's GPUs / "
+                                                        "gpus_per_worker when that is above 0 (one per GPU at 1, two "
+                                                        "at 0.5), else its CPUs / cpus_per_worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU between actors")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
 

@@ -148,6 +148,10 @@ class Environment(_Model):
     threads: int | None = Field(None, description="CPU threads torch used (torch.get_num_threads())")
     threads_reason: str | None = Field(None, description="why that many: audit.threads, torch's default, or what "
                                                          "audit.threads: auto measured in the dry run")
+    executor: dict[str, Any] | None = Field(
+        None, description="who ran the units of work: executor (local | ray); for ray the cluster's nodes, workers, "
+                          "CPUs and GPUs used, the worker processes, units re-run after a worker died and each unit's "
+                          "seconds and forward passes per second (medaudit.runner.ray_executor)")
 
 
 class Check(_Model):

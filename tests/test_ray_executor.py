@@ -30,6 +30,9 @@ from medaudit.runner.merge import ForwardResult
 ray = pytest.importorskip("ray", reason='the Ray executor needs Ray: pip install "medaudit[ray]"')
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "model.pt"
+DATA = ROOT / "examples" / "mni-patches" / "test.npz"
+CONFIG = ROOT / "examples" / "mni-patches.yaml"
 
 
 def test_without_ray_the_executor_is_a_config_error_naming_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,3 +239,38 @@ def _context(prep: Any) -> Any:
 
     return ExecutionContext(prep.config, prep.extract, prep.dataset, prep.scenarios, prep.perturbations,
                             prep.detectors, prep.owners, prep.device, Progress(600, 1, False))
+
+
+def _identity_view(path: Path) -> dict:
+    """results.json without what describes the run rather than the model (the issue's list)."""
+    r = json.loads((path / "results.json").read_text(encoding="utf-8"))
+    for key in ("created_at", "command", "timing", "environment", "assets", "integrity"):
+        r.pop(key, None)
+    for key in ("executor", "ray", "shard_size"):
+        r["config"]["audit"].pop(key)
+    r["config"]["output"].pop("dir")
+    for s in r["scenarios"]:
+        s.pop("throughput", None)
+    return r
+
+
+def test_run_with_the_ray_executor_writes_the_local_results(tmp_path: Path) -> None:
+    # through medaudit run: the same results.json, whatever the executor, workers or shard size
+    from medaudit.audit import run_audit
+    from medaudit.config import load_config
+    from medaudit.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager(warn=lambda m: None)
+    base = {"audit.suites": [], "audit.perturbations": ["intensity.gamma"], "audit.severities": [2, 4],
+            "audit.bootstrap": 20, "audit.threads": 1}
+    runs = {"local": {"audit.executor": "local"},
+            "ray-2x256": {"audit.executor": "ray", "audit.ray.workers": 2, "audit.shard_size": 256}}
+    views = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        results = run_audit(pm, MODEL, DATA, load_config(CONFIG, {**base, **extra, "output.dir": str(out)}), command="x")
+        views[name] = _identity_view(out)
+        if name != "local":
+            info = results.environment.executor
+            assert info["executor"] == "ray" and info["workers"] == 2 and len(info["units"]) == 3
+    assert views["ray-2x256"] == views["local"]
