@@ -502,14 +502,19 @@ def compare_cmd(paths: tuple[Path, ...], output: Path | None, max_drop: float, r
             click.echo(f"note: {who}{pair.unmatched}")
     for line in console_lines(result, output):
         click.echo(line)
+
+    def regression_lines(regressions: list[Any], indent: str) -> None:
+        """The worst regressions, then how many more (all of them in the HTML)."""
+        for c in regressions[:SUMMARY_LINES]:
+            click.echo(f"{indent}regression: {describe(c)}")
+        if len(regressions) > SUMMARY_LINES:
+            click.echo(f"{indent}... and {len(regressions) - SUMMARY_LINES} more"
+                       + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+
     if two:
         pair = result.pairs[0]
         regressions = pair.regressions
-        for c in regressions[:SUMMARY_LINES]:
-            click.echo(f"regression: {describe(c)}")
-        if len(regressions) > SUMMARY_LINES:
-            click.echo(f"... and {len(regressions) - SUMMARY_LINES} more"
-                       + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+        regression_lines(regressions, "")
         click.echo(f"{len(pair.improvements)} improvement(s) beyond {max_drop}"
                    + (f", {pair.best_improvement}" if pair.best_improvement else ""))
         click.echo(f"{len(regressions)} regression(s) beyond {max_drop}")
@@ -518,11 +523,7 @@ def compare_cmd(paths: tuple[Path, ...], output: Path | None, max_drop: float, r
             regressions = pair.regressions
             click.echo(f"{labels[k]} {paths[k]} vs baseline {labels[0]}: {len(regressions)} regression(s), "
                        f"{len(pair.improvements)} improvement(s) beyond {max_drop}")
-            for c in regressions[:SUMMARY_LINES]:
-                click.echo(f"  regression: {describe(c)}")
-            if len(regressions) > SUMMARY_LINES:
-                click.echo(f"  ... and {len(regressions) - SUMMARY_LINES} more"
-                           + (f" (all in {output})" if output else " (-o FILE lists them all)"))
+            regression_lines(regressions, "  ")
         click.echo(f"{len(result.regressed)} of {len(result.pairs)} audit(s) regress against the baseline {labels[0]} "
                    f"beyond {max_drop}")
     if result.has_regression:
