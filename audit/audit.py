@@ -9,6 +9,7 @@ everything atomically (:mod:`medaudit.writing`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -375,6 +376,12 @@ def prepare(pm: PluginManager, model_path: Path, data_path: Path, config: Config
                     detectors, owners, device, warnings, reference, ood_sets, protocol)
 
 
+def cache_root(config: Config) -> Path:
+    """Where the audit's completed units are kept: ``output.cache_dir``, else a hidden folder in the
+    output folder."""
+    return config.output.cache_dir if config.output.cache_dir is not None else config.output.dir / ".medaudit-cache"
+
+
 def cache_fingerprint(prep: Prepared, shard_size: int) -> str:
     cfg = prep.config
     return ShardCache.fingerprint({
@@ -488,7 +495,7 @@ def run_audit(pm: PluginManager, model_path: Path, data_path: Path, config: Conf
             prep.warnings.extend(baseline_warnings(baseline, prep))
         phases.lap("prepare")
         shard_size = prep.config.audit.shard_size
-        cache = ShardCache(prep.config.output.dir / ".medaudit-cache", cache_fingerprint(prep, shard_size))
+        cache = ShardCache(cache_root(prep.config), cache_fingerprint(prep, shard_size))
         if not resume:
             shutil.rmtree(cache.dir, ignore_errors=True)
         try:  # from the line that tells the user the forward passes begin
@@ -645,5 +652,7 @@ def _run_prepared(prep: Prepared, cache: ShardCache, *, command: str, started: f
     if card is not None and not staged[card]:  # the model card is evidence: its hash joins the seal
         results.integrity = seal(out, extra=[card])
     cache.flush()
-    shutil.rmtree(cache.dir.parent, ignore_errors=True)
+    shutil.rmtree(cache.dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other audits' units (a shared output.cache_dir) stay
+        cache.dir.parent.rmdir()
     return results

@@ -211,6 +211,10 @@ def _severities(value: str | None) -> list[int] | None:
 @click.option("--subgroup", "subgroup", multiple=True, help="Metadata column to stratify by (repeatable).")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file).")
 @click.option("--resume", is_flag=True, help="Reuse completed shards of an interrupted run of the same audit.")
+@click.option("--cache-dir", "cache_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where completed units of work are kept for --resume [OUT/.medaudit-cache]; may be shared storage.")
+@click.option("--shard-size", "shard_size", type=click.IntRange(min=1),
+              help="Samples per unit of work [2048]; results do not depend on it.")
 @click.option("--pdf", is_flag=True, help="Also print report.html to report.pdf (needs Chromium).")
 @click.option("--protocol", "protocol", help="Run under a frozen audit protocol (`medaudit protocols` lists them), "
                                              "e.g. mri-v1; flags that contradict it are an error.")
@@ -236,8 +240,8 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         severities: str | None, bootstrap: int | None, workers: int | None, precision: str | None, threads: str | None,
         channels_last: bool | None,
         save_predictions: bool | None, fail_on: tuple[str, ...], junit: Path | None, reference: Path | None,
-        ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool, pdf: bool,
-        protocol: str | None, protocol_override: bool | None, executor: str | None, ray_address: str | None,
+        ood_data: tuple[Path, ...], subgroup: tuple[str, ...], trust_pickle: bool, resume: bool,
+        cache_dir: Path | None, shard_size: int | None, pdf: bool, protocol: str | None, protocol_override: bool | None, executor: str | None, ray_address: str | None,
         ray_workers: int | None, ray_gpus_per_worker: float | None, ray_cpus_per_worker: float | None,
         model_card: Path | None, baseline_path: Path | None, quiet: bool) -> None:
     """Audit MODEL on --data: clean and perturbed scenarios, metrics with CIs, report.
@@ -270,6 +274,7 @@ def run(model: Path, data: Path, config_path: Path | None, out: Path | None, dev
         "audit.num_workers": workers, "audit.precision": precision, "audit.threads": threads,
         "audit.channels_last": channels_last, "output.save_predictions": save_predictions,
         "output.model_card": str(model_card) if model_card else None,
+        "output.cache_dir": str(cache_dir) if cache_dir else None, "audit.shard_size": shard_size,
         "audit.executor": executor, "audit.ray.address": ray_address, "audit.ray.workers": ray_workers,
         "audit.ray.gpus_per_worker": ray_gpus_per_worker, "audit.ray.cpus_per_worker": ray_cpus_per_worker,
         "checks": list(file_checks) + list(fail_on) if fail_on else None,

@@ -324,6 +324,10 @@ class OutputConfig(_Section):
     save_labelmaps: list[str] = Field(default_factory=list, description="segmentation, with save_predictions: scenarios "
                                                                       "whose predicted label maps are saved besides clean")
     report: bool = True
+    cache_dir: Path | None = Field(
+        None, description="where completed units of work are kept for --resume (--cache-dir; default "
+                          "DIR/.medaudit-cache); a folder per audit fingerprint, so audits may share it, e.g. on "
+                          "storage every machine that may drive the audit can reach")
     model_card: Path | None = Field(
         None, description="also write the audit as a Model Card Toolkit (schema 0.0.2) JSON document at this path "
                           "(--model-card); the report links it and results.json's integrity covers it")

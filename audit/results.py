@@ -25,6 +25,26 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = "1.0"
 VOLATILE_KEYS = ("created_at", "command", "timing", "environment", "integrity")
+#: What describes how an audit ran rather than the model: besides :data:`VOLATILE_KEYS`, the report's
+#: images (a throughput figure), each scenario's throughput and these config settings (dotted) — the
+#: executor, the shard layout, and where the outputs and the shard cache go.
+RUN_KEYS = (*VOLATILE_KEYS, "assets")
+RUN_CONFIG_KEYS = ("audit.executor", "audit.ray", "audit.shard_size", "output.dir", "output.cache_dir")
+
+
+def audit_content(results: dict[str, Any]) -> dict[str, Any]:
+    """A results.json (as loaded from JSON) without :data:`RUN_KEYS`, scenario throughputs and
+    :data:`RUN_CONFIG_KEYS`: what two audits of the same model, data, config and seed share whatever
+    executor, number of Ray workers or shard size ran them (docs/scale-out.md). The input is not changed."""
+    out = {k: v for k, v in results.items() if k not in RUN_KEYS}
+    config = out["config"] = {section: dict(values) if isinstance(values, dict) else values
+                              for section, values in results.get("config", {}).items()}
+    for dotted in RUN_CONFIG_KEYS:
+        section, _, key = dotted.partition(".")
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    out["scenarios"] = [{k: v for k, v in s.items() if k != "throughput"} for s in results.get("scenarios", [])]
+    return out
 
 
 class _Model(BaseModel):

@@ -25,6 +25,7 @@ import torch
 from medaudit.errors import ConfigError, ModelError
 from medaudit.runner import LocalExecutor, RayExecutor, UnitRunner, run_forward, run_unit, torch_threads
 from medaudit.runner.device import available_cpus
+from medaudit.results import audit_content
 from medaudit.runner.merge import ForwardResult
 
 ray = pytest.importorskip("ray", reason='the Ray executor needs Ray: pip install "medaudit[ray]"')
@@ -241,19 +242,6 @@ def _context(prep: Any) -> Any:
                             prep.detectors, prep.owners, prep.device, Progress(600, 1, False))
 
 
-def _identity_view(path: Path) -> dict:
-    """results.json without what describes the run rather than the model (the issue's list)."""
-    r = json.loads((path / "results.json").read_text(encoding="utf-8"))
-    for key in ("created_at", "command", "timing", "environment", "assets", "integrity"):
-        r.pop(key, None)
-    for key in ("executor", "ray", "shard_size"):
-        r["config"]["audit"].pop(key)
-    r["config"]["output"].pop("dir")
-    for s in r["scenarios"]:
-        s.pop("throughput", None)
-    return r
-
-
 def test_run_with_the_ray_executor_writes_the_local_results(tmp_path: Path) -> None:
     # through medaudit run: the same results.json, whatever the executor, workers or shard size
     from medaudit.audit import run_audit
@@ -269,7 +257,7 @@ def test_run_with_the_ray_executor_writes_the_local_results(tmp_path: Path) -> N
     for name, extra in runs.items():
         out = tmp_path / name
         results = run_audit(pm, MODEL, DATA, load_config(CONFIG, {**base, **extra, "output.dir": str(out)}), command="x")
-        views[name] = _identity_view(out)
+        views[name] = audit_content(json.loads((out / "results.json").read_text(encoding="utf-8")))
         if name != "local":
             info = results.environment.executor
             assert info["executor"] == "ray" and info["workers"] == 2 and len(info["units"]) == 3

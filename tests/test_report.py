@@ -140,6 +140,26 @@ def test_identity_and_metadata_counts(full_html: str) -> None:
     assert "voxel: every listed value occurs once" in full_html
 
 
+def test_identity_names_the_executor_the_ray_cluster_and_per_unit_throughput() -> None:
+    data = load("full")
+    data["environment"]["executor"] = {"executor": "local"}
+    assert "<th scope=\"row\">Executor</th><td class=\"wrap\">local (every unit of work in this process)</td>" in render(data)
+    units = [{"unit": f"{s:09d}", "start": s, "stop": s + 200, "scenarios": 3, "seconds": sec, "forward_per_s": f,
+              "pid": 10 + s, "node": node, "attempts": 1}
+             for s, sec, f, node in [(0, 4.0, 150.0, "aa" * 28), (200, 1.0, 600.0, "bb" * 28), (400, 2.0, 300.0, "aa" * 28)]]
+    data["environment"]["executor"] = {
+        "executor": "ray", "address": "10.0.0.1:6379", "ray": "2.60.0", "workers": 2, "cpus_per_worker": 1,
+        "gpus_per_worker": 0.5, "cpus": 2, "gpus": 1.0, "threads_per_worker": 1, "nodes": 2, "units_rerun": 1,
+        "worker_processes": [{"pid": 10, "node": "aa" * 28, "gpus": ["0"]}, {"pid": 11, "node": "bb" * 28, "gpus": ["0"]}],
+        "units": units, "unit_seconds": 7.0, "forward_per_s": 257.1}
+    html = render(data)
+    assert ("<th scope=\"row\">Executor</th><td class=\"wrap\">Ray 2.60.0 at 10.0.0.1:6379: 2 workers on 2 nodes, each 1 CPU and "
+            "0.5 GPUs (2 CPUs and 1 GPU in all: aaaaaaaa:0, bbbbbbbb:0)</td>") in html
+    # per unit: the range of seconds, and the median of the workers' forward passes per second
+    assert ("<th scope=\"row\">Units of work</th><td class=\"wrap\">3 units run, 1 re-run after losing a worker; 1.0–4.0 s per "
+            "unit, median 300 forward passes/s per worker") in html
+
+
 def test_catalogue_preview_and_sampled_params(full_html: str) -> None:
     assert 'src="data:image/png;base64,' in full_html
     assert "Parameters actually sampled per scenario" in full_html  # collapsed in the appendix

@@ -7,6 +7,7 @@ from a list of built-in names: a plugin metric declared headline is shown like a
 from __future__ import annotations
 
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,32 @@ def _probes(p: dict[str, Any]) -> str:
             f"{ref.get('n_samples')} samples, SHA-256 {str(ref.get('sha256'))[:12]}…")
 
 
+def executor_rows(info: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Who ran the units of work (results.json ``environment.executor``): one row for this process;
+    for Ray the cluster it used, and the units' times as its workers measured them."""
+    if not info:
+        return []
+    if info.get("executor") != "ray":
+        return [("Executor", f"{info.get('executor', 'local')} (every unit of work in this process)")]
+    def n(count: float, noun: str) -> str:
+        return f"{count:g} {noun}{'' if count == 1 else 's'}"
+
+    gpus = sorted({f"{p['node'][:8]}:{g}" for p in info.get("worker_processes", []) for g in p.get("gpus", [])})
+    rows = [("Executor", f"Ray {info.get('ray', '')} at {info.get('address')}: {n(info.get('workers', 0), 'worker')} "
+                         f"on {n(info.get('nodes', 0), 'node')}, each {n(info.get('cpus_per_worker', 0), 'CPU')} "
+                         f"and {n(info.get('gpus_per_worker', 0), 'GPU')} ({n(info.get('cpus', 0), 'CPU')} and "
+                         f"{n(info.get('gpus', 0), 'GPU')} in all" + (f": {', '.join(gpus)}" if gpus else "") + ")")]
+    units = info.get("units") or []
+    if units:
+        seconds = sorted(u["seconds"] for u in units)
+        rerun = info.get("units_rerun", 0)
+        rows.append(("Units of work", f"{n(len(units), 'unit')} run, {rerun} re-run after losing a worker; "
+                                      f"{seconds[0]:.1f}–{seconds[-1]:.1f} s per unit, median "
+                                      f"{statistics.median(u['forward_per_s'] for u in units):,.0f} forward passes/s per worker (measured in the "
+                                      "workers; a worker's first unit includes loading the model and data)"))
+    return rows
+
+
 def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     m, d, e = r["model"], r["dataset"], r["environment"]
     identity = [
@@ -79,6 +106,7 @@ def identity_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("Device", f"{e['device']} ({e['device_name']})"
                    + (f", {e['threads']} CPU thread{'s' if e['threads'] != 1 else ''}" if e.get("threads") else "")),
         *([("Thread choice", e["threads_reason"])] if e.get("threads_reason") else []),
+        *executor_rows(e.get("executor")),
         ("Precision", e["precision"] + (", channels-last memory format" if e.get("memory_format") == "channels_last" else "")),
         ("Seed", str(r["seed"])),
         *([("Protocol", protocol_text(r) or "")] if r.get("protocol") else []),
