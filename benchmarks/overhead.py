@@ -95,6 +95,17 @@ def make_model(out: Path, name: str) -> Path:
     return path
 
 
+def make_config(out: Path, name: str) -> Path:
+    """The example config without its check (a benchmark model with random weights would fail
+    it), and for another model than the example's without its feature layer (medaudit picks one)."""
+    text = (ROOT / "examples" / "mni-patches.yaml").read_text().replace('checks:\n  - "clean.accuracy<0.9"\n', "checks: []\n")
+    if name != "example":
+        text = text.replace("  feature_layer: features\n", "")
+    path = out / "config.yaml"
+    path.write_text(text)
+    return path
+
+
 def timed(cmd: list[str]) -> tuple[float, str, float]:
     """Wall seconds, stdout, and this child's peak RSS in MiB (fresh process per call)."""
     wrapper = ("import resource, subprocess, sys, time; t=time.perf_counter(); "
@@ -136,9 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         model = make_model(tmpdir, args.model)
-        # The example config without its checks: a benchmark model (random weights) would fail them.
-        cfg = tmpdir / "config.yaml"
-        cfg.write_text((ROOT / "examples" / "mni-patches.yaml").read_text().replace('checks:\n  - "clean.accuracy<0.9"\n', "checks: []\n"))
+        cfg = make_config(tmpdir, args.model)
         from medaudit.config import load_config
         from medaudit.plugin_manager import get_plugin_manager
         from medaudit.runner import plan_scenarios

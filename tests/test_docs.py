@@ -79,14 +79,14 @@ def _resolve(dotted: str) -> object:
     raise ImportError(dotted)
 
 
-@pytest.mark.parametrize("source", ["docs/plugins.md", "README.md", "audit/hookspecs.py"])
+@pytest.mark.parametrize("source", ["docs/plugins.md", "docs/scale-out.md", "README.md", "audit/hookspecs.py"])
 def test_every_dotted_medaudit_name_exists(source: str) -> None:
     # hookspecs.py once told authors to use medaudit.hookimpl, which did not exist
     text = (ROOT / source).read_text(encoding="utf-8")
     names = sorted(set(re.findall(r"\bmedaudit\.[A-Za-z_][\w.]*\w", text)))
     # file names (the config `run` looks for, ./medaudit.yaml) are not Python names
     names = [n for n in names if n.rsplit(".", 1)[-1] not in {"yaml", "yml", "toml", "json"}]
-    assert "medaudit.hookimpl" in names or source == "README.md"
+    assert "medaudit.hookimpl" in names or source in ("README.md", "docs/scale-out.md")
     missing = []
     for name in names:
         try:

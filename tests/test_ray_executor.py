@@ -218,6 +218,17 @@ def test_a_gpu_reserved_or_missing_for_the_audits_device_is_a_config_error(prep:
         list(RayExecutor().run([replace(unit, device="cuda:0")], context))
 
 
+def test_a_worker_runs_as_many_loader_processes_as_its_cpus_leave_free_unless_the_user_chose(prep: Any) -> None:
+    unit = replace(_one_unit(prep), num_workers=4)  # as the driver's cores decided for audit.num_workers unset
+    assert json.loads(unit.config)["audit"]["num_workers"] is None
+    assert RayExecutor(cpus_per_worker=1)._loaders_for_worker(unit).num_workers == 0
+    assert RayExecutor(cpus_per_worker=3.5)._loaders_for_worker(unit).num_workers == 2
+    chosen = json.loads(unit.config)
+    chosen["audit"]["num_workers"] = 4
+    unit = replace(unit, config=json.dumps(chosen))
+    assert RayExecutor(cpus_per_worker=1)._loaders_for_worker(unit).num_workers == 4
+
+
 def _one_unit(prep: Any) -> Any:
     return _units(prep, 600)[0]
 

@@ -29,6 +29,7 @@ executor is created.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -167,12 +168,22 @@ class RayExecutor:
             actor_class = ray.remote(_Worker).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                                                       max_restarts=-1, max_task_retries=0)
             actors = [actor_class.remote(self.threads) for _ in range(workers)]
-            yield from self._schedule(actors, list(units), context.progress)
+            yield from self._schedule(actors, [self._loaders_for_worker(u) for u in units], context.progress)
         finally:
             for actor in actors:  # also on an error or Ctrl-C: no worker outlives the audit
                 ray.kill(actor, no_restart=True)
             if started:
                 ray.shutdown()
+
+    def _loaders_for_worker(self, unit: WorkUnit) -> WorkUnit:
+        """The unit with as many data-loading processes as its worker's CPUs leave free.
+
+        ``audit.num_workers`` unset is decided from this machine's cores (:func:`~medaudit.runner.batches.auto_workers`),
+        which a worker of one CPU does not have: its loader processes would compete with its
+        torch thread. The outputs do not depend on it; a number the user set is kept."""
+        if json.loads(unit.config)["audit"].get("num_workers") is not None:
+            return unit
+        return replace(unit, num_workers=min(unit.num_workers, max(0, math.floor(self.cpus_per_worker) - 1)))
 
     def _check_device(self, device: str) -> None:
         """The workers run the units on the audit's device type; a GPU reserved or missing for it
