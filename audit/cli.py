@@ -225,7 +225,7 @@ def _severities(value: str | None) -> list[int] | None:
                    "'medaudit[ray]'); results.json is the same.")
 @click.option("--ray-address", help="local (a private cluster here, the default), auto or HOST:PORT of a Ray head.")
 @click.option("--ray-workers", type=click.IntRange(min=1), help="Ray actors [the cluster's GPUs or CPUs per worker].")
-@click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per Ray actor (fractions share one).")
+@click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per Ray actor (fractions share one) [1 on a GPU audit, else 0].")
 @click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per Ray actor [1].")
 @click.option("--model-card", "model_card", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the audit as a Model Card Toolkit JSON document (e.g. model-card.json); the report "

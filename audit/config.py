@@ -222,7 +222,9 @@ class RayConfig(_Section):
     workers: int | None = Field(None, ge=1, description="actors that run units; None: the cluster's GPUs / "
                                                         "gpus_per_worker when that is above 0 (one per GPU at 1, two "
                                                         "at 0.5), else its CPUs / cpus_per_worker")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU between actors")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; fractions share a GPU between "
+                                                                  "actors; None: 1 when the audit runs on a GPU "
+                                                                  "(one actor per GPU), else 0")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per actor (also its torch thread count)")
 
 

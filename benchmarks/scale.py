@@ -104,9 +104,9 @@ def main() -> None:
             ref = rows[0][2]
             fwd_speedup, speedup = ref["forward"] / r["forward"], ref["wall"] / r["wall"]
             units = r["executor"].get("units") or []
-            busy = (sum(u["seconds"] for u in units) / (k * r["forward"])) if units else float("nan")
+            busy = f"{sum(u['seconds'] for u in units) / (k * r['forward']):.2f}" if units else "-"
             print(f"{label:<22} {r['wall']:>8.1f} {r['forward']:>8.1f} {fwd_speedup:>8.2f} {speedup:>8.2f} "
-                  f"{fwd_speedup / k:>6.2f} {busy:>6.2f} {(r['wall'] - r['forward']) / r['wall']:>7.2f}", flush=True)
+                  f"{fwd_speedup / k:>6.2f} {busy:>6} {(r['wall'] - r['forward']) / r['wall']:>7.2f}", flush=True)
 
         print(f"{'run':<22} {'wall s':>8} {'fwd s':>8} {'fwd ×':>8} {'wall ×':>8} {'eff':>6} {'busy':>6} {'driver':>7}")
         go("local ×1 (1 thread)", 1, ["--executor", "local", "--threads", "1", "--device", "cpu"])

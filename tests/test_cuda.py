@@ -130,3 +130,29 @@ def test_segmentation_audit_on_cuda_matches_cpu(tmp_path: Path) -> None:
     for sid, values in metrics["cpu"].items():
         for key in ("dice", "hd95", "nsd", "ece"):
             assert metrics["cuda"][sid][key]["value"] == pytest.approx(values[key]["value"], rel=1e-3, abs=1e-3), (sid, key)
+
+
+@pytest.mark.parametrize("gpus_per_worker", ["1", "0.5"])
+def test_ray_workers_sharing_the_gpu_give_the_local_gpu_results(tmp_path: Path, gpus_per_worker: str) -> None:
+    """One Ray worker with the GPU, or two sharing it (fractional GPUs): results.json as the local
+    executor's on the GPU, apart from what describes the run."""
+    pytest.importorskip("ray", reason='needs Ray: pip install "medaudit[ray]"')
+    from medaudit.results import audit_content
+
+    base = ["run", str(ROOT / "examples" / "model.pt"), "--data", str(ROOT / "examples" / "mni-patches" / "test.npz"),
+            "--config", str(ROOT / "examples" / "mni-patches.yaml"), "--device", "cuda", "--quiet", "--bootstrap", "50",
+            "--perturbation", "mri.bias_field", "--severities", "2,4", "--shard-size", "128"]
+    workers = str(round(1 / float(gpus_per_worker)))
+    contents = []
+    for name, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-workers", workers,
+                                                "--ray-gpus-per-worker", gpus_per_worker])):
+        out = tmp_path / name
+        res = subprocess.run([sys.executable, "-m", "medaudit.cli", *base, "--out", str(out), *extra],
+                             capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        assert res.returncode == 0, res.stderr
+        results = json.loads((out / "results.json").read_text())
+        contents.append(audit_content(results))
+    info = results["environment"]["executor"]
+    assert info["workers"] == int(workers) and info["gpus"] == pytest.approx(1.0)
+    assert all(p["gpus"] for p in info["worker_processes"])  # Ray gave each worker the GPU
+    assert contents[1] == contents[0]

@@ -215,7 +215,10 @@ def test_a_gpu_reserved_or_missing_for_the_audits_device_is_a_config_error(prep:
     with pytest.raises(ConfigError, match="stay unused"):
         list(RayExecutor(gpus_per_worker=1).run([unit], context))
     with pytest.raises(ConfigError, match="would have no GPU"):
-        list(RayExecutor().run([replace(unit, device="cuda:0")], context))
+        list(RayExecutor(gpus_per_worker=0).run([replace(unit, device="cuda:0")], context))
+    # unset: one GPU per worker on a GPU audit, none on a CPU audit
+    assert RayExecutor()._gpus("cuda:0") == 1 and RayExecutor()._gpus("cpu") == 0
+    assert RayExecutor(gpus_per_worker=0.25)._gpus("cuda") == 0.25
 
 
 def test_a_worker_runs_as_many_loader_processes_as_its_cpus_leave_free_unless_the_user_chose(prep: Any) -> None:

@@ -117,22 +117,23 @@ class RayExecutor:
     ``workers`` None: as many as the cluster holds — its GPUs / ``gpus_per_worker`` when that is
     above 0 (one per GPU with 1), else its CPUs / ``cpus_per_worker`` — at least one, and never
     more than there are units. Each worker reserves ``cpus_per_worker`` CPUs and
-    ``gpus_per_worker`` GPUs (a fraction shares a GPU) and runs torch on that many threads
-    (``cpus_per_worker`` rounded, at least 1).
+    ``gpus_per_worker`` GPUs (a fraction shares a GPU; None: one when the audit runs on a GPU,
+    none on a CPU) and runs torch on ``cpus_per_worker`` threads (rounded, at least 1).
     """
 
     name = "ray"
 
-    def __init__(self, address: str = "local", workers: int | None = None, gpus_per_worker: float = 0,
+    def __init__(self, address: str = "local", workers: int | None = None, gpus_per_worker: float | None = None,
                  cpus_per_worker: float = 1) -> None:
         if workers is not None and workers < 1:
             raise ConfigError(f"audit.ray.workers must be at least 1, got {workers}")
-        if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        if (gpus_per_worker is not None and gpus_per_worker < 0) or cpus_per_worker <= 0:
             raise ConfigError(f"audit.ray: gpus_per_worker must be 0 or more and cpus_per_worker above 0, got "
                               f"{gpus_per_worker} and {cpus_per_worker}")
         self.ray = _import_ray()
         self.address, self.workers = address, workers
-        self.gpus_per_worker, self.cpus_per_worker = gpus_per_worker, cpus_per_worker
+        self.gpus_requested, self.cpus_per_worker = gpus_per_worker, cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker or 0.0  # decided by the audit's device when None (run)
         self.threads = max(1, round(cpus_per_worker))
         self._info: dict[str, Any] = {}
         self._processes: list[dict[str, Any]] = []  # every worker process that started (restarts included)
@@ -156,7 +157,7 @@ class RayExecutor:
         self._processes, self._units, self._reruns = [], [], 0
         if not units:
             return
-        self._check_device(units[0].device)
+        self.gpus_per_worker = self._gpus(units[0].device)
         ray = self.ray
         started = self._connect()
         actors: list[Any] = []
@@ -185,15 +186,19 @@ class RayExecutor:
             return unit
         return replace(unit, num_workers=min(unit.num_workers, max(0, math.floor(self.cpus_per_worker) - 1)))
 
-    def _check_device(self, device: str) -> None:
-        """The workers run the units on the audit's device type; a GPU reserved or missing for it
-        is a configuration error, found before anything starts."""
-        if device.startswith("cuda") and self.gpus_per_worker == 0:
+    def _gpus(self, device: str) -> float:
+        """GPUs per worker: as asked, or one per worker when the audit runs on a GPU. The workers run
+        the units on the audit's device type; a GPU reserved or missing for it is a configuration
+        error, found before anything starts."""
+        if self.gpus_requested is None:
+            return 1.0 if device.startswith("cuda") else 0.0
+        if device.startswith("cuda") and self.gpus_requested == 0:
             raise ConfigError(f"the audit runs on {device}, but audit.ray.gpus_per_worker is 0: the Ray workers "
                               "would have no GPU; give each one (gpus_per_worker: 1), or set audit.device: cpu")
-        if not device.startswith("cuda") and self.gpus_per_worker > 0:
+        if not device.startswith("cuda") and self.gpus_requested > 0:
             raise ConfigError(f"the audit runs on {device}, so the GPUs audit.ray.gpus_per_worker reserves would "
                               "stay unused; set gpus_per_worker: 0, or audit.device: cuda")
+        return self.gpus_requested
 
     def _connect(self) -> bool:
         """Initialise Ray unless this process already has; True when it was initialised here
