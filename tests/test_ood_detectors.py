@@ -331,3 +331,31 @@ def test_spectral_names_the_flat_stage() -> None:
     emb = torch.cat([spectral_signature(torch.rand(20, 4, 3, 3)), spectral_signature(torch.rand(20, 8, 1, 1))], dim=1)
     with pytest.raises(ValueError, match=r"\['late'\]"):
         det.fit(emb, torch.zeros(20, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dims", [48, 256])
+def test_mahalanobis_scores_do_not_depend_on_the_thread_count(dims: int) -> None:
+    # Two causes of results.json depending on audit.threads, each failing one case before the fix:
+    # on an AMD EPYC, MKL's triangular solve of the 3 class means gave other last bits with 1 and 2
+    # threads (48); on any CPU, torch split the Ledoit-Wolf sums over 256² values between threads (256).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, dims, generator=g, dtype=torch.float64) @ torch.randn(dims, dims, generator=g, dtype=torch.float64)
+    y = torch.arange(600) % 3
+    before = torch.get_num_threads()
+    scores = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            det = Mahalanobis()
+            det.fit(x[:300], y[:300])
+            scores[threads] = det.score(x[300:])
+            assert torch.get_num_threads() == threads  # the fit restores the caller's thread count
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(scores[1], scores[2])
+    # still the Mahalanobis distance: against a direct solve with the fitted covariance
+    assert det.means is not None and det.whitener is not None
+    cov = torch.linalg.inv(det.whitener.T @ det.whitener)
+    d = x[300:, None] - det.means[None]
+    direct = torch.einsum("ncd,de,nce->nc", d, torch.linalg.inv(cov), d).min(dim=1).values
+    torch.testing.assert_close(scores[1], direct, rtol=1e-8, atol=1e-8)

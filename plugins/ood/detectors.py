@@ -161,9 +161,12 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
     s = x.T @ x / n
     mu = torch.trace(s) / p
     x2 = x * x
-    # ‖S − μI‖²_F and Σ_i ‖x_i x_iᵀ − S‖²_F without forming n p×p matrices.
-    d = ((s * s).sum() - 2 * mu * torch.trace(s) + p * mu * mu) / p
-    beta = ((x2.T @ x2).sum() / n - (s * s).sum()) / (n * p)
+    # ‖S − μI‖²_F and Σ_i ‖x_i x_iᵀ − S‖²_F without forming n p×p matrices. The p×p sums go row by
+    # row: torch splits one sum over more than 32768 values between threads, so its last bits
+    # would depend on the thread count (p > 181); each row's sum is one thread's.
+    ss = (s * s).sum(dim=1).sum()
+    d = (ss - 2 * mu * torch.trace(s) + p * mu * mu) / p
+    beta = ((x2.T @ x2).sum(dim=1).sum() / n - ss) / (n * p)
     beta = torch.minimum(beta, d)
     shrink = 0.0 if float(d) == 0 else float(beta / d)
     cov = (1 - shrink) * s + shrink * mu * torch.eye(p, dtype=s.dtype, device=s.device)
@@ -171,23 +174,32 @@ def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
 
 
 def _whitener(cov: Tensor) -> Tensor:
-    """Lower Cholesky factor of ``cov`` (jittered if it is numerically singular)."""
+    """``L⁻¹`` for the lower Cholesky factor ``L`` of ``cov`` (jittered if it is numerically
+    singular): ``‖L⁻¹(x − μ)‖²`` is the squared Mahalanobis distance.
+
+    Factor and inverse are computed on one thread. On some CPUs (seen on an AMD EPYC with MKL) a
+    triangular solve gives different last bits with 1 and 2 threads, which made the detectors'
+    scores, and so results.json, depend on ``audit.threads``; the whitened vectors are then
+    matrix products, whose bits do not depend on the thread count."""
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     jitter = 0.0
     scale = float(torch.diagonal(cov).mean().abs()) or 1.0
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
-        if int(info) == 0:
-            return chol
-        jitter = 1e-10 if jitter == 0 else jitter * 100
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(8):
+            chol, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+            if int(info) == 0:
+                return torch.linalg.solve_triangular(chol, eye, upper=False)
+            jitter = 1e-10 if jitter == 0 else jitter * 100
+    finally:
+        torch.set_num_threads(threads)
     raise ValueError("covariance is not positive definite even after jitter; are the features constant?")
 
 
-def _sq_mahalanobis(x: Tensor, means: Tensor, chol: Tensor) -> Tensor:
-    """``[N, C]`` squared distances ``(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)`` with ``Σ = L Lᵀ``."""
-    wx = torch.linalg.solve_triangular(chol, x.T, upper=False).T  # L⁻¹x
-    wm = torch.linalg.solve_triangular(chol, means.T, upper=False).T
-    return torch.cdist(wx, wm).pow(2)
+def _sq_mahalanobis(x: Tensor, means: Tensor, whitener: Tensor) -> Tensor:
+    """``[N, C]`` squared distances ``(x − μ_c)ᵀ Σ⁻¹ (x − μ_c)`` with ``Σ⁻¹ = WᵀW``, ``W`` from :func:`_whitener`."""
+    return torch.cdist(x @ whitener.T, means @ whitener.T).pow(2)
 
 
 def query_chunk(bank: Tensor, block: int | None = None) -> int:
@@ -260,7 +272,7 @@ class Mahalanobis(Detector):
 
     def __init__(self) -> None:
         self.means: Tensor | None = None
-        self.chol: Tensor | None = None
+        self.whitener: Tensor | None = None
         self.shrinkage: float | None = None
 
     def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
@@ -277,13 +289,13 @@ class Mahalanobis(Detector):
         means = torch.stack([x[y == c].mean(0) for c in classes])
         centred = x - means[torch.searchsorted(classes, y)]
         cov, self.shrinkage = ledoit_wolf(centred)
-        self.means, self.chol = means, _whitener(cov)
+        self.means, self.whitener = means, _whitener(cov)
 
     def score(self, embeddings: Tensor) -> Tensor:
-        if self.means is None or self.chol is None:
+        if self.means is None or self.whitener is None:
             raise RuntimeError("mahalanobis: fit() must be called before score()")
         x = embeddings.double().to(self.means.device)
-        return _sq_mahalanobis(x, self.means, self.chol).min(dim=1).values
+        return _sq_mahalanobis(x, self.means, self.whitener).min(dim=1).values
 
 
 class MahalanobisEnsemble(Detector):
@@ -513,7 +525,7 @@ class Spectral(Detector):
         self.scoring = scoring
         self.k = int(k)
         self.mean: Tensor | None = None
-        self.chol: Tensor | None = None
+        self.whitener: Tensor | None = None
         self.bank: Tensor | None = None
 
     def embed(self, logits: Tensor, features: Tensor | list[Tensor] | None) -> Tensor | Future[Tensor]:
@@ -537,7 +549,7 @@ class Spectral(Detector):
         self.mean = x.mean(0, keepdim=True)
         if self.scoring == "whitened":
             cov, _ = ledoit_wolf(x - self.mean)
-            self.chol = _whitener(cov)
+            self.whitener = _whitener(cov)
         else:
             self.bank = x
 
@@ -546,7 +558,7 @@ class Spectral(Detector):
             raise RuntimeError("spectral: fit() must be called before score()")
         x = embeddings.double().to(self.mean.device)
         if self.scoring == "whitened":
-            assert self.chol is not None
-            return _sq_mahalanobis(x, self.mean, self.chol)[:, 0]
+            assert self.whitener is not None
+            return _sq_mahalanobis(x, self.mean, self.whitener)[:, 0]
         assert self.bank is not None
         return kth_nn_distance(x, self.bank, _effective_k(self.k, self.bank.shape[0]))
