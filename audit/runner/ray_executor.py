@@ -211,7 +211,7 @@ class RayExecutor:
             # release wheel too; the variable also covers the processes it starts)
             os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
             cpus = max(available_cpus(), math.ceil((self.workers or 1) * self.cpus_per_worker))
-            # Ray (2.5x+) tells every new instance on the console that it authenticates its processes
+            # Ray (2.60 here) tells every new instance on the console that it authenticates its processes
             # by token (kept in ~/.ray); for a private instance that is no news to the user
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
