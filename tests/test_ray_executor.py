@@ -27,6 +27,7 @@ from medaudit.runner import LocalExecutor, RayExecutor, UnitRunner, run_forward,
 from medaudit.runner.device import available_cpus
 from medaudit.results import audit_content
 from medaudit.runner.merge import ForwardResult
+from medaudit.runner.progress import Progress
 
 ray = pytest.importorskip("ray", reason='the Ray executor needs Ray: pip install "medaudit[ray]"')
 
@@ -202,6 +203,17 @@ def test_a_worker_killed_mid_audit_has_its_unit_run_again_with_the_same_outputs(
     assert len(info["units"]) == 10 and len({u["unit"] for u in info["units"]}) == 10  # each accepted once
     rerun = [u for u in info["units"] if u["attempts"] == 2]
     assert rerun and all(u["pid"] != executor.killed for u in rerun)
+
+
+def test_the_progress_bar_is_fed_by_completed_units(cluster: Any, prep: Any) -> None:
+    context = _context(prep)
+    context.progress = Progress(600, 2, False)  # the units' two scenarios
+    steps, before = [], 0
+    for unit, _ in RayExecutor(workers=2).run(_units(prep, 256), context):
+        steps.append((context.progress.passes - before, (unit.stop - unit.start) * len(unit.scenarios)))
+        before = context.progress.passes
+    assert all(step == size for step, size in steps)  # each unit advances it by its samples × scenarios
+    assert len(steps) == 3 and context.progress.passes == 600 * 2 and context.progress.done == 600
 
 
 def test_a_units_error_in_a_worker_is_the_audits_error(cluster: Any, prep: Any) -> None:
