@@ -1042,12 +1042,18 @@ def _standing_cell(s: Standing, labels: Sequence[str]) -> str:
     return f"{text} at {s.where}" if s.where else text
 
 
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th … 11th, 12th, 13th … 21st, 22nd."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _shared_tables(result: AuditsComparison) -> dict[str, Any]:
     """The leaderboard and paired-test tables both compare pages show."""
     from .report import Row, Table, fmt, fmt_p, label
 
     labels = result.labels
-    places = [f"{i + 1}{'st' if i == 0 else 'nd' if i == 1 else 'rd' if i == 2 else 'th'}" for i in range(len(labels))]
+    places = [_ordinal(i + 1) for i in range(len(labels))]
     arrow = {True: "↑", False: "↓"}
     metrics = Table(
         "Headline metrics, audits best first in each row (↑ higher is better, ↓ lower is better): the clean value with "

@@ -747,3 +747,10 @@ def test_three_audits_refuse_other_data_naming_the_pair(base: dict[str, Any], tm
     res = CliRunner().invoke(cli, ["compare", str(a), str(b), str(c), "--allow-different-data"])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[0].startswith("warning: [1] vs [3]: different data: [1] ")
+
+
+def test_leaderboard_places_are_english_ordinals() -> None:
+    from medaudit.compare import _ordinal
+
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "111th"]
