@@ -123,6 +123,46 @@ def test_a_unit_runner_loads_once_for_the_units_of_an_audit(prep: Any, monkeypat
     assert all(outputs[1][k].tobytes() == again[k].tobytes() for k in again if not k.startswith("sec|"))
 
 
+def test_a_unit_runs_at_its_own_thread_count_where_the_outputs_depend_on_it(prep: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Ray worker of one CPU runs the unit at the audit's count when the dry run found that the
+    # model's outputs differ between counts (this session's AMD EPYC: 1 and 2 threads differ)
+    import medaudit.runner.executor as executor_module
+
+    seen: list[int] = []
+    run_shard = executor_module.run_shard
+    monkeypatch.setattr(executor_module, "run_shard",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or run_shard(*a, **k))
+    runner = UnitRunner(threads=1)
+    unit = _one_unit(prep)
+    with torch_threads(1):
+        runner.run(replace(unit, threads=2))
+        runner.run(replace(unit, threads=None))  # the outputs do not depend on it: the worker's share
+    assert seen == [2, 1]
+
+
+def test_the_planned_units_carry_the_thread_count_unless_the_outputs_do_not_depend_on_it(
+        prep: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medaudit.runner.forward as forward_module
+    from medaudit.runner.device import ThreadChoice
+
+    class _Record:
+        name = "record"
+
+        def run(self, units, context):  # type: ignore[no-untyped-def]
+            self.threads = {u.threads for u in units}
+            return LocalExecutor().run(units, context)
+
+    for choice, want in ((ThreadChoice(1, "outputs differ"), {1}), (ThreadChoice(1, "timed", free=True), {None})):
+        monkeypatch.setattr(forward_module, "choose_threads", lambda *a, c=choice, **k: c)
+        executor = _Record()
+        with torch_threads(1):
+            run_forward(prep.model, prep.extract, prep.dataset, prep.config, prep.scenarios[:1], prep.perturbations,
+                        prep.device, prep.detectors, shard_size=600, owners=prep.owners, executor=executor,
+                        on_threads=lambda c: None)
+        assert executor.threads == want
+
+
 def test_a_private_local_cluster_is_started_and_shut_down(prep: Any, local: dict[int, ForwardResult]) -> None:
     assert not ray.is_initialized()  # before the module's shared instance (the next tests)
     executor = RayExecutor()  # address "local", as many workers as CPUs

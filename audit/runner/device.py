@@ -45,6 +45,9 @@ class ThreadChoice:
 
     threads: int
     reason: str
+    #: Whether the model's outputs are the same bits at any thread count (checked in the dry run, or
+    #: off the CPU, where the threads do not run it): then a unit may run at another count.
+    free: bool = False
 
 
 #: Timing repetitions per thread count (the minimum is kept: a busy machine only adds time), and
@@ -113,7 +116,7 @@ def choose_threads(setting: int | Literal["auto"] | None, device: torch.device,
     if setting is None:
         return ThreadChoice(default, "torch's default, one per physical core")
     if device.type != "cpu":
-        return ThreadChoice(default, f"auto: the model runs on {device.type}; torch's default")
+        return ThreadChoice(default, f"auto: the model runs on {device.type}; torch's default", free=True)
     counts = sorted({1, default, available_cpus()})
     if counts == [1]:
         return ThreadChoice(1, "auto: one CPU")
@@ -136,7 +139,7 @@ def choose_threads(setting: int | Literal["auto"] | None, device: torch.device,
         torch.set_num_threads(default)
     chosen = min(counts, key=lambda n: (best[n], -n))  # on a tie, more threads: the statistics scale too
     timings = " vs ".join(_per_batch(n, best[n]) for n in [chosen, *(n for n in counts if n != chosen)])
-    return ThreadChoice(chosen, (f"{max(counts)} CPUs busy: " if chosen == 1 else "") + timings)
+    return ThreadChoice(chosen, (f"{max(counts)} CPUs busy: " if chosen == 1 else "") + timings, free=True)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -141,8 +141,9 @@ class UnitRunner:
     runs many units loads once. A unit that names others loads them (the previous ones are
     released first). Running a unit is pure, so the outputs do not depend on what ran before.
 
-    ``threads``: torch's CPU threads while a unit runs (None: the unit config's ``audit.threads``),
-    for a worker given a fixed share of a machine's cores.
+    ``threads``: torch's CPU threads while a unit runs, for a worker given a fixed share of a
+    machine's cores (None: the unit config's ``audit.threads``); a unit whose outputs depend on the
+    count names its own (:attr:`WorkUnit.threads`), which wins.
     """
 
     def __init__(self, pm: PluginManager | None = None, threads: int | None = None) -> None:
@@ -165,7 +166,7 @@ class UnitRunner:
             raise ConfigError(f"work unit names detector(s) {missing}, but no installed plugin provides them")
         detectors = [loaded.detectors[name] for name in unit.detectors]
         spec = forward_spec(unit, loaded.config, loaded.extract, detectors, loaded.owners, loaded.device)
-        with torch_threads(self._threads(loaded.config)):
+        with torch_threads(unit.threads if unit.threads is not None else self._threads(loaded.config)):
             batches = shard_batches(loaded.dataset, unit.start, unit.stop, unit.batch_size, unit.num_workers,
                                     loaded.device)
             with torch.inference_mode():

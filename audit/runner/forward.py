@@ -54,17 +54,21 @@ def run_forward(model: LoadedModel, extract: Extractor, dataset: AuditDataset, c
     chunk = config.audit.model_batch_size
     first_x, _, first_extras = next(iterate_batches(dataset, 0, min(n, chunk), chunk, 0, False))
     probe = probe_model(model, extract, first_x, n, config, device, mean, std, first_extras, memory_format)
+    # the count every unit runs at, unless the outputs are known not to depend on it (an executor
+    # that runs units elsewhere then gives its workers their own share of cores)
+    unit_threads: int | None = None if device.type != "cpu" else torch.get_num_threads()
     if on_threads is not None:
         threads = choose_threads(config.audit.threads, device,
                                  chunk_calls(extract, first_x, n, config, device, mean, std, probe))
         torch.set_num_threads(threads.threads)
         on_threads(threads)
+        unit_threads = None if threads.free else threads.threads
     workers = config.audit.num_workers if config.audit.num_workers is not None else auto_workers(dataset)
     units = plan_units(model_path=str(model.path), model_format=model.format, model_sha256=model.sha256,
                        trust_pickle=trust_pickle, config=config, dataset_path=str(dataset.path), n=n,
                        scenario_ids=[s.id for s in scenarios], detector_names=[d.name for d in detectors],
                        device=str(device), probe=probe, shard_size=shard_size, num_workers=workers,
-                       scenarios_per_unit=scenarios_per_unit)
+                       scenarios_per_unit=scenarios_per_unit, threads=unit_threads)
     executor = executor if executor is not None else LocalExecutor()
     outputs: list[UnitOutputs] = []
     resumed = 0

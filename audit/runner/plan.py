@@ -104,6 +104,9 @@ class WorkUnit:
     batch_size: int  # samples loaded and perturbed at once (a multiple of model_batch_size)
     num_workers: int
     part: int = 0  # which group of the audit's scenarios this unit runs (0 when every unit runs all)
+    # torch's CPU threads the unit must run at (the audit's, where the model's outputs depend on the
+    # count); None: any count gives the same outputs, so the process running it may choose
+    threads: int | None = None
 
     @property
     def key(self) -> str:
@@ -129,7 +132,7 @@ class WorkUnit:
 def plan_units(*, model_path: str, model_format: str, model_sha256: str, trust_pickle: bool, config: Config,
                dataset_path: str, n: int, scenario_ids: list[str], detector_names: list[str], device: str,
                probe: ModelProbe, shard_size: int, num_workers: int,
-               scenarios_per_unit: int | None = None) -> list[WorkUnit]:
+               scenarios_per_unit: int | None = None, threads: int | None = None) -> list[WorkUnit]:
     """Cover every scenario × the samples ``0..n-1``: shards of ``shard_size`` samples, each
     unit running a group of ``scenarios_per_unit`` consecutive scenarios (None: all of them).
 
@@ -138,6 +141,7 @@ def plan_units(*, model_path: str, model_format: str, model_sha256: str, trust_p
     units (for executors that spread them over workers); each unit reads and decodes its shard
     itself, so in one process the default — every scenario on one decoded batch — is fastest.
     The outputs are the same for any grouping (the merge places every part by scenario and index).
+    ``threads``: see :attr:`WorkUnit.threads`.
     """
     chunk = config.audit.model_batch_size
     batch_size = -(-config.audit.batch_size // chunk) * chunk
@@ -150,5 +154,5 @@ def plan_units(*, model_path: str, model_format: str, model_sha256: str, trust_p
     return [WorkUnit(model_path, model_format, model_sha256, trust_pickle, text, dataset_path, start,
                      min(start + shard_size, n), group, tuple(detector_names), config.audit.seed,
                      device, probe.output_kind, probe.memory_format, probe.pad_last, chunk, batch_size, num_workers,
-                     part)
+                     part, threads)
             for start in range(0, n, shard_size) for part, group in enumerate(groups)]
