@@ -71,11 +71,22 @@ def equal_width_bin_index(values: Tensor, edges: Tensor) -> Tensor:
     """:func:`bin_index` for :func:`equal_width_edges` (shared ``[B + 1]``), by arithmetic: the
     bin ``floor(value · B)`` corrected by one comparison with each of its edges, which rounding can
     put it one bin off. Equal to :func:`bin_index` everywhere (values on an edge included), and a
-    fraction of ``searchsorted``'s cost on the millions of voxels of a segmentation map."""
+    fraction of ``searchsorted``'s cost on the millions of voxels of a segmentation map.
+
+    The comparisons run in ``values``' own dtype, against each edge rounded up to the smallest
+    value of that dtype not below it: for any value of that dtype, ``value >= edge`` holds exactly
+    when ``value >= rounded edge`` does, so float32 confidences are binned as their exact float64
+    promotions would be, without promoting millions of them.
+    """
     n_bins = edges.shape[-1] - 1
-    index = (values * n_bins).floor_().clamp_(0, n_bins - 1).long()
-    index -= (values < edges[index]).long()
-    index += ((values >= edges[(index + 1).clamp_(max=n_bins)]) & (index < n_bins - 1)).long()
+    dtype = values.dtype
+    lower = edges.to(dtype)
+    lower = torch.where(lower.double() < edges, torch.nextafter(lower, torch.full_like(lower, float("inf"))), lower)
+    # the last bin is closed: nothing moves past it
+    lower[-1] = float("inf")
+    index = (values * n_bins).to(torch.int64).clamp_(0, n_bins - 1)  # truncation is floor: values are >= 0
+    index -= (values < lower[index]).to(torch.int64)
+    index += (values >= lower[index + 1]).to(torch.int64)
     return index.clamp_(0, n_bins - 1)
 
 

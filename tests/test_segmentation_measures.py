@@ -252,3 +252,23 @@ def test_equal_width_bin_index_equals_searchsorted_on_edges_and_between() -> Non
         values = torch.cat([edges, torch.nextafter(edges, torch.zeros_like(edges)),
                             torch.nextafter(edges, torch.ones_like(edges)), torch.rand(10_000, dtype=torch.float64)])
         torch.testing.assert_close(equal_width_bin_index(values, edges), bin_index(values, edges), rtol=0, atol=0)
+        # probabilities of lower precision are binned as their exact float64 promotions, including
+        # the values of their own dtype next to each edge (the edges round to them)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            near = edges.to(dtype)
+            low = torch.cat([near, torch.nextafter(near, torch.zeros_like(near)), torch.nextafter(near, torch.ones_like(near)),
+                             torch.rand(10_000).to(dtype)]).clamp(0, 1)
+            torch.testing.assert_close(equal_width_bin_index(low, edges), bin_index(low.double(), edges), rtol=0, atol=0)
+
+
+def test_voxelwise_output_detectors_score_each_image_by_the_mean_of_its_voxel_rows() -> None:
+    from medaudit.plugins.ood import GEN, MSP, Energy, Entropy, MaxLogit
+
+    g = torch.Generator().manual_seed(5)
+    maps = torch.randn(3, 4, 6, 7, 5, generator=g) * 3
+    for detector in (MSP(), MaxLogit(), Energy(2.0), Entropy(), GEN()):
+        detector.voxelwise = True
+        rows = maps.movedim(1, -1).reshape(-1, 4)  # one row of class scores per voxel
+        expected = detector.score_rows(rows).reshape(3, -1).mean(dim=1)
+        got = detector.score(detector.embed(maps, None))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -67,9 +67,9 @@ class OutputDetector(Detector):
 
     def embed(self, logits: Tensor, features: Tensor | None) -> Tensor:
         if self.voxelwise:
-            k = logits.shape[1]
-            voxels = logits.movedim(1, -1).reshape(-1, k)
-            return self.score_rows(voxels).reshape(logits.shape[0], -1).mean(dim=1, keepdim=True)
+            # [B, K, V]: score_rows reduces over axis 1, the classes, whatever follows it, so the
+            # map is scored in place — a channels-last copy of millions of voxels cost more than the scores
+            return self.score_rows(logits.flatten(2)).mean(dim=1, keepdim=True)
         return logits[:, None] if logits.ndim == 1 else logits
 
     def score(self, embeddings: Tensor) -> Tensor:
@@ -77,7 +77,8 @@ class OutputDetector(Detector):
 
     @abstractmethod
     def score_rows(self, embeddings: Tensor) -> Tensor:
-        """Scores ``[N]`` of rows of class scores ``[N, K]`` (samples, or a map's voxels)."""
+        """Scores ``[N]`` of rows of class scores ``[N, K]`` (samples); reducing over axis 1 only, so
+        that a map's voxels ``[B, K, V]`` give ``[B, V]``."""
 
     def probs(self, embeddings: Tensor) -> Tensor:
         x = two_class(embeddings.double(), self.output_kind)

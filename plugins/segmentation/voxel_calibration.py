@@ -11,25 +11,32 @@ float32 loses whole voxels past 2²⁴ per bin.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from medaudit.binning import clip_confidence, ece_mce_ace_from_bins, equal_width_bin_index, equal_width_edges
+from medaudit.binning import ece_mce_ace_from_bins, equal_width_bin_index, equal_width_edges
 from medaudit.weighted import safe_div
 
 from .measures import channel_max, one_hot
 
 
-def _binned(index: Tensor, n_bins: int, *values: Tensor) -> Tensor:
-    """Per-image sums over voxels into bins: ``index`` ``[B, V]`` (or ``[B, K, V]``), values of the
-    same shape → ``[B, (K,) n_bins, len(values)]`` float64."""
-    out = torch.zeros(*index.shape[:-1], n_bins, len(values), dtype=torch.float64, device=index.device)
-    for j, v in enumerate(values):
-        out[..., j].scatter_add_(-1, index, v.double())
-    return out
+def _selected(index: Tensor, flag: Tensor, n_bins: int) -> Tensor:
+    """Bin indices that send the voxels where ``flag`` is false to a second set of ``n_bins`` bins past
+    the real ones (dropped after the sums), so that only flagged voxels fill bins ``0..n_bins-1``."""
+    return index + (~flag).long() * n_bins
+
+
+def _stats(index: Tensor, conf: Tensor, hit: Tensor, n_bins: int) -> Tensor:
+    """``[*R, n_bins, 3]`` float64: voxels, confidence sum and hit sum per bin, for each row of bin
+    indices ``index`` ``[*R, V]`` (``hit`` bool). Counts are exact; each bin adds its voxels'
+    confidences (promoted exactly) in voxel order, whatever else the batch holds."""
+    ones = torch.ones((), dtype=torch.float64, device=index.device).expand(index.shape)
+    sums = [torch.zeros(*index.shape[:-1], n_bins, dtype=torch.float64, device=index.device).scatter_add_(-1, index, v)
+            for v in (ones, conf.double(), hit.double())]
+    return torch.stack(sums, dim=-1)
 
 
 def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | None = None) -> dict[str, Tensor]:
@@ -42,6 +49,10 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     structures' positive-class statistics, ``brier`` and ``nll`` sum the squared errors and binary
     cross-entropies over structures, ``entropy`` sums the binary entropies and ``msp`` averages
     ``max(p_k, 1 − p_k)`` over structures.
+
+    Per-voxel work stays in the probabilities' dtype wherever it is exact there — clipping, arg-max,
+    bin indices (compared against the float64 edges) — and only what rounds (sums, logarithms,
+    squares) runs in float64: a 96³ volume's millions of voxels are most of the reduction's cost.
 
     Parameters
     ----------
@@ -66,29 +77,31 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     p = probs.reshape(b, k, -1)
     y = ref.reshape(b, -1).long()
     edges = equal_width_edges(n_bins, probs.device)
-    clipped = clip_confidence(p)  # [B, K, V] float64
+    eps = torch.finfo(p.dtype).eps
+    clipped = p.clamp(eps, 1.0 - eps)  # clip_confidence's values, in p's dtype (promotion is exact)
     conf, pred = channel_max(clipped)
-    hit = (pred == y).double()
-    top_index = equal_width_bin_index(conf, edges)
-    ones = torch.ones_like(conf)
-    top = _binned(top_index, n_bins, ones, conf, hit)
-    onehot = one_hot(y, k).double()  # [B, K, V]
-    classwise = _binned(equal_width_bin_index(clipped, edges), n_bins, torch.ones_like(clipped), clipped, onehot)
+    hit = pred == y
+    index = equal_width_bin_index(clipped, edges)  # [B, K, V]
+    top_index = index.gather(1, pred[:, None])[:, 0]  # the top label's bin: that of its confidence
+    top = _stats(top_index, conf, hit, n_bins)
+    onehot = one_hot(y, k)  # [B, K, V] bool
+    classwise = _stats(index, clipped, onehot, n_bins)
     if band is None:
         band_stats = torch.zeros_like(top)
     else:
-        inside = band.reshape(b, -1).double()
-        band_stats = _binned(top_index, n_bins, inside, conf * inside, hit * inside)
+        inside = band.reshape(b, -1)
+        band_stats = _stats(_selected(top_index, inside, n_bins), conf, hit, 2 * n_bins)[:, :n_bins]
     pd = p.double()
-    eps = torch.finfo(probs.dtype).eps
-    p_true = pd.gather(1, y[:, None])[:, 0]
+    p_true = p.gather(1, y[:, None])[:, 0].double()
+    voxels = y.shape[1]
     return {
         "top": top, "classwise": classwise, "band": band_stats,
-        "brier": ((pd - onehot) ** 2).sum(dim=(1, 2)),
+        # Σ_k (p_k − 1[y = k])² = Σ_k p_k² − 2 p_y + 1 per voxel, without a one-hot copy in float64
+        "brier": (pd * pd).sum(dim=(1, 2)) - 2.0 * p_true.sum(dim=1) + voxels,
         "nll": -torch.log(p_true.clamp(min=eps)).sum(dim=1),
-        "voxels": torch.full((b,), float(y.shape[1]), dtype=torch.float64, device=probs.device),
+        "voxels": torch.full((b,), float(voxels), dtype=torch.float64, device=probs.device),
         "entropy": -torch.special.xlogy(pd, pd).sum(dim=1).mean(dim=1),
-        "msp": channel_max(pd)[0].mean(dim=1),
+        "msp": functools.reduce(torch.maximum, p.unbind(1)).double().mean(dim=1),
     }
 
 
@@ -96,24 +109,24 @@ def _structure_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | Non
     """:func:`calibration_stats` of independent structures (sigmoid): ``ref`` bool ``[B, K, *S]``."""
     b, k = probs.shape[:2]
     p = probs.reshape(b, k, -1)
-    y = ref.reshape(b, k, -1).double()
+    y = ref.reshape(b, k, -1).bool()
     edges = equal_width_edges(n_bins, probs.device)
-    clipped = clip_confidence(p)  # [B, K, V] float64, the positive-class confidence of each structure
+    eps = torch.finfo(p.dtype).eps
+    clipped = p.clamp(eps, 1.0 - eps)  # the positive-class confidence of each structure
     index = equal_width_bin_index(clipped, edges)
-    classwise = _binned(index, n_bins, torch.ones_like(clipped), clipped, y)
+    classwise = _stats(index, clipped, y, n_bins)
     if band is None:
         band_stats = torch.zeros_like(classwise[:, 0])
     else:
-        inside = band.reshape(b, 1, -1).double().expand_as(clipped)
-        band_stats = _binned(index, n_bins, inside, clipped * inside, y * inside).sum(dim=1)
+        inside = band.reshape(b, 1, -1).expand_as(y)
+        band_stats = _stats(_selected(index, inside, n_bins), clipped, y, 2 * n_bins)[:, :, :n_bins].sum(dim=1)
     pd = p.double()
-    eps = torch.finfo(probs.dtype).eps
     q = pd.clamp(eps, 1 - eps)
     voxels = p.shape[2]
     return {
         "top": classwise.sum(dim=1), "classwise": classwise, "band": band_stats,
-        "brier": ((pd - y) ** 2).sum(dim=(1, 2)),
-        "nll": -(y * torch.log(q) + (1 - y) * torch.log1p(-q)).sum(dim=(1, 2)),
+        "brier": torch.where(y, pd - 1.0, pd).square_().sum(dim=(1, 2)),
+        "nll": -torch.where(y, torch.log(q), torch.log1p(-q)).sum(dim=(1, 2)),
         "voxels": torch.full((b,), float(voxels), dtype=torch.float64, device=probs.device),
         "entropy": -(torch.special.xlogy(pd, pd) + torch.special.xlogy(1 - pd, 1 - pd)).sum(dim=1).mean(dim=1),
         "msp": torch.maximum(pd, 1 - pd).mean(dim=(1, 2)),
@@ -125,26 +138,24 @@ def boundary_band(pred_labels: Tensor, width: int) -> Tensor:
     boundary, ``[B, *S]`` bool. A boundary voxel has a face neighbour of another predicted class
     (``pred_labels`` ``[B, *S]``), or, for independent structures (bool ``[B, K, *S]``), a face
     neighbour on the other side of any structure's boundary; the image border is not a boundary."""
-    structures = pred_labels.dtype == torch.bool
-    lab = pred_labels if structures else pred_labels.long()[:, None]
-    nd = lab.ndim - 2
-    boundary = torch.zeros_like(lab, dtype=torch.bool)
-    for axis in range(2, nd + 2):
-        n = lab.shape[axis]
-        differs = lab.narrow(axis, 0, n - 1) != lab.narrow(axis, 1, n - 1)
+    lab = pred_labels if pred_labels.dtype == torch.bool else pred_labels[:, None]
+    boundary = torch.zeros(lab.shape[:1] + lab.shape[2:], dtype=torch.bool, device=lab.device)
+    for axis in range(1, boundary.ndim):
+        n = boundary.shape[axis]
+        differs = (lab.narrow(axis + 1, 0, n - 1) != lab.narrow(axis + 1, 1, n - 1)).any(dim=1)
         boundary.narrow(axis, 0, n - 1).logical_or_(differs)
         boundary.narrow(axis, 1, n - 1).logical_or_(differs)
-    boundary = boundary.any(dim=1)
-    pool = F.max_pool2d if nd == 2 else F.max_pool3d
-    # a box dilation is separable: one pass per axis, 3·(2w+1) comparisons per voxel, not (2w+1)³
-    band = boundary[:, None].float()
-    for axis in range(nd):
-        kernel = [1] * nd
-        kernel[axis] = 2 * width + 1
-        padding = [0] * nd
-        padding[axis] = width
-        band = pool(band, tuple(kernel), stride=1, padding=tuple(padding))
-    return band[:, 0] > 0
+    # A box dilation is separable, one axis after the other, and along an axis it is the OR of the
+    # 2w shifted copies: bool passes over the volume, a fraction of a max-pool's cost in float.
+    band = boundary
+    for axis in range(1, band.ndim):
+        n = band.shape[axis]
+        grown = band.clone()
+        for shift in range(1, min(width, n - 1) + 1):
+            grown.narrow(axis, 0, n - shift).logical_or_(band.narrow(axis, shift, n - shift))
+            grown.narrow(axis, shift, n - shift).logical_or_(band.narrow(axis, 0, n - shift))
+        band = grown
+    return band
 
 
 def calibration_from_stats(stats: dict[str, Tensor], weights: Tensor) -> dict[str, Tensor]:
