@@ -6,9 +6,11 @@ The samples are the clean data's best, median and worst by the task's per-sample
 audit's own clean outputs, ties to the lower index. Each is replayed after the audit — the model
 runs on those few samples only, never on a scenario's whole data set again — with the audit's keyed
 randomness (:func:`medaudit.runner.shard.perturb_batch`), so every panel shows exactly the
-perturbed image and moved reference the audit scored. The model sees the three samples as one
-batch instead of the audit's chunks, so a voxel on a knife-edge between two classes can round the
-other way: each panel is labelled with the quality computed from the maps it draws.
+perturbed image and moved reference the audit scored. Each panel is labelled with the audit's own
+score of that sample in that scenario (the value in ``predictions.npz``); the replay runs only the
+model, not the task's reduction. The model sees the three samples as one batch instead of the
+audit's chunks, so a voxel on a knife-edge between two classes can round the other way in the
+drawing — a difference no score printed to three decimals shows.
 
 Rows are perturbations, columns clean and severities 1, 3 and 5 (those of them the audit ran; a
 perturbation run at none of them shows its lowest and highest). A 3D sample shows the slice along
@@ -114,8 +116,9 @@ def _image_plane(x: Tensor, index: int | None) -> np.ndarray:
 
 def replay(dataset: AuditDataset, indices: Sequence[int], config: Config, extract: Extractor,
            scenarios: Sequence[Scenario], perturbations: Mapping[str, Perturbation], fwd: ForwardResult,
-           device: torch.device) -> list[dict[str, Panel]]:
-    """Every scenario on the samples ``indices`` (one batch): a :class:`Panel` per scenario id, per sample."""
+           device: torch.device, quality: Mapping[str, Tensor]) -> list[dict[str, Panel]]:
+    """Every scenario on the samples ``indices`` (one batch): a :class:`Panel` per scenario id, per
+    sample, labelled with ``quality[scenario id][sample index]`` (the audit's per-sample scores)."""
     task = task_of(config.task)
     cfg = config.task
     mean, std = normalisation(config, device)
@@ -144,15 +147,12 @@ def replay(dataset: AuditDataset, indices: Sequence[int], config: Config, extrac
                 labels = move_labels(pert, clean_ref, p, x.ndim)
             with autocast(config.audit.precision, device):
                 out, _ = chunked_forward(extract, (xp.float() - mean) / std, config.audit.model_batch_size, fwd.pad_last)
-            out = out.float()
-            reduced = task.reduce(out, fwd.output_kind, cfg, {**targets, "labels": labels})  # type: ignore[arg-type]
-            quality = task.sample_quality(reduced, cfg)
-            pred = task.prediction_map(out, fwd.output_kind, cfg)  # type: ignore[arg-type]
-            if quality is None or pred is None:
+            pred = task.prediction_map(out.float(), fwd.output_kind, cfg)  # type: ignore[arg-type]
+            if pred is None:
                 return []
-            for j, s in enumerate(slices):
+            for j, (i, s) in enumerate(zip(indices, slices)):
                 panels[j][sc.id] = Panel(_image_plane(xp[j], s), _plane(labels[j], s), _plane(pred[j], s),
-                                         float(quality[j]))
+                                         float(quality[sc.id][i]))
     return panels
 
 
@@ -249,18 +249,19 @@ def overlay_assets(dataset: AuditDataset, config: Config, extract: Extractor, pe
     ``overlay_<position>_alt`` (what it shows, in words) for the best, median and worst clean
     samples; empty for a task without prediction maps or per-sample quality."""
     task = task_of(config.task)
-    if "clean" not in [s.id for s in fwd.scenarios]:
-        return {}
-    clean = fwd.scenarios.index(next(s for s in fwd.scenarios if s.id == "clean"))
-    quality = task.sample_quality({k: v[clean] for k, v in fwd.outputs.items()}, config.task)
-    if quality is None:
+    # every scenario's per-sample scores, as the audit computed them
+    scores = {sc.id: task.sample_quality({k: v[at] for k, v in fwd.outputs.items()}, config.task)
+              for at, sc in enumerate(fwd.scenarios)}
+    quality = scores.get("clean")
+    if quality is None:  # no clean scenario, or a task without per-sample quality
         return {}
     picks = pick_samples(quality)
     if not picks:
         return {}
     columns, rows = overlay_grid(fwd.scenarios)
     drawn = [s for s in fwd.scenarios if s.id == "clean"] + [sc for row in rows.values() for sc in row.values()]
-    panels = replay(dataset, [i for _, i in picks], config, extract, drawn, perturbations, fwd, device)
+    panels = replay(dataset, [i for _, i in picks], config, extract, drawn, perturbations, fwd, device,
+                    {sid: q for sid, q in scores.items() if q is not None})
     if not panels:
         return {}
     classes = list(config.task.classes)

@@ -365,8 +365,9 @@ def test_overlay_samples_are_best_median_and_worst_without_repeats() -> None:
 
 
 def test_overlay_replay_shows_what_the_audit_scored(tmp_path: Path) -> None:
-    """Replayed panels (image, moved reference, prediction) score exactly what the audit's batched
-    pass scored for those samples, perturbations that move the anatomy included."""
+    """Replayed panels (image, moved reference, prediction) are labelled with the audit's scores, and
+    the maps they draw score exactly that for those samples, perturbations that move the anatomy
+    included."""
     from medaudit.audit import prepare
     from medaudit.config import load_config
     from medaudit.overlays import overlay_grid, replay
@@ -383,13 +384,20 @@ def test_overlay_replay_shows_what_the_audit_scored(tmp_path: Path) -> None:
                       prep.device)
     task = task_of(prep.config.task)
     indices = [1, 6, 23]
-    panels = replay(prep.dataset, indices, prep.config, prep.extract, fwd.scenarios, prep.perturbations, fwd, prep.device)
+    audited = {sc.id: task.sample_quality({k: v[s] for k, v in fwd.outputs.items()}, prep.config.task)
+               for s, sc in enumerate(fwd.scenarios)}
+    panels = replay(prep.dataset, indices, prep.config, prep.extract, fwd.scenarios, prep.perturbations, fwd, prep.device,
+                    audited)
     columns, rows = overlay_grid(fwd.scenarios)
     assert columns == [1, 3, 5] and list(rows) == ["geometry.rotation", "mri.noise"]
-    for s, sc in enumerate(fwd.scenarios):
-        audited = task.sample_quality({k: v[s] for k, v in fwd.outputs.items()}, prep.config.task)
+    for sc in fwd.scenarios:
         for j, i in enumerate(indices):
-            assert panels[j][sc.id].quality == pytest.approx(float(audited[i]), abs=1e-12), (sc.id, i)
+            panel = panels[j][sc.id]
+            assert panel.quality == float(audited[sc.id][i])  # labelled with the audit's score
+            # and the drawn maps are the ones that score it: the foreground Dice of what is drawn
+            pred, ref = panel.prediction == 1, panel.reference == 1
+            drawn_dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+            assert drawn_dice == pytest.approx(panel.quality, abs=1e-6), (sc.id, i)  # the audit keeps float32
     clean = panels[0]["clean"]
     with np.load(data) as d:
         np.testing.assert_array_equal(clean.reference, d["masks"][1])

@@ -69,7 +69,7 @@ class OutputDetector(Detector):
         if self.voxelwise:
             # [B, K, V]: score_rows reduces over axis 1, the classes, whatever follows it, so the
             # map is scored in place — a channels-last copy of millions of voxels cost more than the scores
-            return self.score_rows(logits.flatten(2)).mean(dim=1, keepdim=True)
+            return self.score_rows(logits.flatten(2)).mean(dim=1, keepdim=True, dtype=torch.float64)
         return logits[:, None] if logits.ndim == 1 else logits
 
     def score(self, embeddings: Tensor) -> Tensor:
@@ -80,8 +80,16 @@ class OutputDetector(Detector):
         """Scores ``[N]`` of rows of class scores ``[N, K]`` (samples); reducing over axis 1 only, so
         that a map's voxels ``[B, K, V]`` give ``[B, V]``."""
 
+    def precise(self, embeddings: Tensor) -> Tensor:
+        """The embeddings in the precision their scores are computed in: float64 for rows of
+        per-sample outputs; a voxel map's own dtype, its millions of per-voxel scores then averaged
+        per image in float64 (:meth:`embed`) — float32 rounding of each voxel's score is far below
+        what a mean over a map can resolve, and float64 passes over the map cost as much as its
+        forward pass."""
+        return embeddings if self.voxelwise else embeddings.double()
+
     def probs(self, embeddings: Tensor) -> Tensor:
-        x = two_class(embeddings.double(), self.output_kind)
+        x = two_class(self.precise(embeddings), self.output_kind)
         return x if self.output_kind == "probabilities" else torch.softmax(x, dim=1)
 
 
@@ -105,7 +113,7 @@ class MaxLogit(OutputDetector):
     citation = "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
 
     def score_rows(self, embeddings: Tensor) -> Tensor:
-        return -two_class(embeddings.double()).max(dim=1).values
+        return -two_class(self.precise(embeddings)).max(dim=1).values
 
 
 class Energy(OutputDetector):
@@ -127,7 +135,7 @@ class Energy(OutputDetector):
 
     def score_rows(self, embeddings: Tensor) -> Tensor:
         t = self.temperature
-        return -t * torch.logsumexp(two_class(embeddings.double()) / t, dim=1)
+        return -t * torch.logsumexp(two_class(self.precise(embeddings)) / t, dim=1)
 
 
 class Entropy(OutputDetector):
