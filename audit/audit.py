@@ -160,7 +160,7 @@ def _feature_choice(model: LoadedModel, config: Config, dataset: AuditDataset, d
         config.model._feature_choice = choice
         return choice
     try:
-        choice = choose_feature_layer(model, requested, x)
+        choice = choose_feature_layer(model, requested, x, maps=VOXEL_CLASS_SCORES in task_of(config.task).capabilities)
         if OUTPUT_FEATURES in task_of(config.task).capabilities and choice.layer is not None:
             # an encoder's outputs are embeddings: a weight matrix as wide as them is no class head
             choice = replace(choice, head_name=None, head=None, note=(

@@ -484,7 +484,12 @@ def _spatial(features: Tensor) -> bool:
     return features.ndim > 2 and features[0, 0].numel() > 1
 
 
-def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -> FeatureChoice:
+_NO_HEAD = ("model.feature_layer: auto looks for the layer feeding a linear classification head, and this model's "
+            "outputs are not [B, K] class scores from one (e.g. a segmentation network); name a layer, e.g. a UNet's "
+            "bottleneck, to run the feature-based detectors")
+
+
+def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor, maps: bool = False) -> FeatureChoice:
     """Resolve ``model.feature_layer`` (``"auto"``, a layer name, or None) on a sample batch ``x``
     (normalised, on the model's device) and find the linear head the detectors of the post-hoc zoo
     recompute logits with.
@@ -497,11 +502,14 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
     without spatial extent, e.g. a flattened vector; or the last layer with a feature map, the
     head then unverified). A named layer is used as given, the head verified on it. Models whose
     outputs are not ``[B, K]`` class scores (segmentation maps) have no head: ``auto`` chooses
-    nothing and says to name a layer.
+    nothing and says to name a layer — without running the model when the task says its outputs
+    are maps (``maps``).
     """
     module = _unwrap(model.module)
     if requested is None:
         return FeatureChoice(None, "none", note="model.feature_layer is null: feature-based detectors are off")
+    if requested == "auto" and maps:
+        return FeatureChoice(None, "none", note=_NO_HEAD)
     with torch.inference_mode():
         logits = model_callable(model)(x)
     head = _head(module, int(logits.shape[1])) if logits is not None and logits.ndim == 2 else None
@@ -520,10 +528,7 @@ def choose_feature_layer(model: LoadedModel, requested: str | None, x: Tensor) -
                 "that need the head are skipped")
         return FeatureChoice(requested, "config", head[0] if verified is not None else None, verified, note)
     if head is None:
-        return FeatureChoice(None, "none", note=(
-            "model.feature_layer: auto looks for the layer feeding a linear classification head, and this model's "
-            "outputs are not [B, K] class scores from one (e.g. a segmentation network); name a layer, e.g. a UNet's "
-            "bottleneck, to run the feature-based detectors"))
+        return FeatureChoice(None, "none", note=_NO_HEAD)
     names = _ordered_layers(module)
     stop = names.index(head[0]) if head[0] in names else len(names)
     ancestors = {n for n in names if head[0].startswith(n + ".")}
