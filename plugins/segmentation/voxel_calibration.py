@@ -51,8 +51,9 @@ def calibration_stats(probs: Tensor, ref: Tensor, n_bins: int, band: Tensor | No
     ``max(p_k, 1 − p_k)`` over structures.
 
     Per-voxel work stays in the probabilities' dtype wherever it is exact there — clipping, arg-max,
-    bin indices (compared against the float64 edges) — and only what rounds (sums, logarithms,
-    squares) runs in float64: a 96³ volume's millions of voxels are most of the reduction's cost.
+    maxima, bin indices (:func:`~medaudit.binning.equal_width_bin_index` bins a float32 value as
+    its float64 promotion) — and only what rounds (sums, logarithms, squares) runs in float64: the
+    millions of voxels of a 96³ volume make this most of the reduction's cost.
 
     Parameters
     ----------
