@@ -145,8 +145,11 @@ def replay(dataset: AuditDataset, indices: Sequence[int], config: Config, extrac
             labels = clean_ref
             if pert is not None and pert.moves_anatomy:
                 labels = move_labels(pert, clean_ref, p, x.ndim)
+            xn = (xp.float() - mean) / std
+            if fwd.memory_format != "contiguous":  # the audit's layout: its kernels, at its speed
+                xn = xn.contiguous(memory_format=torch.channels_last if xn.ndim == 4 else torch.channels_last_3d)
             with autocast(config.audit.precision, device):
-                out, _ = chunked_forward(extract, (xp.float() - mean) / std, config.audit.model_batch_size, fwd.pad_last)
+                out, _ = chunked_forward(extract, xn, config.audit.model_batch_size, fwd.pad_last)
             pred = task.prediction_map(out.float(), fwd.output_kind, cfg)  # type: ignore[arg-type]
             if pred is None:
                 return []
